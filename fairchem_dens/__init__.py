@@ -1,0 +1,1 @@
+"""fairchem-dens."""

@@ -1,0 +1,1 @@
+"""DeNS models built on fairchem's EquiformerV2 (and eSCN) modules."""

@@ -1,0 +1,291 @@
+"""EquiformerV2 with DeNS: a backbone with force encoding and a noise head.
+
+Built on fairchem 1.10's EquiformerV2 modules. Parameter names equal those of
+fairchem's own port (``backbone.force_embedding``,
+``backbone.noise_schedule_sigma_embedding``, ``output_heads.<e>.scalar_block``,
+``output_heads.<f>.vector_block``, ``output_heads.<f>.denoising_pos_block``), so
+state dicts move between the two unchanged.
+
+Use them through fairchem's ``hydra`` model::
+
+    model:
+      name: hydra
+      pass_through_head_outputs: True
+      backbone: {model: fairchem_dens.models.equiformer_v2.DeNSEquiformerV2Backbone, ...}
+      heads:
+        energy: {module: fairchem_dens.models.equiformer_v2.DeNSEnergyHead}
+        forces: {module: fairchem_dens.models.equiformer_v2.DeNSForceHead}
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from fairchem.core.common import gp_utils
+from fairchem.core.common.registry import registry
+from fairchem.core.models.base import HeadInterface
+from fairchem.core.models.equiformer_v2.equiformer_v2 import EquiformerV2Backbone
+from fairchem.core.models.equiformer_v2.so3 import SO3_Embedding, SO3_LinearV2
+from fairchem.core.models.equiformer_v2.transformer_block import (
+    FeedForwardNetwork,
+    SO2EquivariantGraphAttention,
+)
+from fairchem.core.models.equiformer_v2.weight_initialization import eqv2_init_weights
+
+from fairchem_dens.encoding import force_encoding_coefficients
+
+if TYPE_CHECKING:
+    from torch_geometric.data import Batch
+
+__all__ = ["DeNSEquiformerV2Backbone", "DeNSEnergyHead", "DeNSForceHead", "is_dens_batch"]
+
+
+def is_dens_batch(data: Any) -> bool:
+    """True when the trainer corrupted this batch (``data.denoising_pos_forward``)."""
+    return bool(getattr(data, "denoising_pos_forward", False))
+
+
+@registry.register_model("fairchem_dens_eqv2_backbone")
+class DeNSEquiformerV2Backbone(EquiformerV2Backbone):
+    """fairchem's EquiformerV2 backbone plus DeNS force (and sigma) encoding.
+
+    The encoding is added to the node embeddings after the atomic-number
+    embedding and before the transformer blocks (SPEC A.5). It is added through a
+    forward hook on ``edge_degree_embedding``, whose output the base class adds
+    to the node embeddings at exactly that point, so the base ``forward`` runs
+    unchanged.
+
+    Args:
+        use_force_encoding: encode the original forces of corrupted atoms. With
+            false the encoding input is always zero (ablation); the layer's bias
+            is still added so the weights stay interchangeable.
+        use_noise_schedule_sigma_encoding: also encode each atom's sigma (only
+            meaningful with multi-scale noise).
+        **kwargs: every keyword of fairchem's ``EquiformerV2Backbone``.
+    """
+
+    def __init__(
+        self,
+        *,
+        use_force_encoding: bool = True,
+        use_noise_schedule_sigma_encoding: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if self.num_resolutions != 1:
+            raise ValueError(
+                "DeNS force encoding supports one resolution (a single entry in "
+                f"lmax_list), got lmax_list={self.lmax_list}"
+            )
+        self.use_force_encoding = use_force_encoding
+        self.use_noise_schedule_sigma_encoding = use_noise_schedule_sigma_encoding
+        self.force_embedding = SO3_LinearV2(
+            in_features=1, out_features=self.sphere_channels, lmax=max(self.lmax_list)
+        )
+        if use_noise_schedule_sigma_encoding:
+            self.noise_schedule_sigma_embedding = nn.Linear(1, self.sphere_channels)
+        self.apply(partial(eqv2_init_weights, weight_init=self.weight_init))
+        self._dens_data = None
+        self.edge_degree_embedding.register_forward_hook(
+            self._add_dens_encoding, with_kwargs=True
+        )
+
+    def forward(self, data: Batch) -> dict[str, Any]:
+        self._dens_data = data
+        try:
+            return super().forward(data)
+        finally:
+            self._dens_data = None
+
+    def _add_dens_encoding(self, module, args, kwargs, edge_degree):
+        data = self._dens_data
+        if data is None:  # called outside our forward (e.g. by a user); nothing to add
+            return edge_degree
+        num_nodes = args[3] if len(args) > 3 else kwargs["num_nodes"]
+        node_offset = args[4] if len(args) > 4 else kwargs.get("node_offset", 0)
+        nodes = slice(node_offset, node_offset + num_nodes)
+        edge_degree.embedding = edge_degree.embedding + self.dens_node_features(data, nodes)
+        return edge_degree
+
+    def dens_node_features(self, data: Batch, nodes: slice = slice(None)) -> torch.Tensor:
+        """The DeNS contribution to the node embeddings, ``[n, (L+1)^2, C]``.
+
+        Args:
+            data: the batch; in a DeNS batch it carries raw ``forces`` and
+                optionally ``noise_mask`` and ``sigmas``.
+            nodes: the nodes this rank holds (graph parallelism).
+        """
+        lmax = max(self.lmax_list)
+        forces = data.forces[nodes] if is_dens_batch(data) else None
+        if forces is not None and self.use_force_encoding:
+            mask = getattr(data, "noise_mask", None)
+            coefficients = force_encoding_coefficients(
+                forces.to(data.pos.dtype), lmax, None if mask is None else mask[nodes]
+            )
+        else:
+            count = data.pos[nodes].shape[0]
+            coefficients = data.pos.new_zeros((count, (lmax + 1) ** 2))
+        encoding = SO3_Embedding(0, self.lmax_list.copy(), 1, data.pos.device, data.pos.dtype)
+        encoding.set_embedding(coefficients.unsqueeze(-1))
+        encoding.set_lmax_mmax(self.lmax_list.copy(), self.lmax_list.copy())
+        features = self.force_embedding(encoding).embedding
+        if self.use_noise_schedule_sigma_encoding:
+            if is_dens_batch(data):
+                if not hasattr(data, "sigmas"):
+                    raise ValueError(
+                        "use_noise_schedule_sigma_encoding needs per-atom `sigmas` on "
+                        "the batch: use multi-scale noise (fixed_noise_std: false)."
+                    )
+                sigmas = data.sigmas[nodes].to(data.pos.dtype).view(-1, 1)
+            else:
+                sigmas = data.pos.new_zeros((features.shape[0], 1))
+            sigma_features = self.noise_schedule_sigma_embedding(sigmas)
+            features = torch.cat(
+                [features[:, :1, :] + sigma_features.unsqueeze(1), features[:, 1:, :]], dim=1
+            )
+        return features
+
+
+def _attention_block(backbone: EquiformerV2Backbone) -> SO2EquivariantGraphAttention:
+    """An SO(2) attention block with one output channel, as fairchem's force head uses."""
+    return SO2EquivariantGraphAttention(
+        backbone.sphere_channels,
+        backbone.attn_hidden_channels,
+        backbone.num_heads,
+        backbone.attn_alpha_channels,
+        backbone.attn_value_channels,
+        1,
+        backbone.lmax_list,
+        backbone.mmax_list,
+        backbone.SO3_rotation,
+        backbone.mappingReduced,
+        backbone.SO3_grid,
+        backbone.max_num_elements,
+        backbone.edge_channels_list,
+        backbone.block_use_atom_edge_embedding,
+        backbone.use_m_share_rad,
+        backbone.attn_activation,
+        backbone.use_s2_act_attn,
+        backbone.use_attn_renorm,
+        backbone.use_gate_act,
+        backbone.use_sep_s2_act,
+        alpha_drop=0.0,
+    )
+
+
+@registry.register_model("fairchem_dens_eqv2_energy_head")
+class DeNSEnergyHead(nn.Module, HeadInterface):
+    """Energy of the original (uncorrupted) structure.
+
+    Args:
+        backbone: the DeNS EquiformerV2 backbone.
+        output_name: name of the output.
+        reduce: ``sum`` (divided by the backbone's ``avg_num_nodes``) or ``mean``.
+        use_denoising: predict the original energy in DeNS batches; if false the
+            energy is zeroed there (ablation of the paper).
+    """
+
+    def __init__(
+        self,
+        backbone: EquiformerV2Backbone,
+        output_name: str = "energy",
+        reduce: Literal["sum", "mean"] = "sum",
+        use_denoising: bool = True,
+    ) -> None:
+        super().__init__()
+        if reduce not in ("sum", "mean"):
+            raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+        self.output_name = output_name
+        self.reduce = reduce
+        self.use_denoising = use_denoising
+        self.avg_num_nodes = backbone.avg_num_nodes
+        self.scalar_block = FeedForwardNetwork(
+            backbone.sphere_channels,
+            backbone.ffn_hidden_channels,
+            1,
+            backbone.lmax_list,
+            backbone.mmax_list,
+            backbone.SO3_grid,
+            backbone.ffn_activation,
+            backbone.use_gate_act,
+            backbone.use_grid_mlp,
+            backbone.use_sep_s2_act,
+        )
+        self.apply(partial(eqv2_init_weights, weight_init=backbone.weight_init))
+
+    def forward(self, data: Batch, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
+        node_energy = self.scalar_block(emb["node_embedding"]).embedding.narrow(1, 0, 1)
+        if gp_utils.initialized():
+            node_energy = gp_utils.gather_from_model_parallel_region(node_energy, dim=0)
+        energy = node_energy.new_zeros(len(data.natoms))
+        energy.index_add_(0, data.batch, node_energy.view(-1))
+        if is_dens_batch(data) and not self.use_denoising:
+            energy = energy * 0.0
+        if self.reduce == "sum":
+            return {self.output_name: energy / self.avg_num_nodes}
+        return {self.output_name: energy / data.natoms}
+
+
+@registry.register_model("fairchem_dens_eqv2_force_head")
+class DeNSForceHead(nn.Module, HeadInterface):
+    """Forces of uncorrupted atoms and normalised noise of corrupted ones.
+
+    ``vector_block`` predicts forces, ``denoising_pos_block`` (same architecture)
+    predicts ``noise / sigma_N``. In a DeNS batch the output is the noise
+    prediction on corrupted atoms (all atoms if the batch has no
+    ``noise_mask``) and the force prediction elsewhere. During training both
+    blocks always run and unused outputs enter as ``0 * x`` so every parameter
+    gets a gradient (DDP needs no ``find_unused_parameters``). Outside training
+    (validation, prediction, relaxations, the ASE calculator) the noise block
+    is skipped: it cannot change the outputs and costs a whole attention block.
+
+    Args:
+        backbone: the DeNS EquiformerV2 backbone.
+        output_name: name of the output.
+    """
+
+    def __init__(self, backbone: EquiformerV2Backbone, output_name: str = "forces") -> None:
+        super().__init__()
+        self.output_name = output_name
+        self.activation_checkpoint = backbone.activation_checkpoint
+        self.vector_block = _attention_block(backbone)
+        self.denoising_pos_block = _attention_block(backbone)
+        self.apply(partial(eqv2_init_weights, weight_init=backbone.weight_init))
+
+    def _vectors(self, block: nn.Module, emb: dict[str, Any]) -> torch.Tensor:
+        graph = emb["graph"]
+        inputs = (
+            emb["node_embedding"],
+            graph.atomic_numbers_full,
+            graph.edge_distance,
+            graph.edge_index,
+            graph.node_offset,
+        )
+        if self.activation_checkpoint:
+            out = torch.utils.checkpoint.checkpoint(
+                block, *inputs, use_reentrant=not self.training
+            )
+        else:
+            out = block(*inputs)
+        vectors = out.embedding.narrow(1, 1, 3).reshape(-1, 3)
+        if gp_utils.initialized():
+            vectors = gp_utils.gather_from_model_parallel_region(vectors, dim=0)
+        return vectors
+
+    def forward(self, data: Batch, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
+        forces = self._vectors(self.vector_block, emb)
+        dens = is_dens_batch(data)
+        if not dens and not self.training:
+            return {self.output_name: forces}
+        noise = self._vectors(self.denoising_pos_block, emb)
+        if not dens:
+            return {self.output_name: forces + 0.0 * noise}
+        mask = getattr(data, "noise_mask", None)
+        if mask is None:
+            return {self.output_name: noise + 0.0 * forces}
+        # torch.where keeps both blocks in the autograd graph.
+        return {self.output_name: torch.where(mask.view(-1, 1), noise, forces)}

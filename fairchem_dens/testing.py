@@ -1,0 +1,180 @@
+"""Helpers shared by the test suite and the benchmarks: tiny models, batches, rotations.
+
+Kept in the package (like e3nn's equivariance checkers) so that a new backbone's
+tests and the benchmark scripts reuse one definition of "tiny model" and
+"rotated batch".
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch_geometric.data import Batch, Data
+
+__all__ = [
+    "TINY_EQV2_BACKBONE",
+    "eqv2_dens_model_config",
+    "build_model",
+    "batch_from_tensors",
+    "rotation_matrix",
+    "rotate_batch",
+    "forward_seeded",
+]
+
+# Small enough for seconds per step on a laptop CPU, big enough to exercise every block.
+TINY_EQV2_BACKBONE: dict[str, Any] = {
+    "use_pbc": True,
+    "use_pbc_single": False,
+    "regress_forces": True,
+    "otf_graph": True,
+    "max_neighbors": 12,
+    "max_radius": 5.0,
+    "max_num_elements": 90,
+    "num_layers": 2,
+    "sphere_channels": 16,
+    "attn_hidden_channels": 16,
+    "num_heads": 2,
+    "attn_alpha_channels": 8,
+    "attn_value_channels": 4,
+    "ffn_hidden_channels": 16,
+    "norm_type": "layer_norm_sh",
+    "lmax_list": [2],
+    "mmax_list": [1],
+    "grid_resolution": 8,
+    "num_sphere_samples": 16,
+    "edge_channels": 16,
+    "use_atom_edge_embedding": True,
+    "share_atom_edge_embedding": False,
+    "use_m_share_rad": False,
+    "distance_function": "gaussian",
+    "num_distance_basis": 64,
+    "attn_activation": "silu",
+    "use_s2_act_attn": False,
+    "use_attn_renorm": True,
+    "ffn_activation": "silu",
+    "use_gate_act": False,
+    "use_grid_mlp": True,
+    "use_sep_s2_act": True,
+    "alpha_drop": 0.0,
+    "drop_path_rate": 0.0,
+    "proj_drop": 0.0,
+    "weight_init": "uniform",
+    "enforce_max_neighbors_strictly": False,
+    "avg_num_nodes": 13.0,
+    "avg_degree": 10.0,
+}
+
+OURS = "fairchem_dens.models.equiformer_v2"
+FAIRCHEM_PORT = "fairchem.core.models.equiformer_v2.equiformer_v2_dens"
+FAIRCHEM_PLAIN = "fairchem.core.models.equiformer_v2"
+
+
+def eqv2_dens_model_config(
+    flavour: str = "ours", backbone: dict[str, Any] | None = None, **dens: Any
+) -> dict[str, Any]:
+    """A hydra model config for EquiformerV2 (+DeNS).
+
+    Args:
+        flavour: ``ours`` (this plugin), ``fairchem`` (fairchem 1.10's own DeNS
+            port) or ``plain`` (fairchem's EquiformerV2 without DeNS).
+        backbone: backbone keywords (default :data:`TINY_EQV2_BACKBONE`).
+        **dens: DeNS backbone keywords (``use_force_encoding``, ...).
+    """
+    kwargs = copy.deepcopy(backbone or TINY_EQV2_BACKBONE)
+    if flavour == "ours":
+        kwargs.update(model=f"{OURS}.DeNSEquiformerV2Backbone", **dens)
+        heads = {
+            "energy": {"module": f"{OURS}.DeNSEnergyHead"},
+            "forces": {"module": f"{OURS}.DeNSForceHead"},
+        }
+    elif flavour == "fairchem":
+        kwargs.update(model=f"{FAIRCHEM_PORT}.EqV2DeNSBackbone", **dens)
+        heads = {
+            "energy": {"module": f"{FAIRCHEM_PORT}.DeNSScalarHead"},
+            "forces": {"module": f"{FAIRCHEM_PORT}.DeNSVectorHead"},
+        }
+    elif flavour == "plain":
+        kwargs.update(model=f"{FAIRCHEM_PLAIN}.equiformer_v2.EquiformerV2Backbone")
+        heads = {
+            "energy": {"module": f"{FAIRCHEM_PLAIN}.heads.scalar.EqV2ScalarHead"},
+            "forces": {"module": f"{FAIRCHEM_PLAIN}.heads.vector.EqV2VectorHead"},
+        }
+    else:
+        raise ValueError(f"unknown flavour {flavour!r}")
+    return {
+        "name": "hydra",
+        "pass_through_head_outputs": True,
+        "otf_graph": True,
+        "backbone": kwargs,
+        "heads": heads,
+    }
+
+
+def build_model(config: dict[str, Any], seed: int = 0) -> torch.nn.Module:
+    """Builds a model from a fairchem model config, as fairchem's trainers do."""
+    import fairchem.core.models.base  # noqa: F401  (registers `hydra`)
+    from fairchem.core.common.registry import registry
+
+    config = copy.deepcopy(config)
+    torch.manual_seed(seed)
+    name = config.pop("name")
+    return registry.get_model_class(name)(**config)
+
+
+def batch_from_tensors(tensors: dict[str, torch.Tensor] | str | Path) -> Batch:
+    """A PyG batch from a dict of batched tensors (the layout of ``inputs.pt``)."""
+    if not isinstance(tensors, dict):
+        tensors = torch.load(tensors, weights_only=True)
+    natoms = tensors["natoms"].tolist()
+    starts = [0, *torch.cumsum(torch.tensor(natoms), 0).tolist()]
+    data_list = []
+    for s, n in enumerate(natoms):
+        atoms = slice(starts[s], starts[s] + n)
+        data_list.append(
+            Data(
+                pos=tensors["pos"][atoms].clone(),
+                cell=tensors["cell"][s : s + 1].clone(),
+                atomic_numbers=tensors["atomic_numbers"][atoms].clone(),
+                natoms=torch.tensor([n]),
+                fixed=tensors["fixed"][atoms].clone(),
+                tags=tensors["tags"][atoms].clone(),
+                forces=tensors["forces"][atoms].clone(),
+                energy=tensors["energy"][s : s + 1].clone(),
+                pbc=tensors["pbc"][s : s + 1].clone(),
+                sid=tensors["sid"][s : s + 1].clone(),
+                fid=tensors["fid"][s : s + 1].clone(),
+            )
+        )
+    return Batch.from_data_list(data_list)
+
+
+def rotation_matrix(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A random proper rotation (det +1)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))
+    if torch.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q.to(dtype)
+
+
+def rotate_batch(batch: Batch, rotation: torch.Tensor) -> Batch:
+    """Rotates positions, cell rows and the forces that DeNS encodes."""
+    rotated = batch.clone()
+    rotated.pos = batch.pos @ rotation.T
+    rotated.cell = batch.cell @ rotation.T
+    rotated.forces = batch.forces @ rotation.T
+    for key in ("noise_vec",):
+        if hasattr(batch, key):
+            setattr(rotated, key, getattr(batch, key) @ rotation.T)
+    return rotated
+
+
+def forward_seeded(model: torch.nn.Module, batch: Batch, seed: int = 7) -> dict[str, torch.Tensor]:
+    """Forward with the torch RNG seeded first (EquiformerV2's edge frames draw from it)."""
+    torch.manual_seed(seed)
+    return model(batch)
+

@@ -1,0 +1,37 @@
+"""fairchem-dens: DeNS (Denoising Non-Equilibrium Structures) for fairchem-core 1.x."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="fairchem-dens",
+    version="0.1.0",
+    description=(
+        "DeNS (arXiv 2403.09549) for fairchem-core 1.x EquiformerV2 and eSCN: "
+        "models, trainer and configs driven by fairchem's own command line."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["fairchem_dens", "fairchem_dens.*"]),
+    install_requires=[
+        "fairchem-core==1.10.0",
+        # fairchem-core 1.10 imports scipy.special.sph_harm, removed in SciPy 1.15.
+        "scipy<1.15",
+        "numpy<2",
+        "torch>=2.4,<2.5",
+        "torch-geometric",
+        "e3nn",
+        "lmdb",
+        "submitit",
+        "ase",
+        # imported by fairchem-core at start-up; see README "Installing".
+        "torch-scatter",
+        "torch-sparse",
+    ],
+    extras_require={
+        "test": ["pytest", "matplotlib"],
+        "plot": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["fairchem-dens=fairchem_dens.cli:main"]},
+)
