@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# One entry point that sets everything up, then runs what you ask for:
+#   ./dens.sh quickstart     set up, then train/compare DeNS on the built-in EMT example
+#   ./dens.sh test [ARGS]    set up, then run the test suite (pytest ARGS)
+#   ./dens.sh setup          only set up
+#   ./dens.sh run CMD...     run CMD inside the environment (e.g. fairchem --mode train ...)
+#
+# The environment lives outside the repository (FAIRCHEM_DENS_ENV, default
+# ~/.cache/fairchem-dens/venv) and is reused when complete. torch-scatter and
+# torch-sparse are taken from FAIRCHEM_DENS_WHEELS (a folder of wheels) when set,
+# else from ../shared/wheels when that exists, else built from source (CPU,
+# ~30-60 min on 2 cores).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ENV_DIR="${FAIRCHEM_DENS_ENV:-$HOME/.cache/fairchem-dens/venv}"
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+
+WHEELS="${FAIRCHEM_DENS_WHEELS:-}"
+if [[ -z "$WHEELS" && -d "$ROOT/../shared/wheels" ]]; then
+  WHEELS="$(cd "$ROOT/../shared/wheels" && pwd)"
+fi
+
+# Everything the environment must hold; its hash marks a complete environment.
+REQUIREMENTS=(
+  "torch==2.4.1"
+  "fairchem-core==1.10.0"
+  "numpy<2"
+  "scipy<1.15"
+  "torch-geometric"
+  "e3nn"
+  "lmdb"
+  "submitit"
+  "ase"
+  "pytest"
+  "matplotlib"
+  "tensorboard"
+)
+SCATTER=("torch-scatter==2.1.2" "torch-sparse==0.6.18")
+STAMP="$ENV_DIR/.fairchem-dens-complete"
+WANT="$(printf '%s\n' "${REQUIREMENTS[@]}" "${SCATTER[@]}" | sha256sum | cut -c1-16)"
+
+setup_env() {
+  if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
+    return 0
+  fi
+  echo ">> setting up the environment in $ENV_DIR (first run: a few minutes, torch is ~3 GB)"
+  if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+    echo "fairchem-dens needs Python 3.11 (fairchem-core 1.10 + torch 2.4); set PYTHON=/path/to/python3.11" >&2
+    exit 1
+  fi
+  [[ -x "$ENV_DIR/bin/python" ]] || "$PYTHON" -m venv "$ENV_DIR"
+  "$ENV_DIR/bin/python" -m pip install --quiet --upgrade pip
+  "$ENV_DIR/bin/python" -m pip install "${REQUIREMENTS[@]}"
+  if [[ -n "$WHEELS" ]]; then
+    echo ">> torch-scatter / torch-sparse from $WHEELS"
+    "$ENV_DIR/bin/python" -m pip install --find-links "$WHEELS" "${SCATTER[@]}"
+  else
+    echo ">> building torch-scatter / torch-sparse from source (CPU); set FAIRCHEM_DENS_WHEELS to skip"
+    "$ENV_DIR/bin/python" -m pip install --no-build-isolation "${SCATTER[@]}"
+  fi
+  echo "$WANT" > "$STAMP"
+}
+
+install_plugin() {
+  # Editable install of this checkout; redone only when the checkout moved.
+  local where
+  where="$("$ENV_DIR/bin/python" -c 'import fairchem_dens, os; print(os.path.dirname(os.path.dirname(fairchem_dens.__file__)))' 2>/dev/null || true)"
+  if [[ "$where" != "$ROOT" ]]; then
+    "$ENV_DIR/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$ROOT"
+  fi
+}
+
+cmd="${1:-}"
+[[ $# -gt 0 ]] && shift
+case "$cmd" in
+  setup) setup_env; install_plugin ;;
+  quickstart) setup_env; install_plugin; cd "$ROOT"; exec "$ENV_DIR/bin/fairchem-dens" quickstart "$@" ;;
+  test) setup_env; install_plugin; cd "$ROOT"; exec "$ENV_DIR/bin/python" -m pytest "$@" ;;
+  run) setup_env; install_plugin; export PATH="$ENV_DIR/bin:$PATH"; exec "$@" ;;
+  *) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac
