@@ -36,6 +36,8 @@ REQUIREMENTS=(
   "pytest"
   "matplotlib"
   "tensorboard"
+  "wheel"
+  "setuptools>=65"
 )
 SCATTER=("torch-scatter==2.1.2" "torch-sparse==0.6.18")
 STAMP="$ENV_DIR/.fairchem-dens-complete"
@@ -66,7 +68,7 @@ setup_env() {
 install_plugin() {
   # Editable install of this checkout; redone only when the checkout moved.
   local where
-  where="$("$ENV_DIR/bin/python" -c 'import fairchem_dens, os; print(os.path.dirname(os.path.dirname(fairchem_dens.__file__)))' 2>/dev/null || true)"
+  where="$(cd / && "$ENV_DIR/bin/python" -c 'import fairchem_dens, os; print(os.path.dirname(os.path.dirname(fairchem_dens.__file__)))' 2>/dev/null || true)"
   if [[ "$where" != "$ROOT" ]]; then
     "$ENV_DIR/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$ROOT"
   fi

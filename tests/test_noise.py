@@ -1,0 +1,203 @@
+"""Statistics and validation of the pure DeNS sampling code."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fairchem_dens.noise import (
+    DECISION_STREAM,
+    NOISE_STREAM,
+    DeNSConfig,
+    DeNSConfigError,
+    sample_corruption,
+    select_structures,
+    sigma_ladder,
+    step_generator,
+)
+
+
+def optim(**params):
+    base = {"prob": 0.5, "fixed_noise_std": True, "std": 0.1}
+    base.update(params)
+    return {"use_denoising_pos": True, "denoising_pos_params": base, "denoising_pos_coefficient": 10}
+
+
+def config(**params) -> DeNSConfig:
+    return DeNSConfig.from_optim(optim(**params))
+
+
+def big_batch(structures=400, atoms=20, fixed_per_structure=5):
+    batch_index = torch.arange(structures).repeat_interleave(atoms)
+    fixed = torch.zeros(structures, atoms, dtype=torch.int32)
+    fixed[:, :fixed_per_structure] = 1
+    return batch_index, fixed.view(-1)
+
+
+def draw(cfg, step=0, rank=0, md=None, structures=400, atoms=20):
+    batch_index, fixed = big_batch(structures, atoms)
+    return sample_corruption(
+        cfg, batch_index, fixed,
+        step_generator(0, step, DECISION_STREAM), step_generator(0, step, NOISE_STREAM, rank),
+        md=md, num_structures=structures,
+    ), fixed
+
+
+# ------------------------------------------------------------------ statistics
+def test_batch_selection_frequency_matches_prob():
+    cfg = config(prob=0.3)
+    chosen = [bool(select_structures(cfg, 4, step_generator(1, s, DECISION_STREAM))[0]) for s in range(4000)]
+    assert abs(sum(chosen) / 4000 - 0.3) < 0.03
+
+
+def test_batch_selection_is_all_or_nothing_and_rank_independent():
+    cfg = config(prob=0.5, corrupt_ratio=None)
+    for step in range(20):
+        masks = [draw(cfg, step=step, rank=r, structures=8)[0] for r in range(3)]
+        selected = [m.selected for m in masks]
+        assert all(torch.equal(selected[0], s) for s in selected)  # same decision on every rank
+        assert selected[0].all() or not selected[0].any()
+
+
+def test_noise_differs_between_ranks_but_is_reproducible():
+    cfg = config(prob=1.0)
+    a, _ = draw(cfg, step=3, rank=0)
+    b, _ = draw(cfg, step=3, rank=1)
+    again, _ = draw(cfg, step=3, rank=0)
+    assert not torch.equal(a.noise, b.noise)
+    assert torch.equal(a.noise, again.noise)
+
+
+def test_structure_selection_fraction():
+    cfg = config(prob=0.25, selection="structure", corrupt_ratio=None)
+    corruption, _ = draw(cfg, structures=4000, atoms=2)
+    assert abs(corruption.selected.float().mean().item() - 0.25) < 0.03
+
+
+def test_partial_mask_fraction_and_fixed_atoms_never_corrupted():
+    cfg = config(prob=1.0, corrupt_ratio=0.5)
+    corruption, fixed = draw(cfg)
+    assert not corruption.mask[fixed == 1].any()
+    free_fraction = corruption.mask[fixed == 0].float().mean().item()
+    assert abs(free_fraction - 0.5) < 0.03
+    # noise is zero exactly where the mask is off
+    assert torch.all(corruption.noise[~corruption.mask] == 0)
+    assert torch.all(corruption.noise[corruption.mask].abs().sum(-1) > 0)
+
+
+def test_all_atoms_corrupts_fixed_atoms_too():
+    cfg = config(prob=1.0, corrupt_ratio=None, all_atoms=True)
+    corruption, fixed = draw(cfg, structures=10)
+    assert corruption.mask.all()
+
+
+def test_fixed_noise_scale_and_target():
+    cfg = config(prob=1.0, std=0.2)
+    corruption, _ = draw(cfg)
+    std = corruption.noise[corruption.mask].std().item()
+    assert abs(std - 0.2) < 0.01
+    assert torch.allclose(corruption.target, corruption.noise / 0.2)
+    assert cfg.target_std == 0.2
+
+
+def test_sigma_ladder_is_geometric_with_both_ends():
+    ladder = sigma_ladder(0.01, 0.5, 50)
+    assert ladder.dtype == torch.float32 and ladder.numel() == 50
+    assert math.isclose(ladder[0].item(), 0.01, rel_tol=1e-5)
+    assert math.isclose(ladder[-1].item(), 0.5, rel_tol=1e-5)
+    ratios = ladder[1:] / ladder[:-1]
+    assert torch.allclose(ratios, ratios[0].expand_as(ratios), rtol=1e-4)
+
+
+def test_multiscale_one_sigma_per_structure_and_target_uses_std_high():
+    cfg = config(prob=1.0, fixed_noise_std=False, std=None, std_low=0.01, std_high=0.5, num_steps=50)
+    corruption, _ = draw(cfg, structures=200)
+    sigmas = corruption.sigmas.view(200, 20)
+    assert torch.all(sigmas == sigmas[:, :1])  # constant within a structure
+    ladder = sigma_ladder(0.01, 0.5, 50)
+    assert all(torch.isclose(ladder, s).any() for s in sigmas[:, 0])
+    assert sigmas[:, 0].unique().numel() > 20  # many rungs used
+    assert cfg.target_std == 0.5
+    assert torch.allclose(corruption.target, corruption.noise / 0.5)
+
+
+def test_relaxation_only_never_corrupts_md_frames():
+    cfg = config(prob=1.0, relaxation_only=True)
+    md = torch.tensor([0, 1] * 200)
+    corruption, _ = draw(cfg, md=md)
+    atom_md = md.repeat_interleave(20).bool()
+    assert not corruption.mask[atom_md].any()
+    assert corruption.mask[~atom_md].any()
+
+
+def test_relaxation_only_without_md_flag_fails():
+    with pytest.raises(DeNSConfigError, match="relaxation_only"):
+        draw(config(prob=1.0, relaxation_only=True))
+
+
+def test_disabled_config_never_corrupts():
+    cfg = DeNSConfig.from_optim({"use_denoising_pos": False})
+    corruption, _ = draw(cfg)
+    assert not corruption.active
+
+
+def test_linear_decay_of_the_coefficient():
+    cfg = config(coefficient_schedule="linear_decay")
+    assert cfg.coefficient_at(0, 10) == 10
+    assert math.isclose(cfg.coefficient_at(2.5, 10), 7.5)
+    assert cfg.coefficient_at(10, 10) == 0
+    assert config().coefficient_at(9, 10) == 10
+
+
+def test_yaml_capitalised_none_is_null():
+    cfg = config(std_low="None", std_high="None", corrupt_ratio="None")
+    assert cfg.corrupt_ratio is None and cfg.std_low is None
+
+
+# ---------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"probability": 0.5}, "unknown key.*probability"),
+        ({"prob": 1.5}, r"prob must be a probability in \[0, 1\]"),
+        ({"prob": -0.1}, r"prob must be a probability"),
+        ({"corrupt_ratio": 2.0}, r"corrupt_ratio must be a probability"),
+        ({"std": 0.0}, "std must be a positive number"),
+        ({"std": -1}, "std must be a positive number"),
+        ({"std": None}, "std is missing"),
+        ({"fixed_noise_std": False, "std_low": 0.5, "std_high": 0.1, "num_steps": 5}, "std_low .* must not exceed"),
+        ({"fixed_noise_std": False, "std_low": 0.0, "std_high": 0.1, "num_steps": 5}, "std_low must be a positive"),
+        ({"fixed_noise_std": False, "std_low": 0.1, "std_high": 0.5, "num_steps": 0}, "num_steps must be a positive integer"),
+        ({"fixed_noise_std": False, "std_low": 0.1, "num_steps": 5}, "std_high is missing"),
+        ({"selection": "atom"}, "selection must be 'batch' or 'structure'"),
+        ({"coefficient_schedule": "cosine"}, "coefficient_schedule must be"),
+        ({"fixed_noise_std": "yes"}, "fixed_noise_std must be true or false"),
+    ],
+)
+def test_invalid_params_name_the_key(params, message):
+    with pytest.raises(DeNSConfigError, match=message):
+        config(**params)
+
+
+def test_missing_fixed_noise_std_is_an_error():
+    params = {"prob": 0.5, "std": 0.1}
+    with pytest.raises(DeNSConfigError, match="fixed_noise_std is missing"):
+        DeNSConfig.from_optim({"use_denoising_pos": True, "denoising_pos_params": params, "denoising_pos_coefficient": 1})
+
+
+def test_missing_coefficient_and_switch_are_errors():
+    with pytest.raises(DeNSConfigError, match="denoising_pos_coefficient is missing"):
+        DeNSConfig.from_optim({"use_denoising_pos": True, "denoising_pos_params": optim()["denoising_pos_params"]})
+    with pytest.raises(DeNSConfigError, match="use_denoising_pos is missing"):
+        DeNSConfig.from_optim({"denoising_pos_params": optim()["denoising_pos_params"]})
+    with pytest.raises(DeNSConfigError, match="denoising_pos_coefficient must be a number"):
+        DeNSConfig.from_optim({**optim(), "denoising_pos_coefficient": -1})
+
+
+def test_sibling_coefficient_overrides_the_field_inside_params():
+    opt = optim(denoising_pos_coefficient=3)
+    assert DeNSConfig.from_optim(opt).coefficient == 10
+    del opt["denoising_pos_coefficient"]
+    assert DeNSConfig.from_optim(opt).coefficient == 3
