@@ -7,6 +7,7 @@ tests and the benchmark scripts reuse one definition of "tiny model" and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ __all__ = [
     "rotation_matrix",
     "rotate_batch",
     "forward_seeded",
+    "fairchem_trainer",
 ]
 
 # Small enough for seconds per step on a laptop CPU, big enough to exercise every block.
@@ -178,3 +180,30 @@ def forward_seeded(model: torch.nn.Module, batch: Batch, seed: int = 7) -> dict[
     torch.manual_seed(seed)
     return model(batch)
 
+
+
+@contextlib.contextmanager
+def fairchem_trainer(config_yml: str | Path, run_dir: str | Path, *overrides: str, mode: str = "train"):
+    """A trainer built by fairchem's own CLI code path (flags, includes, registry).
+
+    Args:
+        config_yml: a config file (``includes:`` resolved as fairchem does).
+        run_dir: where checkpoints, results and logs go.
+        *overrides: ``--key.sub=value`` overrides, exactly as on the command line.
+        mode: the ``--mode``.
+
+    Yields:
+        fairchem's training context (``.trainer``, ``.task``, ``.config``).
+    """
+    from fairchem.core.common import distutils
+    from fairchem.core.common.flags import flags
+    from fairchem.core.common.utils import build_config, new_trainer_context
+
+    args, override_args = flags.get_parser().parse_known_args(
+        ["--mode", mode, "--config-yml", str(config_yml), "--cpu", "--run-dir", str(run_dir),
+         "--timestamp-id", "test", *overrides]
+    )
+    config = build_config(args, override_args)
+    distutils.setup_env_local()
+    with new_trainer_context(config=config) as ctx:
+        yield ctx

@@ -25,3 +25,24 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def emt_data(tmp_path_factory):
+    """A tiny OC20-like EMT data set as fairchem LMDBs (train/val/test/ood)."""
+    from fairchem_dens.datasets.emt_data import generate_emt_dataset
+
+    out = tmp_path_factory.mktemp("emt")
+    return generate_emt_dataset(out, n_systems=8, relax_frames=3, md_frames=2, seed=0, holdout_adsorbate="OH")
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+QUICKSTART = CONFIGS / "quickstart"
+
+
+def data_overrides(emt_data) -> list[str]:
+    return [
+        f"--dataset.train.src={emt_data['train']}",
+        f"--dataset.val.src={emt_data['val']}",
+        f"--dataset.test.src={emt_data['test']}",
+    ]

@@ -1,0 +1,87 @@
+"""Every shipped config parses, validates and builds (at tiny size), with the published DeNS settings."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from fairchem.core.common.utils import load_config
+
+from fairchem_dens.noise import DeNSConfig
+from fairchem_dens.testing import TINY_EQV2_BACKBONE, build_model
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SHIPPED = sorted(p for p in CONFIGS.rglob("*.yml") if not p.name.startswith("_"))
+
+# Published settings (SPEC F.1): lr, epochs, warmup, lambda_E, lambda_F, prob, std, corrupt, lambda_D, layers, lmax, mmax.
+PUBLISHED = {
+    "equiformer_dens_v2_N@12_L@6_M@2_lr@2e-4_epochs@12_std@0.1_gpus@16.yml":
+        (2e-4, 12, 0.1, 2, 100, 0.5, 0.1, 0.5, 10, 12, 6, 2),
+    "equiformer_dens_v2_N@12_L@6_M@2_lr@4e-4_epochs@30_std@0.1_gpus@32.yml":
+        (4e-4, 30, 0.1, 2, 100, 0.5, 0.1, 0.5, 10, 12, 6, 2),
+    "equiformer_v2_dens_N@20_L@6_M@3_lr@4e-4_epochs@2_std@0.1_dens-relax-data-only.yml":
+        (4e-4, 2, 0.01, 4, 100, 0.125, 0.1, 0.25, 15, 20, 6, 3),
+}
+SIZE_KEYS = ("num_layers", "sphere_channels", "attn_hidden_channels", "num_heads", "attn_alpha_channels",
+             "attn_value_channels", "ffn_hidden_channels", "lmax_list", "mmax_list", "grid_resolution",
+             "edge_channels", "num_distance_basis", "max_neighbors", "max_radius")
+
+
+def full_config(path: Path) -> dict:
+    config, _warnings, errors = load_config(path)
+    assert not errors, errors
+    return config
+
+
+def training_configs():
+    return [p for p in SHIPPED if "trainer" in full_config(p)]
+
+
+def test_every_published_recipe_is_shipped():
+    names = {p.name for p in SHIPPED}
+    assert set(PUBLISHED) <= names
+
+
+@pytest.mark.parametrize("path", training_configs(), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_config_validates_and_builds_at_tiny_size(path):
+    config = full_config(path)
+    optim = config["optim"]
+    if "use_denoising_pos" in optim:
+        DeNSConfig.from_optim(optim)  # raises on any bad key
+        # dotted paths, so a fresh `fairchem` process (or a SLURM job) finds our classes
+        assert config["trainer"].startswith("fairchem_dens.")
+        assert config["model"]["backbone"]["model"].startswith("fairchem_dens.")
+        assert config["evaluation_metrics"]["primary_metric"]
+    model_config = copy.deepcopy(config["model"])
+    for key in SIZE_KEYS:
+        model_config["backbone"][key] = TINY_EQV2_BACKBONE[key]
+    model = build_model(model_config)
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_hyperparameters(name):
+    (path,) = [p for p in SHIPPED if p.name == name]
+    config = full_config(path)
+    lr, epochs, warmup, lam_e, lam_f, prob, std, corrupt, lam_d, layers, lmax, mmax = PUBLISHED[name]
+    optim, backbone = config["optim"], config["model"]["backbone"]
+    dens = DeNSConfig.from_optim(optim)
+    assert optim["lr_initial"] == lr and optim["max_epochs"] == epochs
+    assert optim["scheduler_params"]["warmup_epochs"] == warmup
+    losses = {list(entry)[0]: list(entry.values())[0] for entry in config["loss_functions"]}
+    assert losses["energy"]["coefficient"] == lam_e and losses["forces"]["coefficient"] == lam_f
+    assert losses["energy"]["fn"] == "mae" and losses["forces"]["fn"] == "l2mae"
+    assert (dens.prob, dens.std, dens.corrupt_ratio, dens.coefficient) == (prob, std, corrupt, lam_d)
+    assert dens.fixed_noise_std and dens.selection == "batch" and not dens.all_atoms
+    assert dens.relaxation_only == ("all-md" in str(path))
+    assert (backbone["num_layers"], backbone["lmax_list"], backbone["mmax_list"]) == (layers, [lmax], [mmax])
+    assert backbone["max_radius"] == 12.0 and backbone["max_neighbors"] == 20
+    assert backbone["sphere_channels"] == 128 and backbone["ffn_hidden_channels"] == 128
+    assert backbone["use_force_encoding"] and not backbone["use_noise_schedule_sigma_encoding"]
+    assert optim["ema_decay"] == 0.999 and optim["clip_grad_norm"] == 100
+    assert optim["batch_size"] == 4 and config["evaluation_metrics"]["primary_metric"] == "forces_mae"
+    norm = config["dataset"]["train"]["transforms"]["normalizer"]
+    assert norm["energy"]["mean"] == pytest.approx(-0.7554450631141663)
+    assert norm["forces"]["rmsd"] == pytest.approx(2.887317180633545)

@@ -1,0 +1,158 @@
+"""The DeNS trainer on real fairchem machinery: losses, metrics, corruption, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fairchem_dens.models.equiformer_v2 import is_dens_batch
+from fairchem_dens.testing import fairchem_trainer
+from fairchem_dens.trainers.dens import DeNSTrainer, NonFiniteLossError
+
+from conftest import QUICKSTART, data_overrides
+
+DENS_YML = QUICKSTART / "eqv2_dens_tiny.yml"
+
+
+@pytest.fixture()
+def trainer_ctx(emt_data, tmp_path, request):
+    extra = getattr(request, "param", [])
+    with fairchem_trainer(
+        DENS_YML, tmp_path, *data_overrides(emt_data), "--optim.denoising_pos_params.prob=1.0",
+        "--optim.batch_size=3", *extra,
+    ) as ctx:
+        yield ctx
+
+
+def first_batch(trainer):
+    return next(iter(trainer.train_loader))
+
+
+def corrupted_forward(trainer, step=1):
+    batch = first_batch(trainer)
+    assert trainer.corrupt(batch, step=step)
+    trainer.model.eval()  # the batch is already corrupted; eval keeps _forward from redoing it
+    return batch, trainer._forward(batch)
+
+
+def test_trainer_class_and_task_name(trainer_ctx):
+    trainer = trainer_ctx.trainer
+    assert isinstance(trainer, DeNSTrainer)
+    assert trainer.name == "s2ef"  # predictions go to s2ef_predictions.npz
+    assert trainer.config["trainer"] == "forces"  # checkpoints reload in a plain trainer
+    assert trainer.normalizers["denoising_pos_target"].rmsd.item() == pytest.approx(0.05)
+
+
+def test_corruption_moves_only_masked_free_atoms(trainer_ctx):
+    trainer = trainer_ctx.trainer
+    clean = first_batch(trainer)
+    batch = clean.clone()
+    assert trainer.corrupt(batch, step=4)
+    assert is_dens_batch(batch)
+    moved = (batch.pos - clean.pos).norm(dim=-1) > 0
+    assert torch.equal(moved, batch.noise_mask)
+    assert not moved[clean.fixed == 1].any()
+    assert torch.allclose(batch.pos - clean.pos, batch.noise_vec)
+    assert torch.equal(batch.forces, clean.forces)  # original forces stay the targets
+
+
+def test_hybrid_loss_has_original_semantics(trainer_ctx):
+    trainer = trainer_ctx.trainer
+    batch, out = corrupted_forward(trainer)
+    loss = trainer._compute_loss(out, batch)
+    free = batch.fixed == 0
+    mask = batch.noise_mask
+    energy_target = trainer.normalizers["energy"].norm(batch.energy.view(-1, 1))
+    energy_term = 2 * (out["energy"].view(-1, 1) - energy_target).abs().mean()
+    noise_target = batch.noise_vec / 0.05
+    force_target = trainer.normalizers["forces"].norm(batch.forces)
+    target = torch.where(mask.view(-1, 1), noise_target, force_target)
+    weight = torch.where(mask, torch.tensor(10.0), torch.tensor(100.0))
+    hybrid = (weight * (out["forces"] - target).norm(dim=-1))[free].mean()
+    assert loss.item() == pytest.approx((energy_term + hybrid).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("trainer_ctx", [["--optim.denoising_pos_params.corrupt_ratio=None"]], indirect=True)
+def test_full_corruption_loss_uses_lambda_d_only(trainer_ctx):
+    trainer = trainer_ctx.trainer
+    batch, out = corrupted_forward(trainer)
+    assert bool(batch.noise_mask[batch.fixed == 0].all())  # every free atom is noised
+    loss = trainer._compute_loss(out, batch)
+    free = batch.fixed == 0
+    energy_target = trainer.normalizers["energy"].norm(batch.energy.view(-1, 1))
+    energy_term = 2 * (out["energy"].view(-1, 1) - energy_target).abs().mean()
+    noise_term = 10 * (out["forces"] - batch.noise_vec / 0.05)[free].norm(dim=-1).mean()
+    assert loss.item() == pytest.approx((energy_term + noise_term).item(), rel=1e-5)
+
+
+def test_s2ef_loss_is_fairchems(trainer_ctx):
+    trainer = trainer_ctx.trainer
+    batch = first_batch(trainer)
+    trainer.model.eval()
+    out = trainer._forward(batch)
+    assert not is_dens_batch(batch)
+    ours = trainer._compute_loss(out, batch)
+    fairchem_loss = super(DeNSTrainer, trainer)._compute_loss(out, batch)
+    assert ours.item() == pytest.approx(fairchem_loss.item(), rel=1e-6)
+
+
+def test_denoising_metrics_in_physical_units(trainer_ctx):
+    trainer = trainer_ctx.trainer
+    batch, out = corrupted_forward(trainer)
+    metrics = trainer._compute_metrics(out, batch, trainer.evaluator, {})
+    assert set(metrics) == {"denoising_energy_mae", "denoising_pos_mae", "denoising_force_mae"}
+    free, mask = batch.fixed == 0, batch.noise_mask
+    pos_mae = (out["forces"].detach() * 0.05 - batch.noise_vec)[mask & free].abs().mean()
+    assert metrics["denoising_pos_mae"]["metric"] == pytest.approx(pos_mae.item(), rel=1e-5)
+    forces = trainer.normalizers["forces"].denorm(out["forces"].detach())
+    force_mae = (forces - batch.forces)[~mask & free].abs().mean()
+    assert metrics["denoising_force_mae"]["metric"] == pytest.approx(force_mae.item(), rel=1e-5)
+
+
+def test_non_finite_terms_are_named(trainer_ctx):
+    trainer = trainer_ctx.trainer
+    batch, out = corrupted_forward(trainer)
+    broken = {**out, "forces": out["forces"] * float("nan")}
+    with pytest.raises(NonFiniteLossError, match="denoising loss"):
+        trainer._compute_loss(broken, batch)
+    clean = first_batch(trainer)
+    out = trainer._forward(clean)
+    clean.energy = clean.energy * float("inf")
+    with pytest.raises(NonFiniteLossError, match="energy loss"):
+        trainer._compute_loss(out, clean)
+
+
+def test_validation_and_prediction_never_corrupt(trainer_ctx):
+    trainer = trainer_ctx.trainer
+    seen = []
+    original = trainer.model.forward
+
+    def spy(batch):
+        seen.append(is_dens_batch(batch))
+        return original(batch)
+
+    trainer.model.forward = spy
+    metrics = trainer.validate(split="val", disable_tqdm=True)
+    standard = [k for k in metrics if not k.startswith("denoising")]
+    assert "forces_mae" in standard and "energy_mae" in standard
+    n_standard = len(seen)
+    assert n_standard > 0 and not any(seen[:n_standard - len(trainer.val_loader)])
+    # the optional denoising validation (enabled in the quickstart config) runs afterwards,
+    # on corrupted copies, with a fixed seed: the same numbers twice
+    assert {"denoising_pos_mae", "denoising_energy_mae"} <= set(metrics)
+    again = trainer.validate_denoising("val")
+    assert again["denoising_pos_mae"]["metric"] == pytest.approx(metrics["denoising_pos_mae"]["metric"])
+    seen.clear()
+    trainer.predict(trainer.test_loader, results_file="predictions", disable_tqdm=True)
+    assert seen and not any(seen)
+
+
+def test_batch_decision_is_the_same_on_every_rank(trainer_ctx):
+    trainer = trainer_ctx.trainer
+    trainer.dens = type(trainer.dens)(**{**trainer.dens.__dict__, "prob": 0.5})
+    for step in range(12):
+        decisions = set()
+        for rank in range(4):
+            batch = first_batch(trainer)
+            decisions.add(trainer.corrupt(batch, step=step, rank=rank))
+        assert len(decisions) == 1
