@@ -182,6 +182,13 @@ def forward_seeded(model: torch.nn.Module, batch: Batch, seed: int = 7) -> dict[
 
 
 
+def close_lmdb(dataset) -> None:
+    """Closes the LMDB environments of a fairchem LMDB dataset (no-op for others)."""
+    for env in [*getattr(dataset, "envs", []), getattr(dataset, "env", None)]:
+        if env is not None:
+            env.close()
+
+
 @contextlib.contextmanager
 def fairchem_trainer(config_yml: str | Path, run_dir: str | Path, *overrides: str, mode: str = "train"):
     """A trainer built by fairchem's own CLI code path (flags, includes, registry).
@@ -205,5 +212,16 @@ def fairchem_trainer(config_yml: str | Path, run_dir: str | Path, *overrides: st
     )
     config = build_config(args, override_args)
     distutils.setup_env_local()
-    with new_trainer_context(config=config) as ctx:
+    context = new_trainer_context(config=config)
+    ctx = None
+    try:
+        ctx = context.__enter__()
         yield ctx
+    finally:
+        # py-lmdb refuses to open a file twice in one process: close what this trainer opened.
+        trainer = getattr(ctx, "trainer", None)
+        for name in ("train_dataset", "val_dataset", "test_dataset", "relax_dataset"):
+            close_lmdb(getattr(trainer, name, None))
+        # fairchem's context tears down torch.distributed only on a clean exit.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,1 @@
+"""Datasets: the built-in EMT example (and, later, MD-flagged LMDBs)."""

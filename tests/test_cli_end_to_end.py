@@ -1,0 +1,71 @@
+"""`fairchem --mode train` then `--mode predict` with a DeNS config, in real subprocesses."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fairchem.core.datasets import LmdbDataset
+
+from fairchem_dens.quickstart import fairchem_command
+
+from conftest import QUICKSTART, data_overrides
+
+
+def run(args: list[str], cwd: Path) -> str:
+    result = subprocess.run([*fairchem_command(), *args], capture_output=True, text=True, cwd=cwd, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def test_train_then_predict(emt_data, tmp_path):
+    common = ["--config-yml", str(QUICKSTART / "eqv2_dens_tiny.yml"), "--cpu", "--run-dir", str(tmp_path),
+              *data_overrides(emt_data)]
+    log = run(["--mode", "train", "--timestamp-id", "e2e", "--print-every", "1",
+               "--optim.max_epochs=1", "--optim.eval_every=1000",
+               "--optim.denoising_pos_params.prob=0.5", *common], tmp_path)
+    # DeNS and plain steps both happened and were logged with fairchem's metrics
+    assert "denoising_pos_mae" in log and "forces_mae" in log
+    checkpoint = tmp_path / "checkpoints" / "e2e" / "checkpoint.pt"
+    assert checkpoint.exists()
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert saved["config"]["trainer"] == "forces"
+    assert "denoising_pos_target" in saved["normalizers"]
+    assert any(k.endswith("denoising_pos_block.proj.fc.weight") or "denoising_pos_block" in k for k in saved["state_dict"])
+
+    run(["--mode", "predict", "--timestamp-id", "pred", "--checkpoint", str(checkpoint), *common], tmp_path)
+    predictions = tmp_path / "results" / "pred" / "s2ef_predictions.npz"
+    assert predictions.exists()
+    test = LmdbDataset({"src": str(emt_data["test"])})
+    expected_ids = sorted(f"{int(d.sid)}_{int(d.fid)}" for d in (test[i] for i in range(len(test))))
+    free_atoms = {f"{int(d.sid)}_{int(d.fid)}": int((d.fixed == 0).sum()) for d in (test[i] for i in range(len(test)))}
+    with np.load(predictions) as npz:
+        assert npz["ids"].dtype.kind == "U" and npz["forces"].dtype != object
+        ids = npz["ids"].tolist()
+        assert ids == expected_ids  # every frame once, sorted like fairchem's writer sorts
+        assert npz["energy"].shape == (len(ids),) and npz["energy"].dtype == np.float32
+        forces = np.split(npz["forces"], npz["chunk_idx"])
+        assert npz["forces"].shape[1] == 3
+        assert [len(f) for f in forces] == [free_atoms[i] for i in ids]  # free atoms only
+        assert np.isfinite(npz["forces"]).all() and np.isfinite(npz["energy"]).all()
+
+
+def test_bad_dens_config_fails_before_training(emt_data, tmp_path):
+    result = subprocess.run(
+        [*fairchem_command(), "--mode", "train", "--config-yml", str(QUICKSTART / "eqv2_dens_tiny.yml"),
+         "--cpu", "--run-dir", str(tmp_path), "--timestamp-id", "bad", *data_overrides(emt_data),
+         "--optim.denoising_pos_params.prob=1.5"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "optim.denoising_pos_params.prob must be a probability in [0, 1], got 1.5" in result.stdout + result.stderr
+    assert not (tmp_path / "checkpoints" / "bad").exists()
+
+
+def test_fairchem_dens_cli_help():
+    result = subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "quickstart" in result.stdout
