@@ -20,6 +20,7 @@ import dataclasses
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 
 from fairchem.core.common import distutils
@@ -238,6 +239,16 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
                 force_error = (force_pred - batch.forces.to(pred)).abs()[clean]
                 _update(evaluator, metrics, "denoising_force_mae", force_error)
         return metrics
+
+    # ------------------------------------------------------------- predictions
+    def save_results(self, predictions, results_file, keys=None) -> None:
+        # fairchem stores one-element arrays per structure, so energies come out
+        # (N, 1); the OC20/OC22 evaluation servers want a flat (N,) array.
+        for key, target in self.output_targets.items():
+            values = predictions.get(key) if hasattr(predictions, "get") else None
+            if target.get("level") == "system" and values and all(np.size(v) == 1 for v in values):
+                predictions[key] = [np.asarray(v).reshape(()) for v in values]
+        super().save_results(predictions, results_file, keys)
 
     # -------------------------------------------------------------- validation
     def validate(self, split: str = "val", disable_tqdm: bool = False):
