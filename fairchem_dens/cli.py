@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quick.add_argument("--workdir", default="quickstart_output", help="output folder (default: %(default)s)")
     quick.add_argument("--epochs", type=int, default=None, help="override optim.max_epochs of the quickstart configs")
-    quick.add_argument("--systems", type=int, default=24, help="adsorbate/slab systems to generate (default: %(default)s)")
+    quick.add_argument("--systems", type=int, default=48, help="adsorbate/slab systems to generate (default: %(default)s)")
     quick.add_argument("--seed", type=int, default=0)
     quick.set_defaults(func=_quickstart)
 

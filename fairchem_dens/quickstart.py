@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -60,8 +61,29 @@ class QuickstartRun:
     curve: list[tuple[int, float]]
 
 
+_METRIC = re.compile(r"(\w+): ([-+0-9.e]+)")
+
+
+def _progress(line: str) -> str | None:
+    """A one-line summary of fairchem's metric lines (train every print_every steps, val)."""
+    values = dict(_METRIC.findall(line))
+    if "forces_mae" not in values and "denoising_pos_mae" not in values:
+        return None
+    if "step" in values:  # a training log line
+        text = f"step {float(values['step']):5.0f}  epoch {float(values['epoch']):5.2f}  loss {float(values['loss']):8.3f}"
+        if "forces_mae" in values:
+            text += f"  train F MAE {1000 * float(values['forces_mae']):6.1f} meV/Å"
+        if "denoising_pos_mae" in values:
+            text += f"  noise MAE {1000 * float(values['denoising_pos_mae']):5.1f} mÅ"
+        return text
+    if "energy_mae" in values:
+        return (f"validation  E MAE {1000 * float(values['energy_mae']):7.1f} meV  "
+                f"F MAE {1000 * float(values['forces_mae']):6.1f} meV/Å")
+    return None
+
+
 def _stream(command: list[str], log_path: Path, label: str, cwd: Path) -> float:
-    """Runs a command, copying its output to a log and its key lines to the screen."""
+    """Runs a command, copying its output to a log and a progress summary to the screen."""
     start = time.perf_counter()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log, subprocess.Popen(
@@ -69,10 +91,11 @@ def _stream(command: list[str], log_path: Path, label: str, cwd: Path) -> float:
     ) as process:
         for line in process.stdout:
             log.write(line)
-            # Show progress (fairchem prints metrics every print_every steps) and errors.
-            if any(word in line for word in ("forces_mae", "Error", "error:", "Traceback")):
-                text = line.strip()
-                print(f"  [{label} {time.perf_counter() - start:6.0f}s] {text[-160:]}", flush=True)
+            summary = _progress(line)
+            if summary is None and ("Traceback" in line or "Error" in line):
+                summary = line.strip()[-200:]
+            if summary:
+                print(f"  [{label} {time.perf_counter() - start:5.0f}s] {summary}", flush=True)
         code = process.wait()
     if code != 0:
         raise RuntimeError(f"{label}: `{' '.join(command)}` failed with exit code {code}; see {log_path}")
@@ -109,6 +132,8 @@ def prediction_errors(predictions: Path, split_folder: Path) -> tuple[float, flo
 def _learning_curve(log_dir: Path) -> list[tuple[int, float]]:
     """Validation force MAE (meV/Å) against step, from fairchem's tensorboard logs."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # it reports its file scan at INFO
 
     accumulator = EventAccumulator(str(log_dir))
     accumulator.Reload()
@@ -147,7 +172,7 @@ def run_quickstart(
     workdir: Path,
     *,
     epochs: int | None = None,
-    n_systems: int = 24,
+    n_systems: int = 48,
     seed: int = 0,
     variants: tuple[str, ...] = ("dens", "plain"),
 ) -> list[QuickstartRun]:

@@ -29,24 +29,23 @@ from fairchem.core.common import gp_utils
 from fairchem.core.common.registry import registry
 from fairchem.core.models.base import HeadInterface
 from fairchem.core.models.equiformer_v2.equiformer_v2 import EquiformerV2Backbone
-from fairchem.core.models.equiformer_v2.so3 import SO3_Embedding, SO3_LinearV2
 from fairchem.core.models.equiformer_v2.transformer_block import (
     FeedForwardNetwork,
     SO2EquivariantGraphAttention,
 )
 from fairchem.core.models.equiformer_v2.weight_initialization import eqv2_init_weights
 
-from fairchem_dens.encoding import force_encoding_coefficients
+from fairchem_dens.models.dens_features import (
+    combine_forces_and_noise,
+    dens_node_features,
+    is_dens_batch,
+    make_force_embedding,
+)
 
 if TYPE_CHECKING:
     from torch_geometric.data import Batch
 
 __all__ = ["DeNSEquiformerV2Backbone", "DeNSEnergyHead", "DeNSForceHead", "is_dens_batch"]
-
-
-def is_dens_batch(data: Any) -> bool:
-    """True when the trainer corrupted this batch (``data.denoising_pos_forward``)."""
-    return bool(getattr(data, "denoising_pos_forward", False))
 
 
 @registry.register_model("fairchem_dens_eqv2_backbone")
@@ -83,9 +82,7 @@ class DeNSEquiformerV2Backbone(EquiformerV2Backbone):
             )
         self.use_force_encoding = use_force_encoding
         self.use_noise_schedule_sigma_encoding = use_noise_schedule_sigma_encoding
-        self.force_embedding = SO3_LinearV2(
-            in_features=1, out_features=self.sphere_channels, lmax=max(self.lmax_list)
-        )
+        self.force_embedding = make_force_embedding(self.sphere_channels, max(self.lmax_list))
         if use_noise_schedule_sigma_encoding:
             self.noise_schedule_sigma_embedding = nn.Linear(1, self.sphere_channels)
         self.apply(partial(eqv2_init_weights, weight_init=self.weight_init))
@@ -112,42 +109,15 @@ class DeNSEquiformerV2Backbone(EquiformerV2Backbone):
         return edge_degree
 
     def dens_node_features(self, data: Batch, nodes: slice = slice(None)) -> torch.Tensor:
-        """The DeNS contribution to the node embeddings, ``[n, (L+1)^2, C]``.
-
-        Args:
-            data: the batch; in a DeNS batch it carries raw ``forces`` and
-                optionally ``noise_mask`` and ``sigmas``.
-            nodes: the nodes this rank holds (graph parallelism).
-        """
-        lmax = max(self.lmax_list)
-        forces = data.forces[nodes] if is_dens_batch(data) else None
-        if forces is not None and self.use_force_encoding:
-            mask = getattr(data, "noise_mask", None)
-            coefficients = force_encoding_coefficients(
-                forces.to(data.pos.dtype), lmax, None if mask is None else mask[nodes]
-            )
-        else:
-            count = data.pos[nodes].shape[0]
-            coefficients = data.pos.new_zeros((count, (lmax + 1) ** 2))
-        encoding = SO3_Embedding(0, self.lmax_list.copy(), 1, data.pos.device, data.pos.dtype)
-        encoding.set_embedding(coefficients.unsqueeze(-1))
-        encoding.set_lmax_mmax(self.lmax_list.copy(), self.lmax_list.copy())
-        features = self.force_embedding(encoding).embedding
-        if self.use_noise_schedule_sigma_encoding:
-            if is_dens_batch(data):
-                if not hasattr(data, "sigmas"):
-                    raise ValueError(
-                        "use_noise_schedule_sigma_encoding needs per-atom `sigmas` on "
-                        "the batch: use multi-scale noise (fixed_noise_std: false)."
-                    )
-                sigmas = data.sigmas[nodes].to(data.pos.dtype).view(-1, 1)
-            else:
-                sigmas = data.pos.new_zeros((features.shape[0], 1))
-            sigma_features = self.noise_schedule_sigma_embedding(sigmas)
-            features = torch.cat(
-                [features[:, :1, :] + sigma_features.unsqueeze(1), features[:, 1:, :]], dim=1
-            )
-        return features
+        """The DeNS contribution to the node embeddings of ``nodes``, ``[n, (L+1)^2, C]``."""
+        return dens_node_features(
+            data,
+            self.force_embedding,
+            max(self.lmax_list),
+            use_force_encoding=self.use_force_encoding,
+            sigma_embedding=getattr(self, "noise_schedule_sigma_embedding", None),
+            nodes=nodes,
+        )
 
 
 def _attention_block(backbone: EquiformerV2Backbone) -> SO2EquivariantGraphAttention:
@@ -278,14 +248,6 @@ class DeNSForceHead(nn.Module, HeadInterface):
 
     def forward(self, data: Batch, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
         forces = self._vectors(self.vector_block, emb)
-        dens = is_dens_batch(data)
-        if not dens and not self.training:
-            return {self.output_name: forces}
-        noise = self._vectors(self.denoising_pos_block, emb)
-        if not dens:
-            return {self.output_name: forces + 0.0 * noise}
-        mask = getattr(data, "noise_mask", None)
-        if mask is None:
-            return {self.output_name: noise + 0.0 * forces}
-        # torch.where keeps both blocks in the autograd graph.
-        return {self.output_name: torch.where(mask.view(-1, 1), noise, forces)}
+        skip_noise = not self.training and not is_dens_batch(data)
+        noise = None if skip_noise else self._vectors(self.denoising_pos_block, emb)
+        return {self.output_name: combine_forces_and_noise(data, forces, noise)}

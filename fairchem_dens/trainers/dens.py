@@ -30,7 +30,7 @@ from fairchem.core.models.equiformer_v2.trainers.forces_trainer import (
 )
 from fairchem.core.modules.normalization.normalizer import Normalizer
 
-from fairchem_dens.models.equiformer_v2 import is_dens_batch
+from fairchem_dens.models.dens_features import is_dens_batch
 from fairchem_dens.noise import (
     DECISION_STREAM,
     NOISE_STREAM,

@@ -1,0 +1,100 @@
+"""The DeNS node features shared by the EquiformerV2 and eSCN backbones.
+
+``force_embedding`` (fairchem's ``SO3_LinearV2``, 1 -> C channels, lmax L) maps the
+force encoding of :mod:`fairchem_dens.encoding` to node features. It runs in every
+mode: with a zero input it still adds its bias to the l = 0 coefficient, and the
+published weights were trained with that bias, so it must stay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fairchem.core.models.equiformer_v2.so3 import SO3_Embedding, SO3_LinearV2
+
+from fairchem_dens.encoding import force_encoding_coefficients
+
+__all__ = ["is_dens_batch", "make_force_embedding", "dens_node_features"]
+
+
+def is_dens_batch(data: Any) -> bool:
+    """True when the trainer corrupted this batch (``data.denoising_pos_forward``)."""
+    return bool(getattr(data, "denoising_pos_forward", False))
+
+
+def make_force_embedding(channels: int, lmax: int) -> SO3_LinearV2:
+    """The force-encoding layer (state-dict names ``weight``, ``bias``, ``expand_index``)."""
+    return SO3_LinearV2(in_features=1, out_features=channels, lmax=lmax)
+
+
+def dens_node_features(
+    data: Any,
+    force_embedding: SO3_LinearV2,
+    lmax: int,
+    *,
+    use_force_encoding: bool = True,
+    sigma_embedding: nn.Linear | None = None,
+    nodes: slice = slice(None),
+) -> torch.Tensor:
+    """The DeNS contribution to the node embeddings, ``[n, (L+1)^2, C]``.
+
+    Args:
+        data: the batch; a DeNS batch carries raw ``forces`` and optionally
+            ``noise_mask`` and ``sigmas``.
+        force_embedding: the force-encoding layer.
+        lmax: highest degree of the node embeddings.
+        use_force_encoding: false zeroes the encoding input (ablation).
+        sigma_embedding: optional ``Linear(1, C)`` encoding each atom's sigma on l = 0.
+        nodes: the nodes this rank holds (graph parallelism).
+    """
+    dtype, device = data.pos.dtype, data.pos.device
+    if is_dens_batch(data) and use_force_encoding:
+        mask = getattr(data, "noise_mask", None)
+        coefficients = force_encoding_coefficients(
+            data.forces[nodes].to(dtype), lmax, None if mask is None else mask[nodes]
+        )
+    else:
+        coefficients = data.pos.new_zeros((data.pos[nodes].shape[0], (lmax + 1) ** 2))
+    encoding = SO3_Embedding(0, [lmax], 1, device, dtype)
+    encoding.set_embedding(coefficients.unsqueeze(-1))
+    encoding.set_lmax_mmax([lmax], [lmax])
+    features = force_embedding(encoding).embedding
+    if sigma_embedding is None:
+        return features
+    if is_dens_batch(data):
+        if not hasattr(data, "sigmas"):
+            raise ValueError(
+                "use_noise_schedule_sigma_encoding needs per-atom `sigmas` on the batch: "
+                "use multi-scale noise (fixed_noise_std: false)."
+            )
+        sigmas = data.sigmas[nodes].to(dtype).view(-1, 1)
+    else:
+        sigmas = data.pos.new_zeros((features.shape[0], 1))
+    sigma_features = sigma_embedding(sigmas).unsqueeze(1)
+    return torch.cat([features[:, :1, :] + sigma_features, features[:, 1:, :]], dim=1)
+
+
+def combine_forces_and_noise(data: Any, forces: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    """The single ``forces`` output of a DeNS force head (SPEC A.7).
+
+    Noise predictions on corrupted atoms (all atoms without a ``noise_mask``),
+    force predictions elsewhere. Unused outputs enter as ``0 * x`` so every
+    parameter stays in the autograd graph (DDP needs no ``find_unused_parameters``).
+
+    Args:
+        data: the batch.
+        forces: ``[N, 3]`` force-head output.
+        noise: ``[N, 3]`` noise-head output, or None when it was skipped (inference).
+    """
+    if noise is None:
+        return forces
+    if not is_dens_batch(data):
+        return forces + 0.0 * noise
+    mask = getattr(data, "noise_mask", None)
+    if mask is None:
+        return noise + 0.0 * forces
+    # torch.where keeps both heads in the autograd graph.
+    return torch.where(mask.view(-1, 1), noise, forces)

@@ -1,0 +1,117 @@
+"""eSCN with DeNS: fairchem's eSCN backbone plus force encoding and a noise head.
+
+fairchem 1.10 has no eSCN with DeNS; the original implementation does
+(``escn_dens``). Use the classes through fairchem's ``hydra`` model with
+fairchem's own energy head::
+
+    model:
+      name: hydra
+      pass_through_head_outputs: True
+      backbone: {model: fairchem_dens.models.escn.DeNSeSCNBackbone, ...}
+      heads:
+        energy: {module: fairchem.core.models.escn.escn.eSCNEnergyHead}
+        forces: {module: fairchem_dens.models.escn.DeNSeSCNForceHead}
+
+State-dict names: ``backbone.force_embedding.*``, ``output_heads.energy.energy_block.*``,
+``output_heads.forces.force_block.*`` and ``output_heads.forces.denoising_pos_block.*``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from fairchem.core.common.registry import registry
+from fairchem.core.models.base import HeadInterface
+from fairchem.core.models.escn.escn import ForceBlock, eSCNBackbone
+
+from fairchem_dens.models.dens_features import (
+    combine_forces_and_noise,
+    dens_node_features,
+    is_dens_batch,
+    make_force_embedding,
+)
+
+if TYPE_CHECKING:
+    from torch_geometric.data import Batch
+
+__all__ = ["DeNSeSCNBackbone", "DeNSeSCNForceHead"]
+
+
+@registry.register_model("fairchem_dens_escn_backbone")
+class DeNSeSCNBackbone(eSCNBackbone):
+    """fairchem's eSCN backbone plus DeNS force encoding.
+
+    The encoding of a DeNS batch is added to the node embeddings right before the
+    first message-passing layer, through a forward pre-hook on ``layer_blocks[0]``
+    so the base ``forward`` runs unchanged. As in the original ``escn_dens``, the
+    layer only runs in DeNS batches: S2EF batches and inference get nothing added
+    (unlike EquiformerV2, whose published weights include an always-added bias).
+
+    Args:
+        use_force_encoding: encode the original forces of corrupted atoms.
+        **kwargs: every keyword of fairchem's ``eSCNBackbone``.
+    """
+
+    def __init__(self, *, use_force_encoding: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self.num_resolutions != 1:
+            raise ValueError(
+                "DeNS force encoding supports one resolution (a single entry in "
+                f"lmax_list), got lmax_list={self.lmax_list}"
+            )
+        self.use_force_encoding = use_force_encoding
+        self.force_embedding = make_force_embedding(self.sphere_channels, max(self.lmax_list))
+        # The original's initialisation: small weights so early training is not swamped.
+        nn.init.uniform_(self.force_embedding.weight, -0.001, 0.001)
+        nn.init.zeros_(self.force_embedding.bias)
+        self._dens_data = None
+        self.layer_blocks[0].register_forward_pre_hook(self._add_dens_encoding)
+
+    def forward(self, data: Batch) -> dict[str, Any]:
+        self._dens_data = data
+        try:
+            return super().forward(data)
+        finally:
+            self._dens_data = None
+
+    def _add_dens_encoding(self, module, args):
+        data = self._dens_data
+        if data is None or not is_dens_batch(data) or not self.use_force_encoding:
+            return None
+        x = args[0]
+        features = dens_node_features(data, self.force_embedding, max(self.lmax_list))
+        x.embedding = x.embedding + features.to(x.embedding.dtype)
+        return None
+
+
+@registry.register_model("fairchem_dens_escn_force_head")
+class DeNSeSCNForceHead(nn.Module, HeadInterface):
+    """Forces of uncorrupted atoms and normalised noise of corrupted ones (eSCN).
+
+    ``force_block`` and ``denoising_pos_block`` are two fairchem ``ForceBlock``
+    s on the sphere-sampled node features. Outputs are combined as in
+    :class:`fairchem_dens.models.equiformer_v2.DeNSForceHead`; outside training
+    the noise block is skipped.
+
+    Args:
+        backbone: the DeNS eSCN backbone.
+        output_name: name of the output.
+    """
+
+    def __init__(self, backbone: eSCNBackbone, output_name: str = "forces") -> None:
+        super().__init__()
+        backbone.force_block = None  # the backbone's own block is unused in hydra mode
+        self.output_name = output_name
+        self.force_block = ForceBlock(backbone.sphere_channels_all, backbone.num_sphere_samples, backbone.act)
+        self.denoising_pos_block = ForceBlock(
+            backbone.sphere_channels_all, backbone.num_sphere_samples, backbone.act
+        )
+
+    def forward(self, data: Batch, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
+        forces = self.force_block(emb["sphere_values"], emb["sphere_points"])
+        skip_noise = not self.training and not is_dens_batch(data)
+        noise = None if skip_noise else self.denoising_pos_block(emb["sphere_values"], emb["sphere_points"])
+        return {self.output_name: combine_forces_and_noise(data, forces, noise)}
