@@ -77,19 +77,28 @@ def atoms_to_data(atoms: Atoms, sid: int, fid: int, md: int):
     return data
 
 
-def write_lmdb(data_objects: Iterable, path: Path) -> int:
-    """Writes entries under keys ``"0"``, ``"1"``, ... plus ``length``; returns the count."""
+def write_lmdb(data_objects: Iterable, path: Path, metadata: bool = True) -> int:
+    """Writes entries under keys ``"0"``, ``"1"``, ... plus ``length``; returns the count.
+
+    Args:
+        data_objects: PyG ``Data`` entries.
+        path: the ``.lmdb`` file to write.
+        metadata: also write ``metadata.npz`` (atoms per entry) beside it, which
+            fairchem's load-balancing sampler needs.
+    """
     path = Path(path)
     env = lmdb.open(str(path), subdir=False, map_size=1 << 30, meminit=False, map_async=True)
-    count = 0
+    natoms = []
     with env.begin(write=True) as txn:
         for data in data_objects:
-            txn.put(f"{count}".encode("ascii"), pickle.dumps(data, protocol=-1))
-            count += 1
-        txn.put("length".encode("ascii"), pickle.dumps(count, protocol=-1))
+            txn.put(f"{len(natoms)}".encode("ascii"), pickle.dumps(data, protocol=-1))
+            natoms.append(int(data.natoms))
+        txn.put("length".encode("ascii"), pickle.dumps(len(natoms), protocol=-1))
     env.sync()
     env.close()
-    return count
+    if metadata:
+        np.savez(path.parent / "metadata.npz", natoms=np.array(natoms, dtype=np.int64))
+    return len(natoms)
 
 
 def _frames(atoms: Atoms, relax_frames: int, md_frames: int, rng: np.random.Generator):
@@ -190,7 +199,6 @@ def generate_emt_dataset(
         entries = [atoms_to_data(atoms, sid, fid, md) for sid in sorted(sids) for fid, (atoms, md) in enumerate(frames_of[sid])]
         staging = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=out_dir))
         write_lmdb(entries, staging / "data.lmdb")
-        np.savez(staging / "metadata.npz", natoms=np.array([int(d.natoms) for d in entries], dtype=np.int64))
         final = out_dir / split
         if final.exists():
             shutil.rmtree(final)

@@ -1,0 +1,282 @@
+"""Checkpoints of both existing DeNS implementations, in this plugin's models.
+
+* The **original implementation** (``equiformer_v2_dens`` / ``escn_dens``) saved a
+  monolithic model: keys ``force_block.*``, ``energy_block.*``,
+  ``denoising_pos_block.*`` and everything else at the top level (one ``module.``
+  prefix from DDP runs), the short model name, ``model_attributes`` and legacy
+  ``{mean, std}`` normalizers. :func:`convert_original_checkpoint` turns such a file
+  into a fairchem 1.10 checkpoint of our hydra models.
+* **fairchem's own port** (``equiformer_v2_dens_backbone`` + ``eqV2_DeNS_*``) uses the
+  same parameter names as ours, so its checkpoints load unchanged.
+
+Files are read with ``torch.load(..., weights_only=True)``; every checkpoint of both
+implementations that we know of loads that way (the original's configs hold only
+plain types). A file that needs full unpickling is refused unless the caller opts in.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CheckpointMismatchError",
+    "read_checkpoint",
+    "strip_ddp_prefix",
+    "checkpoint_family",
+    "original_model_config",
+    "convert_original_checkpoint",
+    "explain_mismatch",
+]
+
+EQV2 = "fairchem_dens.models.equiformer_v2"
+ESCN = "fairchem_dens.models.escn"
+ESCN_ENERGY_HEAD = "fairchem.core.models.escn.escn.eSCNEnergyHead"
+
+# The original EquiformerV2 class defaults, absent from the published model_attributes.
+EQV2_DEFAULT_AVG_NUM_NODES = 77.81317
+EQV2_DEFAULT_AVG_DEGREE = 23.395238876342773
+
+# model_attributes of the original classes that fairchem 1.10's backbones do not take.
+_DROPPED = {"num_atoms", "bond_feat_dim", "num_targets", "use_tp_reparam", "use_denoising_energy"}
+
+# (prefix in the original monolithic model, prefix in our hydra model), per family.
+_HEAD_PREFIXES = {
+    "equiformer_v2": (
+        ("force_block.", "output_heads.forces.vector_block."),
+        ("energy_block.", "output_heads.energy.scalar_block."),
+        ("denoising_pos_block.", "output_heads.forces.denoising_pos_block."),
+    ),
+    "escn": (
+        ("force_block.", "output_heads.forces.force_block."),
+        ("energy_block.", "output_heads.energy.energy_block."),
+        ("denoising_pos_block.", "output_heads.forces.denoising_pos_block."),
+    ),
+}
+# Spellings of intermediate fairchem forks (energy_block/force_block inside the heads).
+_FORK_ALIASES = (
+    ("output_heads.energy.energy_block.", "output_heads.energy.scalar_block."),
+    ("output_heads.forces.force_block.", "output_heads.forces.vector_block."),
+)
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model the config builds."""
+
+
+def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict[str, Any]:
+    """Loads a checkpoint on the CPU with ``weights_only=True``.
+
+    Args:
+        path: the file.
+        allow_pickle: fall back to full unpickling for files that need it (only
+            for files you trust).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises several types here
+        if not allow_pickle:
+            raise CheckpointMismatchError(
+                f"{path} cannot be read with torch.load(weights_only=True) ({error}); "
+                "if you trust the file, convert it with `fairchem-dens convert-checkpoint "
+                "--allow-pickle`"
+            ) from error
+        logging.warning("%s needs full unpickling; loading it with weights_only=False", path)
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def strip_ddp_prefix(state_dict: dict[str, torch.Tensor]) -> OrderedDict:
+    """Removes the ``module.`` prefixes DistributedDataParallel adds."""
+    out = OrderedDict()
+    for key, value in state_dict.items():
+        while key.startswith("module."):
+            key = key[len("module."):]
+        out[key] = value
+    return out
+
+
+def checkpoint_family(checkpoint: dict[str, Any]) -> tuple[str, str]:
+    """``(layout, family)``: layout ``original`` or ``hydra``, family ``equiformer_v2`` or ``escn``."""
+    keys = list(strip_ddp_prefix(checkpoint["state_dict"]))
+    hydra = any(k.startswith("backbone.") for k in keys)
+    body = [k[len("backbone."):] if hydra else k for k in keys]
+    if any(k.startswith("blocks.") for k in body):
+        family = "equiformer_v2"
+    elif any(k.startswith("layer_blocks.") for k in body):
+        family = "escn"
+    else:
+        raise CheckpointMismatchError(
+            "the checkpoint is neither an EquiformerV2 nor an eSCN model (no `blocks.*` "
+            "or `layer_blocks.*` weights)"
+        )
+    return ("hydra" if hydra else "original"), family
+
+
+def original_model_config(family: str, model_attributes: dict[str, Any]) -> dict[str, Any]:
+    """The hydra model config of our classes for an original ``model_attributes``."""
+    kwargs = {k: v for k, v in model_attributes.items() if k not in _DROPPED}
+    energy_head: dict[str, Any]
+    if family == "equiformer_v2":
+        kwargs.setdefault("avg_num_nodes", EQV2_DEFAULT_AVG_NUM_NODES)
+        kwargs.setdefault("avg_degree", EQV2_DEFAULT_AVG_DEGREE)
+        kwargs["model"] = f"{EQV2}.DeNSEquiformerV2Backbone"
+        energy_head = {"module": f"{EQV2}.DeNSEnergyHead"}
+        if model_attributes.get("use_denoising_energy") is False:
+            energy_head["use_denoising"] = False
+        force_head = {"module": f"{EQV2}.DeNSForceHead"}
+    elif family == "escn":
+        kwargs["model"] = f"{ESCN}.DeNSeSCNBackbone"
+        energy_head = {"module": ESCN_ENERGY_HEAD}
+        force_head = {"module": f"{ESCN}.DeNSeSCNForceHead"}
+    else:
+        raise ValueError(f"unknown model family {family!r}")
+    return {
+        "name": "hydra",
+        "pass_through_head_outputs": True,
+        "otf_graph": bool(kwargs.get("otf_graph", True)),
+        "backbone": kwargs,
+        "heads": {"energy": energy_head, "forces": force_head},
+    }
+
+
+def _rename_original(key: str, family: str) -> str:
+    for old, new in _HEAD_PREFIXES[family]:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return "backbone." + key
+
+
+def _legacy_normalizers(normalizers: dict[str, Any]) -> dict[str, Any]:
+    converted = {}
+    for name, state in normalizers.items():
+        if isinstance(state, dict) and "std" in state:
+            state = {"mean": torch.as_tensor(state["mean"]).float(), "rmsd": torch.as_tensor(state["std"]).float()}
+        converted[name] = state
+    return converted
+
+
+def _build(model_config: dict[str, Any]) -> torch.nn.Module:
+    import fairchem.core.models.base  # noqa: F401  (registers `hydra`)
+    from fairchem.core.common.registry import registry
+
+    config = copy.deepcopy(model_config)
+    return registry.get_model_class(config.pop("name"))(**config)
+
+
+def convert_original_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of the original implementation as a fairchem 1.10 checkpoint of ours.
+
+    Renames the weights (3 prefix rules, ``module.`` stripped), replaces the short
+    model name and ``model_attributes`` by a hydra model config naming our classes,
+    converts legacy normalizers, and reorders the EMA's parameter list to our
+    model's order. The optimizer and scheduler states are dropped (their parameter
+    order is the original model's); ``epoch`` and ``step`` are kept.
+    """
+    config = copy.deepcopy(checkpoint.get("config", {}))
+    layout, family = checkpoint_family(checkpoint)
+    if layout != "original":
+        raise CheckpointMismatchError("the checkpoint is already in fairchem 1.10 (hydra) layout")
+    name = config.get("model")
+    if name not in (None, "equiformer_v2_dens", "escn_dens"):
+        logging.warning("converting a checkpoint of model %r as an original DeNS %s", name, family)
+    model_config = original_model_config(family, config.get("model_attributes", {}))
+    original_state = strip_ddp_prefix(checkpoint["state_dict"])
+    state_dict = OrderedDict((_rename_original(k, family), v) for k, v in original_state.items())
+
+    model = _build(model_config)
+    problems = explain_mismatch(model.state_dict(), state_dict)
+    if problems:
+        raise CheckpointMismatchError("the original checkpoint does not fit its own config:\n" + problems)
+
+    converted: dict[str, Any] = {
+        key: value for key, value in checkpoint.items()
+        if key not in ("state_dict", "optimizer", "scheduler", "ema", "config", "normalizers", "amp")
+    }
+    converted["state_dict"] = state_dict
+    converted["normalizers"] = _legacy_normalizers(checkpoint.get("normalizers", {}))
+    converted["amp"] = None
+    ema = checkpoint.get("ema")
+    if ema is not None:
+        converted["ema"] = _reorder_ema(ema, original_state, family, model)
+    config.pop("model_attributes", None)
+    config["model"] = model_config
+    config["trainer"] = "forces"
+    config["converted_from"] = {"model": name, "implementation": "original DeNS (atomicarchitects/DeNS)"}
+    converted["config"] = config
+    return converted
+
+
+def _reorder_ema(ema: dict[str, Any], original_state: OrderedDict, family: str, model: torch.nn.Module):
+    """The EMA's shadow parameters, from the original model's order to ours."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    # The original state dict lists parameters in registration order, as named_parameters() does.
+    original_order = [k for k in original_state if _rename_original(k, family) in trainable]
+    shadow = list(ema["shadow_params"])
+    if len(shadow) != len(original_order):
+        raise CheckpointMismatchError(
+            f"the EMA holds {len(shadow)} parameters but the model has {len(original_order)}"
+        )
+    by_name = {_rename_original(k, family): t for k, t in zip(original_order, shadow)}
+    ours = [name for name, p in model.named_parameters() if p.requires_grad]
+    return {**ema, "shadow_params": [by_name[name] for name in ours], "collected_params": []}
+
+
+def _module_of(key: str) -> str:
+    parts = key.split(".")
+    depth = 3 if key.startswith("output_heads.") else 2
+    return ".".join(parts[:depth])
+
+
+_HINTS = {
+    "noise_schedule_sigma_embedding": "model.backbone.use_noise_schedule_sigma_encoding",
+    "force_embedding": "a DeNS backbone (force encoding); plain EquiformerV2/eSCN checkpoints have none",
+    "denoising_pos_block": "a DeNS force head (noise head); plain checkpoints have none",
+    "energy_lin_ref": "model.backbone.use_energy_lin_ref / load_energy_lin_ref",
+}
+
+
+def explain_mismatch(model_state: dict[str, torch.Tensor], checkpoint_state: dict[str, torch.Tensor]) -> str:
+    """Describes, module by module, why a state dict does not fit a model ('' if it does)."""
+    model_keys, ckpt_keys = set(model_state), set(checkpoint_state)
+    lines = []
+    model_family = "EquiformerV2" if any(".blocks." in k for k in model_keys) else "eSCN"
+    ckpt_family = "EquiformerV2" if any(".blocks." in k for k in ckpt_keys) else "eSCN"
+    if any(".blocks." in k or ".layer_blocks." in k for k in ckpt_keys) and model_family != ckpt_family:
+        return (f"the checkpoint holds an {ckpt_family} model but the config builds an {model_family} "
+                "model: use a config of the checkpoint's architecture")
+    for label, keys, other in (("missing from the checkpoint", model_keys - ckpt_keys, "config"),
+                               ("in the checkpoint but not in the model", ckpt_keys - model_keys, "checkpoint")):
+        for module in sorted({_module_of(k) for k in keys}):
+            hint = next((h for word, h in _HINTS.items() if word in module), None)
+            count = sum(1 for k in keys if _module_of(k) == module)
+            lines.append(f"- {module} ({count} tensors) {label}" + (f"; check {hint}" if hint else ""))
+    for key in sorted(model_keys & ckpt_keys):
+        if tuple(model_state[key].shape) != tuple(checkpoint_state[key].shape):
+            lines.append(
+                f"- {key}: checkpoint shape {tuple(checkpoint_state[key].shape)}, model shape "
+                f"{tuple(model_state[key].shape)} (sizes such as lmax_list, mmax_list, sphere_channels, "
+                "num_layers or max_num_elements differ)"
+            )
+            if len(lines) > 20:
+                lines.append("- ... (more shape differences)")
+                break
+    return "\n".join(lines)
+
+
+def normalize_fork_keys(state_dict: dict[str, torch.Tensor]) -> OrderedDict:
+    """Accepts the ``energy_block``/``force_block`` head spellings of intermediate forks."""
+    out = OrderedDict()
+    for key, value in state_dict.items():
+        for old, new in _FORK_ALIASES:
+            if key.startswith(old):
+                key = new + key[len(old):]
+        out[key] = value
+    return out
