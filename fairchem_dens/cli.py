@@ -30,6 +30,28 @@ def _make_emt_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_checkpoint(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from fairchem_dens.models.checkpoints import convert_original_checkpoint, read_checkpoint
+
+    source, target = Path(args.input).resolve(), Path(args.output).resolve()
+    if source == target:
+        raise SystemExit("convert-checkpoint: OUT must differ from IN (the original is kept)")
+    if target.exists() and not args.overwrite:
+        raise SystemExit(f"convert-checkpoint: {target} exists; pass --overwrite to replace it")
+    converted = convert_original_checkpoint(read_checkpoint(source, allow_pickle=args.allow_pickle))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    torch.save(converted, partial)
+    os.replace(partial, target)  # never leaves a half-written OUT behind
+    backbone = converted["config"]["model"]["backbone"]["model"]
+    print(f"wrote {target}: {len(converted['state_dict'])} tensors, backbone {backbone}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fairchem-dens", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     emt.add_argument("--seed", type=int, default=0)
     emt.add_argument("--holdout", default="OH", help="adsorbate kept out of training for an 'ood' split")
     emt.set_defaults(func=_make_emt_data)
+    convert = commands.add_parser(
+        "convert-checkpoint",
+        help="turn a checkpoint of the original DeNS code (equiformer_v2_dens / escn_dens) into a fairchem 1.10 one",
+    )
+    convert.add_argument("input", help="checkpoint written by the original implementation")
+    convert.add_argument("output", help="where to write the converted checkpoint")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    convert.add_argument("--allow-pickle", action="store_true",
+                         help="read files that torch.load(weights_only=True) refuses (trusted files only)")
+    convert.set_defaults(func=_convert_checkpoint)
     return parser
 
 

@@ -184,6 +184,8 @@ def forward_seeded(model: torch.nn.Module, batch: Batch, seed: int = 7) -> dict[
 
 def close_lmdb(dataset) -> None:
     """Closes the LMDB environments of a fairchem LMDB dataset (no-op for others)."""
+    while hasattr(dataset, "dataset"):  # fairchem may wrap datasets in a Subset
+        dataset = dataset.dataset
     for env in [*getattr(dataset, "envs", []), getattr(dataset, "env", None)]:
         if env is not None:
             env.close()

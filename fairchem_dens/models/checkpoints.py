@@ -258,16 +258,19 @@ def explain_mismatch(model_state: dict[str, torch.Tensor], checkpoint_state: dic
             hint = next((h for word, h in _HINTS.items() if word in module), None)
             count = sum(1 for k in keys if _module_of(k) == module)
             lines.append(f"- {module} ({count} tensors) {label}" + (f"; check {hint}" if hint else ""))
+    differing: dict[str, list[str]] = {}
     for key in sorted(model_keys & ckpt_keys):
         if tuple(model_state[key].shape) != tuple(checkpoint_state[key].shape):
-            lines.append(
-                f"- {key}: checkpoint shape {tuple(checkpoint_state[key].shape)}, model shape "
-                f"{tuple(model_state[key].shape)} (sizes such as lmax_list, mmax_list, sphere_channels, "
-                "num_layers or max_num_elements differ)"
-            )
-            if len(lines) > 20:
-                lines.append("- ... (more shape differences)")
-                break
+            differing.setdefault(_module_of(key), []).append(key)
+    for module, keys in differing.items():
+        key = keys[0]
+        lines.append(
+            f"- {module}: {len(keys)} tensors differ in shape, e.g. {key}: checkpoint shape "
+            f"{tuple(checkpoint_state[key].shape)}, model shape {tuple(model_state[key].shape)}"
+        )
+    if differing:
+        lines.append("  (sizes such as lmax_list, mmax_list, sphere_channels, num_layers or "
+                     "max_num_elements differ between the config and the checkpoint)")
     return "\n".join(lines)
 
 

@@ -46,9 +46,9 @@ class DeNSeSCNBackbone(eSCNBackbone):
 
     The encoding of a DeNS batch is added to the node embeddings right before the
     first message-passing layer, through a forward pre-hook on ``layer_blocks[0]``
-    so the base ``forward`` runs unchanged. As in the original ``escn_dens``, the
-    layer only runs in DeNS batches: S2EF batches and inference get nothing added
-    (unlike EquiformerV2, whose published weights include an always-added bias).
+    so the base ``forward`` runs unchanged. As in the original ``escn_dens`` (its
+    reference outputs confirm it), the layer runs in every mode: S2EF batches and
+    inference get its bias added to the l = 0 coefficients.
 
     Args:
         use_force_encoding: encode the original forces of corrupted atoms.
@@ -79,10 +79,12 @@ class DeNSeSCNBackbone(eSCNBackbone):
 
     def _add_dens_encoding(self, module, args):
         data = self._dens_data
-        if data is None or not is_dens_batch(data) or not self.use_force_encoding:
+        if data is None:
             return None
         x = args[0]
-        features = dens_node_features(data, self.force_embedding, max(self.lmax_list))
+        features = dens_node_features(
+            data, self.force_embedding, max(self.lmax_list), use_force_encoding=self.use_force_encoding
+        )
         x.embedding = x.embedding + features.to(x.embedding.dtype)
         return None
 

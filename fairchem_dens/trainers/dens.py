@@ -30,6 +30,15 @@ from fairchem.core.models.equiformer_v2.trainers.forces_trainer import (
 )
 from fairchem.core.modules.normalization.normalizer import Normalizer
 
+from fairchem_dens.models.checkpoints import (
+    CheckpointMismatchError,
+    checkpoint_family,
+    convert_original_checkpoint,
+    explain_mismatch,
+    normalize_fork_keys,
+    read_checkpoint,
+    strip_ddp_prefix,
+)
 from fairchem_dens.models.dens_features import is_dens_batch
 from fairchem_dens.noise import (
     DECISION_STREAM,
@@ -102,6 +111,34 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         self.normalizers[NOISE_TARGET] = Normalizer(
             mean=0.0, rmsd=float(self.dens.target_std)
         ).to(self.device)
+
+    # ------------------------------------------------------------- checkpoints
+    def load_checkpoint(self, checkpoint_path: str, checkpoint: dict | None = None, inference_only: bool = False) -> None:
+        """fairchem's loader, plus original-DeNS checkpoints and readable mismatch errors.
+
+        The file is read with ``weights_only=True``. A checkpoint of the original
+        implementation is converted on the fly (see
+        :func:`fairchem_dens.models.checkpoints.convert_original_checkpoint`).
+        """
+        if checkpoint is None:
+            checkpoint = read_checkpoint(checkpoint_path)
+        layout, _family = checkpoint_family(checkpoint)
+        if layout == "original":
+            logging.info("%s is an original DeNS checkpoint: converting it", checkpoint_path)
+            checkpoint = convert_original_checkpoint(checkpoint)
+        model_state = self._unwrapped_model.state_dict()
+        state = strip_ddp_prefix(checkpoint["state_dict"])
+        if any(k.startswith("output_heads.forces.vector_block.") for k in model_state):
+            state = normalize_fork_keys(state)
+        if self.config.get("task", {}).get("strict_load", True):
+            problems = explain_mismatch(model_state, state)
+            if problems:
+                raise CheckpointMismatchError(
+                    f"{checkpoint_path} does not fit the model of this config:\n{problems}"
+                )
+        super().load_checkpoint(
+            checkpoint_path, checkpoint={**checkpoint, "state_dict": state}, inference_only=inference_only
+        )
 
     # -------------------------------------------------------------- corruption
     def _forward(self, batch):
