@@ -17,6 +17,8 @@ from torch_geometric.data import Batch, Data
 
 __all__ = [
     "TINY_EQV2_BACKBONE",
+    "TINY_ESCN_BACKBONE",
+    "escn_dens_model_config",
     "eqv2_dens_model_config",
     "build_model",
     "batch_from_tensors",
@@ -69,6 +71,25 @@ TINY_EQV2_BACKBONE: dict[str, Any] = {
     "avg_degree": 10.0,
 }
 
+TINY_ESCN_BACKBONE: dict[str, Any] = {
+    "use_pbc": True,
+    "regress_forces": True,
+    "otf_graph": True,
+    "max_neighbors": 12,
+    "cutoff": 5.0,
+    "max_num_elements": 90,
+    "num_layers": 2,
+    "lmax_list": [2],
+    "mmax_list": [1],
+    "sphere_channels": 16,
+    "hidden_channels": 16,
+    "edge_channels": 16,
+    "num_sphere_samples": 16,
+    "distance_function": "gaussian",
+    "basis_width_scalar": 2.0,
+    "distance_resolution": 0.02,
+}
+
 OURS = "fairchem_dens.models.equiformer_v2"
 FAIRCHEM_PORT = "fairchem.core.models.equiformer_v2.equiformer_v2_dens"
 FAIRCHEM_PLAIN = "fairchem.core.models.equiformer_v2"
@@ -112,6 +133,29 @@ def eqv2_dens_model_config(
         "otf_graph": True,
         "backbone": kwargs,
         "heads": heads,
+    }
+
+
+def escn_dens_model_config(
+    flavour: str = "ours", backbone: dict[str, Any] | None = None, **dens: Any
+) -> dict[str, Any]:
+    """A hydra model config for eSCN: ``ours`` (DeNS) or ``plain`` (fairchem's eSCN)."""
+    kwargs = copy.deepcopy(backbone or TINY_ESCN_BACKBONE)
+    escn = "fairchem.core.models.escn.escn"
+    if flavour == "ours":
+        kwargs.update(model="fairchem_dens.models.escn.DeNSeSCNBackbone", **dens)
+        forces = "fairchem_dens.models.escn.DeNSeSCNForceHead"
+    elif flavour == "plain":
+        kwargs.update(model=f"{escn}.eSCNBackbone")
+        forces = f"{escn}.eSCNForceHead"
+    else:
+        raise ValueError(f"unknown flavour {flavour!r}")
+    return {
+        "name": "hydra",
+        "pass_through_head_outputs": True,
+        "otf_graph": True,
+        "backbone": kwargs,
+        "heads": {"energy": {"module": f"{escn}.eSCNEnergyHead"}, "forces": {"module": forces}},
     }
 
 

@@ -10,7 +10,7 @@ import pytest
 from fairchem.core.common.utils import load_config
 
 from fairchem_dens.noise import DeNSConfig
-from fairchem_dens.testing import TINY_EQV2_BACKBONE, build_model
+from fairchem_dens.testing import TINY_EQV2_BACKBONE, TINY_ESCN_BACKBONE, build_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = sorted(p for p in CONFIGS.rglob("*.yml") if not p.name.startswith("_"))
@@ -27,6 +27,10 @@ PUBLISHED = {
 SIZE_KEYS = ("num_layers", "sphere_channels", "attn_hidden_channels", "num_heads", "attn_alpha_channels",
              "attn_value_channels", "ffn_hidden_channels", "lmax_list", "mmax_list", "grid_resolution",
              "edge_channels", "num_distance_basis", "max_neighbors", "max_radius")
+
+
+ESCN_SIZE_KEYS = ("num_layers", "sphere_channels", "hidden_channels", "edge_channels", "lmax_list",
+                  "mmax_list", "num_sphere_samples", "max_neighbors", "cutoff")
 
 
 def full_config(path: Path) -> dict:
@@ -55,8 +59,9 @@ def test_config_validates_and_builds_at_tiny_size(path):
         assert config["model"]["backbone"]["model"].startswith("fairchem_dens.")
         assert config["evaluation_metrics"]["primary_metric"]
     model_config = copy.deepcopy(config["model"])
-    for key in SIZE_KEYS:
-        model_config["backbone"][key] = TINY_EQV2_BACKBONE[key]
+    escn = "escn" in model_config["backbone"]["model"].lower()
+    for key in ESCN_SIZE_KEYS if escn else SIZE_KEYS:
+        model_config["backbone"][key] = (TINY_ESCN_BACKBONE if escn else TINY_EQV2_BACKBONE)[key]
     model = build_model(model_config)
     assert sum(p.numel() for p in model.parameters()) < 2_000_000
 
@@ -85,3 +90,20 @@ def test_published_hyperparameters(name):
     norm = config["dataset"]["train"]["transforms"]["normalizer"]
     assert norm["energy"]["mean"] == pytest.approx(-0.7554450631141663)
     assert norm["forces"]["rmsd"] == pytest.approx(2.887317180633545)
+
+
+def test_published_escn_recipe():
+    (path,) = [p for p in SHIPPED if p.name == "escn_dens_N@12_L@6_M@2_epochs@20.yml"]
+    config = full_config(path)
+    optim, backbone = config["optim"], config["model"]["backbone"]
+    dens = DeNSConfig.from_optim(optim)
+    assert (dens.prob, dens.std, dens.corrupt_ratio, dens.coefficient) == (0.5, 0.15, 0.5, 10)
+    assert dens.fixed_noise_std and dens.selection == "batch"
+    assert (backbone["num_layers"], backbone["lmax_list"], backbone["mmax_list"]) == (12, [6], [2])
+    assert (backbone["cutoff"], backbone["max_neighbors"], backbone["hidden_channels"]) == (12.0, 20, 256)
+    assert backbone["basis_width_scalar"] == 2.0 and backbone["num_sphere_samples"] == 128
+    assert optim["lr_initial"] == 8e-4 and optim["max_epochs"] == 20 and optim["batch_size"] == 6
+    assert optim["optimizer_params"] == {"amsgrad": True, "weight_decay": 0.01}
+    params = optim["scheduler_params"]
+    assert params["lambda_type"] == "multistep" and params["decay_epochs"] == [11.7, 15, 18.3]
+    assert params["decay_rate"] == 0.3 and params["warmup_epochs"] == 0.01
