@@ -300,7 +300,7 @@ def select_structures(
             raise DeNSConfigError(
                 "optim.denoising_pos_params.relaxation_only is set but the batch has "
                 "no `md` flag: use a dataset that provides it (e.g. "
-                "fairchem_dens.datasets.MDFlagLmdbDataset)."
+                "fairchem_dens.datasets.lmdb_dataset.DeNSLmdbDataset)."
             )
         selected = selected & (md.view(-1).to(torch.long) == 0)
     return selected

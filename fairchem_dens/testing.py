@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +269,7 @@ def fairchem_trainer(config_yml: str | Path, run_dir: str | Path, *overrides: st
         trainer = getattr(ctx, "trainer", None)
         for name in ("train_dataset", "val_dataset", "test_dataset", "relax_dataset"):
             close_lmdb(getattr(trainer, name, None))
+        gc.collect()  # datasets of a trainer that failed while being built close on collection
         # fairchem's context tears down torch.distributed only on a clean exit.
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -102,7 +102,7 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
                 raise ValueError(
                     f"optim.denoising_pos_params.relaxation_only is set but the training "
                     f"dataset {source} gives no `md` flag: use "
-                    "fairchem_dens.datasets.MDFlagLmdbDataset or store `md` in the entries."
+                    "fairchem_dens.datasets.lmdb_dataset.DeNSLmdbDataset or store `md` in the entries."
                 )
 
     def load_references_and_normalizers(self) -> None:
