@@ -52,6 +52,17 @@ def _convert_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_element_references(args: argparse.Namespace) -> int:
+    from fairchem_dens.datasets.references import fit_element_references
+
+    path = fit_element_references(
+        args.train, Path(args.output), dataset_format=args.format, batch_size=args.batch_size,
+        num_batches=args.num_batches, overwrite=args.overwrite,
+    )
+    print(f"wrote {path}; use it as dataset.train.transforms.element_references.energy.file")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fairchem-dens", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--allow-pickle", action="store_true",
                          help="read files that torch.load(weights_only=True) refuses (trusted files only)")
     convert.set_defaults(func=_convert_checkpoint)
+    refs = commands.add_parser(
+        "fit-element-references",
+        help="fit linear per-element energy references on a training set (for OC22 total energies)",
+    )
+    refs.add_argument("train", help="training LMDB folder or file")
+    refs.add_argument("output", help="the .npz to write (key `element_references`)")
+    refs.add_argument("--format", default="oc22_lmdb", help="fairchem dataset format (default: %(default)s)")
+    refs.add_argument("--batch-size", type=int, default=64)
+    refs.add_argument("--num-batches", type=int, default=None, help="default: the whole set")
+    refs.add_argument("--overwrite", action="store_true")
+    refs.set_defaults(func=_fit_element_references)
     return parser
 
 

@@ -107,3 +107,22 @@ def test_published_escn_recipe():
     params = optim["scheduler_params"]
     assert params["lambda_type"] == "multistep" and params["decay_epochs"] == [11.7, 15, 18.3]
     assert params["decay_rate"] == 0.3 and params["warmup_epochs"] == 0.01
+
+
+def test_published_oc22_recipe():
+    (path,) = [p for p in SHIPPED if p.name == "equiformer_v2_dens_N@18_L@6_M@2_e@4_f@100_std@0.15.yml"]
+    config = full_config(path)
+    optim, backbone = config["optim"], config["model"]["backbone"]
+    dens = DeNSConfig.from_optim(optim)
+    assert (dens.prob, dens.std, dens.corrupt_ratio, dens.coefficient, dens.std_high) == (0.5, 0.15, 0.5, 25, 0.2)
+    losses = {list(entry)[0]: list(entry.values())[0] for entry in config["loss_functions"]}
+    assert losses["energy"]["coefficient"] == 4 and losses["forces"]["coefficient"] == 100
+    assert (backbone["num_layers"], backbone["lmax_list"], backbone["mmax_list"]) == (18, [6], [2])
+    assert backbone["drop_path_rate"] == 0.1 and backbone["enforce_max_neighbors_strictly"] is False
+    assert optim["lr_initial"] == 2e-4 and optim["max_epochs"] == 6 and optim["clip_grad_norm"] == 50
+    assert config["task"]["prediction_dtype"] == "float32"
+    assert config["evaluation_metrics"]["primary_metric"] == "energy_mae"
+    train = config["dataset"]["train"]
+    assert train["format"] == "oc22_lmdb" and "element_references" in train["transforms"]
+    assert train["transforms"]["normalizer"]["energy"]["rmsd"] == pytest.approx(25.119809935106424)
+    assert train["transforms"]["normalizer"]["forces"]["rmsd"] == pytest.approx(0.14759646356105804)
