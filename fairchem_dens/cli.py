@@ -63,6 +63,22 @@ def _fit_element_references(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_submission(args: argparse.Namespace) -> int:
+    from fairchem_dens.submission import SubmissionError, build_submission
+
+    # Pass every split given: missing or unexpected splits are reported by the builder.
+    splits = {s: getattr(args, s) for s in ("id", "ood_ads", "ood_cat", "ood_both", "ood") if getattr(args, s)}
+    try:
+        path = build_submission(
+            args.task, args.dataset, splits, args.out, checkpoint=args.checkpoint, config=args.config,
+            allow_total_energy=args.allow_total_energy, strict_counts=args.strict_counts, overwrite=args.overwrite,
+        )
+    except SubmissionError as error:
+        raise SystemExit(f"make-submission: {error}") from error
+    print(f"wrote {path} and {path}.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fairchem-dens", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     refs.add_argument("--num-batches", type=int, default=None, help="default: the whole set")
     refs.add_argument("--overwrite", action="store_true")
     refs.set_defaults(func=_fit_element_references)
+    sub = commands.add_parser(
+        "make-submission",
+        help="validate per-split prediction files and merge them into one OC20/OC22 leaderboard .npz",
+    )
+    sub.add_argument("task", choices=["s2ef", "is2re", "is2rs", "is2re-relaxations"])
+    sub.add_argument("--dataset", choices=["oc20", "oc22"], default="oc20")
+    for split in ("id", "ood-ads", "ood-cat", "ood-both", "ood"):
+        sub.add_argument(f"--{split}", help=f"predictions of the {split} split (.npz, or a folder of .traj)")
+    sub.add_argument("--out", required=True, help="the submission .npz to write")
+    sub.add_argument("--checkpoint", help="checkpoint that made the predictions (hashed into the sidecar JSON)")
+    sub.add_argument("--config", help="config of the run (checked for total-energy training, kept in the sidecar)")
+    sub.add_argument("--allow-total-energy", action="store_true", help="accept an OC20 submission of total energies")
+    sub.add_argument("--strict-counts", action="store_true", help="split sizes must match the OC20 test sets")
+    sub.add_argument("--overwrite", action="store_true")
+    sub.set_defaults(func=_make_submission)
     return parser
 
 

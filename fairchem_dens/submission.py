@@ -127,6 +127,8 @@ def build_submission(
         _refuse_existing(out, sidecar)
     files = _normalize_split_files(dataset, split_files)
 
+    if checkpoint is not None and not Path(checkpoint).is_file():  # fail before reading GBs
+        raise SubmissionError(f"checkpoint not found: {checkpoint}")
     config_dict, config_source = _load_config(config)
     total_energy_reason = detect_total_energy(config_dict) if config_dict is not None else None
     if dataset == "oc20" and total_energy_reason and not allow_total_energy:
@@ -196,6 +198,7 @@ def validate_split(
     Raises:
         SubmissionError: naming split, file and key.
     """
+    task, dataset = _normalize_task(task), _normalize_dataset(dataset)
     where = _Where(split, Path(path))
     missing = [key for key in TASK_KEYS[task] if key not in arrays]
     if missing:

@@ -51,7 +51,7 @@ def test_every_published_recipe_is_shipped():
 @pytest.mark.parametrize("path", training_configs(), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_config_validates_and_builds_at_tiny_size(path):
     config = full_config(path)
-    optim = config["optim"]
+    optim = config.get("optim", {})
     if "use_denoising_pos" in optim:
         DeNSConfig.from_optim(optim)  # raises on any bad key
         # dotted paths, so a fresh `fairchem` process (or a SLURM job) finds our classes
@@ -126,3 +126,38 @@ def test_published_oc22_recipe():
     assert train["format"] == "oc22_lmdb" and "element_references" in train["transforms"]
     assert train["transforms"]["normalizer"]["energy"]["rmsd"] == pytest.approx(25.119809935106424)
     assert train["transforms"]["normalizer"]["forces"]["rmsd"] == pytest.approx(0.14759646356105804)
+
+
+MD17_TABLE = {  # SPEC A.12: lr, epochs, batch, w_E, w_F for L_max 2 and 3
+    2: {"aspirin": (5e-4, 1500, 8, 1, 80), "benzene": (1e-4, 1500, 8, 1, 80), "ethanol": (5e-4, 1500, 8, 1, 80),
+        "malonaldehyde": (5e-4, 1500, 8, 1, 100), "naphthalene": (5e-4, 1500, 8, 2, 20),
+        "salicylic_acid": (5e-4, 1500, 8, 1, 80), "toluene": (5e-4, 1500, 8, 1, 80), "uracil": (5e-4, 1500, 8, 1, 20)},
+    3: {"aspirin": (2e-4, 2000, 5, 1, 80), "benzene": (1e-4, 1500, 8, 1, 80), "ethanol": (2e-4, 2000, 5, 1, 80),
+        "malonaldehyde": (2e-4, 2000, 5, 1, 100), "naphthalene": (2e-4, 2000, 5, 2, 20),
+        "salicylic_acid": (2e-4, 2000, 5, 1, 80), "toluene": (2e-4, 2000, 5, 1, 80), "uracil": (2e-4, 2000, 5, 1, 20)},
+}
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("md17/*/**/*.yml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_md17_recipes(path):
+    if "model" in path.stem:
+        return
+    config = full_config(path)
+    optim, backbone = config["optim"], config["model"]["backbone"]
+    dens = DeNSConfig.from_optim(optim)
+    molecule = path.stem
+    toluene = molecule == "toluene"
+    assert dens.selection == "structure" and dens.coefficient_schedule == "linear_decay"
+    assert (dens.prob, dens.std) == ((0.125, 0.025) if toluene else (0.25, 0.05))
+    assert (dens.corrupt_ratio, dens.coefficient, dens.fixed_noise_std) == (0.25, 5.0, True)
+    lmax = 3 if "lmax3" in str(path) else 2
+    lr, epochs, batch, w_e, w_f = MD17_TABLE[lmax][molecule]
+    assert (optim["lr_initial"], optim["max_epochs"], optim["batch_size"]) == (lr, epochs, batch)
+    losses = {list(entry)[0]: list(entry.values())[0] for entry in config["loss_functions"]}
+    assert (losses["energy"]["coefficient"], losses["forces"]["coefficient"]) == (w_e, w_f)
+    assert optim["optimizer_params"]["weight_decay"] == 1e-6 and "ema_decay" not in optim
+    assert "clip_grad_norm" not in optim and optim["scheduler_params"]["warmup_epochs"] == 10
+    assert optim["scheduler_params"]["lr_min_factor"] * lr == pytest.approx(1e-6)
+    assert backbone["use_pbc"] is False and backbone["lmax_list"] == [lmax]
+    assert backbone.get("drop_path_rate", 0.0) == 0.0 and backbone.get("alpha_drop", 0.0) == 0.0
+    assert config["dataset"]["train"]["src"].endswith(f"{molecule}/train")

@@ -292,6 +292,8 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         metrics = super().validate(split=split, disable_tqdm=disable_tqdm)
         if self.dens.enabled and self.dens.validate_denoising:
             metrics.update(self.validate_denoising(split))
+        if self.config.get("task", {}).get("report_mev") and distutils.is_master():
+            logging.info(f"{split} (meV units): " + _in_mev(metrics))
         return metrics
 
     @torch.no_grad()
@@ -334,6 +336,16 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         if self.logger is not None:
             self.logger.log({k: v["metric"] for k, v in metrics.items()}, step=self.step, split=split)
         return metrics
+
+
+def _in_mev(metrics: dict[str, Any]) -> str:
+    """MAE metrics in meV (energies) and meV/Å (forces), as MD17 tables report them."""
+    parts = []
+    for key, value in metrics.items():
+        if key.endswith("_mae") and "pos" not in key:
+            unit = "meV/Å" if "force" in key else "meV"
+            parts.append(f"{key}: {1000 * value['metric']:.2f} {unit}")
+    return ", ".join(parts)
 
 
 def _update(evaluator, metrics: dict[str, Any], key: str, errors: torch.Tensor) -> None:
