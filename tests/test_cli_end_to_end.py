@@ -53,6 +53,19 @@ def test_train_then_predict(emt_data, tmp_path):
         assert [len(f) for f in forces] == [free_atoms[i] for i in ids]  # free atoms only
         assert np.isfinite(npz["forces"]).all() and np.isfinite(npz["energy"]).all()
 
+    # ... and into a leaderboard file (the same predictions stand in for all four splits)
+    submission = tmp_path / "submission.npz"
+    splits = [arg for split in ("id", "ood-ads", "ood-cat", "ood-both") for arg in (f"--{split}", str(predictions))]
+    result = subprocess.run(
+        [sys.executable, "-m", "fairchem_dens.cli", "make-submission", "s2ef", *splits, "--out", str(submission),
+         "--checkpoint", str(checkpoint)], capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    with np.load(submission, allow_pickle=False) as npz:
+        assert {"id_ids", "ood_both_forces", "ood_cat_chunk_idx", "ood_ads_energy"} <= set(npz.files)
+        assert npz["id_energy"].ndim == 1
+    assert (tmp_path / "submission.npz.json").exists()
+
 
 def test_bad_dens_config_fails_before_training(emt_data, tmp_path):
     result = subprocess.run(
