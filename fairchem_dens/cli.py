@@ -79,6 +79,20 @@ def _make_submission(args: argparse.Namespace) -> int:
     return 0
 
 
+def _md17_to_lmdb(args: argparse.Namespace) -> int:
+    from fairchem_dens.datasets.md17 import MD17FormatError, convert_md17
+
+    try:
+        folders = convert_md17(Path(args.input), Path(args.out), n_train=args.train, n_val=args.val,
+                               seed=args.seed, molecule=args.molecule, overwrite=args.overwrite)
+    except (MD17FormatError, FileExistsError, FileNotFoundError) as error:
+        raise SystemExit(f"md17-to-lmdb: {error}") from error
+    for split, folder in folders.items():
+        print(f"{split}: {folder}")
+    print(f"info: {Path(args.out) / 'md17_info.json'} (units, checksum, split, training-set statistics)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fairchem-dens", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--strict-counts", action="store_true", help="split sizes must match the OC20 test sets")
     sub.add_argument("--overwrite", action="store_true")
     sub.set_defaults(func=_make_submission)
+    md17 = commands.add_parser(
+        "md17-to-lmdb", help="convert an MD17 / rMD17 .npz (kcal/mol) into fairchem LMDBs in eV with the 950/50 split"
+    )
+    md17.add_argument("input", help="sGDML MD17 (z, R, E, F) or rMD17 (nuclear_charges, coords, energies, forces) .npz")
+    md17.add_argument("out", help="output folder (train/, val/, test/, splits.npz, md17_info.json)")
+    md17.add_argument("--train", type=int, default=950)
+    md17.add_argument("--val", type=int, default=50)
+    md17.add_argument("--seed", type=int, default=1, help="numpy default_rng seed of the split (default: %(default)s)")
+    md17.add_argument("--molecule", default=None)
+    md17.add_argument("--overwrite", action="store_true")
+    md17.set_defaults(func=_md17_to_lmdb)
     return parser
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import os
 from pathlib import Path
 from typing import Any
 
@@ -258,7 +259,8 @@ def fairchem_trainer(config_yml: str | Path, run_dir: str | Path, *overrides: st
          "--timestamp-id", "test", *overrides]
     )
     config = build_config(args, override_args)
-    distutils.setup_env_local()
+    if "RANK" not in os.environ or config.get("world_size", 1) == 1:
+        distutils.setup_env_local()  # a single rank; multi-rank callers set RANK etc. themselves
     context = new_trainer_context(config=config)
     ctx = None
     try:

@@ -158,6 +158,7 @@ def test_md17_recipes(path):
     assert optim["optimizer_params"]["weight_decay"] == 1e-6 and "ema_decay" not in optim
     assert "clip_grad_norm" not in optim and optim["scheduler_params"]["warmup_epochs"] == 10
     assert optim["scheduler_params"]["lr_min_factor"] * lr == pytest.approx(1e-6)
-    assert backbone["use_pbc"] is False and backbone["lmax_list"] == [lmax]
+    # isolated molecules in md17-to-lmdb's 50 Å box: images are never within the 5 Å cutoff
+    assert backbone["lmax_list"] == [lmax] and backbone.get("max_radius", backbone.get("cutoff")) == 5.0
     assert backbone.get("drop_path_rate", 0.0) == 0.0 and backbone.get("alpha_drop", 0.0) == 0.0
     assert config["dataset"]["train"]["src"].endswith(f"{molecule}/train")

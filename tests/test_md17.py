@@ -96,6 +96,9 @@ def test_sgdml_file_converts_to_ev_entries(tmp_path, frames):
             assert d.pbc.shape == (1, 3) and not d.pbc.any()
             assert d.cell.shape == (1, 3, 3) and torch.allclose(d.cell[0], 50.0 * torch.eye(3))
     assert sizes == {"train": 20, "val": 5, "test": 15}
+    (tmp_path / "plain").mkdir()  # the output folder gets the permissions of an ordinary mkdir
+    assert (tmp_path / "out").stat().st_mode == (tmp_path / "plain").stat().st_mode
+    (tmp_path / "plain").rmdir()
     batch = data_list_collater(entries(folders["train"])[:2], otf_graph=True)
     assert batch.pos.shape == (10, 3) and batch.energy.shape == (2,)
     assert batch.cell.shape == (2, 3, 3) and batch.pbc.shape == (2, 3) and batch.sid.shape == (2,)

@@ -10,11 +10,11 @@ of Equiformer and TorchMD-Net) into ``n_train`` / ``n_val`` / the rest as test.
 Each frame becomes one PyG ``Data`` entry as fairchem's S2EF LMDBs hold it, made by
 fairchem's own :class:`~fairchem.core.preprocessing.AtomsToGraphs`. Molecules are
 not periodic: entries carry ``pbc = [False, False, False]`` and a nominal 50 Å
-cubic cell (fairchem's collation and models expect a ``cell``), and **MD17
-configs must set ``use_pbc: False``** on the model so that graphs are built
-without periodic images. Should a config keep ``use_pbc: True`` by mistake, the
-50 Å box still puts images farther than any usual cutoff from an MD17 molecule
-(at most ~10 Å across), so no spurious edges appear.
+cubic cell (fairchem's collation and models expect a ``cell``). The box puts
+periodic images farther than any usual cutoff from an MD17 molecule (at most
+~10 Å across), so a model with ``use_pbc: True`` builds exactly the molecular
+graph. The shipped MD17 configs do that: fairchem's non-periodic path calls PyG's
+``radius_graph``, which needs torch-cluster or pyg-lib (not installed by default).
 
 Output layout (``out_dir``)::
 
@@ -25,7 +25,7 @@ Output layout (``out_dir``)::
     md17_info.json   # provenance, units, split sizes, train-split statistics
 
 A split too large for one LMDB file of :func:`~fairchem_dens.datasets.emt_data.write_lmdb`
-(whose map size is 1 GiB, ~250,000 MD17 entries) is written as
+(whose map size is 1 GiB: we put up to ~219,000 MD17 entries in one) is written as
 ``data.0000.lmdb``, ``data.0001.lmdb``, ... in the same folder, which fairchem's
 ``lmdb`` format reads in sorted order as one data set (the test splits of most
 full MD17 molecules, e.g. ethanol's 554,092 frames).
@@ -357,6 +357,12 @@ def _check_arguments(n_train: int, n_val: int, seed: int) -> None:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def _replace_dir(staging: Path, out_dir: Path) -> None:
     """Moves ``staging`` to ``out_dir``, replacing what is there only once the new data is complete."""
     if not (out_dir.exists() or out_dir.is_symlink()):
@@ -396,7 +402,7 @@ def _info(path: Path, frames: MD17Frames, molecule: str, seed: int, splits: dict
         "split_sizes": {split: int(len(indices)) for split, indices in splits.items()},
         "lmdb_files": files,
         "train_statistics": _train_statistics(frames, splits["train"]),
-        "cell": f"nominal cubic {MOLECULE_CELL} Å, pbc False: set use_pbc: False in model configs",
+        "cell": f"nominal cubic {MOLECULE_CELL} Å, pbc False; no periodic image lies within a usual cutoff",
         "entries": "sid = source frame index, fid = 0, tags = 1, fixed = 0",
     }
 
@@ -458,6 +464,7 @@ def convert_md17(
     # Built beside out_dir (same file system, so the final os.replace is an atomic rename).
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; out_dir should look like a mkdir
         files = {}
         for split in SPLITS:
             files[split] = _write_split(staging / split, frames, splits[split], per_file)
