@@ -32,7 +32,8 @@ REQUIREMENTS=(
   "e3nn"
   "lmdb"
   "submitit"
-  "ase"
+  # fairchem 1.10's relaxation code implements the Optimizable API of ASE <= 3.24
+  "ase>=3.23,<3.25"
   "pytest"
   "matplotlib"
   "tensorboard"

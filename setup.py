@@ -24,7 +24,8 @@ setup(
         "e3nn",
         "lmdb",
         "submitit",
-        "ase",
+        # fairchem 1.10's relaxations implement the Optimizable API of ASE <= 3.24.
+        "ase>=3.23,<3.25",
         # imported by fairchem-core at start-up; see README "Installing".
         "torch-scatter",
         "torch-sparse",
