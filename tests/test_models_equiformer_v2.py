@@ -127,23 +127,25 @@ def test_denoising_off_equals_plain_equiformer_v2(fixture_batch):
     assert not torch.allclose(a["forces"], c["forces"], atol=1e-5)
 
 
-def test_noise_head_is_not_evaluated_outside_training(fixture_batch):
+def test_only_the_heads_that_are_used_run(fixture_batch):
+    """S2EF batches (training or inference) skip the noise block, fully corrupted ones the force block."""
     model = build_model(eqv2_dens_model_config("ours"))
-    calls = []
-    model.output_heads["forces"].denoising_pos_block.register_forward_hook(lambda *a: calls.append(1))
-    model.train()
-    with torch.no_grad():
-        trained = forward_seeded(model, fixture_batch)
-    assert len(calls) == 1  # training: always evaluated (DDP needs every parameter used)
-    model.eval()
-    with torch.no_grad():
-        evaluated = forward_seeded(model, fixture_batch)
-    assert len(calls) == 1  # eval / predict / relaxation: skipped
-    assert torch.allclose(trained["forces"], evaluated["forces"], atol=1e-6)
-    assert torch.allclose(trained["energy"], evaluated["energy"], atol=1e-6)
-    with torch.no_grad():
-        forward_seeded(model, as_mode(fixture_batch, "full"))
-    assert len(calls) == 2  # a DeNS batch needs the noise head even in eval mode
+    head = model.output_heads["forces"]
+    calls = {"noise": 0, "force": 0}
+    head.denoising_pos_block.register_forward_hook(lambda *a: calls.__setitem__("noise", calls["noise"] + 1))
+    head.vector_block.register_forward_hook(lambda *a: calls.__setitem__("force", calls["force"] + 1))
+    expected = {("s2ef", True): (1, 0), ("s2ef", False): (1, 0), ("full", True): (0, 1), ("full", False): (0, 1),
+                ("partial", True): (1, 1), ("partial", False): (1, 1)}
+    outputs = {}
+    for (mode, training), (force_calls, noise_calls) in expected.items():
+        calls.update(noise=0, force=0)
+        model.train(training)
+        with torch.no_grad():
+            outputs[mode, training] = forward_seeded(model, as_mode(fixture_batch, mode))
+        assert (calls["force"], calls["noise"]) == (force_calls, noise_calls), (mode, training)
+    for mode in MODES:  # training and inference give the same outputs (no dropout in the tiny model)
+        torch.testing.assert_close(outputs[mode, True]["forces"], outputs[mode, False]["forces"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(outputs[mode, True]["energy"], outputs[mode, False]["energy"], atol=1e-6, rtol=0)
 
 
 def test_training_mode_gives_every_parameter_a_gradient(fixture_batch):
@@ -153,7 +155,11 @@ def test_training_mode_gives_every_parameter_a_gradient(fixture_batch):
         out = forward_seeded(model, as_mode(fixture_batch, mode))
         (out["energy"].sum() + out["forces"].pow(2).sum()).backward()
         missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-        assert not missing, (mode, missing[:5])
+        assert not missing, (mode, missing[:5])  # DDP needs a gradient for every parameter
+        unused = {"s2ef": "denoising_pos_block", "full": "vector_block"}.get(mode)
+        if unused:  # the skipped block gets an exact zero, as the peers' 0 * output gives
+            block = getattr(model.output_heads["forces"], unused)
+            assert all(torch.all(p.grad == 0) for p in block.parameters())
 
 
 def test_disabled_force_encoding_ignores_forces(fixture_batch):

@@ -33,18 +33,18 @@ def test_denoising_off_equals_plain_escn(fixture_batch):
     torch.testing.assert_close(a["forces"], b["forces"], atol=1e-6, rtol=0)
 
 
-def test_noise_head_only_in_training_or_dens_batches(fixture_batch):
+def test_noise_head_only_in_dens_batches(fixture_batch):
     model = build_model(escn_dens_model_config("ours"))
     calls = []
     model.output_heads["forces"].denoising_pos_block.register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
         trained = forward_seeded(model.train(), fixture_batch)
         evaluated = forward_seeded(model.eval(), fixture_batch)
-    assert len(calls) == 1
+    assert not calls  # S2EF batches, in training and at inference
     torch.testing.assert_close(trained["forces"], evaluated["forces"], atol=1e-6, rtol=0)
     with torch.no_grad():
         forward_seeded(model, as_mode(fixture_batch, "partial"))
-    assert len(calls) == 2
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("mode", MODES)

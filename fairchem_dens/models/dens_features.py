@@ -8,7 +8,7 @@ published weights were trained with that bias, so it must stay.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -77,24 +77,44 @@ def dens_node_features(
     return torch.cat([features[:, :1, :] + sigma_features, features[:, 1:, :]], dim=1)
 
 
-def combine_forces_and_noise(data: Any, forces: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+def dens_force_output(
+    data: Any,
+    run_force_block: Callable[[], torch.Tensor],
+    run_noise_block: Callable[[], torch.Tensor],
+    force_block: nn.Module,
+    noise_block: nn.Module,
+    training: bool,
+) -> torch.Tensor:
     """The single ``forces`` output of a DeNS force head (SPEC A.7).
 
     Noise predictions on corrupted atoms (all atoms without a ``noise_mask``),
-    force predictions elsewhere. Unused outputs enter as ``0 * x`` so every
-    parameter stays in the autograd graph (DDP needs no ``find_unused_parameters``).
+    force predictions elsewhere. Only the blocks whose output is used run: an S2EF
+    batch skips the noise block and a fully corrupted batch skips the force block.
+    In training, the skipped block's parameters still enter the graph with weight
+    0, so every parameter gets a (zero) gradient and DDP needs no
+    ``find_unused_parameters``; the peers get the same effect by running both
+    blocks and multiplying one output by 0, which costs a whole extra block.
 
     Args:
         data: the batch.
-        forces: ``[N, 3]`` force-head output.
-        noise: ``[N, 3]`` noise-head output, or None when it was skipped (inference).
+        run_force_block: computes the ``[N, 3]`` force-block output.
+        run_noise_block: computes the ``[N, 3]`` noise-block output.
+        force_block: the force block (for the zero-weight term).
+        noise_block: the noise block (for the zero-weight term).
+        training: whether the head is in training mode.
     """
-    if noise is None:
-        return forces
     if not is_dens_batch(data):
-        return forces + 0.0 * noise
-    mask = getattr(data, "noise_mask", None)
-    if mask is None:
-        return noise + 0.0 * forces
-    # torch.where keeps both heads in the autograd graph.
-    return torch.where(mask.view(-1, 1), noise, forces)
+        output, unused = run_force_block(), noise_block
+    elif getattr(data, "noise_mask", None) is None:
+        output, unused = run_noise_block(), force_block
+    else:
+        mask = data.noise_mask.view(-1, 1)
+        return torch.where(mask, run_noise_block(), run_force_block())
+    if training:
+        output = output + _zero_weight(unused)
+    return output
+
+
+def _zero_weight(module: nn.Module) -> torch.Tensor:
+    """0 times one entry of every parameter: puts them in the graph at no cost."""
+    return 0.0 * sum(p.view(-1)[0] for p in module.parameters() if p.requires_grad)

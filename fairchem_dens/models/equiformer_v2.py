@@ -36,7 +36,7 @@ from fairchem.core.models.equiformer_v2.transformer_block import (
 from fairchem.core.models.equiformer_v2.weight_initialization import eqv2_init_weights
 
 from fairchem_dens.models.dens_features import (
-    combine_forces_and_noise,
+    dens_force_output,
     dens_node_features,
     is_dens_batch,
     make_force_embedding,
@@ -207,11 +207,10 @@ class DeNSForceHead(nn.Module, HeadInterface):
     ``vector_block`` predicts forces, ``denoising_pos_block`` (same architecture)
     predicts ``noise / sigma_N``. In a DeNS batch the output is the noise
     prediction on corrupted atoms (all atoms if the batch has no
-    ``noise_mask``) and the force prediction elsewhere. During training both
-    blocks always run and unused outputs enter as ``0 * x`` so every parameter
-    gets a gradient (DDP needs no ``find_unused_parameters``). Outside training
-    (validation, prediction, relaxations, the ASE calculator) the noise block
-    is skipped: it cannot change the outputs and costs a whole attention block.
+    ``noise_mask``) and the force prediction elsewhere. A block whose output is
+    not used is not run (see :func:`~fairchem_dens.models.dens_features.dens_force_output`):
+    S2EF batches, validation, prediction, relaxations and the ASE calculator never
+    run the noise block, fully corrupted batches never run the force block.
 
     Args:
         backbone: the DeNS EquiformerV2 backbone.
@@ -247,7 +246,12 @@ class DeNSForceHead(nn.Module, HeadInterface):
         return vectors
 
     def forward(self, data: Batch, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
-        forces = self._vectors(self.vector_block, emb)
-        skip_noise = not self.training and not is_dens_batch(data)
-        noise = None if skip_noise else self._vectors(self.denoising_pos_block, emb)
-        return {self.output_name: combine_forces_and_noise(data, forces, noise)}
+        forces = dens_force_output(
+            data,
+            lambda: self._vectors(self.vector_block, emb),
+            lambda: self._vectors(self.denoising_pos_block, emb),
+            self.vector_block,
+            self.denoising_pos_block,
+            self.training,
+        )
+        return {self.output_name: forces}

@@ -28,9 +28,8 @@ from fairchem.core.models.base import HeadInterface
 from fairchem.core.models.escn.escn import ForceBlock, eSCNBackbone
 
 from fairchem_dens.models.dens_features import (
-    combine_forces_and_noise,
+    dens_force_output,
     dens_node_features,
-    is_dens_batch,
     make_force_embedding,
 )
 
@@ -95,8 +94,8 @@ class DeNSeSCNForceHead(nn.Module, HeadInterface):
 
     ``force_block`` and ``denoising_pos_block`` are two fairchem ``ForceBlock``
     s on the sphere-sampled node features. Outputs are combined as in
-    :class:`fairchem_dens.models.equiformer_v2.DeNSForceHead`; outside training
-    the noise block is skipped.
+    :class:`fairchem_dens.models.equiformer_v2.DeNSForceHead`: only the blocks
+    whose output is used run.
 
     Args:
         backbone: the DeNS eSCN backbone.
@@ -113,7 +112,13 @@ class DeNSeSCNForceHead(nn.Module, HeadInterface):
         )
 
     def forward(self, data: Batch, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
-        forces = self.force_block(emb["sphere_values"], emb["sphere_points"])
-        skip_noise = not self.training and not is_dens_batch(data)
-        noise = None if skip_noise else self.denoising_pos_block(emb["sphere_values"], emb["sphere_points"])
-        return {self.output_name: combine_forces_and_noise(data, forces, noise)}
+        values, points = emb["sphere_values"], emb["sphere_points"]
+        forces = dens_force_output(
+            data,
+            lambda: self.force_block(values, points),
+            lambda: self.denoising_pos_block(values, points),
+            self.force_block,
+            self.denoising_pos_block,
+            self.training,
+        )
+        return {self.output_name: forces}
