@@ -64,7 +64,9 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"# {time.strftime('%Y-%m-%d')} commit {commit} {platform.processor() or platform.machine()} "
           f"threads={args.threads} device={device} torch={torch.__version__}")
-    base = build_batch = batch_from_tensors(FIXTURE)
+    base = batch_from_tensors(FIXTURE)
+    print("| layers | step | batch | plain EqV2 (ms) | fairchem DeNS port (ms) | ours (ms) | ours / port | ours / plain |")
+    print("|---|---|---|---|---|---|---|---|")
     for layers in args.layers:
         backbone = {**TINY_EQV2_BACKBONE, "num_layers": layers, "sphere_channels": args.channels,
                     "attn_hidden_channels": args.channels, "ffn_hidden_channels": args.channels,
@@ -75,6 +77,9 @@ def main() -> None:
             "fairchem-dens-port": build_model(eqv2_dens_model_config("fairchem", backbone=backbone)).to(device),
             "ours": build_model(eqv2_dens_model_config("ours", backbone=backbone)).to(device),
         }
+        # the same weights everywhere they exist, so every variant does the same arithmetic
+        state = models["ours"].state_dict()
+        models["fairchem-dens-port"].load_state_dict(state)
         cases = [("train", mode) for mode in ("s2ef", "full", "partial")] + [("infer", "s2ef")]
         for kind, mode in cases:
             batch = as_mode(base, mode).to(device)
@@ -96,11 +101,11 @@ def main() -> None:
                         torch.cuda.synchronize()
                     times[name].append(time.perf_counter() - start)
             medians = {k: statistics.median(v) for k, v in times.items() if v}
-            reference = medians.get("plain", medians["fairchem-dens-port"])
-            ref_name = "plain" if "plain" in medians else "fairchem-dens-port"
-            cells = ", ".join(f"{k} {1000 * v:.1f} ms ({v / reference:.2f}x {ref_name})" for k, v in medians.items())
-            print(f"layers={layers} {kind:5s} {mode:7s}: {cells}")
-    _ = build_batch
+            plain = f"{1000 * medians['plain']:.0f}" if "plain" in medians else "-"
+            vs_plain = f"{medians['ours'] / medians['plain']:.2f}" if "plain" in medians else "-"
+            print(f"| {layers} | {kind} | {mode} | {plain} | {1000 * medians['fairchem-dens-port']:.0f} | "
+                  f"{1000 * medians['ours']:.0f} | {medians['ours'] / medians['fairchem-dens-port']:.2f} | {vs_plain} |",
+                  flush=True)
 
 
 if __name__ == "__main__":
