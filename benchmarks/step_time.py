@@ -29,25 +29,12 @@ from fairchem_dens.testing import (
     TINY_ESCN_BACKBONE,
     batch_from_tensors,
     build_model,
+    dens_mode_batch as as_mode,
     eqv2_dens_model_config,
     escn_dens_model_config,
 )
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "inputs.pt"
-
-
-def as_mode(batch, mode):
-    batch = batch.clone()
-    if mode == "s2ef":
-        return batch
-    gen = torch.Generator().manual_seed(0)
-    noise = 0.1 * torch.randn(batch.pos.shape, generator=gen)
-    if mode == "partial":
-        batch.noise_mask = torch.rand(batch.pos.shape[0], generator=gen) < 0.5
-        noise = noise * batch.noise_mask.view(-1, 1)
-    batch.pos = batch.pos + noise * (batch.fixed == 0).view(-1, 1)
-    batch.denoising_pos_forward = True
-    return batch
 
 
 def train_step(model, batch):

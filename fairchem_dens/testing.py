@@ -28,6 +28,8 @@ __all__ = [
     "rotate_batch",
     "forward_seeded",
     "fairchem_trainer",
+    "dens_mode_batch",
+    "read_lmdb",
 ]
 
 # Small enough for seconds per step on a laptop CPU, big enough to exercise every block.
@@ -226,6 +228,36 @@ def forward_seeded(model: torch.nn.Module, batch: Batch, seed: int = 7) -> dict[
     torch.manual_seed(seed)
     return model(batch)
 
+
+
+def read_lmdb(folder: str | Path) -> list:
+    """Every entry of a fairchem LMDB folder or file, read with fairchem's own dataset."""
+    from fairchem.core.datasets import LmdbDataset
+
+    dataset = LmdbDataset({"src": str(folder)})
+    try:
+        return [dataset[i] for i in range(len(dataset))]
+    finally:
+        close_lmdb(dataset)
+
+
+def dens_mode_batch(batch: Batch, mode: str, seed: int = 0, sigma: float = 0.1) -> Batch:
+    """A copy of ``batch`` in S2EF (``s2ef``), full- or partial-corruption (``full``, ``partial``) mode.
+
+    Free atoms are displaced by N(0, sigma²) noise (only masked ones in ``partial``),
+    and the batch is marked as a DeNS batch, as the trainer would leave it.
+    """
+    batch = batch.clone()
+    if mode == "s2ef":
+        return batch
+    gen = torch.Generator().manual_seed(seed)
+    noise = sigma * torch.randn(batch.pos.shape, generator=gen)
+    if mode == "partial":
+        batch.noise_mask = torch.rand(batch.pos.shape[0], generator=gen) < 0.5
+        noise = noise * batch.noise_mask.view(-1, 1)
+    batch.pos = batch.pos + noise * (batch.fixed == 0).view(-1, 1)
+    batch.denoising_pos_forward = True
+    return batch
 
 
 def close_lmdb(dataset) -> None:

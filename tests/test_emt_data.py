@@ -9,18 +9,12 @@ import pytest
 import torch
 
 from fairchem.core.common.data_parallel import data_list_collater
-from fairchem.core.datasets import LmdbDataset
 
 from fairchem_dens.datasets.emt_data import generate_emt_dataset
-from fairchem_dens.testing import close_lmdb
+from fairchem_dens.testing import read_lmdb
 
 
-def entries(folder):
-    dataset = LmdbDataset({"src": str(folder)})
-    try:
-        return [dataset[i] for i in range(len(dataset))]
-    finally:
-        close_lmdb(dataset)
+entries = read_lmdb
 
 
 def test_splits_follow_oc20_conventions(emt_data):

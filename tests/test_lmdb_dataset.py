@@ -6,21 +6,15 @@ import shutil
 
 import numpy as np
 import pytest
-from fairchem.core.datasets import LmdbDataset
 
 from fairchem_dens.datasets.emt_data import write_lmdb
 from fairchem_dens.datasets.lmdb_dataset import DeNSLmdbDataset, LmdbDataError, MDFlagError, is_md_line
-from fairchem_dens.testing import close_lmdb, fairchem_trainer
+from fairchem_dens.testing import close_lmdb, fairchem_trainer, read_lmdb
 
 from conftest import CONFIGS, data_overrides
 
 
-def read_all(folder):
-    dataset = LmdbDataset({"src": str(folder)})
-    try:
-        return [dataset[i] for i in range(len(dataset))]
-    finally:
-        close_lmdb(dataset)
+read_all = read_lmdb
 
 
 def oc20_like_folder(tmp_path, entries, parts=2):

@@ -18,11 +18,10 @@ from ase.build import molecule
 from ase.calculators.emt import EMT
 
 from fairchem.core.common.data_parallel import data_list_collater
-from fairchem.core.datasets import LmdbDataset
 
 from fairchem_dens.datasets import md17
 from fairchem_dens.datasets.md17 import KCAL_PER_MOL_IN_EV, MD17FormatError, convert_md17
-from fairchem_dens.testing import close_lmdb
+from fairchem_dens.testing import read_lmdb
 
 KCAL = units.kcal / units.mol
 
@@ -58,12 +57,7 @@ def write_npz(path, frames, n=40, layout="sgdml", drop=(), **changes):
     return path
 
 
-def entries(folder):
-    dataset = LmdbDataset({"src": str(folder)})
-    try:
-        return [dataset[i] for i in range(len(dataset))]
-    finally:
-        close_lmdb(dataset)
+entries = read_lmdb
 
 
 def leftovers(directory):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 
 from fairchem_dens.encoding import force_encoding_coefficients
 from fairchem_dens.testing import (
+    dens_mode_batch,
     TINY_EQV2_BACKBONE,
     build_model,
     eqv2_dens_model_config,
@@ -21,19 +21,7 @@ from fairchem_dens.testing import (
 MODES = ("s2ef", "full", "partial")
 
 
-def as_mode(batch, mode: str, seed: int = 0):
-    """The fixture batch in S2EF, full-corruption or partial-corruption mode."""
-    batch = batch.clone()
-    if mode == "s2ef":
-        return batch
-    gen = torch.Generator().manual_seed(seed)
-    noise = 0.1 * torch.randn(batch.pos.shape, generator=gen)
-    if mode == "partial":
-        batch.noise_mask = torch.rand(batch.pos.shape[0], generator=gen) < 0.5
-        noise = noise * batch.noise_mask.view(-1, 1)
-    batch.pos = batch.pos + noise * (batch.fixed == 0).view(-1, 1)
-    batch.denoising_pos_forward = True
-    return batch
+as_mode = dens_mode_batch  # short name used throughout these tests
 
 
 @pytest.fixture(scope="module")

@@ -7,21 +7,15 @@ import sys
 
 import numpy as np
 
-from fairchem.core.datasets import LmdbDataset
 
 from fairchem_dens.quickstart import fairchem_command
-from fairchem_dens.testing import close_lmdb
+from fairchem_dens.testing import read_lmdb
 
 from conftest import CONFIGS, data_overrides
 from test_lmdb_dataset import TINY
 
 
-def frames(folder):
-    dataset = LmdbDataset({"src": str(folder)})
-    try:
-        return [dataset[i] for i in range(len(dataset))]
-    finally:
-        close_lmdb(dataset)
+frames = read_lmdb
 
 
 def test_oc22_recipe_with_fitted_references(emt_data, tmp_path):
