@@ -160,10 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
     md17.add_argument("--molecule", default=None)
     md17.add_argument("--overwrite", action="store_true")
     md17.set_defaults(func=_md17_to_lmdb)
+    sub = commands.add_parser(
+        "submit", add_help=False,
+        help="fairchem --submit with CPU jobs working: fairchem-dens submit --mode train --config-yml CFG "
+             "[--cpu] [--num-gpus N] [--slurm-*]",
+    )
+    sub.add_argument("fairchem_args", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["submit"]:  # fairchem's own parser must see the raw arguments
+        from fairchem_dens.slurm import main as submit_main
+
+        return submit_main(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     return args.func(args)

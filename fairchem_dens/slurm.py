@@ -10,7 +10,7 @@ What differs from fairchem-core 1.10:
 
 * **CPU jobs work.** On the node, fairchem's ``distutils.setup`` assumes a GPU
   when ``submit`` is set (``CUDA_VISIBLE_DEVICES``, ``torch.cuda.set_device``,
-  NCCL). For ``--cpu`` (or on a node without CUDA) :class:`DeNSRunner` takes the
+  NCCL). For ``--cpu`` (or on a node without a GPU) :class:`DeNSRunner` takes the
   ranks from the SLURM job itself, exports them as the usual ``MASTER_ADDR`` /
   ``MASTER_PORT`` / ``RANK`` / ``LOCAL_RANK`` / ``WORLD_SIZE`` and hands fairchem a
   copy of the config with ``submit: False`` and ``distributed_backend: gloo``,
@@ -22,7 +22,8 @@ What differs from fairchem-core 1.10:
 * **CPU jobs are preempted at step boundaries.** The checkpoint written on
   SIGUSR2 holds the state after the last *completed* step, with that step and
   epoch, so the requeued job repeats no step and skips none (see
-  :class:`_StepBoundaries`).
+  :class:`_StepBoundaries`; if a step cannot finish within ``HOLD_LIMIT_S``, the
+  job is requeued from the newest checkpoint on disk instead).
 * **GPU jobs are unchanged**: same sbatch request, and the job runs fairchem's
   own ``Runner.__call__`` and ``Runner.checkpoint``; only the class resubmitted
   on requeue is this one (which, on a GPU node, again runs fairchem's code).
@@ -63,24 +64,29 @@ if TYPE_CHECKING:
 __all__ = ["DeNSRunner", "executor_parameters", "main", "runs_on_cpu", "submit"]
 
 LOG_PREFIX = "fairchem_dens.slurm:"
+# How long a preemption/time-out signal may wait for the end of a training step.
+# submitit asks SLURM for SIGUSR2 90 s before the kill (--signal=USR2@90); past
+# this limit (a long validation, say) the job is requeued from the newest
+# checkpoint on disk instead, leaving time to requeue.
+HOLD_LIMIT_S = 45.0
 
 
 # --------------------------------------------------------------------- submission
 def executor_parameters(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
     """submitit parameters of a job: fairchem's ``_cli.main`` request, minus the GPUs for ``--cpu``."""
-    parameters = dict(
-        name=args.identifier,
-        mem_gb=args.slurm_mem,
-        timeout_min=args.slurm_timeout * 60,
-        slurm_partition=args.slurm_partition,
-        gpus_per_node=args.num_gpus,
-        cpus_per_task=(config["optim"]["num_workers"] + 1),
-        tasks_per_node=args.num_gpus,
-        nodes=args.num_nodes,
-        slurm_additional_parameters=config.get("slurm", None),
-        slurm_qos=args.slurm_qos,
-        slurm_account=args.slurm_account,
-    )
+    parameters = {  # as fairchem.core._cli.main passes them to update_parameters
+        "name": args.identifier,
+        "mem_gb": args.slurm_mem,
+        "timeout_min": args.slurm_timeout * 60,
+        "slurm_partition": args.slurm_partition,
+        "gpus_per_node": args.num_gpus,
+        "cpus_per_task": (config["optim"]["num_workers"] + 1),
+        "tasks_per_node": args.num_gpus,
+        "nodes": args.num_nodes,
+        "slurm_additional_parameters": config.get("slurm", None),
+        "slurm_qos": args.slurm_qos,
+        "slurm_account": args.slurm_account,
+    }
     if config.get("cpu"):
         # A CPU job asks for no GPU; --num-gpus stays the number of ranks per node.
         del parameters["gpus_per_node"]
@@ -118,8 +124,20 @@ def main(argv: list[str] | None = None) -> int:
 
 # --------------------------------------------------------------------- on the node
 def runs_on_cpu(config: dict[str, Any]) -> bool:
-    """True when a job must run without CUDA: ``--cpu``, or no GPU on the node."""
-    return bool(config.get("cpu")) or not torch.cuda.is_available()
+    """True when a job must run without CUDA: ``--cpu``, or certainly no GPU on the node.
+
+    Decided without initialising CUDA (``torch.cuda.is_available()`` would): the
+    GPU path must reach fairchem's ``distutils.setup`` untouched, which may still
+    narrow ``CUDA_VISIBLE_DEVICES`` per rank (``use_cuda_visibile_devices``).
+    """
+    return bool(config.get("cpu")) or not _gpu_present()
+
+
+def _gpu_present() -> bool:
+    """This torch has CUDA (or ROCm) and the node has the device its driver opens."""
+    if torch.version.hip is not None:
+        return os.path.exists("/dev/kfd")
+    return torch.version.cuda is not None and os.path.exists("/dev/nvidiactl")
 
 
 class DeNSRunner(Runner):
@@ -141,6 +159,7 @@ class DeNSRunner(Runner):
             return super().__call__(config)
         self._cpu = True
         self.config = config  # what a requeue resubmits (submit=True, as submitted)
+        setup_logging()  # as new_trainer_context does, so that the set-up below is logged too
         with new_trainer_context(config=_prepare_cpu_job(config)) as ctx:
             self.task = ctx.task
             self.trainer = ctx.trainer
@@ -165,17 +184,21 @@ class DeNSRunner(Runner):
             logging.info(f"{LOG_PREFIX} interrupted before this job's first step; "
                          f"requeued from {config.get('checkpoint') or 'the start'}")
             return DelayedSubmission(type(self)(), config)
-        step = boundaries.consistent_step()
-        if step is None:  # only when called outside the SIGUSR2 handler below
-            logging.warning(f"{LOG_PREFIX} checkpoint() called inside a training step: "
-                            f"saving the state as it is (fairchem's behaviour)")
-            trainer.save(checkpoint_file="checkpoint.pt", training_state=True)
-            step, epoch = trainer.step, trainer.epoch
-        else:
-            epoch = _save_completed_step(trainer, step)
-        config["checkpoint"] = self.task.chkpt_path
         if trainer.logger is not None:
             trainer.logger.mark_preempting()
+        step = boundaries.consistent_step()
+        if step is None:
+            # In the middle of a step (held back too long, or called from outside the
+            # handler): the live state is not a valid checkpoint (half-updated, or
+            # EMA weights swapped in for validation). Resume from the newest
+            # checkpoint on disk; the steps after it are trained again.
+            if os.path.exists(self.task.chkpt_path):
+                config["checkpoint"] = self.task.chkpt_path
+            logging.warning(f"{LOG_PREFIX} preempted inside step {trainer.step}, which could not finish in time; "
+                            f"requeued from {config.get('checkpoint') or 'the start'}")
+            return DelayedSubmission(type(self)(), config)
+        epoch = _save_completed_step(trainer, step)
+        config["checkpoint"] = self.task.chkpt_path
         logging.info(f"{LOG_PREFIX} preempted; saved step {step} (epoch {epoch}) to "
                      f"{config['checkpoint']}, timestamp_id {config['timestamp_id']}")
         return DelayedSubmission(type(self)(), config)
@@ -255,7 +278,8 @@ class _StepBoundaries:
     finished (before ``optimizer.step()`` of step k: the checkpoint is step k-1),
     and otherwise at the start of the next ``optimizer.step()``, when step k is
     complete (the checkpoint is step k). Optimizer step hooks, a public torch API,
-    tell where the loop is; nothing of fairchem's is modified.
+    tell where the loop is; nothing of fairchem's is modified. A signal held for
+    more than :data:`HOLD_LIMIT_S` is handled anyway (see ``DeNSRunner.checkpoint``).
     """
 
     def __init__(self, runner: DeNSRunner) -> None:
@@ -265,8 +289,10 @@ class _StepBoundaries:
         self.done_step: int | None = None  # trainer.step when optimizer.step() last returned
         self.at_boundary = False  # a held-back signal is being handled before optimizer.step()
         self.pending: int | None = None  # signal held back
+        self.overdue = False  # held back longer than HOLD_LIMIT_S
         self.handling = False
         self._submitit_handler = None
+        self._timer: threading.Timer | None = None
 
     def untouched(self) -> bool:
         """No optimizer update has begun in this job: its state is the one it started from."""
@@ -294,6 +320,7 @@ class _StepBoundaries:
         try:
             yield
         finally:
+            self._stop_timer()
             signal.signal(signal.SIGUSR2, handler)
             for hook in hooks:
                 hook.remove()
@@ -303,14 +330,29 @@ class _StepBoundaries:
     def _on_signal(self, signum: int, frame) -> None:
         if self.handling:
             return
-        if self.untouched() or self.consistent_step() is not None:
+        if self.overdue or self.untouched() or self.consistent_step() is not None:
             self._handle(signum, frame)
-        else:
+        elif self.pending is None:
             logging.info(f"{LOG_PREFIX} {signal.Signals(signum).name} during step {self.trainer.step}: "
                          "checkpointing when it is complete")
             self.pending = signum
+            self._timer = threading.Timer(HOLD_LIMIT_S, self._give_up_waiting, (signum,))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _give_up_waiting(self, signum: int) -> None:  # timer thread: re-raise, handled at once
+        if self.pending is None or self.handling:
+            return
+        self.pending, self.overdue = None, True
+        os.kill(os.getpid(), signum)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _handle(self, signum: int, frame) -> None:
+        self._stop_timer()
         self.handling = True
         try:  # submitit: checkpoint(), requeue, sys.exit (on rank 0; other ranks just return)
             self._submitit_handler(signum, frame)

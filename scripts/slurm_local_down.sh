@@ -12,20 +12,21 @@ DIR=${SLURM_LOCAL_DIR:-/tmp/fairchem-dens-slurm}
 export SLURM_CONF=$DIR/slurm.conf
 
 say() { echo "[slurm_local_down] $*" >&2; }
-running() { # running NAME PIDFILE (same test as in slurm_local_up.sh)
-  local pid
-  [ -s "$2" ] || return 1
-  pid=$(cat "$2")
-  case "$(ps -o stat= -p "$pid" 2>/dev/null)" in "" | Z*) return 1 ;; esac
-  [ "$(ps -o comm= -p "$pid" 2>/dev/null)" = "$1" ]
+alive() { # alive PID: that process exists and is not a zombie
+  case "$(ps -o stat= -p "$1" 2>/dev/null)" in "" | Z*) return 1 ;; *) return 0 ;; esac
 }
-stop() { # stop NAME PIDFILE: SIGTERM, wait up to 10 s, then SIGKILL that PID
+running() { # running NAME PIDFILE: as in slurm_local_up.sh (alive, and it is NAME)
+  local pid
+  pid=$(cat "$2" 2>/dev/null) && [ -n "$pid" ] && alive "$pid" &&
+    [ "$(ps -o comm= -p "$pid" 2>/dev/null)" = "$1" ]
+}
+stop() { # stop NAME PIDFILE: SIGTERM that one process, wait up to 10 s, then SIGKILL it
   running "$1" "$2" || return 0
   local pid
-  pid=$(cat "$2")
+  pid=$(cat "$2" 2>/dev/null) || return 0
   say "stopping $1 (pid $pid)"
   kill "$pid" 2>/dev/null
-  for _ in $(seq 100); do running "$1" "$2" || return 0; sleep 0.1; done
+  for _ in $(seq 100); do alive "$pid" || return 0; sleep 0.1; done
   say "$1 (pid $pid) still running after 10 s: SIGKILL"
   kill -9 "$pid" 2>/dev/null
 }

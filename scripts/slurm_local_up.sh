@@ -43,23 +43,24 @@ die() {  # die MESSAGE [LOG...]: say why, show the end of the logs named, fail
   done
   exit 1
 }
-# running NAME PIDFILE: the PID in PIDFILE is alive (not a zombie) and runs NAME.
-# The name check guards against a stale PID file whose number was reused.
+alive() { # alive PID: that process exists and is not a zombie
+  case "$(ps -o stat= -p "$1" 2>/dev/null)" in "" | Z*) return 1 ;; *) return 0 ;; esac
+}
+# running NAME PIDFILE: the PID in PIDFILE is alive and runs NAME. The name
+# check guards against a stale PID file whose number now belongs to another process.
 running() {
   local pid
-  [ -s "$2" ] || return 1
-  pid=$(cat "$2")
-  case "$(ps -o stat= -p "$pid" 2>/dev/null)" in "" | Z*) return 1 ;; esac
-  [ "$(ps -o comm= -p "$pid" 2>/dev/null)" = "$1" ]
+  pid=$(cat "$2" 2>/dev/null) && [ -n "$pid" ] && alive "$pid" &&
+    [ "$(ps -o comm= -p "$pid" 2>/dev/null)" = "$1" ]
 }
-# stop NAME PIDFILE: SIGTERM that one process and wait (up to 10 s) for it to go.
+# stop NAME PIDFILE: SIGTERM that one process and wait (up to 10 s) until it is gone.
 stop() {
   running "$1" "$2" || return 0
   local pid
-  pid=$(cat "$2")
+  pid=$(cat "$2" 2>/dev/null) || return 0
   say "stopping $1 (pid $pid)"
   kill "$pid" 2>/dev/null || true
-  for _ in $(seq 100); do running "$1" "$2" || return 0; sleep 0.1; done
+  for _ in $(seq 100); do alive "$pid" || return 0; sleep 0.1; done
   die "$1 (pid $pid) did not stop within 10 s"
 }
 # wait_for SECONDS COMMAND...: retry COMMAND every 0.2 s until it succeeds.
