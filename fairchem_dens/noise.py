@@ -11,7 +11,7 @@ same numbers it would have drawn without the interruption.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -224,10 +224,6 @@ class DeNSConfig:
             return float(self.coefficient)
         progress = min(max(epoch / max(max_epochs, 1e-12), 0.0), 1.0)
         return float(self.coefficient) * (1.0 - progress)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
 
 
 def _is_number(value: Any) -> bool:

@@ -17,12 +17,43 @@ from fairchem.core.models.equiformer_v2.so3 import SO3_Embedding, SO3_LinearV2
 
 from fairchem_dens.encoding import force_encoding_coefficients
 
-__all__ = ["is_dens_batch", "make_force_embedding", "dens_node_features"]
+__all__ = [
+    "is_dens_batch",
+    "make_force_embedding",
+    "dens_node_features",
+    "dens_force_output",
+    "DeNSBackboneMixin",
+]
 
 
 def is_dens_batch(data: Any) -> bool:
     """True when the trainer corrupted this batch (``data.denoising_pos_forward``)."""
     return bool(getattr(data, "denoising_pos_forward", False))
+
+
+class DeNSBackboneMixin:
+    """What both DeNS backbones add to a fairchem backbone class (put it first in the bases).
+
+    The DeNS features are added by a hook on a submodule of the unchanged base
+    ``forward``; the hook reads the batch from ``self._dens_data``, which this
+    ``forward`` sets for the duration of the call.
+    """
+
+    _dens_data = None
+
+    def forward(self, data):
+        self._dens_data = data
+        try:
+            return super().forward(data)
+        finally:
+            self._dens_data = None
+
+    def _require_single_resolution(self) -> None:
+        if self.num_resolutions != 1:
+            raise ValueError(
+                "DeNS force encoding supports one resolution (a single entry in "
+                f"lmax_list), got lmax_list={self.lmax_list}"
+            )
 
 
 def make_force_embedding(channels: int, lmax: int) -> SO3_LinearV2:

@@ -36,6 +36,7 @@ from fairchem.core.models.equiformer_v2.transformer_block import (
 from fairchem.core.models.equiformer_v2.weight_initialization import eqv2_init_weights
 
 from fairchem_dens.models.dens_features import (
+    DeNSBackboneMixin,
     dens_force_output,
     dens_node_features,
     is_dens_batch,
@@ -49,7 +50,7 @@ __all__ = ["DeNSEquiformerV2Backbone", "DeNSEnergyHead", "DeNSForceHead", "is_de
 
 
 @registry.register_model("fairchem_dens_eqv2_backbone")
-class DeNSEquiformerV2Backbone(EquiformerV2Backbone):
+class DeNSEquiformerV2Backbone(DeNSBackboneMixin, EquiformerV2Backbone):
     """fairchem's EquiformerV2 backbone plus DeNS force (and sigma) encoding.
 
     The encoding is added to the node embeddings after the atomic-number
@@ -75,28 +76,16 @@ class DeNSEquiformerV2Backbone(EquiformerV2Backbone):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if self.num_resolutions != 1:
-            raise ValueError(
-                "DeNS force encoding supports one resolution (a single entry in "
-                f"lmax_list), got lmax_list={self.lmax_list}"
-            )
+        self._require_single_resolution()
         self.use_force_encoding = use_force_encoding
         self.use_noise_schedule_sigma_encoding = use_noise_schedule_sigma_encoding
         self.force_embedding = make_force_embedding(self.sphere_channels, max(self.lmax_list))
         if use_noise_schedule_sigma_encoding:
             self.noise_schedule_sigma_embedding = nn.Linear(1, self.sphere_channels)
         self.apply(partial(eqv2_init_weights, weight_init=self.weight_init))
-        self._dens_data = None
         self.edge_degree_embedding.register_forward_hook(
             self._add_dens_encoding, with_kwargs=True
         )
-
-    def forward(self, data: Batch) -> dict[str, Any]:
-        self._dens_data = data
-        try:
-            return super().forward(data)
-        finally:
-            self._dens_data = None
 
     def _add_dens_encoding(self, module, args, kwargs, edge_degree):
         data = self._dens_data

@@ -28,6 +28,7 @@ from fairchem.core.models.base import HeadInterface
 from fairchem.core.models.escn.escn import ForceBlock, eSCNBackbone
 
 from fairchem_dens.models.dens_features import (
+    DeNSBackboneMixin,
     dens_force_output,
     dens_node_features,
     make_force_embedding,
@@ -40,7 +41,7 @@ __all__ = ["DeNSeSCNBackbone", "DeNSeSCNForceHead"]
 
 
 @registry.register_model("fairchem_dens_escn_backbone")
-class DeNSeSCNBackbone(eSCNBackbone):
+class DeNSeSCNBackbone(DeNSBackboneMixin, eSCNBackbone):
     """fairchem's eSCN backbone plus DeNS force encoding.
 
     The encoding of a DeNS batch is added to the node embeddings right before the
@@ -56,25 +57,13 @@ class DeNSeSCNBackbone(eSCNBackbone):
 
     def __init__(self, *, use_force_encoding: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if self.num_resolutions != 1:
-            raise ValueError(
-                "DeNS force encoding supports one resolution (a single entry in "
-                f"lmax_list), got lmax_list={self.lmax_list}"
-            )
+        self._require_single_resolution()
         self.use_force_encoding = use_force_encoding
         self.force_embedding = make_force_embedding(self.sphere_channels, max(self.lmax_list))
         # The original's initialisation: small weights so early training is not swamped.
         nn.init.uniform_(self.force_embedding.weight, -0.001, 0.001)
         nn.init.zeros_(self.force_embedding.bias)
-        self._dens_data = None
         self.layer_blocks[0].register_forward_pre_hook(self._add_dens_encoding)
-
-    def forward(self, data: Batch) -> dict[str, Any]:
-        self._dens_data = data
-        try:
-            return super().forward(data)
-        finally:
-            self._dens_data = None
 
     def _add_dens_encoding(self, module, args):
         data = self._dens_data
