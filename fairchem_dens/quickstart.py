@@ -104,16 +104,12 @@ def _stream(command: list[str], log_path: Path, label: str, cwd: Path) -> float:
 
 def _load_split(folder: Path) -> dict[str, tuple[float, np.ndarray]]:
     """Reference energy and free-atom forces of every frame, keyed like fairchem's ids."""
-    from fairchem.core.datasets import LmdbDataset
+    from fairchem_dens.datasets.lmdb_dataset import read_lmdb
 
-    dataset = LmdbDataset({"src": str(folder)})
-    reference = {}
-    for index in range(len(dataset)):
-        data = dataset[index]
-        free = data.fixed == 0
-        key = f"{int(data.sid)}_{int(data.fid)}"
-        reference[key] = (float(data.energy), data.forces[free].numpy())
-    return reference
+    return {
+        f"{int(data.sid)}_{int(data.fid)}": (float(data.energy), data.forces[data.fixed == 0].numpy())
+        for data in read_lmdb(folder)
+    }
 
 
 def prediction_errors(predictions: Path, split_folder: Path) -> tuple[float, float]:

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from fairchem_dens.hashing import sha256_file
+
 #: Test splits the server expects, in the order they are written.
 SPLITS: dict[str, tuple[str, ...]] = {
     "oc20": ("id", "ood_ads", "ood_cat", "ood_both"),
@@ -579,19 +581,12 @@ def _refuse_existing(*paths: Path) -> None:
             raise SubmissionError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _input_hash(path: Path) -> str:
     """sha256 of a file; for a folder of trajectories, of its ``"name sha256\\n"`` lines."""
     if path.is_file():
-        return _sha256(path)
-    lines = "".join(f"{traj.name} {_sha256(traj)}\n" for traj in sorted(path.glob("*.traj")))
+        return sha256_file(path)
+    lines = "".join(f"{traj.name} {sha256_file(traj)}\n" for traj in sorted(path.glob("*.traj")))
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
@@ -644,7 +639,7 @@ def _provenance(
         path = Path(checkpoint)
         if not path.is_file():
             raise SubmissionError(f"checkpoint not found: {path}")
-        record["checkpoint"] = {"path": str(path.resolve()), "sha256": _sha256(path)}
+        record["checkpoint"] = {"path": str(path.resolve()), "sha256": sha256_file(path)}
     return record
 
 
@@ -684,7 +679,7 @@ def _write_outputs(
         _check_written(npz_tmp, merged)
         json_tmp = _temp_beside(sidecar)
         temps.append(json_tmp)
-        record = dict(provenance, output={"path": str(out.resolve()), "sha256": _sha256(npz_tmp)})
+        record = dict(provenance, output={"path": str(out.resolve()), "sha256": sha256_file(npz_tmp)})
         json_tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
         if not overwrite:  # a file may have appeared while we were validating
             _refuse_existing(out, sidecar)

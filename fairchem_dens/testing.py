@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch_geometric.data import Batch, Data
 
+from fairchem_dens.datasets.lmdb_dataset import close_lmdb, read_lmdb
+
 __all__ = [
     "TINY_EQV2_BACKBONE",
     "TINY_ESCN_BACKBONE",
@@ -30,6 +32,7 @@ __all__ = [
     "fairchem_trainer",
     "dens_mode_batch",
     "read_lmdb",
+    "lmdb_without",
 ]
 
 # Small enough for seconds per step on a laptop CPU, big enough to exercise every block.
@@ -131,13 +134,7 @@ def eqv2_dens_model_config(
         }
     else:
         raise ValueError(f"unknown flavour {flavour!r}")
-    return {
-        "name": "hydra",
-        "pass_through_head_outputs": True,
-        "otf_graph": True,
-        "backbone": kwargs,
-        "heads": heads,
-    }
+    return _hydra(kwargs, heads)
 
 
 def escn_dens_model_config(
@@ -154,13 +151,12 @@ def escn_dens_model_config(
         forces = f"{escn}.eSCNForceHead"
     else:
         raise ValueError(f"unknown flavour {flavour!r}")
-    return {
-        "name": "hydra",
-        "pass_through_head_outputs": True,
-        "otf_graph": True,
-        "backbone": kwargs,
-        "heads": {"energy": {"module": f"{escn}.eSCNEnergyHead"}, "forces": {"module": forces}},
-    }
+    return _hydra(kwargs, {"energy": {"module": f"{escn}.eSCNEnergyHead"}, "forces": {"module": forces}})
+
+
+def _hydra(backbone: dict[str, Any], heads: dict[str, Any]) -> dict[str, Any]:
+    """fairchem's hydra model config around a backbone and its heads."""
+    return {"name": "hydra", "pass_through_head_outputs": True, "otf_graph": True, "backbone": backbone, "heads": heads}
 
 
 def build_model(config: dict[str, Any], seed: int = 0) -> torch.nn.Module:
@@ -230,15 +226,17 @@ def forward_seeded(model: torch.nn.Module, batch: Batch, seed: int = 7) -> dict[
 
 
 
-def read_lmdb(folder: str | Path) -> list:
-    """Every entry of a fairchem LMDB folder or file, read with fairchem's own dataset."""
-    from fairchem.core.datasets import LmdbDataset
+def lmdb_without(source: str | Path, field: str, folder: str | Path) -> Path:
+    """A copy of an LMDB data set whose entries lack ``field`` (bad-input tests)."""
+    from fairchem_dens.datasets.emt_data import write_lmdb
 
-    dataset = LmdbDataset({"src": str(folder)})
-    try:
-        return [dataset[i] for i in range(len(dataset))]
-    finally:
-        close_lmdb(dataset)
+    entries = read_lmdb(source)
+    for data in entries:
+        delattr(data, field)
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    write_lmdb(entries, folder / "data.lmdb")
+    return folder
 
 
 def dens_mode_batch(batch: Batch, mode: str, seed: int = 0, sigma: float = 0.1) -> Batch:
@@ -258,15 +256,6 @@ def dens_mode_batch(batch: Batch, mode: str, seed: int = 0, sigma: float = 0.1) 
     batch.pos = batch.pos + noise * (batch.fixed == 0).view(-1, 1)
     batch.denoising_pos_forward = True
     return batch
-
-
-def close_lmdb(dataset) -> None:
-    """Closes the LMDB environments of a fairchem LMDB dataset (no-op for others)."""
-    while hasattr(dataset, "dataset"):  # fairchem may wrap datasets in a Subset
-        dataset = dataset.dataset
-    for env in [*getattr(dataset, "envs", []), getattr(dataset, "env", None)]:
-        if env is not None:
-            env.close()
 
 
 @contextlib.contextmanager

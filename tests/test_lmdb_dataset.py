@@ -9,7 +9,7 @@ import pytest
 
 from fairchem_dens.datasets.emt_data import write_lmdb
 from fairchem_dens.datasets.lmdb_dataset import DeNSLmdbDataset, LmdbDataError, MDFlagError, is_md_line
-from fairchem_dens.testing import close_lmdb, fairchem_trainer, read_lmdb
+from fairchem_dens.testing import close_lmdb, fairchem_trainer, lmdb_without, read_lmdb
 
 from conftest import CONFIGS, data_overrides
 
@@ -89,12 +89,7 @@ def test_log_with_wrong_line_count_fails(emt_data, tmp_path):
 
 
 def test_no_md_information_is_reported(emt_data, tmp_path):
-    entries = read_all(emt_data["val"])
-    for data in entries:
-        del data.md
-    folder = tmp_path / "plain"
-    folder.mkdir()
-    write_lmdb(entries, folder / "data.lmdb")
+    folder = lmdb_without(emt_data["val"], "md", tmp_path / "plain")
     dataset = DeNSLmdbDataset({"src": str(folder)})
     try:
         assert dataset.md_source is None and getattr(dataset[0], "md", None) is None
@@ -149,12 +144,7 @@ def test_all_md_recipe_never_corrupts_md_frames(emt_data, tmp_path):
 
 
 def test_relaxation_only_without_md_information_fails_before_training(emt_data, tmp_path):
-    entries = read_all(emt_data["train"])
-    for data in entries:
-        del data.md
-    folder = tmp_path / "no_md"
-    folder.mkdir()
-    write_lmdb(entries, folder / "data.lmdb")
+    folder = lmdb_without(emt_data["train"], "md", tmp_path / "no_md")
     (config,) = (CONFIGS / "oc20" / "all-md" / "equiformer_v2").glob("*.yml")
     with pytest.raises(ValueError, match="relaxation_only is set but the training dataset"), fairchem_trainer(
         config, tmp_path / "run", *data_overrides(emt_data), f"--dataset.train.src={folder}", *TINY

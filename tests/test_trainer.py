@@ -160,21 +160,9 @@ def test_batch_decision_is_the_same_on_every_rank(trainer_ctx):
 
 
 def test_dataset_without_forces_is_refused(emt_data, tmp_path):
-    from fairchem.core.datasets import LmdbDataset
+    from fairchem_dens.testing import lmdb_without
 
-    from fairchem_dens.datasets.emt_data import write_lmdb
-    from fairchem_dens.testing import close_lmdb
-
-    source = LmdbDataset({"src": str(emt_data["val"])})
-    stripped = []
-    for index in range(len(source)):
-        data = source[index]
-        del data.forces
-        stripped.append(data)
-    close_lmdb(source)
-    folder = tmp_path / "no_forces"
-    folder.mkdir()
-    write_lmdb(stripped, folder / "data.lmdb")
+    folder = lmdb_without(emt_data["val"], "forces", tmp_path / "no_forces")
     with pytest.raises(ValueError, match=r"has no `forces`"), fairchem_trainer(
         DENS_YML, tmp_path / "run", f"--dataset.train.src={folder}", f"--dataset.val.src={emt_data['val']}",
         f"--dataset.test.src={emt_data['test']}",

@@ -33,7 +33,6 @@ full MD17 molecules, e.g. ethanol's 554,092 frames).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -53,6 +52,7 @@ from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from fairchem_dens.datasets.emt_data import write_lmdb
+from fairchem_dens.hashing import sha256_file
 
 __all__ = [
     "convert_md17",
@@ -251,13 +251,6 @@ def load_md17(npz_path: str | Path) -> MD17Frames:
     )
 
 
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 # ----------------------------------------------------------------------------- splitting and entries
 
@@ -385,7 +378,7 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
 def _info(path: Path, frames: MD17Frames, molecule: str, seed: int, splits: dict, files: dict) -> dict:
     return {
         "source_path": str(path.resolve()),
-        "source_sha256": _sha256(path),
+        "source_sha256": sha256_file(path),
         "format": frames.layout,
         "source_keys": MD17_LAYOUTS[frames.layout],
         "source_metadata": frames.extra,
