@@ -73,6 +73,9 @@ class DeNSConfig:
         coefficient_schedule: ``constant`` or ``linear_decay`` (to 0 at the last epoch).
         validate_denoising: also report denoising metrics on the validation set.
         validation_seed: seed of the validation corruption, fixed so runs compare.
+        output_policy: per-output overrides of what a DeNS batch does with an
+            output (``original``, ``replaced``, ``excluded``; see
+            :mod:`fairchem_dens.trainers.output_policy`, which checks the names).
     """
 
     enabled: bool
@@ -90,6 +93,7 @@ class DeNSConfig:
     coefficient_schedule: Literal["constant", "linear_decay"] = "constant"
     validate_denoising: bool = False
     validation_seed: int = 0
+    output_policy: dict[str, str] | None = None
 
     PARAM_KEYS = (
         "prob",
@@ -105,6 +109,7 @@ class DeNSConfig:
         "coefficient_schedule",
         "validate_denoising",
         "validation_seed",
+        "output_policy",
     )
 
     @classmethod
@@ -207,6 +212,21 @@ class DeNSConfig:
             )
         if not isinstance(self.validation_seed, int) or isinstance(self.validation_seed, bool):
             raise DeNSConfigError(f"{key}validation_seed must be an integer, got {self.validation_seed!r}")
+        if self.output_policy is not None and not isinstance(self.output_policy, dict):
+            raise DeNSConfigError(
+                f"{key}output_policy must map output names to original/replaced/excluded, "
+                f"got {self.output_policy!r}"
+            )
+
+    def decision_rank(self, rank: int) -> int:
+        """The rank that seeds the structure-selection stream.
+
+        ``selection: batch`` draws one decision that every DDP rank must share
+        (rank 0's stream everywhere); ``selection: structure`` draws one decision
+        per structure, which must differ between ranks or ranks with equal batch
+        sizes would corrupt the same positions.
+        """
+        return rank if self.selection == "structure" else 0
 
     @property
     def target_std(self) -> float:

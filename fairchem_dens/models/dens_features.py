@@ -15,6 +15,7 @@ from torch import nn
 
 from fairchem.core.models.equiformer_v2.so3 import SO3_Embedding, SO3_LinearV2
 
+from fairchem_dens.batch import is_dens_batch
 from fairchem_dens.encoding import force_encoding_coefficients
 
 __all__ = [
@@ -24,11 +25,6 @@ __all__ = [
     "dens_force_output",
     "DeNSBackboneMixin",
 ]
-
-
-def is_dens_batch(data: Any) -> bool:
-    """True when the trainer corrupted this batch (``data.denoising_pos_forward``)."""
-    return bool(getattr(data, "denoising_pos_forward", False))
 
 
 class DeNSBackboneMixin:

@@ -1,23 +1,30 @@
 """The DeNS trainer: fairchem's EquiformerV2 forces trainer plus denoising.
 
-Only four methods of fairchem's trainer change:
+What changes against fairchem's trainer:
 
 * ``_forward`` corrupts the batch when the model is in training mode (the only
   place fairchem calls it in training mode is ``train()``), so validation,
   prediction and relaxations never see noise;
-* ``_compute_loss`` replaces the force term of DeNS batches by the denoising
-  term of the original implementation (SPEC A.9) and names any non-finite term;
+* ``_compute_loss`` trains each output by its DeNS role (original / replaced /
+  excluded, :mod:`fairchem_dens.trainers.output_policy`), with the denoising
+  term of the original implementation (SPEC A.9), and stops on a non-finite
+  prediction, target or term, naming it;
 * ``_compute_metrics`` reports ``denoising_*`` metrics for DeNS batches;
-* ``validate`` optionally adds denoising metrics under a fixed seed.
+* ``validate`` optionally adds denoising metrics under a fixed seed;
+* the ``load_*`` steps refuse, before step 1, what would fail later or train
+  something else than asked (:mod:`fairchem_dens.trainers.guards`);
+* checkpoints are written atomically, and a final ``checkpoint.pt`` is always
+  written when training ends.
 
-Everything else (data loading, DDP, EMA, AMP, clipping, schedulers,
-checkpoints, prediction files) is fairchem's.
+Everything else (data loading, DDP, EMA, AMP, clipping, schedulers, prediction
+files) is fairchem's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -28,7 +35,17 @@ from fairchem.core.common.registry import registry
 from fairchem.core.models.equiformer_v2.trainers.forces_trainer import (
     EquiformerV2ForcesTrainer,
 )
+from fairchem.core.modules.evaluator import Evaluator
 from fairchem.core.modules.normalization.normalizer import Normalizer
+
+from fairchem_dens.batch import (
+    S2EF,
+    batch_kind,
+    corrupted_atoms,
+    corrupted_structures,
+    is_dens_batch,
+    structure_subset,
+)
 
 from fairchem_dens.models.checkpoints import (
     CheckpointMismatchError,
@@ -39,7 +56,6 @@ from fairchem_dens.models.checkpoints import (
     read_checkpoint,
     strip_ddp_prefix,
 )
-from fairchem_dens.models.dens_features import is_dens_batch
 from fairchem_dens.noise import (
     DECISION_STREAM,
     NOISE_STREAM,
@@ -48,8 +64,10 @@ from fairchem_dens.noise import (
     sample_corruption,
     step_generator,
 )
+from fairchem_dens.trainers.guards import DeNSSetupError, check_model, check_normalizers, check_warmup
+from fairchem_dens.trainers.output_policy import EXCLUDED, ORIGINAL, REPLACED, output_roles
 
-__all__ = ["DeNSTrainer", "NonFiniteLossError"]
+__all__ = ["DeNSTrainer", "NonFiniteLossError", "DeNSSetupError"]
 
 FORCES = "forces"
 ENERGY = "energy"
@@ -87,6 +105,23 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         self.config["trainer"] = "forces"
 
     # ------------------------------------------------------------------ setup
+    def load_task(self) -> None:
+        super().load_task()
+        # What a DeNS batch does with each output; refuses configs DeNS cannot train.
+        self.output_roles = output_roles(self.output_targets, self.dens.output_policy) if self.dens.enabled else {}
+        for target, loss in (next(iter(entry.items())) for entry in self.config.get("loss_functions", [])):
+            if target == FORCES and loss.get("fn") == "per_atom_mae":
+                raise DeNSSetupError(
+                    "loss_functions.forces.fn is per_atom_mae, a loss for per-structure scalars; "
+                    "DeNS trains the noise per atom through the forces loss: use l2mae (the "
+                    "published recipes), mae or mse."
+                )
+
+    def load_model(self) -> None:
+        super().load_model()
+        if self.dens.enabled:
+            check_model(self._unwrapped_model, FORCES)
+
     def load_datasets(self) -> None:
         super().load_datasets()
         if self.train_dataset is not None and len(self.train_dataset) > 0:
@@ -104,13 +139,42 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
                     f"dataset {source} gives no `md` flag: use "
                     "fairchem_dens.datasets.lmdb_dataset.DeNSLmdbDataset or store `md` in the entries."
                 )
+        if self.dens.enabled and self.dens.validate_denoising and self.dens.relaxation_only:
+            # validate_denoising corrupts val/test with the same rules: check them now, not at step eval_every.
+            for split in ("val", "test"):
+                dataset = getattr(self, f"{split}_dataset", None)
+                if dataset is not None and len(dataset) > 0 and getattr(dataset[0], "md", None) is None:
+                    raise ValueError(
+                        "optim.denoising_pos_params.validate_denoising and relaxation_only are set "
+                        f"but the {split} dataset {self.config.get(f'{split}_dataset', {}).get('src')} "
+                        "gives no `md` flag: use fairchem_dens.datasets.lmdb_dataset.DeNSLmdbDataset "
+                        "for that split too, or turn validate_denoising off."
+                    )
 
     def load_references_and_normalizers(self) -> None:
         super().load_references_and_normalizers()
+        check_normalizers(
+            {k: v for k, v in self.normalizers.items() if k != NOISE_TARGET}, self._normalizer_samples()
+        )
         # Saved with the checkpoint under the name both published implementations use.
-        self.normalizers[NOISE_TARGET] = Normalizer(
-            mean=0.0, rmsd=float(self.dens.target_std)
-        ).to(self.device)
+        self.normalizers[NOISE_TARGET] = Normalizer(mean=0.0, rmsd=self.dens.target_std).to(self.device)
+
+    def _normalizer_samples(self) -> str:
+        """How many training samples a normaliser fit saw, for error messages."""
+        config = self.config["dataset"].get("transforms", {}).get("normalizer", {})
+        size = len(self.train_dataset) if self.train_dataset is not None else 0
+        if "fit" not in config:
+            return f"given by the config or a file; the training set has {size} sample(s)"
+        fit = config["fit"]
+        num_batches = fit.get("num_batches")
+        seen = size if num_batches is None else min(size, num_batches * fit.get("batch_size", size))
+        return f"fitted on {seen} training sample(s)"
+
+    def load_extras(self) -> None:
+        optim = self.config["optim"]
+        if self.train_loader is not None and optim.get("scheduler") == "LambdaLR":
+            check_warmup(optim.get("scheduler_params", {}), len(self.train_loader))
+        super().load_extras()
 
     # ------------------------------------------------------------- checkpoints
     def load_checkpoint(self, checkpoint_path: str, checkpoint: dict | None = None, inference_only: bool = False) -> None:
@@ -139,6 +203,52 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         super().load_checkpoint(
             checkpoint_path, checkpoint={**checkpoint, "state_dict": state}, inference_only=inference_only
         )
+        self._use_configured_noise_scale(checkpoint_path)
+
+    def _use_configured_noise_scale(self, source: str) -> None:
+        """sigma_N comes from the config alone: target, saved normaliser and metrics agree."""
+        if not self.dens.enabled:
+            return
+        saved = self.normalizers.get(NOISE_TARGET)
+        if saved is not None and abs(float(saved.rmsd) - self.dens.target_std) > 1e-7 * self.dens.target_std:
+            logging.warning(
+                f"{source} was trained with a noise scale sigma_N = {float(saved.rmsd):g} Å "
+                f"(normalizer `{NOISE_TARGET}`) but this config sets {self.dens.target_std:g} Å "
+                "(std, or std_high for multi-scale noise): the config's value is used for "
+                "the noise target, the saved normalizer and the denoising metrics."
+            )
+        self.normalizers[NOISE_TARGET] = Normalizer(mean=0.0, rmsd=self.dens.target_std).to(self.device)
+
+    def save(self, metrics=None, checkpoint_file: str = "checkpoint.pt", training_state: bool = True):
+        """fairchem's save, made atomic: a temporary file in the same folder, then a rename.
+
+        A job killed while saving (time limit, OOM kill) leaves the previous file intact.
+        """
+        partial = f".{checkpoint_file}.partial"
+        path = super().save(metrics=metrics, checkpoint_file=partial, training_state=training_state)
+        if path is None:
+            return None
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+        final = os.path.join(os.path.dirname(path), checkpoint_file)
+        os.replace(path, final)
+        if training_state and checkpoint_file == "checkpoint.pt":
+            self._saved_step = self.step
+        return final
+
+    def train(self, disable_eval_tqdm: bool = False) -> None:
+        """fairchem's training loop, plus a final ``checkpoint.pt`` that is always written."""
+        optim = self.config["optim"]
+        total = optim["max_epochs"] * len(self.train_loader)
+        every = optim.get("checkpoint_every", optim.get("eval_every", len(self.train_loader)))
+        if every != -1 and every > total - self.step:
+            logging.info(
+                f"optim.checkpoint_every ({every}) is longer than the {total - self.step} steps left: "
+                "no intermediate checkpoint will be written; checkpoint.pt is saved when training ends."
+            )
+        super().train(disable_eval_tqdm=disable_eval_tqdm)
+        if getattr(self, "_saved_step", None) != self.step:
+            self.save(checkpoint_file="checkpoint.pt", training_state=True)
 
     # -------------------------------------------------------------- corruption
     def _forward(self, batch):
@@ -152,8 +262,8 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         Args:
             batch: the collated batch.
             step: the global step; with ``seed`` it determines every draw.
-            rank: DDP rank (mask and noise differ per rank, the batch-level
-                decision does not).
+            rank: DDP rank (mask, noise and per-structure selections differ per
+                rank, the batch-level decision does not).
             stream: decision stream override (validation uses its own).
             seed: seed override (default: the run's ``--seed``).
 
@@ -168,7 +278,7 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
             self.dens,
             batch.batch,
             batch.fixed,
-            step_generator(seed, step, decision_stream),
+            step_generator(seed, step, decision_stream, self.dens.decision_rank(rank)),
             step_generator(seed, step, noise_stream, rank),
             md=getattr(batch, "md", None),
             num_structures=batch.natoms.numel(),
@@ -187,95 +297,167 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
 
     # -------------------------------------------------------------------- loss
     def _compute_loss(self, out, batch) -> torch.Tensor:
+        """Every term by one rule: fairchem's per-element loss, weighted, DDP-global mean.
+
+        Each output follows its DeNS role (:mod:`fairchem_dens.trainers.output_policy`).
+        In an S2EF batch this is fairchem's loss. In a DeNS batch ``forces`` is trained
+        on the normalised noise on corrupted atoms (weight lambda_D) and on the forces
+        elsewhere (weight lambda_F), and excluded outputs leave out corrupted
+        structures. With ``l2mae`` forces this is SPEC A.9 exactly; another force
+        ``fn`` (``mae``, ``mse``) is applied the same way per atom, so the loss keeps
+        its form between full, partial and S2EF batches.
+        """
+        kind = batch_kind(batch)
+        self._check_finite(out, batch, kind)
         terms = {}
-        all_loss_functions = self.loss_functions
-        try:
-            for loss_fn in all_loss_functions:
-                target_name = loss_fn[0]
-                if target_name == FORCES and is_dens_batch(batch):
-                    terms["denoising"] = self._denoising_loss(out, batch, loss_fn[1])
-                    continue
-                # fairchem's own loss, one target at a time, so a bad term can be named.
-                self.loss_functions = [loss_fn]
-                terms[target_name] = super()._compute_loss(out, batch)
-        finally:
-            self.loss_functions = all_loss_functions
+        for target_name, loss_info in self.loss_functions:
+            name = "denoising" if target_name == FORCES and kind != S2EF else target_name
+            terms[name] = self._loss_term(target_name, out[target_name], batch, loss_info)
         for name, value in terms.items():
             if not torch.isfinite(value).all():
                 raise NonFiniteLossError(
-                    f"the {name} loss is {value.item()} at step {self.step} (epoch "
+                    f"the {name} loss is {value.item()} in a {kind} batch at step {self.step} (epoch "
                     f"{self.epoch:.3f}); stopping before the weights are updated. "
                     "Lower the learning rate, check the data, or resume from the last checkpoint."
                 )
         return sum(terms.values())
 
-    def _loss_atoms(self, batch, corrupted: torch.Tensor) -> torch.Tensor:
-        """Atoms that enter the force/denoising loss."""
-        if self.output_targets[FORCES].get("train_on_free_atoms", True):
-            free = batch.fixed == 0
-            return free | corrupted if self.dens.all_atoms else free
-        return torch.ones_like(corrupted)
+    def _check_finite(self, out, batch, kind: str) -> None:
+        # fairchem's DDPLoss replaces NaN predictions by 0, which would hide a broken step.
+        for target_name, _ in self.loss_functions:
+            for what, values in (("prediction", out[target_name]), ("target", batch[target_name])):
+                bad = ~torch.isfinite(values)
+                if bool(bad.any()):
+                    raise NonFiniteLossError(
+                        f"the `{target_name}` {what} has {int(bad.sum())} NaN/inf value(s) in a {kind} "
+                        f"batch at step {self.step} (epoch {self.epoch:.3f}); stopping before the "
+                        "weights are updated. Lower the learning rate, check the data, or resume "
+                        "from the last checkpoint."
+                    )
 
-    def _denoising_loss(self, out, batch, loss_info: dict[str, Any]) -> torch.Tensor:
-        """Denoising term of a DeNS batch (SPEC A.9, original semantics)."""
-        pred = out[FORCES]
-        corrupted = getattr(batch, "noise_mask", None)
-        if corrupted is None:
-            corrupted = torch.ones(pred.shape[0], dtype=torch.bool, device=pred.device)
-        atoms = self._loss_atoms(batch, corrupted)
-        weight = self.dens.coefficient_at(self.epoch, self.config["optim"]["max_epochs"])
-        if bool(corrupted[atoms].all()):
-            # Full corruption: the configured force loss on the noise, weighted by lambda_D.
-            natoms = torch.repeat_interleave(batch.natoms, batch.natoms)[atoms]
-            return weight * loss_info["fn"](
-                pred[atoms], batch.denoising_target[atoms], natoms=natoms
-            )
-        # Partial corruption: corrupted atoms predict noise (weight lambda_D), the
-        # others their forces (weight lambda_F); L2 norm, mean over DDP-global atoms.
-        force_target = batch.forces.to(pred.dtype)
-        if FORCES in self.normalizers:
-            force_target = self.normalizers[FORCES].norm(force_target)
-        target = torch.where(corrupted.view(-1, 1), batch.denoising_target, force_target)
-        weights = torch.where(
-            corrupted,
-            torch.as_tensor(weight, dtype=pred.dtype, device=pred.device),
-            torch.as_tensor(float(loss_info["coefficient"]), dtype=pred.dtype, device=pred.device),
-        )
-        per_atom = weights[atoms] * torch.linalg.vector_norm(pred[atoms] - target[atoms], dim=-1)
-        global_count = distutils.all_reduce(per_atom.numel(), device=pred.device)
-        return per_atom.sum() * distutils.get_world_size() / global_count
+    def _loss_term(self, name: str, pred: torch.Tensor, batch, loss_info: dict[str, Any]) -> torch.Tensor:
+        """One output's loss term in any batch (see :meth:`_compute_loss`)."""
+        target = self._normalized_target(name, batch)
+        pred = pred.float()  # half-precision predictions (AMP) are reduced in float32
+        rows = self._counted(name, batch, training=True)
+        weights = None
+        if is_dens_batch(batch):
+            role = self.output_roles[name]
+            if role == REPLACED:
+                corrupted = corrupted_atoms(batch)
+                target = torch.where(corrupted.view(-1, 1), batch.denoising_target.float(), target)
+                weights = torch.where(
+                    corrupted,
+                    torch.tensor(self.dens.coefficient_at(self.epoch, self.config["optim"]["max_epochs"])),
+                    torch.tensor(float(loss_info["coefficient"])),
+                ).to(pred.device)
+            elif role == EXCLUDED:
+                rows = rows & ~self._corrupted_rows(name, batch)
+        fn = loss_info["fn"]
+        elementwise = fn.loss_fn(pred, target, natoms=batch.natoms)
+        if weights is None:
+            weights = torch.full((elementwise.shape[0],), float(loss_info["coefficient"]), device=pred.device)
+        weighted = (weights.view(-1, *[1] * (elementwise.dim() - 1)) * elementwise)[rows]
+        total = weighted.sum()
+        if fn.reduction == "sum":
+            return total
+        count = distutils.all_reduce(weighted.numel(), device=pred.device)
+        if count == 0:  # nothing counts on any rank: a zero term that keeps the graph
+            return 0.0 * total
+        return total * distutils.get_world_size() / count
+
+    def _normalized_target(self, name: str, batch) -> torch.Tensor:
+        """fairchem's target of ``name``: reshaped, element references removed, normalised."""
+        rows = batch.natoms.sum() if self.output_targets[name]["level"] == "atom" else batch.natoms.numel()
+        target = batch[name].view(int(rows), -1).float()
+        if name in self.elementrefs:
+            target = self.elementrefs[name].dereference(target, batch)
+        if name in self.normalizers:
+            target = self.normalizers[name].norm(target)
+        return target
+
+    def _counted(self, name: str, batch, training: bool) -> torch.Tensor:
+        """Rows of ``name`` that enter the loss (``training``) or the metrics.
+
+        The single rule for "which atoms count": with ``train_on_free_atoms`` /
+        ``eval_on_free_atoms`` (default true) the free atoms, plus the corrupted
+        ones when ``all_atoms`` is set; otherwise every atom. System-level outputs
+        count every structure.
+        """
+        target = self.output_targets[name]
+        if target["level"] != "atom":
+            return torch.ones(batch.natoms.numel(), dtype=torch.bool, device=batch.natoms.device)
+        on_free = target.get("train_on_free_atoms" if training else "eval_on_free_atoms", True)
+        if not on_free:
+            return torch.ones(batch.fixed.shape[0], dtype=torch.bool, device=batch.fixed.device)
+        counted = batch.fixed == 0
+        if self.dens.all_atoms and is_dens_batch(batch):
+            counted = counted | corrupted_atoms(batch)
+        return counted
+
+    def _corrupted_rows(self, name: str, batch) -> torch.Tensor:
+        """Rows of ``name`` that belong to a corrupted structure."""
+        structures = corrupted_structures(batch)
+        if self.output_targets[name]["level"] == "atom":
+            return structures[batch.batch]
+        return structures
 
     # ----------------------------------------------------------------- metrics
     def _compute_metrics(self, out, batch, evaluator, metrics=None):
         if not is_dens_batch(batch):
             return super()._compute_metrics(out, batch, evaluator, metrics)
-        return self.denoising_metrics(out, batch, evaluator, metrics)
+        metrics = self.denoising_metrics(out, batch, evaluator, metrics)
+        return self._excluded_metrics(out, batch, evaluator, metrics)
 
     def denoising_metrics(self, out, batch, evaluator, metrics=None) -> dict[str, Any]:
-        """``denoising_energy_mae`` (eV), ``denoising_pos_mae`` (Å), ``denoising_force_mae`` (eV/Å)."""
+        """Metrics of a DeNS batch, in physical units.
+
+        ``denoising_<output>_mae`` for each output of role ``original`` (eV for
+        ``denoising_energy_mae``), ``denoising_pos_mae`` (Å, corrupted atoms) and
+        ``denoising_force_mae`` (eV/Å, clean atoms), each over the atoms that count
+        for evaluation (:meth:`_counted`). An empty set adds nothing.
+        """
         metrics = {} if metrics is None else metrics
         with torch.no_grad():
-            energy = self._denorm_preds(ENERGY, out[ENERGY].detach().float(), batch).view(-1)
-            energy_error = (energy - batch.energy.view(-1).to(energy)).abs()
-            _update(evaluator, metrics, "denoising_energy_mae", energy_error)
-
+            for name in self.output_targets:
+                if self.output_roles[name] != ORIGINAL:
+                    continue
+                pred = self._denorm_preds(name, out[name].detach().float(), batch)
+                rows = self._counted(name, batch, training=False)
+                error = (pred - batch[name].view(pred.shape[0], -1).to(pred)).abs()[rows]
+                _update(evaluator, metrics, f"denoising_{name}_mae", error)
             pred = out[FORCES].detach().float()
-            corrupted = getattr(batch, "noise_mask", None)
-            if corrupted is None:
-                corrupted = torch.ones(pred.shape[0], dtype=torch.bool, device=pred.device)
-            evaluated = corrupted.clone()
-            if self.output_targets[FORCES].get("eval_on_free_atoms", True):
-                free = batch.fixed == 0
-                evaluated = free | corrupted if self.dens.all_atoms else free
-            noise_pred = self.normalizers[NOISE_TARGET].denorm(pred)
-            noise_error = (noise_pred - batch.noise_vec.to(pred)).abs()[corrupted & evaluated]
-            _update(evaluator, metrics, "denoising_pos_mae", noise_error)
-            clean = ~corrupted & evaluated
+            counted = self._counted(FORCES, batch, training=False)
+            corrupted = corrupted_atoms(batch)
+            noise_error = (pred * self.dens.target_std - batch.noise_vec.to(pred)).abs()
+            _update(evaluator, metrics, "denoising_pos_mae", noise_error[corrupted & counted])
+            clean = ~corrupted & counted
             if bool(clean.any()):
-                force_pred = self._denorm_preds(FORCES, pred, batch)
-                force_error = (force_pred - batch.forces.to(pred)).abs()[clean]
-                _update(evaluator, metrics, "denoising_force_mae", force_error)
+                force_error = (self._denorm_preds(FORCES, pred, batch) - batch.forces.to(pred)).abs()
+                _update(evaluator, metrics, "denoising_force_mae", force_error[clean])
         return metrics
+
+    def _excluded_metrics(self, out, batch, evaluator, metrics) -> dict[str, Any]:
+        """fairchem's metrics of excluded outputs, on the clean structures of a DeNS batch."""
+        excluded = {
+            name: evaluator.target_metrics[name]
+            for name, role in self.output_roles.items()
+            if role == EXCLUDED and name in evaluator.target_metrics
+        }
+        clean = ~corrupted_structures(batch)
+        if not excluded or not bool(clean.any()):
+            return metrics
+        subset, atoms = structure_subset(batch, clean, list(excluded))
+        sub_out = {
+            name: out[name][atoms if self.output_targets[name]["level"] == "atom" else clean]
+            for name in excluded
+        }
+        all_targets = self.output_targets
+        self.output_targets = {name: all_targets[name] for name in excluded}
+        try:
+            return super()._compute_metrics(sub_out, subset, Evaluator(self.name, excluded), metrics)
+        finally:
+            self.output_targets = all_targets
 
     # ------------------------------------------------------------- predictions
     def save_results(self, predictions, results_file, keys=None) -> None:
@@ -328,7 +510,7 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
             self.dens = saved
             if self.ema:
                 self.ema.restore()
-        metrics = self._aggregate_metrics(metrics)
+        metrics = self.aggregate_denoising_metrics(metrics)
         if distutils.is_master():
             logging.info(
                 ", ".join(f"{split}_{k}: {v['metric']:.4f}" for k, v in metrics.items())
@@ -336,6 +518,29 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         if self.logger is not None:
             self.logger.log({k: v["metric"] for k, v in metrics.items()}, step=self.step, split=split)
         return metrics
+
+
+    def denoising_metric_keys(self) -> list[str]:
+        """Every key :meth:`denoising_metrics` can report, in a fixed order (the same on every rank)."""
+        originals = [f"denoising_{name}_mae" for name, role in self.output_roles.items() if role == ORIGINAL]
+        return [*originals, "denoising_pos_mae", "denoising_force_mae"]
+
+    def aggregate_denoising_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """DDP sums of denoising metrics over a fixed key list.
+
+        fairchem's ``_aggregate_metrics`` all-reduces the keys a rank happens to
+        hold, so a rank whose batches had no clean (or no corrupted) atom would
+        call fewer collectives than the others. Here every rank reduces the same
+        keys; a key with nothing counted on any rank is dropped everywhere.
+        """
+        aggregated = {}
+        for key in self.denoising_metric_keys():
+            entry = metrics.get(key, {"total": 0.0, "numel": 0})
+            total = distutils.all_reduce(float(entry["total"]), average=False, device=self.device)
+            numel = distutils.all_reduce(int(entry["numel"]), average=False, device=self.device)
+            if numel > 0:
+                aggregated[key] = {"total": total, "numel": numel, "metric": total / numel}
+        return aggregated
 
 
 def _in_mev(metrics: dict[str, Any]) -> str:

@@ -1,0 +1,153 @@
+"""Checks the DeNS trainer runs before step 1, each naming the key and the fix.
+
+Each function raises :class:`DeNSSetupError` with a message for the user; the
+trainer calls them from the ``load_*`` step that has what the check needs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from torch import nn
+
+__all__ = ["DeNSSetupError", "check_model", "check_normalizers", "check_warmup"]
+
+USE_INSTEAD = (
+    "use fairchem_dens.models.equiformer_v2.DeNSEquiformerV2Backbone with "
+    "DeNSEnergyHead + DeNSForceHead (EquiformerV2), or fairchem_dens.models.escn."
+    "DeNSeSCNBackbone with fairchem's eSCNEnergyHead + DeNSeSCNForceHead (eSCN)"
+)
+
+# fairchem 1.10 heads whose forces are -dE/dx (registry names; resolved lazily).
+GRADIENT_FORCE_HEADS = (
+    "esen_mlp_efs_head",
+    "esen_mlp_efs_head_dens",
+    "gemnet_oc_energy_and_grad_force_head",
+    "gemnet_t_energy_and_grad_force_head",
+    "dimenetplusplus_energy_and_force_head",
+)
+
+
+class DeNSSetupError(ValueError):
+    """The config cannot train with DeNS; the message names the key and the fix."""
+
+
+def _gradient_force_classes() -> tuple[type, ...]:
+    from fairchem.core.common.registry import registry
+
+    classes = []
+    for name in GRADIENT_FORCE_HEADS:
+        cls = registry.mapping["model_name_mapping"].get(name)
+        if cls is not None:
+            classes.append(cls)
+    return tuple(classes)
+
+
+def _is_conservative(module: nn.Module, backbone: nn.Module | None) -> bool:
+    if isinstance(module, _gradient_force_classes()):
+        return True
+    # fairchem's gradient-force models and backbones say so with direct_forces=False.
+    owner = backbone if backbone is not None else module
+    return bool(getattr(owner, "regress_forces", False)) and getattr(owner, "direct_forces", True) is False
+
+
+def check_model(model: nn.Module, forces: str = "forces") -> None:
+    """Refuses a model that cannot denoise.
+
+    DeNS needs a backbone that encodes the original forces (a ``force_embedding``)
+    and a force head with a noise block (``denoising_pos_block``) that writes the
+    noise prediction of corrupted atoms to the ``forces`` output. Models whose
+    forces are energy gradients are refused: their force output has no noise path.
+
+    Args:
+        model: the model as built by fairchem (DDP wrapper removed).
+        forces: name of the force output.
+    """
+    backbone = getattr(model, "backbone", None)
+    heads = getattr(model, "output_heads", None)
+    if backbone is None or heads is None:
+        raise DeNSSetupError(
+            f"model.name builds {type(model).__name__}, which is not fairchem's `hydra` "
+            f"model: the DeNS trainer needs a hydra backbone with DeNS heads; {USE_INSTEAD}."
+        )
+    force_heads = [
+        head for name, head in heads.items() if name == forces or getattr(head, "output_name", None) == forces
+    ]
+    if any(_is_conservative(head, backbone) for head in force_heads or heads.values()):
+        raise DeNSSetupError(
+            "the model's forces are gradients of its energy (a conservative head): the DeNS "
+            "trainer needs a direct force head with a noise block and does not yet train "
+            "conservative models with DeNS. Pre-train with a direct DeNS head, then fine-tune "
+            f"conservatively with fairchem's own trainer without DeNS; {USE_INSTEAD}."
+        )
+    if not hasattr(backbone, "force_embedding"):
+        raise DeNSSetupError(
+            f"model.backbone.model builds {type(backbone).__name__}, which has no force encoding: "
+            f"DeNS feeds the original forces of corrupted atoms to the backbone; {USE_INSTEAD}."
+        )
+    if not force_heads:
+        raise DeNSSetupError(
+            f"no head of the model writes the `{forces}` output (heads: {', '.join(heads)}): "
+            f"name the force head `{forces}` under model.heads; {USE_INSTEAD}."
+        )
+    for head in force_heads:
+        if not hasattr(head, "denoising_pos_block"):
+            raise DeNSSetupError(
+                f"the `{forces}` head is {type(head).__module__}.{type(head).__name__}, which has no "
+                f"noise output (denoising_pos_block): {USE_INSTEAD}."
+            )
+
+
+def check_normalizers(normalizers: Mapping[str, Any], samples: str) -> None:
+    """Refuses a normaliser whose rmsd is 0 or not finite.
+
+    A zero rmsd divides every target by 0, so step 1 fails with a NaN loss; it is
+    what a fit on a single frame or on all-equal labels gives.
+
+    Args:
+        normalizers: fairchem's normalisers by target name.
+        samples: how many samples the fit saw, in words, for the message.
+    """
+    for name, normalizer in normalizers.items():
+        rmsd = getattr(normalizer, "rmsd", None)
+        if rmsd is None:
+            continue
+        value = float(rmsd)
+        if not math.isfinite(value) or value <= 0.0:
+            raise DeNSSetupError(
+                f"the normalizer of `{name}` has rmsd {value} ({samples}): every `{name}` target "
+                "would be divided by it and the first step's loss would be NaN. Check that the "
+                "training set holds more than one frame with different labels (fairchem's "
+                "`ase_read` format reads only the first frame of a file; use `ase_read_multi`), "
+                f"or set dataset.train.transforms.normalizer.{name}.rmsd by hand."
+            )
+
+
+def check_warmup(scheduler_params: Mapping[str, Any], steps_per_epoch: int) -> None:
+    """Refuses a warm-up of fewer than one step for fairchem's EquiformerV2 LR lambdas.
+
+    fairchem's cosine and multistep lambdas divide by the warm-up length in steps,
+    ``int(warmup_epochs * steps_per_epoch)``, so a length of 0 raises
+    ``ZeroDivisionError`` when the scheduler is built.
+
+    Args:
+        scheduler_params: ``optim.scheduler_params`` (still in epochs).
+        steps_per_epoch: optimizer steps per epoch on this rank.
+    """
+    if scheduler_params.get("lambda_type") not in ("cosine", "multistep"):
+        return
+    epochs = scheduler_params.get("warmup_epochs")
+    if not isinstance(epochs, (int, float)) or isinstance(epochs, bool):
+        raise DeNSSetupError(
+            f"optim.scheduler_params.warmup_epochs must be a number of epochs, got {epochs!r}"
+        )
+    steps = int(epochs * steps_per_epoch)
+    if steps < 1:
+        needed = math.ceil(1e6 / steps_per_epoch) / 1e6
+        raise DeNSSetupError(
+            f"optim.scheduler_params.warmup_epochs = {epochs} epochs x {steps_per_epoch} steps per "
+            f"epoch = {steps} warm-up steps; fairchem's {scheduler_params['lambda_type']} LR schedule "
+            f"divides by the warm-up length. Set warmup_epochs >= {needed:g} (one step), or "
+            "warmup_factor: 1.0 with warmup_epochs of one step for no warm-up."
+        )
