@@ -33,6 +33,7 @@ __all__ = [
     "dens_mode_batch",
     "read_lmdb",
     "lmdb_without",
+    "write_variant",
 ]
 
 # Small enough for seconds per step on a laptop CPU, big enough to exercise every block.
@@ -224,6 +225,21 @@ def forward_seeded(model: torch.nn.Module, batch: Batch, seed: int = 7) -> dict[
     torch.manual_seed(seed)
     return model(batch)
 
+
+
+def write_variant(config_yml: str | Path, path: str | Path, edit) -> Path:
+    """A copy of a config (``includes:`` resolved as fairchem does) changed by ``edit(config)``.
+
+    For configs the command line cannot express (a removed output, another model).
+    """
+    import yaml
+    from fairchem.core.common.utils import load_config
+
+    config, _, _ = load_config(str(config_yml))
+    edit(config)
+    path = Path(path)
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def lmdb_without(source: str | Path, field: str, folder: str | Path) -> Path:
