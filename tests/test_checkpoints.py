@@ -26,8 +26,9 @@ from conftest import DATA, QUICKSTART, data_overrides
 ORIGINAL = DATA / "original_dens"
 MODELS = ("eqv2_dens", "escn_dens")
 MODES = ("s2ef", "dens_full", "dens_partial")
-# The fixture README: with the same graph and RNG use, agreement to float round-off.
-ATOL = 1e-6
+# The fixture README: with the same graph and RNG use, agreement to float round-off
+# (measured here, one thread: 2.2e-8 EquiformerV2, 3.0e-8 eSCN).
+ATOL = 5e-8
 
 
 def reference(name):

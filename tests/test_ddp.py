@@ -44,17 +44,6 @@ def split(batch: Batch, rank: int, world: int) -> Batch:
     return part
 
 
-def loss_and_grads(trainer, batch):
-    trainer.model.train()
-    trainer.optimizer.zero_grad()
-    torch.manual_seed(0)  # EquiformerV2 draws random edge frames
-    out = trainer._forward(batch)
-    loss = trainer._compute_loss(out, batch)
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in trainer._unwrapped_model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
-
-
 def corrupted_global_batch(trainer, case):
     batch = global_batch(case)
     assert trainer.corrupt(batch, step=1, rank=0)

@@ -188,15 +188,16 @@ def test_rotation_equivariance(fixture_batch, mode):
         out = forward_seeded(model, batch, seed=7)
         out_rot = forward_seeded(model, rotated, seed=11)
     energy_scale = out["energy"].abs().max()
-    assert (out["energy"] - out_rot["energy"]).abs().max() <= 1e-3 * energy_scale + 1e-5
+    # measured (seeds 3, 5, 8): energy <= 6e-6 relative, forces <= 1.8e-3 of max|F|
+    assert (out["energy"] - out_rot["energy"]).abs().max() <= 5e-5 * energy_scale
     expected = out["forces"] @ rotation.T
     scale = out["forces"].abs().max()
     # S2-grid activations make EquiformerV2 equivariant up to a small discretisation error.
-    assert (expected - out_rot["forces"]).abs().max() <= 2e-2 * scale
+    assert (expected - out_rot["forces"]).abs().max() <= 5e-3 * scale
     # rotating the positions without rotating the encoded forces breaks equivariance
     if mode != "s2ef":
         wrong = rotated.clone()
         wrong.forces = batch.forces
         with torch.no_grad():
             out_wrong = forward_seeded(model, wrong, seed=11)
-        assert (expected - out_wrong["forces"]).abs().max() > 2e-2 * scale
+        assert (expected - out_wrong["forces"]).abs().max() > 4 * 5e-3 * scale

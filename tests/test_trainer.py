@@ -86,6 +86,8 @@ def test_full_corruption_loss_uses_lambda_d_only(trainer_ctx):
 
 
 def test_s2ef_loss_is_fairchems(trainer_ctx):
+    # our loss is computed by our own term code (the one rule for every batch kind);
+    # on an S2EF batch it must equal fairchem's OCPTrainer._compute_loss
     trainer = trainer_ctx.trainer
     batch = first_batch(trainer)
     trainer.model.eval()
@@ -112,14 +114,145 @@ def test_denoising_metrics_in_physical_units(trainer_ctx):
 def test_non_finite_terms_are_named(trainer_ctx):
     trainer = trainer_ctx.trainer
     batch, out = corrupted_forward(trainer)
-    broken = {**out, "forces": out["forces"] * float("nan")}
-    with pytest.raises(NonFiniteLossError, match="denoising loss"):
-        trainer._compute_loss(broken, batch)
+    # finite predictions whose loss overflows: the term is named
+    huge = {**out, "forces": out["forces"] * 3e38}
+    with pytest.raises(NonFiniteLossError, match=r"the denoising loss is inf in a partial-corruption batch"):
+        trainer._compute_loss(huge, batch)
     clean = first_batch(trainer)
     out = trainer._forward(clean)
-    clean.energy = clean.energy * float("inf")
-    with pytest.raises(NonFiniteLossError, match="energy loss"):
-        trainer._compute_loss(out, clean)
+    huge = {**out, "energy": out["energy"] + 3e38}
+    with pytest.raises(NonFiniteLossError, match=r"the energy loss is inf in a S2EF batch"):
+        trainer._compute_loss(huge, clean)
+
+
+def hand_hybrid(trainer, out, batch, weight_d=10.0, weight_f=100.0, atoms=None, fn="l2mae"):
+    """SPEC A.9's partial-corruption term, by hand; ``fn`` applied per atom (mae: per component)."""
+    mask = batch.noise_mask
+    atoms = batch.fixed == 0 if atoms is None else atoms
+    target = torch.where(mask.view(-1, 1), batch.noise_vec / 0.05, trainer.normalizers["forces"].norm(batch.forces))
+    weight = torch.where(mask, torch.tensor(weight_d), torch.tensor(weight_f))
+    residual = out["forces"].float() - target
+    per_atom = residual.norm(dim=-1) if fn == "l2mae" else residual.abs()
+    return (weight.view(-1, *[1] * (per_atom.dim() - 1)) * per_atom)[atoms].mean()
+
+
+def energy_term(trainer, out, batch, structures=None):
+    target = trainer.normalizers["energy"].norm(batch.energy.view(-1, 1))
+    errors = (out["energy"].view(-1, 1) - target).abs()
+    return 2 * (errors if structures is None else errors[structures]).mean()
+
+
+def test_linear_decay_weighs_the_denoising_term(trainer_ctx):
+    trainer = trainer_ctx.trainer
+    trainer.dens = type(trainer.dens)(**{**trainer.dens.__dict__, "coefficient_schedule": "linear_decay"})
+    batch, out = corrupted_forward(trainer)
+    trainer.epoch = trainer.config["optim"]["max_epochs"] / 4
+    expected = energy_term(trainer, out, batch) + hand_hybrid(trainer, out, batch, weight_d=7.5)
+    assert trainer._compute_loss(out, batch).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_half_precision_predictions_are_reduced_in_float32(trainer_ctx):
+    trainer = trainer_ctx.trainer
+    batch, out = corrupted_forward(trainer)
+    half = {k: v.half() for k, v in out.items()}
+    loss = trainer._compute_loss(half, batch)
+    assert loss.dtype == torch.float32
+    as_float = {k: v.float() for k, v in half.items()}  # the same (rounded) values, in float32
+    assert loss.item() == pytest.approx(trainer._compute_loss(as_float, batch).item(), rel=1e-6)
+
+
+def test_another_force_fn_keeps_one_form_in_every_batch_kind(emt_data, tmp_path):
+    from fairchem_dens.testing import write_variant
+
+    def mae(config):
+        config["loss_functions"][1]["forces"]["fn"] = "mae"
+
+    config = write_variant(DENS_YML, tmp_path / "mae.yml", mae)
+    with fairchem_trainer(config, tmp_path, *data_overrides(emt_data), "--optim.denoising_pos_params.prob=1.0",
+                          "--optim.batch_size=3") as ctx:
+        one_form_with_mae(ctx.trainer)
+
+
+def one_form_with_mae(trainer):
+    assert trainer.loss_functions[1][1]["fn"].loss_fn.__class__.__name__ == "MAELoss"
+    batch, out = corrupted_forward(trainer)
+    expected = energy_term(trainer, out, batch) + hand_hybrid(trainer, out, batch, fn="mae")
+    assert trainer._compute_loss(out, batch).item() == pytest.approx(expected.item(), rel=1e-5)
+    # full corruption: the same rule with every counted atom weighted by lambda_D
+    batch.noise_mask = batch.fixed == 0
+    expected = energy_term(trainer, out, batch) + hand_hybrid(trainer, out, batch, fn="mae")
+    free = batch.fixed == 0
+    full = 10 * (out["forces"] - batch.noise_vec / 0.05)[free].abs().mean()
+    assert expected.item() == pytest.approx((energy_term(trainer, out, batch) + full).item(), rel=1e-6)
+    assert trainer._compute_loss(out, batch).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("trainer_ctx", [["--outputs.forces.train_on_free_atoms=False",
+                                          "--outputs.forces.eval_on_free_atoms=False"]], indirect=True)
+def test_all_atoms_count_without_free_atom_training(trainer_ctx):
+    trainer = trainer_ctx.trainer
+    batch, out = corrupted_forward(trainer)
+    everyone = torch.ones_like(batch.noise_mask)
+    expected = energy_term(trainer, out, batch) + hand_hybrid(trainer, out, batch, atoms=everyone)
+    assert trainer._compute_loss(out, batch).item() == pytest.approx(expected.item(), rel=1e-5)
+    metrics = trainer._compute_metrics(out, batch, trainer.evaluator, {})
+    forces = trainer.normalizers["forces"].denorm(out["forces"].detach())
+    clean = ~batch.noise_mask  # fixed atoms are never corrupted: they count as clean atoms here
+    assert bool((clean & (batch.fixed == 1)).any())
+    force_mae = (forces - batch.forces)[clean].abs().mean()
+    assert metrics["denoising_force_mae"]["metric"] == pytest.approx(force_mae.item(), rel=1e-5)
+    assert metrics["denoising_force_mae"]["numel"] == 3 * int(clean.sum())
+
+
+@pytest.mark.parametrize("trainer_ctx", [["--optim.denoising_pos_params.output_policy.energy=excluded",
+                                          "--optim.denoising_pos_params.selection=structure",
+                                          "--optim.denoising_pos_params.prob=0.5",
+                                          "--optim.denoising_pos_params.corrupt_ratio=None"]], indirect=True)
+def test_excluded_outputs_leave_out_corrupted_structures_only(trainer_ctx):
+    trainer = trainer_ctx.trainer
+    assert trainer.output_roles == {"energy": "excluded", "forces": "replaced"}
+    for step in range(1, 40):  # a batch with corrupted and clean structures
+        batch = first_batch(trainer)
+        assert trainer.corrupt(batch, step=step)
+        corrupted = torch.zeros(batch.natoms.numel(), dtype=torch.bool).index_fill_(
+            0, batch.batch[batch.noise_mask], True)
+        if 0 < int(corrupted.sum()) < batch.natoms.numel():
+            break
+    else:
+        pytest.fail("no batch mixed corrupted and clean structures")
+    trainer.model.eval()
+    out = trainer._forward(batch)
+    free = batch.fixed == 0
+    forces_term = hand_hybrid(trainer, out, batch)
+    expected = energy_term(trainer, out, batch, structures=~corrupted) + forces_term
+    loss = trainer._compute_loss(out, batch)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # clean structures keep their energy gradient, corrupted ones get none from the energy term
+    energy = out["energy"]
+    grad = torch.autograd.grad(loss, energy, retain_graph=True)[0].view(-1)
+    assert bool((grad[~corrupted] != 0).all()) and bool((grad[corrupted] == 0).all())
+    metrics = trainer._compute_metrics(out, batch, trainer.evaluator, {})
+    assert "denoising_energy_mae" not in metrics
+    energies = trainer.normalizers["energy"].denorm(energy.detach().view(-1))
+    clean_mae = (energies - batch.energy.view(-1))[~corrupted].abs().mean()
+    assert metrics["energy_mae"]["metric"] == pytest.approx(clean_mae.item(), rel=1e-5)
+    assert metrics["energy_mae"]["numel"] == int((~corrupted).sum())
+    assert free.any()
+
+
+@pytest.mark.parametrize("trainer_ctx", [["--optim.denoising_pos_params.selection=structure",
+                                          "--optim.denoising_pos_params.prob=0.5"]], indirect=True)
+def test_per_structure_selection_differs_between_ranks(trainer_ctx):
+    trainer = trainer_ctx.trainer
+    differ = 0
+    for step in range(8):
+        masks = []
+        for rank in (0, 1):
+            batch = first_batch(trainer)
+            trainer.corrupt(batch, step=step, rank=rank)
+            masks.append(getattr(batch, "noise_mask", torch.zeros(batch.pos.shape[0], dtype=torch.bool)))
+        differ += not torch.equal(*masks)
+    assert differ >= 6
 
 
 def test_validation_and_prediction_never_corrupt(trainer_ctx):

@@ -31,6 +31,7 @@ def test_setting_trains(emt_data, tmp_path, model, setting):
         trainer = ctx.trainer
         trainer.model.train()
         corrupted_any = False
+        structure_states = set()
         for step, batch in zip(range(1, 4), trainer.train_loader):
             clean_pos = batch.pos.clone()
             trainer.step, trainer.epoch = step, 0.5
@@ -54,13 +55,13 @@ def test_setting_trains(emt_data, tmp_path, model, setting):
                 assert not moved[md_atoms].any() and moved[~md_atoms].any()
             if setting == "per_structure":
                 per_structure = torch.zeros(batch.natoms.numel()).index_add_(0, batch.batch, moved.float())
-                assert (per_structure == 0).any() or batch.natoms.numel() < 3
+                structure_states.update((per_structure > 0).tolist())
             if setting == "multiscale":
                 sigmas = batch.sigmas.view(-1)[moved]
                 assert sigmas.min() >= 0.01 - 1e-6 and sigmas.max() <= 0.2 + 1e-6
         assert corrupted_any
-        if setting == "linear_decay":
-            assert trainer.dens.coefficient_at(trainer.epoch, trainer.config["optim"]["max_epochs"]) < 10
+        if setting == "per_structure":  # structures of one batch are chosen independently
+            assert structure_states == {True, False}
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))

@@ -447,7 +447,8 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         clean = ~corrupted_structures(batch)
         if not excluded or not bool(clean.any()):
             return metrics
-        subset, atoms = structure_subset(batch, clean, list(excluded))
+        levels = {name: self.output_targets[name]["level"] for name in excluded}
+        subset, atoms = structure_subset(batch, clean, levels)
         sub_out = {
             name: out[name][atoms if self.output_targets[name]["level"] == "atom" else clean]
             for name in excluded
