@@ -135,3 +135,43 @@ def test_fairchem_local_launcher_with_two_cpu_ranks(emt_data, tmp_path):
     assert "denoising_pos_mae" in log
     checkpoint = torch.load(tmp_path / "checkpoints" / "ddp" / "checkpoint.pt", weights_only=False, map_location="cpu")
     assert checkpoint["config"]["gpus"] == 0 and checkpoint["step"] > 0
+
+
+def _metrics_worker(rank, world, port, emt_data, run_dir, result_path):
+    import dataclasses
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    with fairchem_trainer(QUICKSTART / "eqv2_dens_tiny.yml", run_dir, *data_overrides(emt_data),
+                          "--num-gpus", str(world), f"{P}prob=1.0") as ctx:
+        trainer = ctx.trainer
+        # rank 0: every free atom corrupted (no clean atom counts); rank 1: partial corruption
+        trainer.dens = dataclasses.replace(trainer.dens, corrupt_ratio=None if rank == 0 else 0.5)
+        batch = global_batch("partial")
+        assert trainer.corrupt(batch, step=1, rank=rank)
+        trainer.model.eval()
+        with torch.no_grad():
+            out = trainer._forward(batch)
+        local = trainer.denoising_metrics(out, batch, trainer.evaluator, {})
+        aggregated = trainer.aggregate_denoising_metrics(local)
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, {"local": local, "aggregated": aggregated})
+        if rank == 0:
+            torch.save(gathered, result_path)
+
+
+def test_every_rank_reports_the_same_denoising_metrics(emt_data, tmp_path):
+    result_path = tmp_path / "metrics.pt"
+    mp.start_processes(_metrics_worker, args=(2, free_port(), emt_data, tmp_path / "ddp", result_path),
+                       nprocs=2, start_method="spawn")
+    ranks = torch.load(result_path, weights_only=False)
+    assert "denoising_force_mae" not in ranks[0]["local"] and "denoising_force_mae" in ranks[1]["local"]
+    keys = [list(r["aggregated"]) for r in ranks]
+    assert keys[0] == keys[1] == ["denoising_energy_mae", "denoising_pos_mae", "denoising_force_mae"]
+    for key in keys[0]:
+        numel = sum(r["local"].get(key, {"numel": 0})["numel"] for r in ranks)
+        total = sum(r["local"].get(key, {"total": 0.0})["total"] for r in ranks)
+        for r in ranks:
+            assert r["aggregated"][key]["numel"] == numel
+            assert r["aggregated"][key]["metric"] == pytest.approx(total / numel, rel=1e-6)
