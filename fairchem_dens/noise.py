@@ -27,6 +27,8 @@ __all__ = [
     "corruption_mask",
     "sample_sigmas",
     "sample_corruption",
+    "structures_allowed",
+    "cap_corrupted_fraction",
 ]
 
 # Distinct integers keep the random streams of one step independent.
@@ -70,12 +72,23 @@ class DeNSConfig:
         selection: ``batch`` (OC20/OC22 recipe) or ``structure`` (MD17 recipe).
         relaxation_only: never corrupt structures whose ``md`` flag is 1 (All+MD recipe).
         coefficient: ``optim.denoising_pos_coefficient``, the weight of the noise loss.
-        coefficient_schedule: ``constant`` or ``linear_decay`` (to 0 at the last epoch).
+        coefficient_schedule: ``constant`` or ``linear_decay`` (to ``coefficient_min_factor``
+            times the coefficient, default 0, at the last epoch).
         validate_denoising: also report denoising metrics on the validation set.
         validation_seed: seed of the validation corruption, fixed so runs compare.
         output_policy: per-output overrides of what a DeNS batch does with an
             output (``original``, ``replaced``, ``excluded``; see
             :mod:`fairchem_dens.trainers.output_policy`, which checks the names).
+        min_num_atoms: structures with fewer atoms are never corrupted.
+        strict_max_ratio: a structure whose drawn corrupted fraction (of its
+            eligible atoms) exceeds this is not corrupted (needs ``corrupt_ratio``).
+        max_force_norm: a structure whose largest |F_i| (eV/Å) exceeds this is not corrupted.
+        max_mean_force_norm: a structure whose |Σ_i F_i| (eV/Å) exceeds this is not corrupted.
+        max_stress_norm: a structure whose stress Frobenius norm (eV/Å³) exceeds this
+            is not corrupted (needs stress labels).
+        early_epochs: DeNS only in epochs before this one (0-based epoch index < early_epochs).
+        coefficient_min_factor: with ``linear_decay``, lambda_D falls linearly from its
+            value to ``coefficient_min_factor`` times it at the last epoch (default 0).
     """
 
     enabled: bool
@@ -94,6 +107,13 @@ class DeNSConfig:
     validate_denoising: bool = False
     validation_seed: int = 0
     output_policy: dict[str, str] | None = None
+    min_num_atoms: int | None = None
+    strict_max_ratio: float | None = None
+    max_force_norm: float | None = None
+    max_mean_force_norm: float | None = None
+    max_stress_norm: float | None = None
+    early_epochs: float | None = None
+    coefficient_min_factor: float = 0.0
 
     PARAM_KEYS = (
         "prob",
@@ -110,6 +130,13 @@ class DeNSConfig:
         "validate_denoising",
         "validation_seed",
         "output_policy",
+        "min_num_atoms",
+        "strict_max_ratio",
+        "max_force_norm",
+        "max_mean_force_norm",
+        "max_stress_norm",
+        "early_epochs",
+        "coefficient_min_factor",
     )
 
     @classmethod
@@ -218,6 +245,32 @@ class DeNSConfig:
                 f"got {self.output_policy!r}"
             )
 
+        if self.min_num_atoms is not None and (
+            not isinstance(self.min_num_atoms, int) or isinstance(self.min_num_atoms, bool) or self.min_num_atoms < 1
+        ):
+            raise DeNSConfigError(f"{key}min_num_atoms must be a positive integer, got {self.min_num_atoms!r}")
+        if self.strict_max_ratio is not None:
+            if self.corrupt_ratio is None:
+                raise DeNSConfigError(
+                    f"{key}strict_max_ratio caps the corrupted fraction of partial corruption: "
+                    f"it needs {key}corrupt_ratio"
+                )
+            _check_probability(key + "strict_max_ratio", self.strict_max_ratio, required=True)
+        for name, meaning in (("max_force_norm", "eV/Å"), ("max_mean_force_norm", "eV/Å"),
+                              ("max_stress_norm", "eV/Å³"), ("early_epochs", "epochs")):
+            if getattr(self, name) is not None:
+                _check_positive(key + name, getattr(self, name), meaning)
+        _check_probability(key + "coefficient_min_factor", self.coefficient_min_factor, required=True)
+        if self.coefficient_min_factor > 0 and self.coefficient_schedule != "linear_decay":
+            raise DeNSConfigError(
+                f"{key}coefficient_min_factor is the floor of the linear decay: set "
+                f"{key}coefficient_schedule: linear_decay"
+            )
+
+    def active_in_epoch(self, epoch_index: int) -> bool:
+        """Whether DeNS corrupts in this (0-based) epoch: ``enabled`` and before ``early_epochs``."""
+        return self.enabled and (self.early_epochs is None or epoch_index < self.early_epochs)
+
     def decision_rank(self, rank: int) -> int:
         """The rank that seeds the structure-selection stream.
 
@@ -243,7 +296,7 @@ class DeNSConfig:
         if self.coefficient_schedule == "constant":
             return float(self.coefficient)
         progress = min(max(epoch / max(max_epochs, 1e-12), 0.0), 1.0)
-        return float(self.coefficient) * (1.0 - progress)
+        return float(self.coefficient) * (1.0 - (1.0 - self.coefficient_min_factor) * progress)
 
 
 def _is_number(value: Any) -> bool:
@@ -322,6 +375,64 @@ def select_structures(
     return selected
 
 
+def structures_allowed(
+    config: DeNSConfig,
+    batch_index: torch.Tensor,
+    num_structures: int,
+    forces: torch.Tensor | None = None,
+    stress: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Structures the skip filters let through (EquiformerV3's filters), bool ``[B]``.
+
+    Deterministic functions of the labels: they draw nothing, so the random
+    streams (and a resumed job's draws) are the same with or without them.
+
+    Args:
+        config: the DeNS settings.
+        batch_index: ``[N]`` structure of each atom.
+        num_structures: structures in the batch.
+        forces: ``[N, 3]`` forces (needed by the force filters).
+        stress: ``[B, 3, 3]`` or ``[B, 9]`` stress (needed by ``max_stress_norm``).
+    """
+    allowed = torch.ones(num_structures, dtype=torch.bool)
+    if config.min_num_atoms is not None:
+        natoms = torch.bincount(batch_index, minlength=num_structures)
+        allowed &= natoms >= config.min_num_atoms
+    if config.max_force_norm is not None or config.max_mean_force_norm is not None:
+        if forces is None:
+            raise DeNSConfigError("the force skip filters need the batch's `forces`")
+        forces = forces.detach().cpu().float()
+        if config.max_force_norm is not None:
+            largest = torch.zeros(num_structures).scatter_reduce(
+                0, batch_index, forces.norm(dim=-1), reduce="amax", include_self=True
+            )
+            allowed &= largest <= config.max_force_norm
+        if config.max_mean_force_norm is not None:
+            total = torch.zeros(num_structures, 3).index_add_(0, batch_index, forces)
+            allowed &= total.norm(dim=-1) <= config.max_mean_force_norm
+    if config.max_stress_norm is not None:
+        if stress is None:
+            raise DeNSConfigError(
+                "optim.denoising_pos_params.max_stress_norm is set but the batch has no `stress` "
+                "(read it with a2g_args: {r_stress: True})"
+            )
+        norms = stress.detach().cpu().float().reshape(num_structures, -1).norm(dim=-1)
+        allowed &= norms <= config.max_stress_norm
+    return allowed
+
+
+def cap_corrupted_fraction(
+    config: DeNSConfig, mask: torch.Tensor, eligible: torch.Tensor, batch_index: torch.Tensor, num_structures: int
+) -> torch.Tensor:
+    """``strict_max_ratio``: uncorrupts every structure whose corrupted fraction exceeds it."""
+    if config.strict_max_ratio is None:
+        return mask
+    corrupted = torch.zeros(num_structures).index_add_(0, batch_index, mask.float())
+    eligible_count = torch.zeros(num_structures).index_add_(0, batch_index, eligible.float())
+    too_many = corrupted > config.strict_max_ratio * eligible_count
+    return mask & ~too_many[batch_index]
+
+
 def corruption_mask(
     config: DeNSConfig,
     selected: torch.Tensor,
@@ -393,6 +504,8 @@ def sample_corruption(
     noise_gen: torch.Generator,
     md: torch.Tensor | None = None,
     num_structures: int | None = None,
+    forces: torch.Tensor | None = None,
+    stress: torch.Tensor | None = None,
 ) -> Corruption:
     """Draws the whole corruption of a batch (selection, mask, sigma, noise).
 
@@ -404,6 +517,8 @@ def sample_corruption(
         noise_gen: generator of the mask, sigmas and noise (rank-dependent).
         md: optional per-structure MD flag.
         num_structures: structures in the batch (default ``batch_index.max()+1``).
+        forces: ``[N, 3]`` labels, for the force skip filters.
+        stress: per-structure stress labels, for ``max_stress_norm``.
     """
     batch_index = batch_index.cpu()
     fixed = fixed.cpu()
@@ -412,7 +527,13 @@ def sample_corruption(
     selected = select_structures(
         config, num_structures, decision_gen, None if md is None else md.cpu()
     )
+    selected = selected & structures_allowed(config, batch_index, num_structures, forces, stress)
     mask = corruption_mask(config, selected, batch_index, fixed, noise_gen)
+    eligible = selected[batch_index] & (torch.ones_like(mask) if config.all_atoms else fixed.view(-1) == 0)
+    capped = cap_corrupted_fraction(config, mask, eligible, batch_index, num_structures)
+    if config.strict_max_ratio is not None:
+        uncorrupted = torch.zeros(num_structures).index_add_(0, batch_index, (mask & ~capped).float()) > 0
+        selected, mask = selected & ~uncorrupted, capped
     sigmas = sample_sigmas(config, num_structures, batch_index, noise_gen)
     noise = torch.randn((batch_index.numel(), 3), generator=noise_gen) * sigmas
     noise = noise * mask.view(-1, 1)

@@ -201,3 +201,23 @@ def test_sibling_coefficient_overrides_the_field_inside_params():
     assert DeNSConfig.from_optim(opt).coefficient == 10
     del opt["denoising_pos_coefficient"]
     assert DeNSConfig.from_optim(opt).coefficient == 3
+
+
+def test_every_output_gets_a_role():
+    from fairchem_dens.trainers.output_policy import output_roles
+
+    # fairchem's output_targets for an MPtrj-style config: stress decomposed into irreps 0 and 2
+    targets = {
+        "energy": {"level": "system"},
+        "forces": {"level": "atom"},
+        "stress": {"level": "system", "decomposition": {}},
+        "stress_isotropic": {"level": "system", "parent": "stress"},
+        "stress_anisotropic": {"level": "system", "parent": "stress"},
+        "charges": {"level": "atom"},
+    }
+    assert output_roles(targets, None) == {
+        "energy": "original", "forces": "replaced", "stress": "excluded",
+        "stress_isotropic": "excluded", "stress_anisotropic": "excluded", "charges": "excluded",
+    }
+    roles = output_roles(targets, {"energy": "excluded", "charges": "original"})
+    assert (roles["energy"], roles["charges"]) == ("excluded", "original")

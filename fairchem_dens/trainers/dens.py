@@ -185,6 +185,7 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         :func:`fairchem_dens.models.checkpoints.convert_original_checkpoint`).
         """
         if checkpoint is None:
+            logging.info(f"Loading checkpoint from: {checkpoint_path}")
             checkpoint = read_checkpoint(checkpoint_path)
         layout, _family = checkpoint_family(checkpoint)
         if layout == "original":

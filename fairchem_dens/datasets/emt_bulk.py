@@ -1,0 +1,195 @@
+"""A small MPtrj-like bulk data set made with ASE's EMT calculator: energy, forces and stress.
+
+Periodic fcc supercells of the seven metals EMT has parameters for, each strained
+(a random symmetric strain, every component within ±3 %) and rattled, plus frames
+of short Langevin MD at several temperatures. Every frame carries its energy (eV),
+forces (eV/Å) and stress (eV/Å³, ASE's convention: σ = (1/V) ∂E/∂ε, so a
+compressed cell has negative diagonal stress; stored as the full 3×3 tensor, Voigt
+order xx, yy, zz, yz, xz, xy where a 6-vector is printed).
+
+Written twice, in the layouts materials users hold:
+
+* ``<out>/aselmdb/<split>/data.aselmdb`` — fairchem's ``ase_db`` layout (the format
+  of MPtrj and OMat24), read with ``a2g_args: {r_energy, r_forces, r_stress}``
+  through :class:`fairchem_dens.datasets.ase_db.DeNSAseDBDataset`;
+* ``<out>/lmdb/<split>/data.lmdb`` — fairchem LMDB entries with ``stress`` (1, 3, 3).
+
+Each split folder has ``metadata.npz`` (``natoms``) for fairchem's load balancing.
+Splits are by structure family (metal, supercell, strain draw), so MD frames of one
+family never land in two splits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase import Atoms, units
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.md.langevin import Langevin
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+from fairchem_dens.datasets.emt_data import METALS, write_lmdb
+
+__all__ = ["SUPERCELLS", "TEMPERATURES_K", "generate_bulk_dataset", "write_aselmdb"]
+
+logger = logging.getLogger(__name__)
+
+#: Repeats of the 4-atom cubic fcc cell: 4, 8 and 16 atoms.
+SUPERCELLS = ((1, 1, 1), (2, 1, 1), (2, 2, 1))
+MAX_STRAIN = 0.03
+RATTLE_STD = 0.05  # Å
+TEMPERATURES_K = (300.0, 600.0, 1200.0)
+MD_TIMESTEP_FS = 2.0
+MD_STEPS_PER_FRAME = 5
+MD_FRICTION = 0.02
+DEFAULT_SPLITS = {"train": 0.7, "val": 0.15, "test": 0.15}
+
+
+def _labelled(atoms: Atoms) -> Atoms:
+    """A copy with EMT's energy, forces and stress frozen in a single-point calculator."""
+    frame = atoms.copy()
+    frame.calc = EMT()
+    results = {
+        "energy": frame.get_potential_energy(),
+        "forces": frame.get_forces(apply_constraint=False),
+        "stress": frame.get_stress(voigt=True),
+    }
+    frame.calc = SinglePointCalculator(frame, **results)
+    return frame
+
+
+def _family(metal: str, repeat: tuple[int, int, int], md_frames: int, rng: np.random.Generator) -> list[Atoms]:
+    """A strained, rattled supercell and the MD frames that start from it."""
+    atoms = bulk(metal, "fcc", cubic=True).repeat(repeat)
+    strain = rng.uniform(-MAX_STRAIN, MAX_STRAIN, size=(3, 3))
+    strain = (strain + strain.T) / 2
+    atoms.set_cell(atoms.cell.array @ (np.eye(3) + strain), scale_atoms=True)
+    atoms.positions += rng.normal(0.0, RATTLE_STD, size=atoms.positions.shape)
+    frames = [_labelled(atoms)]
+    if md_frames:
+        temperature = float(rng.choice(TEMPERATURES_K))
+        atoms.calc = EMT()
+        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+        dynamics = Langevin(
+            atoms, MD_TIMESTEP_FS * units.fs, temperature_K=temperature, friction=MD_FRICTION, rng=rng, logfile=None
+        )
+        for _ in range(md_frames):
+            dynamics.run(MD_STEPS_PER_FRAME)
+            frames.append(_labelled(atoms))
+    return frames
+
+
+def write_aselmdb(frames: list[Atoms], path: str | Path) -> None:
+    """Writes labelled frames to an ``.aselmdb`` file (ASE database on LMDB) and ``metadata.npz``."""
+    from ase_db_backends.aselmdb import LMDBDatabase
+
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    with LMDBDatabase(path, use_lock_file=False) as database:
+        for atoms in frames:
+            database.write(atoms)
+    Path(str(path) + "-lock").unlink(missing_ok=True)
+    np.savez(path.parent / "metadata.npz", natoms=np.array([len(a) for a in frames], dtype=np.int64))
+
+
+def _to_data(atoms: Atoms, sid: int, fid: int):
+    from fairchem.core.preprocessing import AtomsToGraphs
+
+    data = AtomsToGraphs(r_energy=True, r_forces=True, r_stress=True, r_fixed=True, r_pbc=True,
+                         r_distances=False, r_edges=False).convert(atoms)
+    data.sid, data.fid = int(sid), int(fid)
+    data.pbc = data.pbc.view(1, 3)
+    return data
+
+
+def _check_arguments(families_per_metal: int, md_frames: int, splits: dict[str, float]) -> None:
+    if families_per_metal < 1:
+        raise ValueError(f"families_per_metal must be positive, got {families_per_metal}")
+    if md_frames < 0:
+        raise ValueError(f"md_frames must be >= 0, got {md_frames}")
+    if not splits or any(not fraction > 0 for fraction in splits.values()):
+        raise ValueError(f"splits must map split names to positive fractions, got {splits}")
+    families = families_per_metal * len(METALS)
+    if families < len(splits):
+        raise ValueError(f"{families} structure families cannot fill the {len(splits)} splits {list(splits)}")
+
+
+def generate_bulk_dataset(
+    out_dir: str | Path,
+    *,
+    families_per_metal: int = 3,
+    md_frames: int = 3,
+    seed: int = 0,
+    splits: dict[str, float] | None = None,
+) -> dict[str, dict[str, Path]]:
+    """Generates the bulk data set in both layouts.
+
+    Args:
+        out_dir: output folder (``aselmdb/<split>/``, ``lmdb/<split>/``, ``dataset.json``).
+        families_per_metal: strained supercells per metal (cycling through :data:`SUPERCELLS`).
+        md_frames: Langevin MD frames after the strained start of each family.
+        seed: seed of every draw.
+        splits: fractions of families per split (default 0.7/0.15/0.15); each split gets one at least.
+
+    Returns:
+        ``{"aselmdb": {split: folder}, "lmdb": {split: folder}}``.
+
+    The folders appear only when complete (written in a temporary folder, then renamed).
+    """
+    out_dir = Path(out_dir)
+    splits = dict(DEFAULT_SPLITS if splits is None else splits)
+    _check_arguments(families_per_metal, md_frames, splits)
+    rng = np.random.default_rng(seed)
+    families = [(metal, SUPERCELLS[i % len(SUPERCELLS)]) for metal in METALS for i in range(families_per_metal)]
+    order = rng.permutation(len(families))
+    names = list(splits)
+    fractions = np.array([splits[n] for n in names])
+    cuts = (np.cumsum(fractions)[:-1] / fractions.sum() * (len(order) - len(names))).astype(int)
+    assignment = {name: [int(order[i])] for i, name in enumerate(names)}
+    for name, part in zip(names, np.split(order[len(names):], cuts)):
+        assignment[name].extend(int(f) for f in part)
+
+    frames_of = {
+        fid: _family(metal, repeat, md_frames, np.random.default_rng([seed, fid]))
+        for fid, (metal, repeat) in enumerate(families)
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".bulk-staging-", dir=out_dir))
+    summary: dict[str, Any] = {}
+    try:
+        for split, members in assignment.items():
+            frames = [(fid, i, atoms) for fid in sorted(members) for i, atoms in enumerate(frames_of[fid])]
+            (staging / "aselmdb" / split).mkdir(parents=True)
+            (staging / "lmdb" / split).mkdir(parents=True)
+            write_aselmdb([atoms for _, _, atoms in frames], staging / "aselmdb" / split / "data.aselmdb")
+            write_lmdb([_to_data(atoms, fid, i) for fid, i, atoms in frames], staging / "lmdb" / split / "data.lmdb")
+            summary[split] = {"families": sorted(members), "frames": len(frames),
+                              "atoms": int(sum(len(a) for _, _, a in frames))}
+        description = {
+            "generator": "fairchem_dens.datasets.emt_bulk.generate_bulk_dataset",
+            "calculator": "ase.calculators.emt.EMT",
+            "units": {"energy": "eV (total)", "forces": "eV/Å", "stress": "eV/Å³, ASE sign (σ = (1/V) dE/dε)",
+                      "positions": "Å"},
+            "seed": seed, "families_per_metal": families_per_metal, "md_frames": md_frames,
+            "max_strain": MAX_STRAIN, "rattle_std_A": RATTLE_STD, "temperatures_K": list(TEMPERATURES_K),
+            "families": {str(fid): {"metal": m, "repeat": list(r)} for fid, (m, r) in enumerate(families)},
+            "splits": summary,
+        }
+        (staging / "dataset.json").write_text(json.dumps(description, indent=2, ensure_ascii=False))
+        for layout in ("aselmdb", "lmdb"):
+            if (out_dir / layout).exists():
+                shutil.rmtree(out_dir / layout)
+            (staging / layout).rename(out_dir / layout)
+        (staging / "dataset.json").replace(out_dir / "dataset.json")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("EMT bulk data written to %s", out_dir)
+    return {layout: {split: out_dir / layout / split for split in assignment} for layout in ("aselmdb", "lmdb")}
