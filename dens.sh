@@ -34,6 +34,8 @@ REQUIREMENTS=(
   "submitit"
   # fairchem 1.10's relaxation code implements the Optimizable API of ASE <= 3.24
   "ase>=3.23,<3.25"
+  # .aselmdb files (MPtrj, OMat24) without ASE >= 3.25's database plugins
+  "ase-db-backends>=0.10"
   "pytest"
   "matplotlib"
   "tensorboard"

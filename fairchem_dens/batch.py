@@ -82,5 +82,6 @@ def structure_subset(data: Any, keep: torch.Tensor, fields: dict[str, str]):
         batch=renumber[data.batch[atoms]],
     )
     for name, level in fields.items():
-        subset[name] = data[name][atoms if level == "atom" else keep]
+        rows = atoms if level == "atom" else keep  # collated tensors may be stacked, e.g. stress [3B, 3]
+        subset[name] = data[name].reshape(rows.shape[0], -1)[rows]
     return subset, atoms

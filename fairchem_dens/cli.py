@@ -20,6 +20,16 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def _make_emt_data(args: argparse.Namespace) -> int:
+    if args.bulk:
+        from fairchem_dens.datasets.emt_bulk import generate_bulk_dataset
+
+        layouts = generate_bulk_dataset(
+            Path(args.out), families_per_metal=args.families, md_frames=args.md_frames, seed=args.seed
+        )
+        for layout, folders in layouts.items():
+            for split, folder in folders.items():
+                print(f"{layout} {split}: {folder}")
+        return 0
     from fairchem_dens.datasets.emt_data import generate_emt_dataset
 
     folders = generate_emt_dataset(
@@ -107,11 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--seed", type=int, default=0)
     quick.set_defaults(func=_quickstart)
 
-    emt = commands.add_parser("make-emt-data", help="write the OC20-like EMT example as fairchem LMDBs")
+    emt = commands.add_parser("make-emt-data", help="write the EMT example data (OC20-like slabs, or --bulk) as fairchem datasets")
     emt.add_argument("out", help="output folder (one sub-folder per split)")
     emt.add_argument("--systems", type=int, default=24)
     emt.add_argument("--seed", type=int, default=0)
     emt.add_argument("--holdout", default="OH", help="adsorbate kept out of training for an 'ood' split")
+    emt.add_argument("--bulk", action="store_true",
+                     help="bulk fcc metals with energy, forces and stress instead (aselmdb/ and lmdb/ layouts)")
+    emt.add_argument("--families", type=int, default=6, help="--bulk: strained supercells per metal")
+    emt.add_argument("--md-frames", type=int, default=4, help="--bulk: MD frames per supercell")
     emt.set_defaults(func=_make_emt_data)
     convert = commands.add_parser(
         "convert-checkpoint",

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ase.db
+
 from fairchem.core.common.registry import registry
 from fairchem.core.datasets.ase_datasets import AseDBDataset
 
@@ -34,7 +36,10 @@ class DeNSAseDBDataset(AseDBDataset):
     @staticmethod
     def connect_db(address: str | Path, connect_args: dict | None = None):
         if not str(address).endswith(".aselmdb"):
-            return AseDBDataset.connect_db(address, connect_args)
+            # fairchem adds LMDB-only arguments when "aselmdb" occurs anywhere in the path
+            # (a folder name too), which breaks every other file there (e.g. metadata.npz,
+            # which must then be skipped as "not an ASE database").
+            return ase.db.connect(address, **(connect_args or {}))
         from ase_db_backends.aselmdb import LMDBDatabase
 
         # Read-only and without ASE's lock file, as fairchem opens them (many readers).

@@ -133,6 +133,20 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
                     "encodes the forces of the original structure and trains a force "
                     "head, so it needs S2EF data with forces (check key_mapping)."
                 )
+            trained = [next(iter(entry)) for entry in self.config.get("loss_functions", [])]
+            for name in trained:
+                if getattr(sample, name, None) is None:
+                    raise ValueError(
+                        f"loss_functions trains `{name}` but the training dataset {source} has no `{name}` "
+                        "in its entries: read it from the data (ase_db/ase_read_multi: a2g_args "
+                        "{r_energy, r_forces, r_stress: True}; stress parts come from the decompose_tensor "
+                        "transform) or remove the output."
+                    )
+            if self.dens.max_stress_norm is not None and getattr(sample, "stress", None) is None:
+                raise ValueError(
+                    f"optim.denoising_pos_params.max_stress_norm is set but the training dataset {source} "
+                    "has no `stress`: read it with a2g_args: {r_stress: True} or drop the filter."
+                )
             if self.dens.relaxation_only and getattr(sample, "md", None) is None:
                 raise ValueError(
                     f"optim.denoising_pos_params.relaxation_only is set but the training "
@@ -253,9 +267,14 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
 
     # -------------------------------------------------------------- corruption
     def _forward(self, batch):
-        if self.model.training and self.dens.enabled:
+        if self.model.training and self.dens.active_in_epoch(self._epoch_index()):
             self.corrupt(batch, step=self.step, rank=distutils.get_rank())
         return super()._forward(batch)
+
+    def _epoch_index(self) -> int:
+        """The 0-based epoch of the current step (fairchem's ``epoch`` is fractional, in (k, k+1])."""
+        steps = len(self.train_loader) if self.train_loader is not None else 0
+        return max(self.step - 1, 0) // steps if steps else 0
 
     def corrupt(self, batch, step: int, rank: int = 0, stream: int | None = None, seed: int | None = None) -> bool:
         """Corrupts ``batch`` in place (CPU, before it is moved to the device).
@@ -283,6 +302,8 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
             step_generator(seed, step, noise_stream, rank),
             md=getattr(batch, "md", None),
             num_structures=batch.natoms.numel(),
+            forces=batch.forces,
+            stress=getattr(batch, "stress", None),
         )
         if not corruption.active:
             return False
