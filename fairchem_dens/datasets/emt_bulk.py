@@ -125,8 +125,8 @@ def _check_arguments(families_per_metal: int, md_frames: int, splits: dict[str, 
 def generate_bulk_dataset(
     out_dir: str | Path,
     *,
-    families_per_metal: int = 3,
-    md_frames: int = 3,
+    families_per_metal: int = 6,
+    md_frames: int = 4,
     seed: int = 0,
     splits: dict[str, float] | None = None,
 ) -> dict[str, dict[str, Path]]:

@@ -64,7 +64,7 @@ def md_flags_from_log(path: Path) -> np.ndarray:
 
 
 def close_lmdb(dataset) -> None:
-    """Closes the LMDB environments of a fairchem LMDB dataset (no-op for others).
+    """Closes the LMDB environments of a fairchem LMDB or ASE-database dataset (no-op for others).
 
     py-lmdb refuses to open a file twice in one process, so whoever reads a split
     next to a trainer (or twice) must close what it opened.
@@ -74,6 +74,9 @@ def close_lmdb(dataset) -> None:
     for env in [*getattr(dataset, "envs", []), getattr(dataset, "env", None)]:
         if env is not None:
             env.close()
+    for database in getattr(dataset, "dbs", []):  # fairchem's ASE datasets (.aselmdb files)
+        if hasattr(database, "close"):
+            database.close()
 
 
 def read_lmdb(folder: str | Path) -> list:
