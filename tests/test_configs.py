@@ -167,3 +167,45 @@ def test_md17_recipes(path):
     assert backbone["lmax_list"] == [lmax] and backbone.get("max_radius", backbone.get("cutoff")) == 5.0
     assert backbone.get("drop_path_rate", 0.0) == 0.0 and backbone.get("alpha_drop", 0.0) == 0.0
     assert config["dataset"]["train"]["src"].endswith(f"{molecule}/train")
+
+
+# fairchem 1.10's configs/omat24/mptrj/eqV2_*_dens_mptrj.yml (SPEC F.2): layers, lmax, mmax, lambda_E, batch
+MPTRJ = {"eqV2_31M_dens_mptrj.yml": (8, 4, 2, 5, 4), "eqV2_86M_dens_mptrj.yml": (10, 6, 4, 2.5, 8),
+         "eqV2_153M_dens_mptrj.yml": (20, 6, 3, 2.5, 8)}
+
+
+@pytest.mark.parametrize("name", sorted(MPTRJ))
+def test_mptrj_recipes_really_denoise_with_the_published_values(name):
+    config = full_config(CONFIGS / "mptrj" / "equiformer_v2" / name)
+    layers, lmax, mmax, lambda_e, batch = MPTRJ[name]
+    backbone, optim = config["model"]["backbone"], config["optim"]
+    assert config["trainer"] == "fairchem_dens.trainers.dens.DeNSTrainer"  # not equiformerv2_forces
+    assert (backbone["num_layers"], backbone["lmax_list"], backbone["mmax_list"]) == (layers, [lmax], [mmax])
+    assert (backbone["max_radius"], backbone["max_neighbors"], backbone["use_pbc_single"]) == (12.0, 20, True)
+    assert (backbone["sphere_channels"], backbone["attn_hidden_channels"], backbone["ffn_hidden_channels"]) == (128, 64, 128)
+    losses = {next(iter(e)): next(iter(e.values())) for e in config["loss_functions"]}
+    assert {k: (v["fn"], v["coefficient"]) for k, v in losses.items()} == {
+        "energy": ("per_atom_mae", lambda_e), "forces": ("l2mae", 20),
+        "stress_isotropic": ("mae", 5), "stress_anisotropic": ("mae", 5)}
+    assert (optim["lr_initial"], optim["max_epochs"], optim["batch_size"], optim["ema_decay"]) == (2e-4, 150, batch, 0.999)
+    dens = DeNSConfig.from_optim(optim)
+    assert (dens.prob, dens.std, dens.corrupt_ratio, dens.coefficient) == (0.5, 0.1, None, 10)
+    assert config["model"]["heads"]["stress"]["module"] == "rank2_symmetric_head"  # zeroes nothing
+    assert config["logger"] == "tensorboard"
+    train = config["dataset"]["train"]
+    assert train["a2g_args"] == {"r_energy": True, "r_forces": True, "r_stress": True}
+    assert train["format"] == "fairchem_dens.datasets.ase_db.DeNSAseDBDataset"
+
+
+def test_mptrj_31m_has_the_released_size():
+    config = full_config(CONFIGS / "mptrj" / "equiformer_v2" / "eqV2_31M_dens_mptrj.yml")
+    model = build_model(config["model"])
+    # SPEC F.2: 34.34M parameters in fairchem's port, noise and stress heads included
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(34.34, abs=0.01)
+
+
+def test_omat24_variant_has_equiformer_v3s_dens_settings():
+    config = full_config(CONFIGS / "mptrj" / "equiformer_v2" / "eqV2_31M_dens_omat24_eqv3_settings.yml")
+    dens = DeNSConfig.from_optim(config["optim"])
+    assert (dens.std, dens.corrupt_ratio, dens.strict_max_ratio, dens.max_force_norm, dens.coefficient) == (
+        0.025, 0.5, 0.75, 2.5, 1)

@@ -221,3 +221,92 @@ def test_every_output_gets_a_role():
     }
     roles = output_roles(targets, {"energy": "excluded", "charges": "original"})
     assert (roles["energy"], roles["charges"]) == ("excluded", "original")
+
+
+# ------------------------------------------------------------------ skip filters (EquiformerV3)
+def filters(**params):
+    base = {"prob": 1.0, "fixed_noise_std": True, "std": 0.1}
+    return DeNSConfig.from_optim({"use_denoising_pos": True, "denoising_pos_coefficient": 1.0,
+                                  "denoising_pos_params": {**base, **params}})
+
+
+def draw_filtered(config, batch_index, step, forces=None, stress=None, fixed=None):
+    fixed = torch.zeros(batch_index.numel()) if fixed is None else fixed
+    return sample_corruption(config, batch_index, fixed, step_generator(0, step, 0), step_generator(0, step, 1),
+                             forces=forces, stress=stress)
+
+
+def test_min_num_atoms_and_force_filters():
+    sizes = torch.tensor([2, 5, 8, 8])
+    batch_index = torch.repeat_interleave(torch.arange(4), sizes)
+    forces = torch.zeros(int(sizes.sum()), 3)
+    forces[7, 0] = 3.0  # structure 2: one atom above 2.5 eV/Å
+    forces[15:23, 1] = 0.2  # structure 3: |sum F| = 1.6 eV/Å, every |F_i| small
+    config = filters(min_num_atoms=3, max_force_norm=2.5, max_mean_force_norm=1.0)
+    corruption = draw_filtered(config, batch_index, 1, forces=forces)
+    assert corruption.selected.tolist() == [False, True, False, False]
+    assert torch.equal(corruption.mask, corruption.selected[batch_index])
+    with pytest.raises(DeNSConfigError, match="need the batch's `forces`"):
+        draw_filtered(config, batch_index, 1)
+
+
+def test_max_stress_norm_filter():
+    batch_index = torch.repeat_interleave(torch.arange(3), 4)
+    stress = torch.zeros(3, 3, 3)
+    stress[1, 0, 0] = 0.05
+    corruption = draw_filtered(filters(max_stress_norm=0.01), batch_index, 1, stress=stress)
+    assert corruption.selected.tolist() == [True, False, True]
+    with pytest.raises(DeNSConfigError, match="max_stress_norm is set but the batch has no `stress`"):
+        draw_filtered(filters(max_stress_norm=0.01), batch_index, 1)
+
+
+def test_strict_max_ratio_statistics():
+    # 2000 structures of 8 free atoms, corrupt_ratio 0.5, cap 0.75: a structure stays corrupted
+    # when 1..6 of its 8 atoms are drawn (0 atoms: nothing to corrupt; 7-8: above the cap).
+    n, structures = 8, 2000
+    batch_index = torch.repeat_interleave(torch.arange(structures), n)
+    corruption = draw_filtered(filters(corrupt_ratio=0.5, strict_max_ratio=0.75), batch_index, 3)
+    counts = torch.zeros(structures).index_add_(0, batch_index, corruption.mask.float())
+    assert counts.max() <= 6
+    capped = (counts == 0) & corruption.selected.logical_not()
+    expected = (math.comb(8, 7) + math.comb(8, 8)) / 2**8  # P(k > 6) = 9/256
+    assert float(capped.float().mean()) == pytest.approx(expected, abs=4 * math.sqrt(expected / structures))
+    # the cap only removes structures: every other draw is what the uncapped sampler makes
+    free = draw_filtered(filters(corrupt_ratio=0.5), batch_index, 3)
+    kept = corruption.selected[batch_index]
+    assert torch.equal(corruption.mask[kept], free.mask[kept])
+    assert torch.equal(corruption.noise[kept], free.noise[kept])
+
+
+def test_filters_draw_nothing_so_resumed_jobs_draw_the_same():
+    batch_index = torch.repeat_interleave(torch.arange(6), 5)
+    forces = torch.randn(30, 3, generator=torch.Generator().manual_seed(0))
+    with_filters = draw_filtered(filters(corrupt_ratio=0.5, max_force_norm=2.0), batch_index, 9, forces=forces)
+    again = draw_filtered(filters(corrupt_ratio=0.5, max_force_norm=2.0), batch_index, 9, forces=forces)
+    without = draw_filtered(filters(corrupt_ratio=0.5), batch_index, 9)
+    assert torch.equal(with_filters.noise, again.noise)
+    allowed = with_filters.selected[batch_index]
+    assert torch.equal(with_filters.noise[allowed], without.noise[allowed])
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"strict_max_ratio": 0.75}, "strict_max_ratio caps the corrupted fraction of partial corruption"),
+    ({"corrupt_ratio": 0.5, "strict_max_ratio": 1.5}, r"strict_max_ratio must be a probability"),
+    ({"min_num_atoms": 0}, r"min_num_atoms must be a positive integer"),
+    ({"max_force_norm": -1.0}, r"max_force_norm must be a positive number \(eV/Å\)"),
+    ({"max_stress_norm": "big"}, r"max_stress_norm must be a positive number"),
+    ({"early_epochs": 0}, r"early_epochs must be a positive number"),
+    ({"coefficient_min_factor": 0.1}, r"coefficient_min_factor is the floor of the linear decay"),
+    ({"coefficient_min_factor": 2.0, "coefficient_schedule": "linear_decay"}, r"coefficient_min_factor must be a probability"),
+])
+def test_filter_settings_are_validated(params, message):
+    with pytest.raises(DeNSConfigError, match=message):
+        filters(**params)
+
+
+def test_early_epochs_and_decay_floor():
+    config = filters(early_epochs=2, coefficient_schedule="linear_decay", coefficient_min_factor=0.25)
+    assert [config.active_in_epoch(e) for e in range(4)] == [True, True, False, False]
+    assert config.coefficient_at(0.0, 10) == pytest.approx(1.0)
+    assert config.coefficient_at(5.0, 10) == pytest.approx(0.625)
+    assert config.coefficient_at(10.0, 10) == pytest.approx(0.25)

@@ -301,3 +301,15 @@ def test_dataset_without_forces_is_refused(emt_data, tmp_path):
         f"--dataset.test.src={emt_data['test']}",
     ):
         pass
+
+
+@pytest.mark.parametrize("trainer_ctx", [["--optim.denoising_pos_params.early_epochs=1"]], indirect=True)
+def test_early_epochs_stop_denoising(trainer_ctx):
+    trainer = trainer_ctx.trainer
+    trainer.model.train()
+    steps = len(trainer.train_loader)
+    for step, expected in ((1, True), (steps, True), (steps + 1, False), (3 * steps, False)):
+        trainer.step = step
+        batch = first_batch(trainer)
+        trainer._forward(batch)
+        assert is_dens_batch(batch) == expected, step
