@@ -12,7 +12,7 @@ from fairchem.core.common.registry import registry
 from fairchem.core.common.utils import setup_imports
 setup_imports()
 before = {kind: dict(registry.mapping[kind]) for kind in registry.mapping if kind.endswith('_mapping')}
-import fairchem_dens.models.equiformer_v2, fairchem_dens.models.escn, fairchem_dens.trainers.dens, fairchem_dens.datasets.lmdb_dataset
+import fairchem_dens.models.equiformer_v2, fairchem_dens.models.escn, fairchem_dens.trainers.dens, fairchem_dens.datasets.lmdb_dataset, fairchem_dens.datasets.ase_db
 after = {kind: dict(registry.mapping[kind]) for kind in registry.mapping if kind.endswith('_mapping')}
 new = {kind: sorted(set(after[kind]) - set(before.get(kind, {}))) for kind in after}
 replaced = [(kind, name) for kind in before for name in before[kind] if after[kind][name] is not before[kind][name]]
@@ -26,7 +26,7 @@ print(repr((new, replaced)))
         "fairchem_dens_escn_backbone", "fairchem_dens_escn_force_head",
     ]
     assert new["trainer_name_mapping"] == ["fairchem_dens_trainer"]
-    assert new["dataset_name_mapping"] == ["fairchem_dens_lmdb"]
+    assert new["dataset_name_mapping"] == ["fairchem_dens_ase_db", "fairchem_dens_lmdb"]
     # and none of the names fairchem 1.10 took for its own DeNS port
     taken = {"equiformer_v2_dens_backbone", "eqV2_DeNS_scalar_head", "eqV2_DeNS_vector_head", "equiformerv2_dens"}
     assert not taken & {name for names in new.values() for name in names}
