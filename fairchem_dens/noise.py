@@ -89,6 +89,10 @@ class DeNSConfig:
         early_epochs: DeNS only in epochs before this one (0-based epoch index < early_epochs).
         coefficient_min_factor: with ``linear_decay``, lambda_D falls linearly from its
             value to ``coefficient_min_factor`` times it at the last epoch (default 0).
+        loss_form: ``hybrid`` (OC20/OC22, the original trainer: one mean over the counted
+            atoms with per-atom weights lambda_D / lambda_F) or ``separate_means`` (the MD17
+            recipe: lambda_F times the mean over clean atoms plus lambda_D times the mean over
+            corrupted atoms, each term dropped when empty).
     """
 
     enabled: bool
@@ -114,6 +118,7 @@ class DeNSConfig:
     max_stress_norm: float | None = None
     early_epochs: float | None = None
     coefficient_min_factor: float = 0.0
+    loss_form: Literal["hybrid", "separate_means"] = "hybrid"
 
     PARAM_KEYS = (
         "prob",
@@ -137,6 +142,7 @@ class DeNSConfig:
         "max_stress_norm",
         "early_epochs",
         "coefficient_min_factor",
+        "loss_form",
     )
 
     @classmethod
@@ -228,6 +234,10 @@ class DeNSConfig:
         if self.selection not in ("batch", "structure"):
             raise DeNSConfigError(
                 f"{key}selection must be 'batch' or 'structure', got {self.selection!r}"
+            )
+        if self.loss_form not in ("hybrid", "separate_means"):
+            raise DeNSConfigError(
+                f"{key}loss_form must be 'hybrid' (OC20/OC22) or 'separate_means' (MD17), got {self.loss_form!r}"
             )
         if self.coefficient_schedule not in ("constant", "linear_decay"):
             raise DeNSConfigError(

@@ -153,6 +153,7 @@ def test_md17_recipes(path):
     molecule = path.stem
     toluene = molecule == "toluene"
     assert dens.selection == "structure" and dens.coefficient_schedule == "linear_decay"
+    assert dens.loss_form == "separate_means"  # SPEC A.12
     assert (dens.prob, dens.std) == ((0.125, 0.025) if toluene else (0.25, 0.05))
     assert (dens.corrupt_ratio, dens.coefficient, dens.fixed_noise_std) == (0.25, 5.0, True)
     lmax = 3 if "lmax3" in str(path) else 2

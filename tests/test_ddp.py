@@ -20,6 +20,7 @@ CASES = {
     "partial": [f"{P}corrupt_ratio=0.5"],
     "full": [f"{P}corrupt_ratio=None"],
     "relaxation_only": [f"{P}relaxation_only=True", f"{P}corrupt_ratio=0.5"],
+    "separate_means": [f"{P}corrupt_ratio=0.5", f"{P}loss_form=separate_means"],
 }
 
 

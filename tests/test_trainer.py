@@ -313,3 +313,20 @@ def test_early_epochs_stop_denoising(trainer_ctx):
         batch = first_batch(trainer)
         trainer._forward(batch)
         assert is_dens_batch(batch) == expected, step
+
+
+@pytest.mark.parametrize("trainer_ctx", [["--optim.denoising_pos_params.loss_form=separate_means"]], indirect=True)
+def test_separate_means_loss_form_of_the_md17_recipe(trainer_ctx):
+    trainer = trainer_ctx.trainer
+    batch, out = corrupted_forward(trainer)
+    free, mask = batch.fixed == 0, batch.noise_mask
+    noise_term = (out["forces"] - batch.noise_vec / 0.05).norm(dim=-1)[free & mask].mean()
+    force_target = trainer.normalizers["forces"].norm(batch.forces)
+    force_term = (out["forces"] - force_target).norm(dim=-1)[free & ~mask].mean()
+    expected = energy_term(trainer, out, batch) + 10 * noise_term + 100 * force_term
+    assert trainer._compute_loss(out, batch).item() == pytest.approx(expected.item(), rel=1e-5)
+    # a batch without corrupted atoms: the noise term is dropped, not NaN
+    clean = first_batch(trainer)
+    out = trainer._forward(clean)
+    fairchem_loss = super(DeNSTrainer, trainer)._compute_loss(out, clean)
+    assert trainer._compute_loss(out, clean).item() == pytest.approx(fairchem_loss.item(), rel=1e-6)

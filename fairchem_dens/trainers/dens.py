@@ -324,8 +324,9 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         Each output follows its DeNS role (:mod:`fairchem_dens.trainers.output_policy`).
         In an S2EF batch this is fairchem's loss. In a DeNS batch ``forces`` is trained
         on the normalised noise on corrupted atoms (weight lambda_D) and on the forces
-        elsewhere (weight lambda_F), and excluded outputs leave out corrupted
-        structures. With ``l2mae`` forces this is SPEC A.9 exactly; another force
+        elsewhere (weight lambda_F) in one mean (``loss_form: hybrid``) or two
+        (``separate_means``, the MD17 recipe), and excluded outputs leave out corrupted
+        structures. With ``l2mae`` forces this is SPEC A.9 / A.12 exactly; another force
         ``fn`` (``mae``, ``mse``) is applied the same way per atom, so the loss keeps
         its form between full, partial and S2EF batches.
         """
@@ -379,14 +380,13 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         elementwise = fn.loss_fn(pred, target, natoms=batch.natoms)
         if weights is None:
             weights = torch.full((elementwise.shape[0],), float(loss_info["coefficient"]), device=pred.device)
-        weighted = (weights.view(-1, *[1] * (elementwise.dim() - 1)) * elementwise)[rows]
-        total = weighted.sum()
-        if fn.reduction == "sum":
-            return total
-        count = distutils.all_reduce(weighted.numel(), device=pred.device)
-        if count == 0:  # nothing counts on any rank: a zero term that keeps the graph
-            return 0.0 * total
-        return total * distutils.get_world_size() / count
+        weighted = weights.view(-1, *[1] * (elementwise.dim() - 1)) * elementwise
+        if name == FORCES and self.dens.loss_form == "separate_means":
+            # Two means, each over its own DDP-global count; split in S2EF batches too, so
+            # every rank makes the same collectives whatever its batch kind.
+            corrupted = corrupted_atoms(batch)
+            return _ddp_mean(weighted[rows & corrupted], fn) + _ddp_mean(weighted[rows & ~corrupted], fn)
+        return _ddp_mean(weighted[rows], fn)
 
     def _normalized_target(self, name: str, batch) -> torch.Tensor:
         """fairchem's target of ``name``: reshaped, element references removed, normalised."""
@@ -564,6 +564,17 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
             if numel > 0:
                 aggregated[key] = {"total": total, "numel": numel, "metric": total / numel}
         return aggregated
+
+
+def _ddp_mean(weighted: torch.Tensor, fn) -> torch.Tensor:
+    """fairchem's DDPLoss reduction of already weighted elements (``sum`` or DDP-global ``mean``)."""
+    total = weighted.sum()
+    if fn.reduction == "sum":
+        return total
+    count = distutils.all_reduce(weighted.numel(), device=weighted.device)
+    if count == 0:  # nothing counts on any rank: a zero term that keeps the graph
+        return 0.0 * total
+    return total * distutils.get_world_size() / count
 
 
 def _in_mev(metrics: dict[str, Any]) -> str:
