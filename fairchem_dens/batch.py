@@ -21,6 +21,7 @@ __all__ = [
     "corrupted_structures",
     "batch_kind",
     "structure_subset",
+    "apply_corruption",
 ]
 
 S2EF, FULL, PARTIAL = "S2EF", "full-corruption", "partial-corruption"
@@ -85,3 +86,23 @@ def structure_subset(data: Any, keep: torch.Tensor, fields: dict[str, str]):
         rows = atoms if level == "atom" else keep  # collated tensors may be stacked, e.g. stress [3B, 3]
         subset[name] = data[name].reshape(rows.shape[0], -1)[rows]
     return subset, atoms
+
+
+def apply_corruption(data: Any, corruption) -> bool:
+    """Corrupts a batch in place as the trainer does; returns whether it became a DeNS batch.
+
+    Args:
+        data: the collated batch.
+        corruption: a :class:`fairchem_dens.noise.Corruption` drawn for it.
+    """
+    if not corruption.active:
+        return False
+    device = data.pos.device
+    data.pos = data.pos + corruption.noise.to(device, data.pos.dtype)
+    data.noise_vec = corruption.noise.to(device)
+    data.denoising_target = corruption.target.to(device)
+    data.sigmas = corruption.sigmas.to(device)
+    if not bool(corruption.mask.all()):
+        data.noise_mask = corruption.mask.to(device)
+    data.denoising_pos_forward = True
+    return True

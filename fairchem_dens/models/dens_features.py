@@ -8,7 +8,8 @@ published weights were trained with that bias, so it must stay.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ __all__ = [
     "make_force_embedding",
     "dens_node_features",
     "dens_force_output",
+    "edge_subset_rotations",
     "DeNSBackboneMixin",
 ]
 
@@ -106,8 +108,8 @@ def dens_node_features(
 
 def dens_force_output(
     data: Any,
-    run_force_block: Callable[[], torch.Tensor],
-    run_noise_block: Callable[[], torch.Tensor],
+    run_force_block: Callable[[torch.Tensor | None], torch.Tensor],
+    run_noise_block: Callable[[torch.Tensor | None], torch.Tensor],
     force_block: nn.Module,
     noise_block: nn.Module,
     training: bool,
@@ -115,31 +117,58 @@ def dens_force_output(
     """The single ``forces`` output of a DeNS force head (SPEC A.7).
 
     Noise predictions on corrupted atoms (all atoms without a ``noise_mask``),
-    force predictions elsewhere. Only the blocks whose output is used run: an S2EF
-    batch skips the noise block and a fully corrupted batch skips the force block.
-    In training, the skipped block's parameters still enter the graph with weight
-    0, so every parameter gets a (zero) gradient and DDP needs no
-    ``find_unused_parameters``; the peers get the same effect by running both
-    blocks and multiplying one output by 0, which costs a whole extra block.
+    force predictions elsewhere. Each block computes only the atoms whose output is
+    used: an S2EF batch runs the force block alone, a fully corrupted batch the
+    noise block alone, and a partially corrupted batch runs the noise block on the
+    corrupted atoms and the force block on the others, so a DeNS batch costs what
+    an S2EF batch costs. A block that has no atom in a batch still enters the graph
+    in training with weight 0, so every parameter gets a (zero) gradient and DDP
+    needs no ``find_unused_parameters``; the peers get that by running both blocks
+    on every atom and multiplying one output by 0.
 
     Args:
         data: the batch.
-        run_force_block: computes the ``[N, 3]`` force-block output.
-        run_noise_block: computes the ``[N, 3]`` noise-block output.
+        run_force_block: ``atoms -> [N, 3]``, the force block's output, correct on the
+            rows of the bool mask ``atoms`` (``None``: every atom).
+        run_noise_block: the same for the noise block.
         force_block: the force block (for the zero-weight term).
         noise_block: the noise block (for the zero-weight term).
         training: whether the head is in training mode.
     """
     if not is_dens_batch(data):
-        output, unused = run_force_block(), noise_block
-    elif getattr(data, "noise_mask", None) is None:
-        output, unused = run_noise_block(), force_block
+        output, unused = run_force_block(None), noise_block
+    elif getattr(data, "noise_mask", None) is None or bool(data.noise_mask.all()):
+        output, unused = run_noise_block(None), force_block
+    elif not bool(data.noise_mask.any()):
+        output, unused = run_force_block(None), noise_block
     else:
-        mask = data.noise_mask.view(-1, 1)
-        return torch.where(mask, run_noise_block(), run_force_block())
+        mask = data.noise_mask.view(-1)
+        return torch.where(mask.view(-1, 1), run_noise_block(mask), run_force_block(~mask))
     if training:
         output = output + _zero_weight(unused)
     return output
+
+
+@contextlib.contextmanager
+def edge_subset_rotations(rotations: nn.ModuleList, edges: torch.Tensor | None) -> Iterator[None]:
+    """Lets an EquiformerV2 block run on a subset of the edges.
+
+    The blocks read each edge's Wigner matrices from the backbone's shared
+    ``SO3_Rotation`` modules, which hold them for every edge; for the duration of
+    the block they hold those of ``edges`` only (bool ``[E]``, ``None``: all). The
+    matrices carry no gradient, and autograd keeps the sliced ones it used.
+    """
+    if edges is None:
+        yield
+        return
+    saved = [(rotation.wigner, rotation.wigner_inv) for rotation in rotations]
+    try:
+        for rotation, (wigner, wigner_inv) in zip(rotations, saved):
+            rotation.wigner, rotation.wigner_inv = wigner[edges], wigner_inv[edges]
+        yield
+    finally:
+        for rotation, (wigner, wigner_inv) in zip(rotations, saved):
+            rotation.wigner, rotation.wigner_inv = wigner, wigner_inv
 
 
 def _zero_weight(module: nn.Module) -> torch.Tensor:

@@ -39,6 +39,7 @@ from fairchem_dens.models.dens_features import (
     DeNSBackboneMixin,
     dens_force_output,
     dens_node_features,
+    edge_subset_rotations,
     is_dens_batch,
     make_force_embedding,
 )
@@ -199,7 +200,8 @@ class DeNSForceHead(nn.Module, HeadInterface):
     ``noise_mask``) and the force prediction elsewhere. A block whose output is
     not used is not run (see :func:`~fairchem_dens.models.dens_features.dens_force_output`):
     S2EF batches, validation, prediction, relaxations and the ASE calculator never
-    run the noise block, fully corrupted batches never run the force block.
+    run the noise block, fully corrupted batches never run the force block, and in a
+    partially corrupted batch each block runs only on the edges into its atoms.
 
     Args:
         backbone: the DeNS EquiformerV2 backbone.
@@ -214,13 +216,23 @@ class DeNSForceHead(nn.Module, HeadInterface):
         self.denoising_pos_block = _attention_block(backbone)
         self.apply(partial(eqv2_init_weights, weight_init=backbone.weight_init))
 
-    def _vectors(self, block: nn.Module, emb: dict[str, Any]) -> torch.Tensor:
+    def _vectors(self, block: nn.Module, emb: dict[str, Any], atoms: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N, 3]`` output of ``block``; with ``atoms``, computed only on the edges into those atoms.
+
+        An SO(2) attention block aggregates messages at their target atoms (its
+        attention softmax runs over each target's incoming edges), so the edges into
+        ``atoms`` give exactly the full block's output there; other rows are not used.
+        """
         graph = emb["graph"]
+        edge_index, edge_distance = graph.edge_index, graph.edge_distance
+        # Checkpointed blocks recompute in backward, after the rotations are restored: run them whole.
+        restrict = atoms is not None and not self.activation_checkpoint and not gp_utils.initialized()
+        edges = atoms[edge_index[1] - graph.node_offset] if restrict else None
         inputs = (
             emb["node_embedding"],
             graph.atomic_numbers_full,
-            graph.edge_distance,
-            graph.edge_index,
+            edge_distance if edges is None else edge_distance[edges],
+            edge_index if edges is None else edge_index[:, edges],
             graph.node_offset,
         )
         if self.activation_checkpoint:
@@ -228,7 +240,8 @@ class DeNSForceHead(nn.Module, HeadInterface):
                 block, *inputs, use_reentrant=not self.training
             )
         else:
-            out = block(*inputs)
+            with edge_subset_rotations(block.SO3_rotation, edges):
+                out = block(*inputs)
         vectors = out.embedding.narrow(1, 1, 3).reshape(-1, 3)
         if gp_utils.initialized():
             vectors = gp_utils.gather_from_model_parallel_region(vectors, dim=0)
@@ -237,8 +250,8 @@ class DeNSForceHead(nn.Module, HeadInterface):
     def forward(self, data: Batch, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
         forces = dens_force_output(
             data,
-            lambda: self._vectors(self.vector_block, emb),
-            lambda: self._vectors(self.denoising_pos_block, emb),
+            lambda atoms: self._vectors(self.vector_block, emb, atoms),
+            lambda atoms: self._vectors(self.denoising_pos_block, emb, atoms),
             self.vector_block,
             self.denoising_pos_block,
             self.training,

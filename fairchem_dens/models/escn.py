@@ -104,10 +104,20 @@ class DeNSeSCNForceHead(nn.Module, HeadInterface):
         values, points = emb["sphere_values"], emb["sphere_points"]
         forces = dens_force_output(
             data,
-            lambda: self.force_block(values, points),
-            lambda: self.denoising_pos_block(values, points),
+            lambda atoms: _on_atoms(self.force_block, values, points, atoms),
+            lambda atoms: _on_atoms(self.denoising_pos_block, values, points, atoms),
             self.force_block,
             self.denoising_pos_block,
             self.training,
         )
         return {self.output_name: forces}
+
+
+def _on_atoms(block: ForceBlock, values: torch.Tensor, points: torch.Tensor, atoms: torch.Tensor | None) -> torch.Tensor:
+    """``[N, 3]`` output of a ``ForceBlock`` (per atom, on its sphere samples), computed on ``atoms`` only."""
+    if atoms is None:
+        return block(values, points)
+    per_atom = values.view(atoms.shape[0], block.num_sphere_samples, -1)
+    output = values.new_zeros((atoms.shape[0], 3))
+    output[atoms] = block(per_atom[atoms].reshape(-1, per_atom.shape[-1]), points)
+    return output

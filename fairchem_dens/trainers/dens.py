@@ -40,6 +40,7 @@ from fairchem.core.modules.normalization.normalizer import Normalizer
 
 from fairchem_dens.batch import (
     S2EF,
+    apply_corruption,
     batch_kind,
     corrupted_atoms,
     corrupted_structures,
@@ -305,17 +306,7 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
             forces=batch.forces,
             stress=getattr(batch, "stress", None),
         )
-        if not corruption.active:
-            return False
-        device = batch.pos.device
-        batch.pos = batch.pos + corruption.noise.to(device, batch.pos.dtype)
-        batch.noise_vec = corruption.noise.to(device)
-        batch.denoising_target = corruption.target.to(device)
-        batch.sigmas = corruption.sigmas.to(device)
-        if not bool(corruption.mask.all()):
-            batch.noise_mask = corruption.mask.to(device)
-        batch.denoising_pos_forward = True
-        return True
+        return apply_corruption(batch, corruption)
 
     # -------------------------------------------------------------------- loss
     def _compute_loss(self, out, batch) -> torch.Tensor:

@@ -1,0 +1,84 @@
+"""Head blocks computed on the atoms whose output is used equal the blocks computed on every atom."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fairchem_dens.batch import apply_corruption, corrupted_atoms
+from fairchem_dens.noise import DeNSConfig, sample_corruption, step_generator
+from fairchem_dens.testing import (
+    TINY_EQV2_BACKBONE,
+    TINY_ESCN_BACKBONE,
+    build_model,
+    eqv2_dens_model_config,
+    escn_dens_model_config,
+)
+
+from conftest import DATA  # noqa: F401  (the fixture batch comes from conftest)
+
+CASES = {  # the trainer's own corruption settings; the fixture batch has fixed bottom layers
+    "s2ef": {"prob": 0.0},
+    "full": {"corrupt_ratio": None},
+    "partial": {"corrupt_ratio": 0.5},
+    "relaxation_only": {"corrupt_ratio": 0.5, "relaxation_only": True},
+}
+MODELS = {
+    "eqv2": lambda: eqv2_dens_model_config("ours", backbone={**TINY_EQV2_BACKBONE, "max_neighbors": 20}),
+    "escn": lambda: escn_dens_model_config("ours", backbone={**TINY_ESCN_BACKBONE, "max_neighbors": 20}),
+}
+
+
+def corrupted(batch, case):
+    params = {"prob": 1.0, "fixed_noise_std": True, "std": 0.1, **CASES[case]}
+    config = DeNSConfig.from_optim({"use_denoising_pos": True, "denoising_pos_coefficient": 10.0,
+                                    "denoising_pos_params": params})
+    batch = batch.clone()
+    if case == "relaxation_only":
+        batch.md = torch.tensor([0, 1, 0, 1])
+    corruption = sample_corruption(config, batch.batch, batch.fixed, step_generator(0, 3, 0), step_generator(0, 3, 1),
+                                   md=getattr(batch, "md", None), num_structures=batch.natoms.numel())
+    apply_corruption(batch, corruption)
+    return batch
+
+
+def every_atom(model, batch):
+    """Both blocks on every atom, combined per atom: what the peers compute."""
+    emb = model.backbone(batch)
+    head = model.output_heads["forces"]
+    if hasattr(head, "vector_block"):
+        force = head._vectors(head.vector_block, emb)
+        noise = head._vectors(head.denoising_pos_block, emb)
+    else:
+        force = head.force_block(emb["sphere_values"], emb["sphere_points"])
+        noise = head.denoising_pos_block(emb["sphere_values"], emb["sphere_points"])
+    return torch.where(corrupted_atoms(batch).view(-1, 1), noise, force)
+
+
+def grads(model, forces):
+    model.zero_grad(set_to_none=True)
+    (forces.pow(2).sum()).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_outputs_and_gradients_equal_every_atom_blocks(fixture_batch, family, case):
+    model = build_model(MODELS[family]()).train()
+    batch = corrupted(fixture_batch, case)
+    if case == "partial":
+        mask = batch.noise_mask
+        assert mask.any() and (~mask & (batch.fixed == 0)).any()  # both blocks have atoms
+    torch.manual_seed(7)
+    ours = model(batch)["forces"]
+    ours_grads = grads(model, ours)
+    torch.manual_seed(7)
+    reference = every_atom(model, batch)
+    reference_grads = grads(model, reference)
+    torch.testing.assert_close(ours, reference, atol=1e-6, rtol=0)
+    # parameters of a block the batch does not use get a zero gradient (DDP sees every one)
+    assert set(ours_grads) >= set(reference_grads)
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(ours_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("output_heads.energy")}
+    assert set(ours_grads) == trainable
