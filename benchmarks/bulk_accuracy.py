@@ -43,13 +43,15 @@ def train_and_score(name: str, seed: int, data: dict, out: Path, epochs: int) ->
     run_dir = out / "runs" / f"{'dens' if name == '+ DeNS' else 'plain'}-seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     common = ["--config-yml", str(configs_dir() / CONFIG), "--cpu", "--run-dir", str(run_dir), "--seed", str(seed),
-              f"--dataset.train.src={data['train']}", f"--dataset.test.src={data['test']}",
-              f"--optim.max_epochs={epochs}", "--optim.eval_every=100000", *VARIANTS[name]]
+              f"--dataset.train.src={data['train']}", f"--optim.max_epochs={epochs}", "--optim.eval_every=100000",
+              *VARIANTS[name]]
     seconds, _ = run([*fairchem_command(), "--mode", "train", "--timestamp-id", "train", *common,
-                      f"--dataset.val.src={data['val']}"], run_dir, run_dir / "train.log")
+                      f"--dataset.val.src={data['val']}", f"--dataset.test.src={data['test']}"],
+                     run_dir, run_dir / "train.log")
     checkpoint = run_dir / "checkpoints" / "train" / "checkpoint.pt"  # always written by our trainer
     _, log = run([*fairchem_command(), "--mode", "validate", "--timestamp-id", "test", "--checkpoint", str(checkpoint),
-                  *common, f"--dataset.val.src={data['test']}"], run_dir, run_dir / "validate-test.log")
+                  *common, f"--dataset.val.src={data['test']}", f"--dataset.test.src={data['val']}"],
+                 run_dir, run_dir / "validate-test.log")  # one process cannot open one LMDB file twice
     line = [row for row in log.splitlines() if "stress_mae:" in row][-1]
     scores = {metric: float(re.search(rf"\b{metric}: ([0-9.eE+-]+)", line).group(1)) for metric in METRICS}
     return {"train_seconds": seconds, **scores}
