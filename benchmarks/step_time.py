@@ -1,8 +1,13 @@
 """Step time and peak memory of DeNS models (ours, fairchem's port) vs the plain models.
 
-Forward + backward on the same batch (the 4-structure fixture of the original
-implementation), runs interleaved so machine noise hits every variant alike;
-prints medians and ratios to plain EquiformerV2. Inference (eval, no grad) too.
+Forward + backward on the batches the trainer really makes: the 4-structure OC20-like
+fixture of the original implementation (slabs with a fixed bottom layer, tags) or four
+small molecules (`--system molecules`), corrupted by the trainer's own sampling code
+(`full`: every free atom noised, which on slabs still leaves the fixed atoms clean;
+`partial`: corrupt ratio 0.5). Runs are interleaved so machine noise hits every variant
+alike; prints medians and ratios. `ours, every atom` is our model with both head blocks
+run on every atom (what the previous release and the port do in partial batches).
+Inference (eval, no grad) too.
 
     ./dens.sh run python benchmarks/step_time.py --layers 2 --repeats 20
     ./dens.sh run python benchmarks/step_time.py --family escn
@@ -29,12 +34,69 @@ from fairchem_dens.testing import (
     TINY_ESCN_BACKBONE,
     batch_from_tensors,
     build_model,
-    dens_mode_batch as as_mode,
     eqv2_dens_model_config,
     escn_dens_model_config,
 )
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "inputs.pt"
+
+
+def trainer_batch(base, mode: str, seed: int = 0):
+    """``base`` corrupted as DeNSTrainer.corrupt does (S2EF, full or partial corruption)."""
+    from fairchem_dens.batch import apply_corruption
+    from fairchem_dens.noise import DeNSConfig, sample_corruption, step_generator
+
+    batch = base.clone()
+    if mode == "s2ef":
+        return batch
+    params = {"prob": 1.0, "fixed_noise_std": True, "std": 0.1, "corrupt_ratio": None if mode == "full" else 0.5}
+    config = DeNSConfig.from_optim({"use_denoising_pos": True, "denoising_pos_coefficient": 10.0,
+                                    "denoising_pos_params": params})
+    corruption = sample_corruption(config, batch.batch, batch.fixed, step_generator(seed, 1, 0),
+                                   step_generator(seed, 1, 1), num_structures=batch.natoms.numel())
+    assert apply_corruption(batch, corruption)
+    return batch
+
+
+def molecule_batch():
+    """Four small molecules (EMT labels) in 20 Å boxes: DeNS batches without fixed atoms."""
+    from ase.build import molecule
+    from ase.calculators.emt import EMT
+    from torch_geometric.data import Batch
+
+    from fairchem_dens.datasets.emt_data import atoms_to_data
+
+    entries = []
+    for sid, name in enumerate(("CH3CH2OH", "C6H6", "CH3COOH", "C3H8")):
+        atoms = molecule(name)
+        atoms.center(vacuum=7.0)
+        atoms.cell = [20.0, 20.0, 20.0]
+        atoms.pbc = True
+        atoms.rattle(0.05, seed=sid)
+        atoms.calc = EMT()
+        entries.append(atoms_to_data(atoms, sid=sid, fid=0, md=0))
+    return Batch.from_data_list(entries)
+
+
+class EveryAtom(torch.nn.Module):
+    """Our weights, both head blocks on every atom, combined per atom (the previous release's cost)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        from fairchem_dens.batch import corrupted_atoms
+
+        emb = self.model.backbone(batch)
+        head = self.model.output_heads["forces"]
+        if hasattr(head, "vector_block"):
+            force, noise = head._vectors(head.vector_block, emb), head._vectors(head.denoising_pos_block, emb)
+        else:
+            force = head.force_block(emb["sphere_values"], emb["sphere_points"])
+            noise = head.denoising_pos_block(emb["sphere_values"], emb["sphere_points"])
+        energy = self.model.output_heads["energy"](batch, emb)["energy"]
+        return {"energy": energy, "forces": torch.where(corrupted_atoms(batch).view(-1, 1), noise, force)}
 
 
 def train_step(model, batch):
@@ -56,8 +118,9 @@ def build_variants(family: str, layers: int, args) -> dict:
         backbone = {**TINY_ESCN_BACKBONE, "num_layers": layers, "sphere_channels": args.channels,
                     "hidden_channels": 2 * args.channels, "lmax_list": [args.lmax], "mmax_list": [2],
                     "num_sphere_samples": 128, "max_neighbors": 20, "cutoff": 6.0}
-        return {"plain": build_model(escn_dens_model_config("plain", backbone=backbone)),
-                "ours": build_model(escn_dens_model_config("ours", backbone=backbone))}
+        ours = build_model(escn_dens_model_config("ours", backbone=backbone))
+        return {"plain": build_model(escn_dens_model_config("plain", backbone=backbone)), "ours": ours,
+                "ours, every atom": EveryAtom(ours)}
     backbone = {**TINY_EQV2_BACKBONE, "num_layers": layers, "sphere_channels": args.channels,
                 "attn_hidden_channels": args.channels, "ffn_hidden_channels": args.channels,
                 "lmax_list": [args.lmax], "mmax_list": [2], "grid_resolution": 18,
@@ -69,6 +132,7 @@ def build_variants(family: str, layers: int, args) -> dict:
     }
     # the same weights where they exist, so both DeNS variants do the same arithmetic
     models["fairchem-dens-port"].load_state_dict(models["ours"].state_dict())
+    models["ours, every atom"] = EveryAtom(models["ours"])
     return models
 
 
@@ -89,7 +153,7 @@ def _peak_memory(family, name, layers, kind, mode, channels, lmax, device) -> fl
     args = argparse.Namespace(channels=channels, lmax=lmax)
     torch.set_num_threads(1)
     model = build_variants(family, layers, args)[name].to(device)
-    batch = as_mode(batch_from_tensors(FIXTURE), mode).to(device)
+    batch = trainer_batch(batch_from_tensors(FIXTURE), mode).to(device)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -109,19 +173,21 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--family", choices=["equiformer_v2", "escn"], default="equiformer_v2")
     parser.add_argument("--memory", action="store_true", help="peak memory per variant instead of time")
+    parser.add_argument("--system", choices=["slabs", "molecules"], default="slabs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"# {time.strftime('%Y-%m-%d')} commit {commit} {platform.processor() or platform.machine()} "
           f"threads={args.threads} device={device} torch={torch.__version__}")
-    base = batch_from_tensors(FIXTURE)
+    base = batch_from_tensors(FIXTURE) if args.system == "slabs" else molecule_batch()
     if args.memory:
         unit = "CUDA max allocated" if device.type == "cuda" else "peak RSS growth"
         print(f"| layers | step | batch | {unit} per variant |\n|---|---|---|---|")
     else:
-        print("| layers | step | batch | plain (ms) | fairchem DeNS port (ms) | ours (ms) | ours / port | ours / plain |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| layers | step | batch | plain (ms) | fairchem DeNS port (ms) | ours, every atom (ms) | ours (ms) "
+              "| ours / port | ours / plain | ours / every atom |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
     for layers in args.layers:
         models = {k: m.to(device) for k, m in build_variants(args.family, layers, args).items()}
         if args.memory:
@@ -132,7 +198,7 @@ def main() -> None:
             continue
         cases = [("train", mode) for mode in ("s2ef", "full", "partial")] + [("infer", "s2ef")]
         for kind, mode in cases:
-            batch = as_mode(base, mode).to(device)
+            batch = trainer_batch(base, mode).to(device)
             fn = train_step if kind == "train" else infer
             times = {name: [] for name in models}
             for name, model in models.items():  # warm-up
@@ -152,12 +218,18 @@ def main() -> None:
                     times[name].append(time.perf_counter() - start)
             medians = {k: statistics.median(v) for k, v in times.items() if v}
             ours, port, plain = medians["ours"], medians.get("fairchem-dens-port"), medians.get("plain")
+            every = medians.get("ours, every atom")
+            if mode == "s2ef":
+                plain_s2ef = plain
             cells = [
                 f"{1000 * plain:.0f}" if plain else "-",
                 f"{1000 * port:.0f}" if port else "-",
+                f"{1000 * every:.0f}" if every else "-",
                 f"{1000 * ours:.0f}",
                 f"{ours / port:.2f}" if port else "-",
-                f"{ours / plain:.2f}" if plain else "-",
+                # DeNS batches against the plain model's S2EF step of the same batch
+                f"{ours / (plain or plain_s2ef):.2f}" if kind == "train" or mode == "s2ef" else "-",
+                f"{ours / every:.2f}" if every else "-",
             ]
             print(f"| {layers} | {kind} | {mode} | " + " | ".join(cells) + " |", flush=True)
 
