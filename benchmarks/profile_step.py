@@ -15,7 +15,7 @@ from collections import Counter
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.step_time import FIXTURE, build_variants, train_step, trainer_batch
+from step_time import FIXTURE, build_variants, train_step, trainer_batch  # this folder is on sys.path
 from fairchem_dens.testing import batch_from_tensors
 
 
