@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from step_time import FIXTURE, build_variants, train_step, trainer_batch  # this folder is on sys.path

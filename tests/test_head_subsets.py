@@ -15,7 +15,6 @@ from fairchem_dens.testing import (
     escn_dens_model_config,
 )
 
-from conftest import DATA  # noqa: F401  (the fixture batch comes from conftest)
 
 CASES = {  # the trainer's own corruption settings; the fixture batch has fixed bottom layers
     "s2ef": {"prob": 0.0},

@@ -16,7 +16,7 @@ from fairchem_dens.datasets.ase_db import DeNSAseDBDataset
 from fairchem_dens.datasets.emt_bulk import generate_bulk_dataset, write_aselmdb
 from fairchem_dens.testing import fairchem_trainer, read_lmdb
 
-from conftest import DATA, QUICKSTART, data_overrides
+from conftest import QUICKSTART, data_overrides
 
 BULK_YML = QUICKSTART / "eqv2_dens_bulk_tiny.yml"
 P = "--optim.denoising_pos_params."
