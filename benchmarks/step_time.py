@@ -36,6 +36,7 @@ from fairchem_dens.testing import (
     TINY_ESCN_BACKBONE,
     batch_from_tensors,
     build_model,
+    corrupt_like_trainer,
     eqv2_dens_model_config,
     escn_dens_model_config,
 )
@@ -45,18 +46,12 @@ FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "inputs.pt"
 
 def trainer_batch(base, mode: str, seed: int = 0):
     """``base`` corrupted as DeNSTrainer.corrupt does (S2EF, full or partial corruption)."""
-    from fairchem_dens.batch import apply_corruption
-    from fairchem_dens.noise import DeNSConfig, sample_corruption, step_generator
+    from fairchem_dens.batch import is_dens_batch
 
-    batch = base.clone()
     if mode == "s2ef":
-        return batch
-    params = {"prob": 1.0, "fixed_noise_std": True, "std": 0.1, "corrupt_ratio": None if mode == "full" else 0.5}
-    config = DeNSConfig.from_optim({"use_denoising_pos": True, "denoising_pos_coefficient": 10.0,
-                                    "denoising_pos_params": params})
-    corruption = sample_corruption(config, batch.batch, batch.fixed, step_generator(seed, 1, 0),
-                                   step_generator(seed, 1, 1), num_structures=batch.natoms.numel())
-    assert apply_corruption(batch, corruption)
+        return base.clone()
+    batch = corrupt_like_trainer(base, seed=seed, corrupt_ratio=None if mode == "full" else 0.5)
+    assert is_dens_batch(batch)
     return batch
 
 

@@ -28,7 +28,8 @@ __all__ = [
     "sample_sigmas",
     "sample_corruption",
     "structures_allowed",
-    "cap_corrupted_fraction",
+    "eligible_atoms",
+    "structures_over_ratio",
 ]
 
 # Distinct integers keep the random streams of one step independent.
@@ -431,16 +432,23 @@ def structures_allowed(
     return allowed
 
 
-def cap_corrupted_fraction(
+def structures_over_ratio(
     config: DeNSConfig, mask: torch.Tensor, eligible: torch.Tensor, batch_index: torch.Tensor, num_structures: int
 ) -> torch.Tensor:
-    """``strict_max_ratio``: uncorrupts every structure whose corrupted fraction exceeds it."""
+    """``strict_max_ratio``: bool ``[B]``, structures whose drawn corrupted fraction exceeds it."""
     if config.strict_max_ratio is None:
-        return mask
+        return torch.zeros(num_structures, dtype=torch.bool)
     corrupted = torch.zeros(num_structures).index_add_(0, batch_index, mask.float())
     eligible_count = torch.zeros(num_structures).index_add_(0, batch_index, eligible.float())
-    too_many = corrupted > config.strict_max_ratio * eligible_count
-    return mask & ~too_many[batch_index]
+    return corrupted > config.strict_max_ratio * eligible_count
+
+
+def eligible_atoms(config: DeNSConfig, selected: torch.Tensor, batch_index: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """Atoms of selected structures that may be corrupted: the free ones, or all with ``all_atoms``."""
+    eligible = selected[batch_index]
+    if not config.all_atoms:
+        eligible = eligible & (fixed.view(-1) == 0)
+    return eligible
 
 
 def corruption_mask(
@@ -459,9 +467,7 @@ def corruption_mask(
     Returns:
         Bool tensor ``[N]``.
     """
-    mask = selected[batch_index]
-    if not config.all_atoms:
-        mask = mask & (fixed.view(-1) == 0)
+    mask = eligible_atoms(config, selected, batch_index, fixed)
     if config.corrupt_ratio is not None:
         # Drawn for every atom so the draws do not depend on which atoms are free.
         mask = mask & (torch.rand(batch_index.numel(), generator=noise_gen) < config.corrupt_ratio)
@@ -539,11 +545,9 @@ def sample_corruption(
     )
     selected = selected & structures_allowed(config, batch_index, num_structures, forces, stress)
     mask = corruption_mask(config, selected, batch_index, fixed, noise_gen)
-    eligible = selected[batch_index] & (torch.ones_like(mask) if config.all_atoms else fixed.view(-1) == 0)
-    capped = cap_corrupted_fraction(config, mask, eligible, batch_index, num_structures)
-    if config.strict_max_ratio is not None:
-        uncorrupted = torch.zeros(num_structures).index_add_(0, batch_index, (mask & ~capped).float()) > 0
-        selected, mask = selected & ~uncorrupted, capped
+    eligible = eligible_atoms(config, selected, batch_index, fixed)
+    too_many = structures_over_ratio(config, mask, eligible, batch_index, num_structures)
+    selected, mask = selected & ~too_many, mask & ~too_many[batch_index]
     sigmas = sample_sigmas(config, num_structures, batch_index, noise_gen)
     noise = torch.randn((batch_index.numel(), 3), generator=noise_gen) * sigmas
     noise = noise * mask.view(-1, 1)

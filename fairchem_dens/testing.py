@@ -34,6 +34,8 @@ __all__ = [
     "read_lmdb",
     "lmdb_without",
     "write_variant",
+    "corrupt_like_trainer",
+    "mixed_dens_batch",
 ]
 
 # Small enough for seconds per step on a laptop CPU, big enough to exercise every block.
@@ -225,6 +227,48 @@ def forward_seeded(model: torch.nn.Module, batch: Batch, seed: int = 7) -> dict[
     torch.manual_seed(seed)
     return model(batch)
 
+
+
+def corrupt_like_trainer(batch: Batch, *, seed: int = 0, step: int = 1, **params: Any) -> Batch:
+    """A copy of ``batch`` corrupted by the trainer's own code (``sample_corruption`` + ``apply_corruption``).
+
+    Args:
+        batch: a collated batch (an ``md`` attribute is honoured).
+        seed: the run seed of the draws.
+        step: the training step of the draws.
+        **params: ``denoising_pos_params`` over the defaults prob 1, fixed σ 0.1 Å.
+    """
+    from fairchem_dens.batch import apply_corruption
+    from fairchem_dens.noise import DeNSConfig, sample_corruption, step_generator
+
+    config = DeNSConfig.from_optim({
+        "use_denoising_pos": True, "denoising_pos_coefficient": 10.0,
+        "denoising_pos_params": {"prob": 1.0, "fixed_noise_std": True, "std": 0.1, **params},
+    })
+    batch = batch.clone()
+    corruption = sample_corruption(
+        config, batch.batch, batch.fixed, step_generator(seed, step, 0), step_generator(seed, step, 1),
+        md=getattr(batch, "md", None), num_structures=batch.natoms.numel(),
+    )
+    apply_corruption(batch, corruption)
+    return batch
+
+
+def mixed_dens_batch(trainer, max_steps: int = 60) -> tuple[Batch, torch.Tensor]:
+    """A training batch the trainer corrupted with both corrupted and clean structures.
+
+    Returns:
+        The batch and the bool ``[B]`` of its corrupted structures (read from ``noise_mask``).
+    """
+    for step in range(1, max_steps):
+        batch = next(iter(trainer.train_loader))
+        if not trainer.corrupt(batch, step=step):
+            continue
+        corrupted = torch.zeros(batch.natoms.numel(), dtype=torch.bool).index_fill_(
+            0, batch.batch[batch.noise_mask], True)
+        if 0 < int(corrupted.sum()) < batch.natoms.numel():
+            return batch, corrupted
+    raise AssertionError(f"no batch of the first {max_steps} steps mixed corrupted and clean structures")
 
 
 def write_variant(config_yml: str | Path, path: str | Path, edit) -> Path:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fairchem_dens.batch import apply_corruption, corrupted_atoms
-from fairchem_dens.noise import DeNSConfig, sample_corruption, step_generator
+from fairchem_dens.batch import corrupted_atoms
 from fairchem_dens.testing import (
     TINY_EQV2_BACKBONE,
     TINY_ESCN_BACKBONE,
     build_model,
+    corrupt_like_trainer,
     eqv2_dens_model_config,
     escn_dens_model_config,
 )
@@ -29,16 +29,10 @@ MODELS = {
 
 
 def corrupted(batch, case):
-    params = {"prob": 1.0, "fixed_noise_std": True, "std": 0.1, **CASES[case]}
-    config = DeNSConfig.from_optim({"use_denoising_pos": True, "denoising_pos_coefficient": 10.0,
-                                    "denoising_pos_params": params})
-    batch = batch.clone()
     if case == "relaxation_only":
+        batch = batch.clone()
         batch.md = torch.tensor([0, 1, 0, 1])
-    corruption = sample_corruption(config, batch.batch, batch.fixed, step_generator(0, 3, 0), step_generator(0, 3, 1),
-                                   md=getattr(batch, "md", None), num_structures=batch.natoms.numel())
-    apply_corruption(batch, corruption)
-    return batch
+    return corrupt_like_trainer(batch, step=3, **CASES[case])
 
 
 def every_atom(model, batch):

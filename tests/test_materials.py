@@ -14,7 +14,7 @@ from ase.io import write
 
 from fairchem_dens.datasets.ase_db import DeNSAseDBDataset
 from fairchem_dens.datasets.emt_bulk import generate_bulk_dataset, write_aselmdb
-from fairchem_dens.testing import fairchem_trainer, read_lmdb
+from fairchem_dens.testing import fairchem_trainer, mixed_dens_batch, read_lmdb
 
 from conftest import QUICKSTART, data_overrides
 
@@ -67,19 +67,6 @@ def test_make_emt_data_bulk_command(tmp_path):
     assert (tmp_path / "aselmdb" / "val" / "data.aselmdb").is_file()
     assert (tmp_path / "lmdb" / "test" / "metadata.npz").is_file()
     assert "aselmdb train:" in result.stdout
-
-
-def mixed_dens_batch(trainer):
-    """A batch where some structures are corrupted and some are not (per-structure selection)."""
-    for step in range(1, 60):
-        batch = next(iter(trainer.train_loader))
-        if not trainer.corrupt(batch, step=step):
-            continue
-        corrupted = torch.zeros(batch.natoms.numel(), dtype=torch.bool).index_fill_(
-            0, batch.batch[batch.noise_mask], True)
-        if 0 < int(corrupted.sum()) < batch.natoms.numel():
-            return batch, corrupted
-    pytest.fail("no mixed batch")
 
 
 @pytest.mark.parametrize("layout", ["aselmdb", "lmdb"])

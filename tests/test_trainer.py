@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fairchem_dens.models.equiformer_v2 import is_dens_batch
-from fairchem_dens.testing import fairchem_trainer
+from fairchem_dens.testing import fairchem_trainer, mixed_dens_batch
 from fairchem_dens.trainers.dens import DeNSTrainer, NonFiniteLossError
 
 from conftest import QUICKSTART, data_overrides
@@ -211,15 +211,7 @@ def test_all_atoms_count_without_free_atom_training(trainer_ctx):
 def test_excluded_outputs_leave_out_corrupted_structures_only(trainer_ctx):
     trainer = trainer_ctx.trainer
     assert trainer.output_roles == {"energy": "excluded", "forces": "replaced"}
-    for step in range(1, 40):  # a batch with corrupted and clean structures
-        batch = first_batch(trainer)
-        assert trainer.corrupt(batch, step=step)
-        corrupted = torch.zeros(batch.natoms.numel(), dtype=torch.bool).index_fill_(
-            0, batch.batch[batch.noise_mask], True)
-        if 0 < int(corrupted.sum()) < batch.natoms.numel():
-            break
-    else:
-        pytest.fail("no batch mixed corrupted and clean structures")
+    batch, corrupted = mixed_dens_batch(trainer)
     trainer.model.eval()
     out = trainer._forward(batch)
     free = batch.fixed == 0

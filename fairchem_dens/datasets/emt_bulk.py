@@ -12,7 +12,8 @@ Written twice, in the layouts materials users hold:
 * ``<out>/aselmdb/<split>/data.aselmdb`` — fairchem's ``ase_db`` layout (the format
   of MPtrj and OMat24), read with ``a2g_args: {r_energy, r_forces, r_stress}``
   through :class:`fairchem_dens.datasets.ase_db.DeNSAseDBDataset`;
-* ``<out>/lmdb/<split>/data.lmdb`` — fairchem LMDB entries with ``stress`` (1, 3, 3).
+* ``<out>/lmdb/<split>/data.lmdb`` — fairchem LMDB entries with ``stress`` (1, 3, 3) and
+  ``md`` (0 for the strained starting frame of a family, 1 for its MD frames).
 
 Each split folder has ``metadata.npz`` (``natoms``) for fairchem's load balancing.
 Splits are by structure family (metal, supercell, strain draw), so MD frames of one
@@ -36,7 +37,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
-from fairchem_dens.datasets.emt_data import METALS, write_lmdb
+from fairchem_dens.datasets.emt_data import METALS, atoms_to_data, write_lmdb, write_metadata
 
 __all__ = ["SUPERCELLS", "TEMPERATURES_K", "generate_bulk_dataset", "write_aselmdb"]
 
@@ -97,17 +98,7 @@ def write_aselmdb(frames: list[Atoms], path: str | Path) -> None:
         for atoms in frames:
             database.write(atoms)
     Path(str(path) + "-lock").unlink(missing_ok=True)
-    np.savez(path.parent / "metadata.npz", natoms=np.array([len(a) for a in frames], dtype=np.int64))
-
-
-def _to_data(atoms: Atoms, sid: int, fid: int):
-    from fairchem.core.preprocessing import AtomsToGraphs
-
-    data = AtomsToGraphs(r_energy=True, r_forces=True, r_stress=True, r_fixed=True, r_pbc=True,
-                         r_distances=False, r_edges=False).convert(atoms)
-    data.sid, data.fid = int(sid), int(fid)
-    data.pbc = data.pbc.view(1, 3)
-    return data
+    write_metadata(path.parent, (len(atoms) for atoms in frames))
 
 
 def _check_arguments(families_per_metal: int, md_frames: int, splits: dict[str, float]) -> None:
@@ -170,7 +161,8 @@ def generate_bulk_dataset(
             (staging / "aselmdb" / split).mkdir(parents=True)
             (staging / "lmdb" / split).mkdir(parents=True)
             write_aselmdb([atoms for _, _, atoms in frames], staging / "aselmdb" / split / "data.aselmdb")
-            write_lmdb([_to_data(atoms, fid, i) for fid, i, atoms in frames], staging / "lmdb" / split / "data.lmdb")
+            entries = [atoms_to_data(atoms, fid, i, md=int(i > 0), stress=True) for fid, i, atoms in frames]
+            write_lmdb(entries, staging / "lmdb" / split / "data.lmdb")
             summary[split] = {"families": sorted(members), "frames": len(frames),
                               "atoms": int(sum(len(a) for _, _, a in frames))}
         description = {

@@ -41,6 +41,7 @@ __all__ = [
     "build_system",
     "generate_emt_dataset",
     "write_lmdb",
+    "write_metadata",
 ]
 
 logger = logging.getLogger(__name__)
@@ -104,32 +105,33 @@ def build_system(metal: str, facet: str, adsorbate: str, site: str) -> Atoms:
     return slab
 
 
-@functools.lru_cache(maxsize=1)
-def _converter():
+@functools.lru_cache(maxsize=2)
+def _converter(stress: bool = False):
     # Imported lazily: fairchem pulls in torch_geometric and friends (~1 s), which
     # callers that only build structures or call write_lmdb do not need.
     from fairchem.core.preprocessing import AtomsToGraphs
 
     return AtomsToGraphs(
-        r_energy=True, r_forces=True, r_fixed=True, r_distances=False, r_edges=False, r_pbc=True
+        r_energy=True, r_forces=True, r_stress=stress, r_fixed=True, r_distances=False, r_edges=False, r_pbc=True
     )
 
 
-def atoms_to_data(atoms: Atoms, sid: int, fid: int, md: int):
+def atoms_to_data(atoms: Atoms, sid: int, fid: int, md: int, stress: bool = False):
     """One LMDB entry: a PyG ``Data`` as fairchem's S2EF LMDBs hold it.
 
     Args:
         atoms: a structure with a calculator (EMT) attached.
         sid: system id.
         fid: frame index within the system.
-        md: 1 for an MD frame, 0 for a relaxation frame.
+        md: 1 for an MD frame, 0 for a relaxation (or strained starting) frame.
+        stress: also store the calculator's stress (``stress``, (1, 3, 3), eV/Å³).
 
     Returns:
         ``Data`` with ``pos``, ``cell`` (1, 3, 3), ``atomic_numbers``, ``natoms``,
         ``tags``, ``fixed``, ``pbc`` (1, 3), ``energy`` (float, eV), ``forces``
-        (N, 3 float32, eV/Å), ``sid``, ``fid`` and ``md``.
+        (N, 3 float32, eV/Å), ``sid``, ``fid`` and ``md`` (and ``stress``).
     """
-    data = _converter().convert(atoms)
+    data = _converter(stress).convert(atoms)
     # fairchem 1.10's AtomsToGraphs already stores unconstrained forces as `forces`;
     # set them explicitly anyway, since OC20 keeps the forces of fixed atoms.
     data.forces = torch.tensor(atoms.get_forces(apply_constraint=False), dtype=torch.float32)
@@ -177,8 +179,13 @@ def write_lmdb(data_objects: Iterable, path: str | Path, metadata: bool = True) 
     # Readers open without locking (fairchem passes lock=False); leave only data.lmdb.
     _lock_file(path).unlink(missing_ok=True)
     if metadata:
-        np.savez(path.parent / "metadata.npz", natoms=np.array(natoms, dtype=np.int64))
+        write_metadata(path.parent, natoms)
     return len(natoms)
+
+
+def write_metadata(folder: str | Path, natoms: Iterable[int]) -> None:
+    """``metadata.npz`` (atoms per entry) in ``folder``, where fairchem's load balancing looks for it."""
+    np.savez(Path(folder) / "metadata.npz", natoms=np.array(list(natoms), dtype=np.int64))
 
 
 def _snapshot(atoms: Atoms, md: int) -> tuple[Atoms, int]:

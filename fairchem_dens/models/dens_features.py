@@ -16,7 +16,7 @@ from torch import nn
 
 from fairchem.core.models.equiformer_v2.so3 import SO3_Embedding, SO3_LinearV2
 
-from fairchem_dens.batch import is_dens_batch
+from fairchem_dens.batch import corrupted_atoms, is_dens_batch
 from fairchem_dens.encoding import force_encoding_coefficients
 
 __all__ = [
@@ -135,15 +135,13 @@ def dens_force_output(
         noise_block: the noise block (for the zero-weight term).
         training: whether the head is in training mode.
     """
-    if not is_dens_batch(data):
+    corrupted = corrupted_atoms(data)  # none in an S2EF batch, all without a noise_mask
+    if not bool(corrupted.any()):
         output, unused = run_force_block(None), noise_block
-    elif getattr(data, "noise_mask", None) is None or bool(data.noise_mask.all()):
+    elif bool(corrupted.all()):
         output, unused = run_noise_block(None), force_block
-    elif not bool(data.noise_mask.any()):
-        output, unused = run_force_block(None), noise_block
     else:
-        mask = data.noise_mask.view(-1)
-        return torch.where(mask.view(-1, 1), run_noise_block(mask), run_force_block(~mask))
+        return torch.where(corrupted.view(-1, 1), run_noise_block(corrupted), run_force_block(~corrupted))
     if training:
         output = output + _zero_weight(unused)
     return output

@@ -71,8 +71,14 @@ from fairchem_dens.trainers.output_policy import EXCLUDED, ORIGINAL, REPLACED, o
 __all__ = ["DeNSTrainer", "NonFiniteLossError", "DeNSSetupError"]
 
 FORCES = "forces"
-ENERGY = "energy"
 NOISE_TARGET = "denoising_pos_target"
+POS_MAE = "denoising_pos_mae"
+FORCE_MAE = "denoising_force_mae"
+
+
+def _original_mae(name: str) -> str:
+    """Metric of an ``original``-role output in DeNS batches (``denoising_energy_mae``)."""
+    return f"denoising_{name}_mae"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -171,6 +177,9 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         check_normalizers(
             {k: v for k, v in self.normalizers.items() if k != NOISE_TARGET}, self._normalizer_samples()
         )
+        self._set_noise_normalizer()
+
+    def _set_noise_normalizer(self) -> None:
         # Saved with the checkpoint under the name both published implementations use.
         self.normalizers[NOISE_TARGET] = Normalizer(mean=0.0, rmsd=self.dens.target_std).to(self.device)
 
@@ -233,7 +242,7 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
                 "(std, or std_high for multi-scale noise): the config's value is used for "
                 "the noise target, the saved normalizer and the denoising metrics."
             )
-        self.normalizers[NOISE_TARGET] = Normalizer(mean=0.0, rmsd=self.dens.target_std).to(self.device)
+        self._set_noise_normalizer()
 
     def save(self, metrics=None, checkpoint_file: str = "checkpoint.pt", training_state: bool = True):
         """fairchem's save, made atomic: a temporary file in the same folder, then a rename.
@@ -438,16 +447,16 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
                 pred = self._denorm_preds(name, out[name].detach().float(), batch)
                 rows = self._counted(name, batch, training=False)
                 error = (pred - batch[name].view(pred.shape[0], -1).to(pred)).abs()[rows]
-                _update(evaluator, metrics, f"denoising_{name}_mae", error)
+                _update(evaluator, metrics, _original_mae(name), error)
             pred = out[FORCES].detach().float()
             counted = self._counted(FORCES, batch, training=False)
             corrupted = corrupted_atoms(batch)
             noise_error = (pred * self.dens.target_std - batch.noise_vec.to(pred)).abs()
-            _update(evaluator, metrics, "denoising_pos_mae", noise_error[corrupted & counted])
+            _update(evaluator, metrics, POS_MAE, noise_error[corrupted & counted])
             clean = ~corrupted & counted
             if bool(clean.any()):
                 force_error = (self._denorm_preds(FORCES, pred, batch) - batch.forces.to(pred)).abs()
-                _update(evaluator, metrics, "denoising_force_mae", force_error[clean])
+                _update(evaluator, metrics, FORCE_MAE, force_error[clean])
         return metrics
 
     def _excluded_metrics(self, out, batch, evaluator, metrics) -> dict[str, Any]:
@@ -462,10 +471,7 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
             return metrics
         levels = {name: self.output_targets[name]["level"] for name in excluded}
         subset, atoms = structure_subset(batch, clean, levels)
-        sub_out = {
-            name: out[name][atoms if self.output_targets[name]["level"] == "atom" else clean]
-            for name in excluded
-        }
+        sub_out = {name: out[name][atoms if level == "atom" else clean] for name, level in levels.items()}
         all_targets = self.output_targets
         self.output_targets = {name: all_targets[name] for name in excluded}
         try:
@@ -533,11 +539,10 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
             self.logger.log({k: v["metric"] for k, v in metrics.items()}, step=self.step, split=split)
         return metrics
 
-
     def denoising_metric_keys(self) -> list[str]:
         """Every key :meth:`denoising_metrics` can report, in a fixed order (the same on every rank)."""
-        originals = [f"denoising_{name}_mae" for name, role in self.output_roles.items() if role == ORIGINAL]
-        return [*originals, "denoising_pos_mae", "denoising_force_mae"]
+        originals = [_original_mae(name) for name, role in self.output_roles.items() if role == ORIGINAL]
+        return [*originals, POS_MAE, FORCE_MAE]
 
     def aggregate_denoising_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """DDP sums of denoising metrics over a fixed key list.
