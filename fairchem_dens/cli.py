@@ -103,6 +103,15 @@ def _md17_to_lmdb(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_xtb_md17(args: argparse.Namespace) -> int:
+    import subprocess
+
+    # tblite's wheel links the system libgomp, and torch (imported by this package) loads an older
+    # libgomp under the same soname; so the labelling runs in a fresh interpreter that loads tblite first.
+    code = "import tblite.ase; from fairchem_dens.datasets.xtb_md17 import main; raise SystemExit(main())"
+    return subprocess.run([sys.executable, "-c", code, *args.xtb_argv]).returncode
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fairchem-dens", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     md17.add_argument("--molecule", default=None)
     md17.add_argument("--overwrite", action="store_true")
     md17.set_defaults(func=_md17_to_lmdb)
+    xtb = commands.add_parser(
+        "make-xtb-md17", add_help=False,
+        help="GFN2-xTB (tblite) Langevin MD of a small molecule, written as an MD17 (sGDML) .npz "
+             "(MOLECULE OUT [--frames N] [--temperature K] [--stride S] [--seed N] [--overwrite])",
+    )
+    xtb.add_argument("xtb_argv", nargs=argparse.REMAINDER)
+    xtb.set_defaults(func=_make_xtb_md17)
     sub = commands.add_parser(
         "submit", add_help=False,
         help="fairchem --submit with CPU jobs working: fairchem-dens submit --mode train --config-yml CFG "

@@ -1,0 +1,139 @@
+"""MD17-format trajectories of small molecules labelled with GFN2-xTB (``tblite``).
+
+MD17 itself is DFT (PBE+vdW-TS) molecular dynamics at 500 K, stored by sGDML as an
+``.npz`` with ``z`` (atomic numbers), ``R`` (Å), ``E`` (kcal/mol) and ``F`` (kcal/mol/Å).
+This module makes files of the same layout from a real semi-empirical calculator, so
+the MD17 recipes, ``fairchem-dens md17-to-lmdb`` and the accuracy study run on data
+that behaves like MD17 (thermal sampling of one molecule, correlated frames) without
+downloading anything: Langevin dynamics driven by GFN2-xTB, one frame every
+``stride`` steps after an equilibration, labels of the sampled frames from the same
+calculation.
+
+    fairchem-dens make-xtb-md17 ethanol data/xtb/ethanol.npz --frames 1200
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms, units
+from ase.build import molecule
+from ase.md.langevin import Langevin
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+
+__all__ = ["MOLECULES", "generate_xtb_trajectory", "write_sgdml_npz", "main"]
+
+logger = logging.getLogger(__name__)
+
+#: MD17-like molecules and their names in ASE's G2 collection (ASE has no aspirin).
+MOLECULES = {
+    "ethanol": "CH3CH2OH",
+    "acetic_acid": "CH3COOH",
+    "acetaldehyde": "CH3CHO",
+    "methylamine": "CH3NH2",
+    "formic_acid": "HCOOH",
+    "benzene": "C6H6",
+}
+
+
+def _calculator():
+    try:
+        from tblite.ase import TBLite
+    except ImportError as error:  # tblite is a requirement of ./dens.sh; a hand-made env may lack it
+        raise ImportError("GFN2-xTB labels need `tblite` (pip install tblite)") from error
+    return TBLite(method="GFN2-xTB", verbosity=0)
+
+
+def generate_xtb_trajectory(
+    name: str,
+    n_frames: int,
+    temperature_K: float = 500.0,
+    timestep_fs: float = 0.5,
+    stride: int = 10,
+    equilibration_steps: int = 500,
+    friction_per_fs: float = 0.01,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Runs GFN2-xTB Langevin MD of one molecule and returns MD17 (sGDML) arrays.
+
+    Args:
+        name: a key of :data:`MOLECULES`.
+        n_frames: frames to keep.
+        temperature_K: thermostat temperature (MD17: 500 K).
+        timestep_fs: MD time step.
+        stride: MD steps between kept frames (correlated frames, as in MD17).
+        equilibration_steps: steps run and discarded first.
+        friction_per_fs: Langevin friction.
+        seed: seed of the initial velocities and of the thermostat's noise.
+
+    Returns:
+        ``{"z", "R", "E", "F", "name", "theory"}`` in Å, kcal/mol and kcal/mol/Å.
+    """
+    if name not in MOLECULES:
+        raise ValueError(f"unknown molecule {name!r}; choose one of {', '.join(MOLECULES)}")
+    if n_frames < 1 or stride < 1 or equilibration_steps < 0:
+        raise ValueError("n_frames and stride must be >= 1 and equilibration_steps >= 0")
+    atoms: Atoms = molecule(MOLECULES[name])
+    atoms.calc = _calculator()
+    rng = np.random.default_rng(seed)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
+    Stationary(atoms)
+    ZeroRotation(atoms)
+    dynamics = Langevin(atoms, timestep_fs * units.fs, temperature_K=temperature_K,
+                        friction=friction_per_fs / units.fs, rng=rng)
+    dynamics.run(equilibration_steps)
+    positions, energies, forces = [], [], []
+    for _ in range(n_frames):
+        dynamics.run(stride)
+        positions.append(atoms.get_positions())
+        energies.append(atoms.get_potential_energy())
+        forces.append(atoms.get_forces())
+    to_kcal = units.mol / units.kcal  # the inverse of md17.KCAL_PER_MOL_IN_EV
+    return {
+        "z": atoms.get_atomic_numbers().astype(np.int64),
+        "R": np.asarray(positions),
+        "E": np.asarray(energies)[:, None] * to_kcal,
+        "F": np.asarray(forces) * to_kcal,
+        "name": np.array(name),
+        "theory": np.array(f"GFN2-xTB (tblite), Langevin {temperature_K:g} K, {timestep_fs:g} fs x {stride}"),
+    }
+
+
+def write_sgdml_npz(arrays: dict[str, np.ndarray], path: str | Path, overwrite: bool = False) -> Path:
+    """Writes sGDML arrays to ``path`` (refuses to replace an existing file unless ``overwrite``)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial.npz")
+    np.savez(partial, **arrays)
+    partial.replace(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fairchem-dens make-xtb-md17``; run by the CLI in an interpreter that imported tblite first."""
+    parser = argparse.ArgumentParser(prog="fairchem-dens make-xtb-md17", description=__doc__.splitlines()[0])
+    parser.add_argument("molecule", choices=sorted(MOLECULES))
+    parser.add_argument("out", help="output .npz")
+    parser.add_argument("--frames", type=int, default=1200)
+    parser.add_argument("--temperature", type=float, default=500.0, help="K (MD17: 500)")
+    parser.add_argument("--stride", type=int, default=10, help="0.5 fs MD steps between kept frames")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        parser.error(f"{out} exists; pass --overwrite to replace it")
+    try:
+        arrays = generate_xtb_trajectory(args.molecule, args.frames, temperature_K=args.temperature,
+                                         stride=args.stride, seed=args.seed)
+    except ValueError as error:
+        parser.error(str(error))
+    write_sgdml_npz(arrays, out, overwrite=args.overwrite)
+    print(f"wrote {out}: {args.frames} frames, {arrays['theory']}; "
+          f"convert with `fairchem-dens md17-to-lmdb {out} FOLDER`")
+    return 0
