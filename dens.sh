@@ -8,8 +8,10 @@
 # The environment lives outside the repository (FAIRCHEM_DENS_ENV, default
 # ~/.cache/fairchem-dens/venv) and is reused when complete. torch-scatter and
 # torch-sparse are taken from FAIRCHEM_DENS_WHEELS (a folder of wheels) when set,
-# else from ../shared/wheels when that exists, else built from source (CPU,
-# ~30-60 min on 2 cores).
+# else from ../shared/wheels when that exists, else from PyG's wheel index for the
+# installed torch (https://data.pyg.org/whl/torch-X.Y.0+cpu.html or +cuXXX; override
+# with FAIRCHEM_DENS_PYG_INDEX, skip with FAIRCHEM_DENS_PYG_INDEX=none), else built
+# from source (CPU, ~30-60 min on 2 cores).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -36,6 +38,8 @@ REQUIREMENTS=(
   "ase>=3.23,<3.25"
   # .aselmdb files (MPtrj, OMat24) without ASE >= 3.25's database plugins
   "ase-db-backends>=0.10"
+  # GFN2-xTB labels of `fairchem-dens make-xtb-md17`
+  "tblite"
   "pytest"
   "matplotlib"
   "tensorboard"
@@ -44,7 +48,37 @@ REQUIREMENTS=(
 )
 SCATTER=("torch-scatter==2.1.2" "torch-sparse==0.6.18")
 STAMP="$ENV_DIR/.fairchem-dens-complete"
+PYG_TIMEOUT="${FAIRCHEM_DENS_PYG_TIMEOUT:-10}"
 WANT="$(printf '%s\n' "${REQUIREMENTS[@]}" "${SCATTER[@]}" | sha256sum | cut -c1-16)"
+
+pyg_index() {
+  # PyG publishes one wheel folder per torch minor series and CPU/CUDA build.
+  "$ENV_DIR/bin/python" -c '
+import torch
+major, minor = torch.__version__.split("+")[0].split(".")[:2]
+build = "cu" + torch.version.cuda.replace(".", "") if torch.version.cuda else "cpu"
+print(f"https://data.pyg.org/whl/torch-{major}.{minor}.0+{build}.html")'
+}
+
+install_scatter() {
+  if [[ -n "$WHEELS" ]]; then
+    echo ">> torch-scatter / torch-sparse from $WHEELS"
+    "$ENV_DIR/bin/python" -m pip install --find-links "$WHEELS" "${SCATTER[@]}"
+    return
+  fi
+  local index="${FAIRCHEM_DENS_PYG_INDEX:-$(pyg_index)}"
+  if [[ "$index" != "none" ]]; then
+    echo ">> torch-scatter / torch-sparse wheels from $index (timeout ${PYG_TIMEOUT}s)"
+    # Wheels only: an unreachable index must not fall through to PyPI's sdists here.
+    if "$ENV_DIR/bin/python" -m pip install --timeout "$PYG_TIMEOUT" --retries 0 \
+        --only-binary torch-scatter,torch-sparse --find-links "$index" "${SCATTER[@]}"; then
+      return
+    fi
+    echo ">> no matching wheels from $index (unreachable or missing); building from source"
+  fi
+  echo ">> building torch-scatter / torch-sparse from source (CPU); set FAIRCHEM_DENS_WHEELS to skip"
+  "$ENV_DIR/bin/python" -m pip install --no-build-isolation "${SCATTER[@]}"
+}
 
 setup_env() {
   if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
@@ -58,13 +92,7 @@ setup_env() {
   [[ -x "$ENV_DIR/bin/python" ]] || "$PYTHON" -m venv "$ENV_DIR"
   "$ENV_DIR/bin/python" -m pip install --quiet --upgrade pip
   "$ENV_DIR/bin/python" -m pip install "${REQUIREMENTS[@]}"
-  if [[ -n "$WHEELS" ]]; then
-    echo ">> torch-scatter / torch-sparse from $WHEELS"
-    "$ENV_DIR/bin/python" -m pip install --find-links "$WHEELS" "${SCATTER[@]}"
-  else
-    echo ">> building torch-scatter / torch-sparse from source (CPU); set FAIRCHEM_DENS_WHEELS to skip"
-    "$ENV_DIR/bin/python" -m pip install --no-build-isolation "${SCATTER[@]}"
-  fi
+  install_scatter
   echo "$WANT" > "$STAMP"
 }
 

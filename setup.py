@@ -31,8 +31,10 @@ setup(
         "torch-sparse",
     ],
     extras_require={
-        "test": ["pytest", "matplotlib"],
+        # tblite: GFN2-xTB labels of `fairchem-dens make-xtb-md17` (tests/test_xtb_md17.py)
+        "test": ["pytest", "matplotlib", "tblite"],
         "plot": ["matplotlib"],
+        "xtb": ["tblite"],
     },
     entry_points={"console_scripts": ["fairchem-dens=fairchem_dens.cli:main"]},
 )
