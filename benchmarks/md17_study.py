@@ -1,0 +1,282 @@
+"""MD17-format study: where does DeNS lower force errors on GFN2-xTB molecular data?
+
+Trains the small-data recipe (``configs/md17/equiformer_v2/small_data/xtb_ethanol.yml``)
+through ``fairchem --mode train`` as plain EquiformerV2, with DeNS, and with DeNS
+ablations / sweeps, on a subset of the 950 training frames (fairchem's own
+``dataset.train.first_n``: the train split is already a seeded permutation, so its
+first n frames are a random subset, and val/test stay the same for every size).
+Each run's best checkpoint (on the 50 validation frames) then predicts the test
+frames through ``fairchem --mode predict``.
+
+Resumable: every run writes ``<results>/runs/<key>.json`` when it is done and is
+skipped when that file exists, so the script can be killed and restarted. The
+checkpoints and logs go to ``--work`` (outside the repository).
+
+    ./dens.sh run python benchmarks/md17_study.py --plan core          # run the core comparison
+    ./dens.sh run python benchmarks/md17_study.py --plan sizes sweep   # then the rest
+    ./dens.sh run python benchmarks/md17_study.py --report             # table + plots only
+
+Data: ``fairchem-dens make-xtb-md17 ethanol ethanol.npz --frames 1500`` then
+``fairchem-dens md17-to-lmdb ethanol.npz DATA`` (950/50/500).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fairchem_dens.quickstart import configs_dir, fairchem_command, prediction_errors
+
+P = "--optim.denoising_pos_params."
+RECIPE = "md17/equiformer_v2/small_data/xtb_ethanol.yml"
+
+#: Variant name -> fairchem command-line overrides of the recipe (which is DeNS).
+VARIANTS: dict[str, list[str]] = {
+    "plain": ["--optim.use_denoising_pos=False"],
+    "dens": [],
+    "dens_no_force_encoding": ["--model.backbone.use_force_encoding=False"],
+    "dens_multiscale": [f"{P}fixed_noise_std=False", f"{P}std_low=0.01", f"{P}std_high=0.1", f"{P}num_steps=10"],
+    "dens_coef1": ["--optim.denoising_pos_coefficient=1.0"],
+    "dens_coef20": ["--optim.denoising_pos_coefficient=20.0"],
+    "dens_const_coef": [f"{P}coefficient_schedule=constant"],
+    "dens_std0.025": [f"{P}std=0.025"],
+    "dens_std0.1": [f"{P}std=0.1"],
+    "dens_prob0.5": [f"{P}prob=0.5"],
+    "dens_prob1.0": [f"{P}prob=1.0"],
+}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One training run of the study."""
+
+    variant: str
+    n_train: int
+    seed: int
+    epochs: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.variant}-n{self.n_train}-e{self.epochs}-seed{self.seed}"
+
+
+def build_plan(parts: list[str], seeds: list[int], epochs: int, n_core: int, sizes: list[int]) -> list[Point]:
+    """The runs of the requested parts; seeds outermost so a partial part still compares."""
+    points: list[Point] = []
+    for part in parts:
+        if part == "core":
+            variants, ns = ["plain", "dens", "dens_no_force_encoding"], [n_core]
+        elif part == "sizes":
+            variants, ns = ["plain", "dens"], [n for n in sizes if n != n_core]
+        elif part == "sweep":
+            variants, ns = ["dens_multiscale", "dens_coef1", "dens_coef20", "dens_const_coef",
+                            "dens_std0.025", "dens_std0.1", "dens_prob0.5", "dens_prob1.0"], [n_core]
+        else:
+            raise ValueError(f"unknown part {part!r} (core, sizes, sweep)")
+        for seed in seeds:
+            for n in ns:
+                for variant in variants:
+                    point = Point(variant, n, seed, epochs)
+                    if point not in points:
+                        points.append(point)
+    return points
+
+
+def _run(command: list[str], cwd: Path, log: Path) -> float:
+    start = time.perf_counter()
+    with open(log, "w") as handle:
+        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed; see {log}")
+    return time.perf_counter() - start
+
+
+_VAL = re.compile(r"energy_mae: ([0-9.e+-]+), forces_mae: ([0-9.e+-]+), loss: [0-9.e+-]+, epoch: ([0-9.e+-]+)")
+_TRAIN = re.compile(r"forces_mae: ([0-9.e+-]+),.*epoch: ([0-9.e+-]+), step")
+
+
+def parse_curves(log: Path) -> dict[str, list[list[float]]]:
+    """Validation and training force MAE (meV/Å) against epoch from a fairchem training log.
+
+    fairchem logs the validation metrics on the line after ``Evaluating on val.``; the
+    training lines carry the running force MAE of clean structures (DeNS batches log
+    theirs under ``denoising_*``).
+    """
+    val, train, after_eval = [], [], False
+    for line in log.read_text().splitlines():
+        if "Evaluating on val" in line:
+            after_eval = True
+            continue
+        if after_eval and (match := _VAL.search(line)):
+            val.append([float(match.group(3)), 1000 * float(match.group(2))])
+            after_eval = False
+        elif "step:" in line and (match := _TRAIN.search(line)):  # "denoising_force_mae" does not match
+            train.append([float(match.group(2)), 1000 * float(match.group(1))])
+    return {"val_force": val, "train_force": train}
+
+
+def train_and_score(point: Point, data: Path, work: Path, eval_every_epochs: int) -> dict:
+    """Trains one point, predicts the test split with its best checkpoint, returns the numbers."""
+    run_dir = work / point.key
+    run_dir.mkdir(parents=True, exist_ok=True)
+    steps_per_epoch = -(-point.n_train // 8)  # the recipe's batch size 8
+    splits = [f"--dataset.train.src={data / 'train'}", f"--dataset.train.first_n={point.n_train}",
+              f"--dataset.val.src={data / 'val'}", "--dataset.val.first_n=50"]
+    common = ["--config-yml", str(configs_dir() / RECIPE), "--cpu", "--run-dir", str(run_dir),
+              "--seed", str(point.seed), f"--optim.max_epochs={point.epochs}", *splits, *VARIANTS[point.variant]]
+    # fairchem predicts the whole test split at every new best validation score; a one-batch
+    # test split keeps that cheap, the real test split is predicted once below.
+    seconds = _run([*fairchem_command(), "--mode", "train", "--timestamp-id", "train", *common,
+                    f"--optim.eval_every={eval_every_epochs * steps_per_epoch}",
+                    f"--dataset.test.src={data / 'test'}", "--dataset.test.first_n=8"],
+                   run_dir, run_dir / "train.log")
+    checkpoint = run_dir / "checkpoints" / "train" / "best_checkpoint.pt"
+    _run([*fairchem_command(), "--mode", "predict", "--timestamp-id", "predict", "--checkpoint", str(checkpoint),
+          *common, f"--dataset.test.src={data / 'test'}", "--dataset.test.first_n=500"],
+         run_dir, run_dir / "predict.log")
+    energy, force = prediction_errors(run_dir / "results" / "predict" / "s2ef_predictions.npz", data / "test")
+    return {"point": point.__dict__, "train_seconds": seconds, "test_energy_meV": energy,
+            "test_force_meV_per_A": force, **parse_curves(run_dir / "train.log")}
+
+
+def load_results(results: Path) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted((results / "runs").glob("*.json"))]
+
+
+def _groups(runs: list[dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        p = run["point"]
+        groups.setdefault((p["variant"], p["n_train"], p["epochs"]), []).append(run)
+    return groups
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(runs: list[dict]) -> str:
+    """Markdown table: test force/energy MAE mean ± std per variant, size and epochs."""
+    groups = _groups(runs)
+    plain = {(n, e): _mean_std([r["test_force_meV_per_A"] for r in g])[0]
+             for (v, n, e), g in groups.items() if v == "plain"}
+    lines = ["| variant | train frames | epochs | F MAE test (meV/Å) | E MAE test (meV) | F ratio to plain | "
+             "best val F (meV/Å) | min train-log F (meV/Å) | seeds | train min/run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (variant, n, epochs), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        force = _mean_std([r["test_force_meV_per_A"] for r in group])
+        energy = _mean_std([r["test_energy_meV"] for r in group])
+        ratio = f"{force[0] / plain[(n, epochs)]:.3f}" if (n, epochs) in plain else "–"
+        best_val = _mean_std([min(v for _, v in r["val_force"]) for r in group if r["val_force"]] or [float("nan")])
+        train = _mean_std([min(v for _, v in r["train_force"]) for r in group if r["train_force"]] or [float("nan")])
+        minutes = statistics.mean(r["train_seconds"] for r in group) / 60
+        lines.append(f"| {variant} | {n} | {epochs} | {force[0]:.2f} ± {force[1]:.2f} | {energy[0]:.2f} ± {energy[1]:.2f} "
+                     f"| {ratio} | {best_val[0]:.1f} ± {best_val[1]:.1f} | {train[0]:.1f} | {len(group)} "
+                     f"(seeds {','.join(str(r['point']['seed']) for r in group)}) | {minutes:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], results: Path) -> list[Path]:
+    """Validation force MAE against epoch, and test force MAE against training-set size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups = _groups(runs)
+    paths = []
+    sizes = sorted({n for _, n, _ in groups})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
+    for ax, n in zip(axes[0], sizes):
+        for (variant, n_train, epochs), group in sorted(groups.items()):
+            if n_train != n or not all(r["val_force"] for r in group):
+                continue
+            length = min(len(r["val_force"]) for r in group)
+            curves = np.array([[v for _, v in r["val_force"][:length]] for r in group])
+            x = [e for e, _ in group[0]["val_force"][:length]]
+            mean, std = curves.mean(0), curves.std(0)
+            ax.plot(x, mean, label=f"{variant} ({len(group)} seeds)")
+            ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation force MAE (meV/Å, 50 frames)")
+        ax.set_title(f"xTB ethanol, {n} training frames")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(results / "md17_study_val_vs_epoch.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant in sorted({v for v, _, _ in groups}):
+        points = sorted((n, _mean_std([r["test_force_meV_per_A"] for r in g])) for (v, n, _), g in groups.items()
+                        if v == variant)
+        if len(points) < 2 and variant not in ("plain", "dens"):
+            continue
+        ax.errorbar([n for n, _ in points], [m for _, (m, _) in points], yerr=[s for _, (_, s) in points],
+                    marker="o", capsize=4, label=variant)
+    ax.set_xscale("log")
+    ax.set_xlabel("training frames")
+    ax.set_ylabel("test force MAE (meV/Å, 500 frames)")
+    ax.set_title("xTB ethanol: test force MAE vs training-set size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(results / "md17_study_force_vs_size.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def report(results: Path) -> None:
+    runs = load_results(results)
+    if not runs:
+        print("no finished runs yet")
+        return
+    table = summarise(runs)
+    (results / "md17_study_table.md").write_text(table + "\n")
+    print(table)
+    for path in plot(runs, results):
+        print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="/work/study/data/ethanol", help="md17-to-lmdb output folder")
+    parser.add_argument("--work", default="/work/study/runs", help="run folders (checkpoints, logs)")
+    parser.add_argument("--results", default=str(Path(__file__).parent / "results" / "md17_study"))
+    parser.add_argument("--plan", nargs="*", default=[], help="parts to run: core, sizes, sweep")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--n-core", type=int, default=100, help="training frames of the core comparison and sweeps")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200])
+    parser.add_argument("--eval-every-epochs", type=int, default=5)
+    parser.add_argument("--report", action="store_true", help="only write the table and plots")
+    args = parser.parse_args()
+    results, work, data = Path(args.results).resolve(), Path(args.work).resolve(), Path(args.data).resolve()
+    (results / "runs").mkdir(parents=True, exist_ok=True)
+    if not args.report:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        for point in build_plan(args.plan, args.seeds, args.epochs, args.n_core, args.sizes):
+            target = results / "runs" / f"{point.key}.json"
+            if target.exists():
+                continue
+            print(f"{time.strftime('%H:%M:%S')} running {point.key}", flush=True)
+            scores = train_and_score(point, data, work, args.eval_every_epochs)
+            target.write_text(json.dumps(scores, indent=1))
+            print(f"{time.strftime('%H:%M:%S')} {point.key}: test F {scores['test_force_meV_per_A']:.2f} meV/Å, "
+                  f"E {scores['test_energy_meV']:.2f} meV, {scores['train_seconds']:.0f} s", flush=True)
+    report(results)
+
+
+if __name__ == "__main__":
+    main()
