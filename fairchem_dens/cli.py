@@ -41,10 +41,6 @@ def _make_emt_data(args: argparse.Namespace) -> int:
 
 
 def _convert_checkpoint(args: argparse.Namespace) -> int:
-    import os
-
-    import torch
-
     from fairchem_dens.models.checkpoints import convert_original_checkpoint, read_checkpoint
 
     source, target = Path(args.input).resolve(), Path(args.output).resolve()
@@ -53,13 +49,44 @@ def _convert_checkpoint(args: argparse.Namespace) -> int:
     if target.exists() and not args.overwrite:
         raise SystemExit(f"convert-checkpoint: {target} exists; pass --overwrite to replace it")
     converted = convert_original_checkpoint(read_checkpoint(source, allow_pickle=args.allow_pickle))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    torch.save(converted, partial)
-    os.replace(partial, target)  # never leaves a half-written OUT behind
+    _save_atomically(converted, target)
     backbone = converted["config"]["model"]["backbone"]["model"]
     print(f"wrote {target}: {len(converted['state_dict'])} tensors, backbone {backbone}")
     return 0
+
+
+def _to_conservative(args: argparse.Namespace) -> int:
+    from fairchem_dens.models.checkpoints import (
+        CheckpointMismatchError,
+        conservative_finetune_checkpoint,
+        read_checkpoint,
+    )
+
+    source, target = Path(args.input).resolve(), Path(args.output).resolve()
+    if source == target:
+        raise SystemExit("to-conservative: OUT must differ from IN (the direct checkpoint is kept)")
+    if target.exists() and not args.overwrite:
+        raise SystemExit(f"to-conservative: {target} exists; pass --overwrite to replace it")
+    try:
+        converted = conservative_finetune_checkpoint(read_checkpoint(source), use_ema=not args.no_ema)
+    except (CheckpointMismatchError, FileNotFoundError) as error:
+        raise SystemExit(f"to-conservative: {error}") from error
+    _save_atomically(converted, target)
+    print(f"wrote {target}: fairchem eSEN_Backbone + MLP_EFS_Head, {len(converted['state_dict'])} tensors "
+          f"({'EMA' if converted['config']['converted_from']['ema'] else 'raw'} weights); fine-tune with "
+          f"`fairchem --mode train --config-yml CONSERVATIVE.yml --checkpoint {target}`")
+    return 0
+
+
+def _save_atomically(checkpoint: dict, target: Path) -> None:
+    import os
+
+    import torch
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    torch.save(checkpoint, partial)
+    os.replace(partial, target)  # never leaves a half-written OUT behind
 
 
 def _fit_element_references(args: argparse.Namespace) -> int:
@@ -146,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--allow-pickle", action="store_true",
                          help="read files that torch.load(weights_only=True) refuses (trusted files only)")
     convert.set_defaults(func=_convert_checkpoint)
+    conservative = commands.add_parser(
+        "to-conservative",
+        help="two-step eSEN recipe: a direct DeNS eSEN checkpoint as fairchem's conservative eSEN "
+             "(backbone + energy head kept) to fine-tune without DeNS",
+    )
+    conservative.add_argument("input", help="checkpoint of the direct DeNS pre-training (fairchem_dens.models.esen)")
+    conservative.add_argument("output", help="checkpoint to start the conservative fine-tuning from")
+    conservative.add_argument("--no-ema", action="store_true", help="take the raw weights, not the EMA's")
+    conservative.add_argument("--overwrite", action="store_true")
+    conservative.set_defaults(func=_to_conservative)
     refs = commands.add_parser(
         "fit-element-references",
         help="fit linear per-element energy references on a training set (for OC22 total energies)",

@@ -22,7 +22,9 @@ from fairchem_dens.datasets.lmdb_dataset import close_lmdb, read_lmdb
 __all__ = [
     "TINY_EQV2_BACKBONE",
     "TINY_ESCN_BACKBONE",
+    "TINY_ESEN_BACKBONE",
     "escn_dens_model_config",
+    "esen_dens_model_config",
     "eqv2_dens_model_config",
     "build_model",
     "batch_from_tensors",
@@ -120,8 +122,8 @@ def eqv2_dens_model_config(
     if flavour == "ours":
         kwargs.update(model=f"{OURS}.DeNSEquiformerV2Backbone", **dens)
         heads = {
-            "energy": {"module": f"{OURS}.DeNSEnergyHead"},
-            "forces": {"module": f"{OURS}.DeNSForceHead"},
+            "energy": {"module": f"{OURS}.DeNSEquiformerV2EnergyHead"},
+            "forces": {"module": f"{OURS}.DeNSEquiformerV2ForceHead"},
         }
     elif flavour == "fairchem":
         kwargs.update(model=f"{FAIRCHEM_PORT}.EqV2DeNSBackbone", **dens)
@@ -155,6 +157,54 @@ def escn_dens_model_config(
     else:
         raise ValueError(f"unknown flavour {flavour!r}")
     return _hydra(kwargs, {"energy": {"module": f"{escn}.eSCNEnergyHead"}, "forces": {"module": forces}})
+
+
+#: A tiny eSEN (fairchem's ``esen_backbone`` keywords) that runs in well under a second on a CPU.
+TINY_ESEN_BACKBONE: dict[str, Any] = {
+    "sphere_channels": 16,
+    "hidden_channels": 16,
+    "edge_channels": 16,
+    "lmax": 2,
+    "mmax": 2,
+    "num_layers": 2,
+    "num_distance_basis": 16,
+    "cutoff": 5.0,
+    "max_neighbors": 30,
+    "otf_graph": True,
+    "use_pbc": True,
+    "regress_forces": True,
+}
+
+
+def esen_dens_model_config(
+    flavour: str = "ours", backbone: dict[str, Any] | None = None, **dens: Any
+) -> dict[str, Any]:
+    """A hydra model config for eSEN.
+
+    Args:
+        flavour: ``ours`` (direct DeNS heads), ``ours_conservative`` (gradient forces and
+            stress + noise head), ``fairchem`` / ``fairchem_conservative`` (fairchem 1.10's
+            ``esen_*_dens`` classes), ``plain`` / ``plain_conservative`` (fairchem's eSEN).
+        backbone: backbone keywords (default :data:`TINY_ESEN_BACKBONE`).
+        **dens: DeNS backbone keywords (``use_force_encoding``).
+    """
+    kwargs = copy.deepcopy(backbone or TINY_ESEN_BACKBONE)
+    esen, port, ours = "fairchem.core.models.esen.esen", "fairchem.core.models.esen.esen_dens", "fairchem_dens.models.esen"
+    conservative = flavour.endswith("_conservative")
+    base = flavour.removesuffix("_conservative")
+    backbone_class = {"ours": f"{ours}.DeNSeSENBackbone", "fairchem": f"{port}.eSEN_DeNS_Backbone",
+                      "plain": f"{esen}.eSEN_Backbone"}.get(base)
+    if backbone_class is None:
+        raise ValueError(f"unknown flavour {flavour!r}")
+    kwargs.update(model=backbone_class, **dens)
+    if conservative:
+        kwargs.setdefault("regress_stress", True)
+        head = {"ours": f"{ours}.DeNSeSENConservativeHead", "fairchem": f"{port}.MLP_EFS_Head",
+                "plain": f"{esen}.MLP_EFS_Head"}[base]
+        return _hydra(kwargs, {"energy": {"module": head}})
+    forces = {"ours": f"{ours}.DeNSeSENForceHead", "fairchem": f"{port}.Linear_Force_Head_DeNS",
+              "plain": f"{esen}.Linear_Force_Head"}[base]
+    return _hydra(kwargs, {"energy": {"module": f"{esen}.MLP_Energy_Head"}, "forces": {"module": forces}})
 
 
 def _hydra(backbone: dict[str, Any], heads: dict[str, Any]) -> dict[str, Any]:

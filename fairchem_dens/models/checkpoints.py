@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from fairchem_dens.models.adapters import adapter, family_of_keys, known_families
+
 __all__ = [
     "CheckpointMismatchError",
     "read_checkpoint",
@@ -32,32 +34,12 @@ __all__ = [
     "original_model_config",
     "convert_original_checkpoint",
     "explain_mismatch",
+    "conservative_finetune_checkpoint",
 ]
-
-EQV2 = "fairchem_dens.models.equiformer_v2"
-ESCN = "fairchem_dens.models.escn"
-ESCN_ENERGY_HEAD = "fairchem.core.models.escn.escn.eSCNEnergyHead"
-
-# The original EquiformerV2 class defaults, absent from the published model_attributes.
-EQV2_DEFAULT_AVG_NUM_NODES = 77.81317
-EQV2_DEFAULT_AVG_DEGREE = 23.395238876342773
 
 # model_attributes of the original classes that fairchem 1.10's backbones do not take.
 _DROPPED = {"num_atoms", "bond_feat_dim", "num_targets", "use_tp_reparam", "use_denoising_energy"}
 
-# (prefix in the original monolithic model, prefix in our hydra model), per family.
-_HEAD_PREFIXES = {
-    "equiformer_v2": (
-        ("force_block.", "output_heads.forces.vector_block."),
-        ("energy_block.", "output_heads.energy.scalar_block."),
-        ("denoising_pos_block.", "output_heads.forces.denoising_pos_block."),
-    ),
-    "escn": (
-        ("force_block.", "output_heads.forces.force_block."),
-        ("energy_block.", "output_heads.energy.energy_block."),
-        ("denoising_pos_block.", "output_heads.forces.denoising_pos_block."),
-    ),
-}
 # Spellings of intermediate fairchem forks (energy_block/force_block inside the heads).
 _FORK_ALIASES = (
     ("output_heads.energy.energy_block.", "output_heads.energy.scalar_block."),
@@ -104,51 +86,48 @@ def strip_ddp_prefix(state_dict: dict[str, torch.Tensor]) -> OrderedDict:
 
 
 def checkpoint_family(checkpoint: dict[str, Any]) -> tuple[str, str]:
-    """``(layout, family)``: layout ``original`` or ``hydra``, family ``equiformer_v2`` or ``escn``."""
+    """``(layout, family)``: layout ``original`` or ``hydra``, family an adapter's key."""
     keys = list(strip_ddp_prefix(checkpoint["state_dict"]))
     hydra = any(k.startswith("backbone.") for k in keys)
-    body = [k[len("backbone."):] if hydra else k for k in keys]
-    if any(k.startswith("blocks.") for k in body):
-        family = "equiformer_v2"
-    elif any(k.startswith("layer_blocks.") for k in body):
-        family = "escn"
-    else:
+    found = family_of_keys(keys)
+    if found is None:
+        body = sorted({k.split(".")[1 if hydra else 0] for k in keys if not hydra or k.startswith("backbone.")})
         raise CheckpointMismatchError(
-            "the checkpoint is neither an EquiformerV2 nor an eSCN model (no `blocks.*` "
-            "or `layer_blocks.*` weights)"
+            f"the checkpoint's backbone (modules {', '.join(body[:8])}{', ...' if len(body) > 8 else ''}) is "
+            f"none of the architectures fairchem-dens has a DeNS adapter for ({known_families()}); "
+            "adding one is a module under fairchem_dens/models/ (README: Adding a backbone)"
         )
-    return ("hydra" if hydra else "original"), family
+    if not hydra and not found.original_prefixes:
+        raise CheckpointMismatchError(
+            f"the checkpoint holds a monolithic {found.label} model, a layout only the original DeNS "
+            "implementation wrote (EquiformerV2, eSCN); save it as a fairchem hydra model instead"
+        )
+    return ("hydra" if hydra else "original"), found.family
 
 
 def original_model_config(family: str, model_attributes: dict[str, Any]) -> dict[str, Any]:
     """The hydra model config of our classes for an original ``model_attributes``."""
+    found = adapter(family)
+    if not found.original_prefixes:
+        raise ValueError(f"the original DeNS implementation had no {found.label} model")
     kwargs = {k: v for k, v in model_attributes.items() if k not in _DROPPED}
-    energy_head: dict[str, Any]
-    if family == "equiformer_v2":
-        kwargs.setdefault("avg_num_nodes", EQV2_DEFAULT_AVG_NUM_NODES)
-        kwargs.setdefault("avg_degree", EQV2_DEFAULT_AVG_DEGREE)
-        kwargs["model"] = f"{EQV2}.DeNSEquiformerV2Backbone"
-        energy_head = {"module": f"{EQV2}.DeNSEnergyHead"}
-        if model_attributes.get("use_denoising_energy") is False:
-            energy_head["use_denoising"] = False
-        force_head = {"module": f"{EQV2}.DeNSForceHead"}
-    elif family == "escn":
-        kwargs["model"] = f"{ESCN}.DeNSeSCNBackbone"
-        energy_head = {"module": ESCN_ENERGY_HEAD}
-        force_head = {"module": f"{ESCN}.DeNSeSCNForceHead"}
-    else:
-        raise ValueError(f"unknown model family {family!r}")
+    for key, value in found.original_defaults.items():
+        kwargs.setdefault(key, value)
+    kwargs["model"] = found.backbone
+    energy_head: dict[str, Any] = {"module": found.energy_head}
+    if model_attributes.get("use_denoising_energy") is False:
+        energy_head["use_denoising"] = False
     return {
         "name": "hydra",
         "pass_through_head_outputs": True,
         "otf_graph": bool(kwargs.get("otf_graph", True)),
         "backbone": kwargs,
-        "heads": {"energy": energy_head, "forces": force_head},
+        "heads": {"energy": energy_head, "forces": {"module": found.force_head}},
     }
 
 
 def _rename_original(key: str, family: str) -> str:
-    for old, new in _HEAD_PREFIXES[family]:
+    for old, new in adapter(family).original_prefixes:
         if key.startswith(old):
             return new + key[len(old):]
     return "backbone." + key
@@ -214,6 +193,79 @@ def convert_original_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return converted
 
 
+def _weights(checkpoint: dict[str, Any], use_ema: bool) -> OrderedDict:
+    """The checkpoint's weights, with the EMA's shadow parameters put in when asked and present."""
+    state = strip_ddp_prefix(checkpoint["state_dict"])
+    ema = checkpoint.get("ema")
+    if not use_ema or not ema or not ema.get("shadow_params"):
+        return state
+    model = _build(checkpoint["config"]["model"])
+    model.load_state_dict(state, strict=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if len(trainable) != len(ema["shadow_params"]):
+        raise CheckpointMismatchError(
+            f"the EMA holds {len(ema['shadow_params'])} parameters but the model has {len(trainable)}"
+        )
+    with torch.no_grad():
+        for parameter, shadow in zip(trainable, ema["shadow_params"]):
+            parameter.copy_(shadow)
+    return OrderedDict(model.state_dict())
+
+
+def conservative_finetune_checkpoint(checkpoint: dict[str, Any], use_ema: bool = True) -> dict[str, Any]:
+    """Step 2 of the two-step eSEN recipe: a direct DeNS checkpoint as fairchem's conservative eSEN.
+
+    The published eSEN and EquiformerV3 recipes pre-train a direct model with DeNS, then
+    fine-tune it with energy-gradient forces (and stress) without DeNS. This keeps the
+    backbone and the energy head (with the EMA weights, as fairchem evaluates them),
+    drops the direct force/noise heads and folds the force encoding into the atom
+    embedding, giving a checkpoint of fairchem's own ``eSEN_Backbone`` + ``MLP_EFS_Head``
+    whose energy equals the direct model's. Training state (optimizer, scheduler,
+    EMA, epoch, step) is dropped so ``fairchem --mode train --checkpoint`` starts fresh;
+    the normalizers of the outputs and the element references are kept.
+
+    Args:
+        checkpoint: a hydra checkpoint of our DeNS eSEN (any heads).
+        use_ema: take the EMA's weights when the checkpoint has them.
+    """
+    from fairchem_dens.models import esen
+
+    layout, family = checkpoint_family(checkpoint)
+    if family != "esen" or layout != "hydra":
+        raise CheckpointMismatchError(
+            f"to-conservative converts eSEN checkpoints (fairchem-dens or fairchem DeNS eSEN); this one holds "
+            f"{adapter(family).label}, for which fairchem 1.10 has no conservative head"
+        )
+    if "backbone.force_embedding.bias" not in strip_ddp_prefix(checkpoint["state_dict"]):
+        raise CheckpointMismatchError("the checkpoint's eSEN has no force encoding: it is already a plain eSEN")
+    config = copy.deepcopy(checkpoint.get("config", {}))
+    backbone = {k: v for k, v in config["model"]["backbone"].items() if k != "use_force_encoding"}
+    backbone.update(model=esen.PLAIN_BACKBONE, regress_stress=True)
+    model_config = {**config["model"], "backbone": backbone, "heads": {"energy": {"module": esen.PLAIN_EFS_HEAD}}}
+    model_config.pop("finetune_config", None)
+    state_dict = esen.plain_esen_state_dict(_weights(checkpoint, use_ema))
+    problems = explain_mismatch(_build(model_config).state_dict(), state_dict)
+    if problems:
+        raise CheckpointMismatchError("the converted weights do not fit fairchem's eSEN:\n" + problems)
+    outputs = set(config.get("outputs", {})) | {"energy", "forces", "stress"}
+    config["model"] = model_config
+    config["trainer"] = "mlip_trainer"
+    config["optim"] = {k: v for k, v in config.get("optim", {}).items()
+                       if k not in ("use_denoising_pos", "denoising_pos_params", "denoising_pos_coefficient")}
+    config["converted_from"] = {"stage": "direct DeNS pre-training", "ema": bool(use_ema and checkpoint.get("ema"))}
+    return {
+        "state_dict": state_dict,
+        "normalizers": {k: v for k, v in checkpoint.get("normalizers", {}).items() if k in outputs},
+        "elementrefs": checkpoint.get("elementrefs", {}),
+        "config": config,
+        "epoch": 0,
+        "step": 0,
+        "best_val_metric": None,
+        "primary_metric": checkpoint.get("primary_metric"),
+        "amp": None,
+    }
+
+
 def _reorder_ema(ema: dict[str, Any], original_state: OrderedDict, family: str, model: torch.nn.Module):
     """The EMA's shadow parameters, from the original model's order to ours."""
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -237,8 +289,9 @@ def _module_of(key: str) -> str:
 
 _HINTS = {
     "noise_schedule_sigma_embedding": "model.backbone.use_noise_schedule_sigma_encoding",
-    "force_embedding": "a DeNS backbone (force encoding); plain EquiformerV2/eSCN checkpoints have none",
+    "force_embedding": "a DeNS backbone (force encoding); plain fairchem checkpoints have none",
     "denoising_pos_block": "a DeNS force head (noise head); plain checkpoints have none",
+    "denoising_linear": "a DeNS force head (noise head); plain checkpoints have none",
     "energy_lin_ref": "model.backbone.use_energy_lin_ref / load_energy_lin_ref",
 }
 
@@ -247,10 +300,9 @@ def explain_mismatch(model_state: dict[str, torch.Tensor], checkpoint_state: dic
     """Describes, module by module, why a state dict does not fit a model ('' if it does)."""
     model_keys, ckpt_keys = set(model_state), set(checkpoint_state)
     lines = []
-    model_family = "EquiformerV2" if any(".blocks." in k for k in model_keys) else "eSCN"
-    ckpt_family = "EquiformerV2" if any(".blocks." in k for k in ckpt_keys) else "eSCN"
-    if any(".blocks." in k or ".layer_blocks." in k for k in ckpt_keys) and model_family != ckpt_family:
-        return (f"the checkpoint holds an {ckpt_family} model but the config builds an {model_family} "
+    model_family, ckpt_family = family_of_keys(model_keys), family_of_keys(ckpt_keys)
+    if ckpt_family is not None and model_family is not None and model_family != ckpt_family:
+        return (f"the checkpoint holds an {ckpt_family.label} model but the config builds an {model_family.label} "
                 "model: use a config of the checkpoint's architecture")
     for label, keys, other in (("missing from the checkpoint", model_keys - ckpt_keys, "config"),
                                ("in the checkpoint but not in the model", ckpt_keys - model_keys, "checkpoint")):

@@ -1,4 +1,4 @@
-"""The DeNS node features shared by the EquiformerV2 and eSCN backbones.
+"""The DeNS node features and force output shared by the backbone adapters.
 
 ``force_embedding`` (fairchem's ``SO3_LinearV2``, 1 -> C channels, lmax L) maps the
 force encoding of :mod:`fairchem_dens.encoding` to node features. It runs in every
@@ -26,6 +26,7 @@ __all__ = [
     "dens_force_output",
     "edge_subset_rotations",
     "DeNSBackboneMixin",
+    "zero_weight",
 ]
 
 
@@ -73,13 +74,13 @@ def dens_node_features(
     Args:
         data: the batch; a DeNS batch carries raw ``forces`` and optionally
             ``noise_mask`` and ``sigmas``.
-        force_embedding: the force-encoding layer.
+        force_embedding: the force-encoding layer (fairchem's ``SO3_LinearV2``, or eSEN's ``SO3_Linear``).
         lmax: highest degree of the node embeddings.
         use_force_encoding: false zeroes the encoding input (ablation).
         sigma_embedding: optional ``Linear(1, C)`` encoding each atom's sigma on l = 0.
         nodes: the nodes this rank holds (graph parallelism).
     """
-    dtype, device = data.pos.dtype, data.pos.device
+    dtype = data.pos.dtype
     if is_dens_batch(data) and use_force_encoding:
         mask = getattr(data, "noise_mask", None)
         coefficients = force_encoding_coefficients(
@@ -87,10 +88,7 @@ def dens_node_features(
         )
     else:
         coefficients = data.pos.new_zeros((data.pos[nodes].shape[0], (lmax + 1) ** 2))
-    encoding = SO3_Embedding(0, [lmax], 1, device, dtype)
-    encoding.set_embedding(coefficients.unsqueeze(-1))
-    encoding.set_lmax_mmax([lmax], [lmax])
-    features = force_embedding(encoding).embedding
+    features = _embed(force_embedding, coefficients.unsqueeze(-1), lmax)
     if sigma_embedding is None:
         return features
     if is_dens_batch(data):
@@ -104,6 +102,16 @@ def dens_node_features(
         sigmas = data.pos.new_zeros((features.shape[0], 1))
     sigma_features = sigma_embedding(sigmas).unsqueeze(1)
     return torch.cat([features[:, :1, :] + sigma_features, features[:, 1:, :]], dim=1)
+
+
+def _embed(force_embedding: nn.Module, coefficients: torch.Tensor, lmax: int) -> torch.Tensor:
+    """``[n, (L+1)^2, 1] -> [n, (L+1)^2, C]`` through the backbone's SO(3) linear layer."""
+    if not isinstance(force_embedding, SO3_LinearV2):
+        return force_embedding(coefficients)  # eSEN's SO3_Linear works on plain tensors
+    encoding = SO3_Embedding(0, [lmax], 1, coefficients.device, coefficients.dtype)
+    encoding.set_embedding(coefficients)
+    encoding.set_lmax_mmax([lmax], [lmax])
+    return force_embedding(encoding).embedding
 
 
 def dens_force_output(
@@ -143,7 +151,7 @@ def dens_force_output(
     else:
         return torch.where(corrupted.view(-1, 1), run_noise_block(corrupted), run_force_block(~corrupted))
     if training:
-        output = output + _zero_weight(unused)
+        output = output + zero_weight(unused)
     return output
 
 
@@ -169,6 +177,6 @@ def edge_subset_rotations(rotations: nn.ModuleList, edges: torch.Tensor | None) 
             rotation.wigner, rotation.wigner_inv = wigner, wigner_inv
 
 
-def _zero_weight(module: nn.Module) -> torch.Tensor:
+def zero_weight(module: nn.Module) -> torch.Tensor:
     """0 times one entry of every parameter: puts them in the graph at no cost."""
     return 0.0 * sum(p.view(-1)[0] for p in module.parameters() if p.requires_grad)

@@ -13,8 +13,10 @@ Use them through fairchem's ``hydra`` model::
       pass_through_head_outputs: True
       backbone: {model: fairchem_dens.models.equiformer_v2.DeNSEquiformerV2Backbone, ...}
       heads:
-        energy: {module: fairchem_dens.models.equiformer_v2.DeNSEnergyHead}
-        forces: {module: fairchem_dens.models.equiformer_v2.DeNSForceHead}
+        energy: {module: fairchem_dens.models.equiformer_v2.DeNSEquiformerV2EnergyHead}
+        forces: {module: fairchem_dens.models.equiformer_v2.DeNSEquiformerV2ForceHead}
+
+``DeNSEnergyHead`` and ``DeNSForceHead``, the names of the first releases, stay as aliases.
 """
 
 from __future__ import annotations
@@ -29,11 +31,14 @@ from fairchem.core.common import gp_utils
 from fairchem.core.common.registry import registry
 from fairchem.core.models.base import HeadInterface
 from fairchem.core.models.equiformer_v2.equiformer_v2 import EquiformerV2Backbone
+from fairchem.core.models.equiformer_v2.equiformer_v2_dens import DeNSScalarHead
 from fairchem.core.models.equiformer_v2.transformer_block import (
     FeedForwardNetwork,
     SO2EquivariantGraphAttention,
 )
 from fairchem.core.models.equiformer_v2.weight_initialization import eqv2_init_weights
+
+from fairchem_dens.models.adapters import BackboneAdapter
 
 from fairchem_dens.models.dens_features import (
     DeNSBackboneMixin,
@@ -47,7 +52,15 @@ from fairchem_dens.models.dens_features import (
 if TYPE_CHECKING:
     from torch_geometric.data import Batch
 
-__all__ = ["DeNSEquiformerV2Backbone", "DeNSEnergyHead", "DeNSForceHead", "is_dens_batch"]
+__all__ = [
+    "ADAPTER",
+    "DeNSEquiformerV2Backbone",
+    "DeNSEquiformerV2EnergyHead",
+    "DeNSEquiformerV2ForceHead",
+    "DeNSEnergyHead",
+    "DeNSForceHead",
+    "is_dens_batch",
+]
 
 
 @registry.register_model("fairchem_dens_eqv2_backbone")
@@ -137,61 +150,13 @@ def _attention_block(backbone: EquiformerV2Backbone) -> SO2EquivariantGraphAtten
     )
 
 
-@registry.register_model("fairchem_dens_eqv2_energy_head")
-class DeNSEnergyHead(nn.Module, HeadInterface):
-    """Energy of the original (uncorrupted) structure.
-
-    Args:
-        backbone: the DeNS EquiformerV2 backbone.
-        output_name: name of the output.
-        reduce: ``sum`` (divided by the backbone's ``avg_num_nodes``) or ``mean``.
-        use_denoising: predict the original energy in DeNS batches; if false the
-            energy is zeroed there (ablation of the paper).
-    """
-
-    def __init__(
-        self,
-        backbone: EquiformerV2Backbone,
-        output_name: str = "energy",
-        reduce: Literal["sum", "mean"] = "sum",
-        use_denoising: bool = True,
-    ) -> None:
-        super().__init__()
-        if reduce not in ("sum", "mean"):
-            raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
-        self.output_name = output_name
-        self.reduce = reduce
-        self.use_denoising = use_denoising
-        self.avg_num_nodes = backbone.avg_num_nodes
-        self.scalar_block = FeedForwardNetwork(
-            backbone.sphere_channels,
-            backbone.ffn_hidden_channels,
-            1,
-            backbone.lmax_list,
-            backbone.mmax_list,
-            backbone.SO3_grid,
-            backbone.ffn_activation,
-            backbone.use_gate_act,
-            backbone.use_grid_mlp,
-            backbone.use_sep_s2_act,
-        )
-        self.apply(partial(eqv2_init_weights, weight_init=backbone.weight_init))
-
-    def forward(self, data: Batch, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
-        node_energy = self.scalar_block(emb["node_embedding"]).embedding.narrow(1, 0, 1)
-        if gp_utils.initialized():
-            node_energy = gp_utils.gather_from_model_parallel_region(node_energy, dim=0)
-        energy = node_energy.new_zeros(len(data.natoms))
-        energy.index_add_(0, data.batch, node_energy.view(-1))
-        if is_dens_batch(data) and not self.use_denoising:
-            energy = energy * 0.0
-        if self.reduce == "sum":
-            return {self.output_name: energy / self.avg_num_nodes}
-        return {self.output_name: energy / data.natoms}
+#: Energy of the original (uncorrupted) structure: fairchem's own ``DeNSScalarHead`` (``scalar_block``;
+#: ``use_denoising=False`` zeroes the energy of DeNS batches, the paper's ablation), used as it is.
+DeNSEquiformerV2EnergyHead = registry.register_model("fairchem_dens_eqv2_energy_head")(DeNSScalarHead)
 
 
 @registry.register_model("fairchem_dens_eqv2_force_head")
-class DeNSForceHead(nn.Module, HeadInterface):
+class DeNSEquiformerV2ForceHead(nn.Module, HeadInterface):
     """Forces of uncorrupted atoms and normalised noise of corrupted ones.
 
     ``vector_block`` predicts forces, ``denoising_pos_block`` (same architecture)
@@ -257,3 +222,24 @@ class DeNSForceHead(nn.Module, HeadInterface):
             self.training,
         )
         return {self.output_name: forces}
+
+
+# The names of the first releases (configs and pickled references use them).
+DeNSEnergyHead = DeNSEquiformerV2EnergyHead
+DeNSForceHead = DeNSEquiformerV2ForceHead
+
+ADAPTER = BackboneAdapter(
+    family="equiformer_v2",
+    label="EquiformerV2",
+    backbone=f"{__name__}.DeNSEquiformerV2Backbone",
+    energy_head=f"{__name__}.DeNSEquiformerV2EnergyHead",
+    force_head=f"{__name__}.DeNSEquiformerV2ForceHead",
+    signature=("blocks.0.ga.",),
+    original_prefixes=(
+        ("force_block.", "output_heads.forces.vector_block."),
+        ("energy_block.", "output_heads.energy.scalar_block."),
+        ("denoising_pos_block.", "output_heads.forces.denoising_pos_block."),
+    ),
+    # the original EquiformerV2 class defaults, absent from the published model_attributes
+    original_defaults={"avg_num_nodes": 77.81317, "avg_degree": 23.395238876342773},
+)

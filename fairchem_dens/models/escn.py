@@ -27,6 +27,7 @@ from fairchem.core.common.registry import registry
 from fairchem.core.models.base import HeadInterface
 from fairchem.core.models.escn.escn import ForceBlock, eSCNBackbone
 
+from fairchem_dens.models.adapters import BackboneAdapter
 from fairchem_dens.models.dens_features import (
     DeNSBackboneMixin,
     dens_force_output,
@@ -37,7 +38,7 @@ from fairchem_dens.models.dens_features import (
 if TYPE_CHECKING:
     from torch_geometric.data import Batch
 
-__all__ = ["DeNSeSCNBackbone", "DeNSeSCNForceHead"]
+__all__ = ["ADAPTER", "DeNSeSCNBackbone", "DeNSeSCNForceHead"]
 
 
 @registry.register_model("fairchem_dens_escn_backbone")
@@ -121,3 +122,18 @@ def _on_atoms(block: ForceBlock, values: torch.Tensor, points: torch.Tensor, ato
     output = values.new_zeros((atoms.shape[0], 3))
     output[atoms] = block(per_atom[atoms].reshape(-1, per_atom.shape[-1]), points)
     return output
+
+
+ADAPTER = BackboneAdapter(
+    family="escn",
+    label="eSCN",
+    backbone=f"{__name__}.DeNSeSCNBackbone",
+    energy_head="fairchem.core.models.escn.escn.eSCNEnergyHead",
+    force_head=f"{__name__}.DeNSeSCNForceHead",
+    signature=("layer_blocks.",),
+    original_prefixes=(
+        ("force_block.", "output_heads.forces.force_block."),
+        ("energy_block.", "output_heads.energy.energy_block."),
+        ("denoising_pos_block.", "output_heads.forces.denoising_pos_block."),
+    ),
+)

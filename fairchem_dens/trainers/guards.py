@@ -13,11 +13,17 @@ from torch import nn
 
 __all__ = ["DeNSSetupError", "check_model", "check_normalizers", "check_warmup"]
 
-USE_INSTEAD = (
-    "use fairchem_dens.models.equiformer_v2.DeNSEquiformerV2Backbone with "
-    "DeNSEnergyHead + DeNSForceHead (EquiformerV2), or fairchem_dens.models.escn."
-    "DeNSeSCNBackbone with fairchem's eSCNEnergyHead + DeNSeSCNForceHead (eSCN)"
-)
+
+
+def use_instead() -> str:
+    """The DeNS classes of every backbone adapter, for messages."""
+    from fairchem_dens.models.adapters import adapters
+
+    return "use " + ", or ".join(candidate.use_instead() for candidate in adapters())
+
+
+#: Attributes of a force head's noise block (ours and fairchem's DeNS heads).
+NOISE_BLOCKS = ("denoising_pos_block", "denoising_linear")
 
 # fairchem 1.10 heads whose forces are -dE/dx (registry names; resolved lazily).
 GRADIENT_FORCE_HEADS = (
@@ -56,9 +62,11 @@ def check_model(model: nn.Module, forces: str = "forces") -> None:
     """Refuses a model that cannot denoise.
 
     DeNS needs a backbone that encodes the original forces (a ``force_embedding``)
-    and a force head with a noise block (``denoising_pos_block``) that writes the
-    noise prediction of corrupted atoms to the ``forces`` output. Models whose
-    forces are energy gradients are refused: their force output has no noise path.
+    and a force head with a noise block (``denoising_pos_block`` / ``denoising_linear``)
+    that writes the noise prediction of corrupted atoms to the ``forces`` output.
+    Gradient-force heads are accepted only when they are conservative DeNS heads
+    (``dens_conservative``): others have no noise path, and fairchem's eSEN DeNS head
+    zeroes the energy of DeNS batches.
 
     Args:
         model: the model as built by fairchem (DDP wrapper removed).
@@ -69,33 +77,45 @@ def check_model(model: nn.Module, forces: str = "forces") -> None:
     if backbone is None or heads is None:
         raise DeNSSetupError(
             f"model.name builds {type(model).__name__}, which is not fairchem's `hydra` "
-            f"model: the DeNS trainer needs a hydra backbone with DeNS heads; {USE_INSTEAD}."
+            f"model: the DeNS trainer needs a hydra backbone with DeNS heads; {use_instead()}."
         )
+    # a conservative head writes energy, forces (and stress) whatever its name
     force_heads = [
-        head for name, head in heads.items() if name == forces or getattr(head, "output_name", None) == forces
+        head for name, head in heads.items()
+        if name == forces or getattr(head, "output_name", None) == forces
+        or isinstance(head, _gradient_force_classes()) or getattr(head, "dens_conservative", False)
     ]
-    if any(_is_conservative(head, backbone) for head in force_heads or heads.values()):
+    for head in force_heads or heads.values():
+        if not _is_conservative(head, backbone) or getattr(head, "dens_conservative", False):
+            continue
+        name = f"{type(head).__module__}.{type(head).__name__}"
+        if hasattr(head, "denoising_linear"):  # fairchem's esen_mlp_efs_head_dens
+            raise DeNSSetupError(
+                f"the conservative head is {name}, which multiplies the energy of every DeNS batch by 0, "
+                "so energy, clean-atom forces and stress get no gradient there: use "
+                "fairchem_dens.models.esen.DeNSeSENConservativeHead (same weights), which keeps them."
+            )
         raise DeNSSetupError(
-            "the model's forces are gradients of its energy (a conservative head): the DeNS "
-            "trainer needs a direct force head with a noise block and does not yet train "
-            "conservative models with DeNS. Pre-train with a direct DeNS head, then fine-tune "
-            f"conservatively with fairchem's own trainer without DeNS; {USE_INSTEAD}."
+            f"the model's forces are gradients of its energy ({name}, a conservative head without a "
+            "noise output): DeNS needs a noise prediction for corrupted atoms. Use a conservative DeNS "
+            "head (eSEN: fairchem_dens.models.esen.DeNSeSENConservativeHead), or pre-train with a direct "
+            f"DeNS head and fine-tune conservatively without DeNS (README: two-step recipe); {use_instead()}."
         )
     if not hasattr(backbone, "force_embedding"):
         raise DeNSSetupError(
             f"model.backbone.model builds {type(backbone).__name__}, which has no force encoding: "
-            f"DeNS feeds the original forces of corrupted atoms to the backbone; {USE_INSTEAD}."
+            f"DeNS feeds the original forces of corrupted atoms to the backbone; {use_instead()}."
         )
     if not force_heads:
         raise DeNSSetupError(
             f"no head of the model writes the `{forces}` output (heads: {', '.join(heads)}): "
-            f"name the force head `{forces}` under model.heads; {USE_INSTEAD}."
+            f"name the force head `{forces}` under model.heads; {use_instead()}."
         )
     for head in force_heads:
-        if not hasattr(head, "denoising_pos_block"):
+        if not any(hasattr(head, block) for block in NOISE_BLOCKS):
             raise DeNSSetupError(
                 f"the `{forces}` head is {type(head).__module__}.{type(head).__name__}, which has no "
-                f"noise output (denoising_pos_block): {USE_INSTEAD}."
+                f"noise output ({' / '.join(NOISE_BLOCKS)}): {use_instead()}."
             )
 
 

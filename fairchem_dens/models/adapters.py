@@ -1,0 +1,92 @@
+"""The backbone adapters: what fairchem-dens needs to know about each architecture.
+
+A backbone is one module under ``fairchem_dens/models/`` that defines its DeNS
+backbone class (where the force encoding enters the base class's unchanged
+``forward``), its heads (which block predicts forces, which the noise) and an
+``ADAPTER`` (:class:`BackboneAdapter`) saying how its checkpoints are recognised and
+which classes a config names. :data:`BACKBONE_MODULES` is the one place a new
+module is listed; checkpoint conversion, mismatch messages and the trainer's
+model check read the adapters from here.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass, field
+from typing import Iterable
+
+__all__ = ["BackboneAdapter", "BACKBONE_MODULES", "adapters", "adapter", "family_of_keys"]
+
+#: The adapter modules, in the order their families are tried on a checkpoint.
+BACKBONE_MODULES = (
+    "fairchem_dens.models.equiformer_v2",
+    "fairchem_dens.models.escn",
+    "fairchem_dens.models.esen",
+)
+
+
+@dataclass(frozen=True)
+class BackboneAdapter:
+    """How one architecture plugs into fairchem-dens.
+
+    Attributes:
+        family: short key (``equiformer_v2``, ``escn``, ``esen``).
+        label: the architecture's name in messages.
+        backbone: dotted path of the DeNS backbone class.
+        energy_head: dotted path of the energy head a DeNS config names.
+        force_head: dotted path of the direct DeNS force head (forces + noise).
+        signature: prefixes of backbone state-dict keys (``backbone.`` removed) that
+            only this family's checkpoints hold; all must be present.
+        conservative_head: dotted path of the head giving forces (and stress) as
+            energy gradients plus the noise of corrupted atoms, if there is one.
+        original_prefixes: ``(original, ours)`` renames of the original
+            implementation's monolithic checkpoints, if it had this family.
+        original_defaults: backbone keywords the original's ``model_attributes`` omit.
+    """
+
+    family: str
+    label: str
+    backbone: str
+    energy_head: str
+    force_head: str
+    signature: tuple[str, ...]
+    conservative_head: str | None = None
+    original_prefixes: tuple[tuple[str, str], ...] = ()
+    original_defaults: dict = field(default_factory=dict)
+
+    def matches(self, body_keys: Iterable[str]) -> bool:
+        """Whether backbone state-dict keys (without ``backbone.``) are of this family."""
+        keys = list(body_keys)
+        return all(any(key.startswith(prefix) for key in keys) for prefix in self.signature)
+
+    def use_instead(self) -> str:
+        heads = f"{self.energy_head.rsplit('.', 1)[-1]} + {self.force_head.rsplit('.', 1)[-1]}"
+        return f"{self.backbone} with {heads} ({self.label})"
+
+
+@functools.cache
+def adapters() -> tuple[BackboneAdapter, ...]:
+    """Every registered adapter (imports the backbone modules on first use)."""
+    return tuple(importlib.import_module(name).ADAPTER for name in BACKBONE_MODULES)
+
+
+def adapter(family: str) -> BackboneAdapter:
+    """The adapter of ``family``; raises ``ValueError`` naming the known ones."""
+    for candidate in adapters():
+        if candidate.family == family:
+            return candidate
+    raise ValueError(f"unknown model family {family!r}; known: {', '.join(a.family for a in adapters())}")
+
+
+def family_of_keys(keys: Iterable[str]) -> BackboneAdapter | None:
+    """The adapter whose checkpoints hold these state-dict keys (hydra or monolithic), or None."""
+    keys = [key[len("module."):] if key.startswith("module.") else key for key in keys]
+    hydra = any(key.startswith("backbone.") for key in keys)
+    body = [key[len("backbone."):] for key in keys if key.startswith("backbone.")] if hydra else keys
+    return next((candidate for candidate in adapters() if candidate.matches(body)), None)
+
+
+def known_families() -> str:
+    """``EquiformerV2, eSCN, eSEN`` for messages."""
+    return ", ".join(candidate.label for candidate in adapters())

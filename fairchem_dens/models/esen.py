@@ -1,0 +1,194 @@
+"""eSEN with DeNS: fairchem's eSEN backbone plus force encoding, direct and conservative heads.
+
+fairchem 1.10 ships eSEN (the architecture of eSEN-30M-MP / -OAM) and a DeNS copy of
+its backbone (``esen_backbone_dens``). Ours wraps the plain ``esen_backbone``
+instead: the force encoding enters where fairchem's copy adds it (the node
+embeddings right after the atom embedding, before the edge-degree embedding),
+through a pre-hook, so fairchem's ``forward`` runs unchanged. Parameter names equal
+fairchem's DeNS classes (``backbone.force_embedding``; ``linear`` /
+``denoising_linear`` in the direct force head; ``energy_block`` /
+``denoising_linear`` in the conservative head), so their state dicts load into ours.
+
+Direct (DeNS pre-training)::
+
+    backbone: {model: fairchem_dens.models.esen.DeNSeSENBackbone, ...}
+    heads:
+      energy: {module: fairchem.core.models.esen.esen.MLP_Energy_Head}
+      forces: {module: fairchem_dens.models.esen.DeNSeSENForceHead}
+
+Conservative (energy, forces and stress as gradients, plus a noise head)::
+
+    backbone: {model: fairchem_dens.models.esen.DeNSeSENBackbone, regress_stress: True, ...}
+    heads:
+      energy: {module: fairchem_dens.models.esen.DeNSeSENConservativeHead}
+
+Unlike fairchem's ``esen_mlp_efs_head_dens``, which multiplies the energy of a DeNS
+batch by 0 (so energy, clean-atom forces and stress learn nothing there), the
+conservative head keeps EquiformerV3's semantics: the energy of the original
+structure is predicted and trained, clean atoms get ``-dE/dx``, corrupted atoms the
+noise head's output; the trainer excludes stress of corrupted structures.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from fairchem.core.common.registry import registry
+from fairchem.core.models.base import HeadInterface
+from fairchem.core.models.esen.esen import MLP_EFS_Head, eSEN_Backbone
+from fairchem.core.models.esen.nn.so3_layers import SO3_Linear
+
+from fairchem_dens.batch import corrupted_atoms, is_dens_batch
+from fairchem_dens.models.adapters import BackboneAdapter
+from fairchem_dens.models.dens_features import DeNSBackboneMixin, dens_force_output, dens_node_features, zero_weight
+
+if TYPE_CHECKING:
+    from torch_geometric.data import Batch
+
+__all__ = [
+    "ADAPTER",
+    "DeNSeSENBackbone",
+    "DeNSeSENForceHead",
+    "DeNSeSENConservativeHead",
+    "plain_esen_state_dict",
+]
+
+PLAIN_BACKBONE = "fairchem.core.models.esen.esen.eSEN_Backbone"
+PLAIN_EFS_HEAD = "fairchem.core.models.esen.esen.MLP_EFS_Head"
+
+
+@registry.register_model("fairchem_dens_esen_backbone")
+class DeNSeSENBackbone(DeNSBackboneMixin, eSEN_Backbone):
+    """fairchem's eSEN backbone plus DeNS force encoding.
+
+    The encoding is added to the node embeddings (atom embedding on l = 0) before the
+    edge-degree embedding, through a forward pre-hook on ``edge_degree_embedding``.
+    Like fairchem's ``esen_backbone_dens`` the layer runs in every mode, so its bias
+    reaches the l = 0 coefficients of S2EF batches and inference too.
+
+    Args:
+        use_force_encoding: encode the original forces of corrupted atoms (false: ablation).
+        **kwargs: every keyword of fairchem's ``eSEN_Backbone``.
+    """
+
+    def __init__(self, *, use_force_encoding: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.use_force_encoding = use_force_encoding
+        self.force_embedding = SO3_Linear(1, self.sphere_channels, lmax=self.lmax)
+        self.edge_degree_embedding.register_forward_pre_hook(self._add_dens_encoding)
+
+    def _add_dens_encoding(self, module, args):
+        data = self._dens_data
+        if data is None:
+            return None
+        x_message, *rest = args
+        features = dens_node_features(data, self.force_embedding, self.lmax, use_force_encoding=self.use_force_encoding)
+        return (x_message + features.to(x_message.dtype), *rest)
+
+
+def _vectors(layer: SO3_Linear, emb: dict[str, Any]) -> torch.Tensor:
+    """``[N, 3]``: the l = 1 output of a one-channel ``SO3_Linear`` on the l <= 1 node features."""
+    return layer(emb["node_embedding"].narrow(1, 0, 4)).narrow(1, 1, 3).reshape(-1, 3)
+
+
+@registry.register_model("fairchem_dens_esen_force_head")
+class DeNSeSENForceHead(nn.Module, HeadInterface):
+    """Direct forces of uncorrupted atoms and normalised noise of corrupted ones (eSEN).
+
+    Two one-channel ``SO3_Linear`` layers on the l <= 1 node features, as fairchem's
+    ``esen_linear_force_head_dens``: ``linear`` (forces) and ``denoising_linear``
+    (noise). Per-atom and nearly free, so both run on every atom when both are used;
+    an S2EF batch (validation, prediction, relaxations) never runs the noise layer.
+
+    Args:
+        backbone: the DeNS eSEN backbone.
+        output_name: name of the output.
+    """
+
+    def __init__(self, backbone: eSEN_Backbone, output_name: str = "forces") -> None:
+        super().__init__()
+        self.output_name = output_name
+        self.linear = SO3_Linear(backbone.sphere_channels, 1, lmax=1)
+        self.denoising_linear = SO3_Linear(backbone.sphere_channels, 1, lmax=1)
+
+    def forward(self, data: Batch, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
+        forces = dens_force_output(
+            data,
+            lambda atoms: _vectors(self.linear, emb),
+            lambda atoms: _vectors(self.denoising_linear, emb),
+            self.linear,
+            self.denoising_linear,
+            self.training,
+        )
+        return {self.output_name: forces}
+
+
+@registry.register_model("fairchem_dens_esen_conservative_head")
+class DeNSeSENConservativeHead(MLP_EFS_Head):
+    """Conservative eSEN with DeNS: fairchem's energy/force/stress head plus a noise head.
+
+    fairchem's ``MLP_EFS_Head`` gives the energy and, as its gradients, forces (and
+    stress with ``regress_stress``); ``denoising_linear`` predicts the noise. In a
+    DeNS batch corrupted atoms output the noise, every other output is fairchem's:
+    the energy of the original structure, ``-dE/dx`` on clean atoms, stress (which
+    the trainer excludes for corrupted structures). S2EF batches never run the noise
+    layer (a zero-weight term keeps it in DDP's graph during training).
+
+    Args:
+        backbone: the DeNS eSEN backbone (switched to gradient forces, as fairchem's head does).
+    """
+
+    #: Read by the trainer's model check: forces are energy gradients plus a noise path.
+    dens_conservative = True
+
+    def __init__(self, backbone: eSEN_Backbone) -> None:
+        super().__init__(backbone)
+        self.denoising_linear = SO3_Linear(backbone.sphere_channels, 1, lmax=1)
+
+    def forward(self, data: Batch, emb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        outputs = super().forward(data, emb)
+        corrupted = corrupted_atoms(data)
+        if is_dens_batch(data) and bool(corrupted.any()):
+            noise = _vectors(self.denoising_linear, emb)
+            outputs["forces"] = torch.where(corrupted.view(-1, 1), noise, outputs["forces"])
+        elif self.training:
+            outputs["forces"] = outputs["forces"] + zero_weight(self.denoising_linear)
+        return outputs
+
+
+def plain_esen_state_dict(state_dict: dict[str, torch.Tensor]) -> OrderedDict:
+    """Our DeNS eSEN weights as fairchem's plain ``eSEN_Backbone`` + ``MLP_EFS_Head`` weights.
+
+    Outside DeNS batches the force encoding adds only its bias, to the l = 0 node
+    features, which is where the atom embedding goes: the bias is folded into every
+    row of ``sphere_embedding``, so the plain model computes the same energy. The
+    energy head's ``energy_block`` is kept; force, noise and other heads are dropped.
+
+    Args:
+        state_dict: a hydra state dict of our DeNS eSEN (direct or conservative heads).
+    """
+    plain = OrderedDict()
+    bias = state_dict["backbone.force_embedding.bias"]
+    for key, value in state_dict.items():
+        if key.startswith("backbone.force_embedding."):
+            continue
+        if key == "backbone.sphere_embedding.weight":
+            value = value + bias.to(value.dtype).view(1, -1)
+        if key.startswith("backbone.") or key.startswith("output_heads.energy.energy_block."):
+            plain[key] = value
+    return plain
+
+
+ADAPTER = BackboneAdapter(
+    family="esen",
+    label="eSEN",
+    backbone=f"{__name__}.DeNSeSENBackbone",
+    energy_head="fairchem.core.models.esen.esen.MLP_Energy_Head",
+    force_head=f"{__name__}.DeNSeSENForceHead",
+    conservative_head=f"{__name__}.DeNSeSENConservativeHead",
+    signature=("blocks.0.edge_wise.",),
+)
