@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=1200)
     parser.add_argument("--temperature", type=float, default=500.0, help="K (MD17: 500)")
     parser.add_argument("--stride", type=int, default=10, help="0.5 fs MD steps between kept frames")
+    parser.add_argument("--equilibration", type=int, default=500, help="MD steps run and discarded first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{out} exists; pass --overwrite to replace it")
     try:
         arrays = generate_xtb_trajectory(args.molecule, args.frames, temperature_K=args.temperature,
-                                         stride=args.stride, seed=args.seed)
+                                         stride=args.stride, equilibration_steps=args.equilibration,
+                                         seed=args.seed)
     except ValueError as error:
         parser.error(str(error))
     write_sgdml_npz(arrays, out, overwrite=args.overwrite)
