@@ -168,6 +168,8 @@ TINY_ESEN_BACKBONE: dict[str, Any] = {
     "mmax": 2,
     "num_layers": 2,
     "num_distance_basis": 16,
+    "act_type": "gate",
+    "mlp_type": "spectral",
     "cutoff": 5.0,
     "max_neighbors": 30,
     "otf_graph": True,

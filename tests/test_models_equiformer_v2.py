@@ -1,4 +1,4 @@
-"""The DeNS EquiformerV2 model: parity with fairchem, encoding, inference, rotations."""
+"""The DeNS EquiformerV2 model beyond the shared backbone suite (tests/test_backbones.py): parity with fairchem's port, the encoding."""
 
 from __future__ import annotations
 
@@ -10,12 +10,9 @@ import torch
 from fairchem_dens.encoding import force_encoding_coefficients
 from fairchem_dens.testing import (
     dens_mode_batch,
-    TINY_EQV2_BACKBONE,
     build_model,
     eqv2_dens_model_config,
     forward_seeded,
-    rotate_batch,
-    rotation_matrix,
 )
 
 MODES = ("s2ef", "full", "partial")
@@ -84,72 +81,6 @@ def test_force_encoding_matches_spec():
     assert torch.all(masked[2] == 0) and torch.equal(masked[0], coefficients[0])
 
 
-def test_denoising_off_equals_plain_equiformer_v2(fixture_batch):
-    """Without DeNS the model is fairchem's EquiformerV2 with the encoding bias folded in."""
-    ours = build_model(eqv2_dens_model_config("ours"), seed=0).eval()
-    plain = build_model(eqv2_dens_model_config("plain"), seed=3).eval()
-    with torch.no_grad():
-        ours.backbone.force_embedding.bias.normal_()
-    mapped = {}
-    for key, value in ours.state_dict().items():
-        if "force_embedding" in key or "denoising_pos_block" in key:
-            continue
-        key = key.replace("output_heads.energy.scalar_block", "output_heads.energy.energy_block")
-        key = key.replace("output_heads.forces.vector_block", "output_heads.forces.force_block")
-        mapped[key] = value
-    # The always-added bias on l=0 is a constant shift of every atom's type embedding.
-    mapped["backbone.sphere_embedding.weight"] = (
-        mapped["backbone.sphere_embedding.weight"] + ours.backbone.force_embedding.bias
-    )
-    plain.load_state_dict(mapped, strict=True)
-    with torch.no_grad():
-        a = forward_seeded(ours, fixture_batch)
-        b = forward_seeded(plain, fixture_batch)
-    assert torch.allclose(a["energy"], b["energy"], atol=1e-5)
-    assert torch.allclose(a["forces"], b["forces"], atol=1e-5)
-    # ... and the bias does matter: without folding it in, outputs differ.
-    mapped["backbone.sphere_embedding.weight"] -= ours.backbone.force_embedding.bias
-    plain.load_state_dict(mapped, strict=True)
-    with torch.no_grad():
-        c = forward_seeded(plain, fixture_batch)
-    assert not torch.allclose(a["forces"], c["forces"], atol=1e-5)
-
-
-def test_only_the_heads_that_are_used_run(fixture_batch):
-    """S2EF batches (training or inference) skip the noise block, fully corrupted ones the force block."""
-    model = build_model(eqv2_dens_model_config("ours"))
-    head = model.output_heads["forces"]
-    calls = {"noise": 0, "force": 0}
-    head.denoising_pos_block.register_forward_hook(lambda *a: calls.__setitem__("noise", calls["noise"] + 1))
-    head.vector_block.register_forward_hook(lambda *a: calls.__setitem__("force", calls["force"] + 1))
-    expected = {("s2ef", True): (1, 0), ("s2ef", False): (1, 0), ("full", True): (0, 1), ("full", False): (0, 1),
-                ("partial", True): (1, 1), ("partial", False): (1, 1)}
-    outputs = {}
-    for (mode, training), (force_calls, noise_calls) in expected.items():
-        calls.update(noise=0, force=0)
-        model.train(training)
-        with torch.no_grad():
-            outputs[mode, training] = forward_seeded(model, as_mode(fixture_batch, mode))
-        assert (calls["force"], calls["noise"]) == (force_calls, noise_calls), (mode, training)
-    for mode in MODES:  # training and inference give the same outputs (no dropout in the tiny model)
-        torch.testing.assert_close(outputs[mode, True]["forces"], outputs[mode, False]["forces"], atol=1e-6, rtol=0)
-        torch.testing.assert_close(outputs[mode, True]["energy"], outputs[mode, False]["energy"], atol=1e-6, rtol=0)
-
-
-def test_training_mode_gives_every_parameter_a_gradient(fixture_batch):
-    model = build_model(eqv2_dens_model_config("ours")).train()
-    for mode in MODES:
-        model.zero_grad()
-        out = forward_seeded(model, as_mode(fixture_batch, mode))
-        (out["energy"].sum() + out["forces"].pow(2).sum()).backward()
-        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-        assert not missing, (mode, missing[:5])  # DDP needs a gradient for every parameter
-        unused = {"s2ef": "denoising_pos_block", "full": "vector_block"}.get(mode)
-        if unused:  # the skipped block gets an exact zero, as the peers' 0 * output gives
-            block = getattr(model.output_heads["forces"], unused)
-            assert all(torch.all(p.grad == 0) for p in block.parameters())
-
-
 def test_disabled_force_encoding_ignores_forces(fixture_batch):
     model = build_model(eqv2_dens_model_config("ours", use_force_encoding=False)).eval()
     batch = as_mode(fixture_batch, "full")
@@ -175,29 +106,3 @@ def test_sigma_encoding_uses_sigmas(fixture_batch):
         model(batch)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_rotation_equivariance(fixture_batch, mode):
-    # An uncapped neighbour list: ties at a max_neighbors cut would make the graph itself
-    # rotation dependent (the fixture's slabs sit on ideal lattice sites).
-    backbone = {**TINY_EQV2_BACKBONE, "max_neighbors": 1000}
-    model = build_model(eqv2_dens_model_config("ours", backbone=backbone)).eval()
-    batch = as_mode(fixture_batch, mode)
-    rotation = rotation_matrix(3)
-    rotated = rotate_batch(batch, rotation)
-    with torch.no_grad():
-        out = forward_seeded(model, batch, seed=7)
-        out_rot = forward_seeded(model, rotated, seed=11)
-    energy_scale = out["energy"].abs().max()
-    # measured (seeds 3, 5, 8): energy <= 6e-6 relative, forces <= 1.8e-3 of max|F|
-    assert (out["energy"] - out_rot["energy"]).abs().max() <= 5e-5 * energy_scale
-    expected = out["forces"] @ rotation.T
-    scale = out["forces"].abs().max()
-    # S2-grid activations make EquiformerV2 equivariant up to a small discretisation error.
-    assert (expected - out_rot["forces"]).abs().max() <= 5e-3 * scale
-    # rotating the positions without rotating the encoded forces breaks equivariance
-    if mode != "s2ef":
-        wrong = rotated.clone()
-        wrong.forces = batch.forces
-        with torch.no_grad():
-            out_wrong = forward_seeded(model, wrong, seed=11)
-        assert (expected - out_wrong["forces"]).abs().max() > 4 * 5e-3 * scale

@@ -59,23 +59,41 @@ def test_plain_equiformer_v2_is_refused(emt_data, tmp_path):
 
 
 def test_fairchem_heads_without_a_noise_output_are_refused(emt_data, tmp_path):
-    with pytest.raises(DeNSSetupError, match=r"EqV2VectorHead, which has no noise output.*DeNSForceHead"):
+    with pytest.raises(DeNSSetupError, match=r"EqV2VectorHead, which has no noise output.*DeNSEquiformerV2ForceHead.*DeNSeSENForceHead"):
         build(DENS_YML, tmp_path, emt_data, "--model.heads.forces.module=equiformerV2_vector_head",
               "--model.heads.energy.module=equiformerV2_scalar_head")
 
 
-def test_a_conservative_model_is_refused(emt_data, tmp_path):
-    def esen(config):
+def _esen(head: str, backbone: str = "esen_backbone"):
+    def edit(config):
         config["model"] = {"name": "hydra", "otf_graph": True, "pass_through_head_outputs": True,
-                           "backbone": {"model": "esen_backbone", "sphere_channels": 8, "lmax": 1, "mmax": 1,
+                           "backbone": {"model": backbone, "sphere_channels": 8, "lmax": 1, "mmax": 1,
                                         "num_layers": 1, "hidden_channels": 8, "edge_channels": 8,
                                         "num_distance_basis": 8, "cutoff": 5.0, "max_neighbors": 12,
                                         "otf_graph": True},
-                           "heads": {"efs": {"module": "esen_mlp_efs_head"}}}
+                           "heads": {"efs": {"module": head}}}
+    return edit
 
-    config = write_variant(DENS_YML, tmp_path / "c.yml", esen)
-    with pytest.raises(DeNSSetupError, match=r"forces are gradients of its energy \(a conservative head\)"):
+
+def test_a_conservative_model_without_a_noise_head_is_refused(emt_data, tmp_path):
+    config = write_variant(DENS_YML, tmp_path / "c.yml", _esen("esen_mlp_efs_head"))
+    with pytest.raises(DeNSSetupError, match=r"forces are gradients of its energy \(.*MLP_EFS_Head, a conservative "
+                                             r"head without a noise output\).*DeNSeSENConservativeHead"):
         build(config, tmp_path, emt_data)
+
+
+def test_fairchems_esen_dens_head_that_zeroes_the_energy_is_refused(emt_data, tmp_path):
+    config = write_variant(DENS_YML, tmp_path / "c.yml", _esen("esen_mlp_efs_head_dens", "esen_backbone_dens"))
+    with pytest.raises(DeNSSetupError, match=r"esen_dens.MLP_EFS_Head, which multiplies the energy of every DeNS "
+                                             r"batch by 0.*DeNSeSENConservativeHead \(same weights\)"):
+        build(config, tmp_path, emt_data)
+
+
+def test_our_conservative_esen_head_is_accepted(emt_data, tmp_path):
+    edit = _esen("fairchem_dens.models.esen.DeNSeSENConservativeHead", "fairchem_dens.models.esen.DeNSeSENBackbone")
+    with fairchem_trainer(write_variant(DENS_YML, tmp_path / "c.yml", edit), tmp_path,
+                          *data_overrides(emt_data)) as ctx:
+        assert ctx.trainer.model.module.backbone.direct_forces is False  # gradient forces, noise head kept
 
 
 def test_forces_loss_per_atom_mae_is_refused(emt_data, tmp_path):

@@ -22,7 +22,7 @@ Use them through fairchem's ``hydra`` model::
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -32,10 +32,7 @@ from fairchem.core.common.registry import registry
 from fairchem.core.models.base import HeadInterface
 from fairchem.core.models.equiformer_v2.equiformer_v2 import EquiformerV2Backbone
 from fairchem.core.models.equiformer_v2.equiformer_v2_dens import DeNSScalarHead
-from fairchem.core.models.equiformer_v2.transformer_block import (
-    FeedForwardNetwork,
-    SO2EquivariantGraphAttention,
-)
+from fairchem.core.models.equiformer_v2.transformer_block import SO2EquivariantGraphAttention
 from fairchem.core.models.equiformer_v2.weight_initialization import eqv2_init_weights
 
 from fairchem_dens.models.adapters import BackboneAdapter

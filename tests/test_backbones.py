@@ -1,0 +1,124 @@
+"""Every backbone adapter through the shared suite (tests/backbone_suite.py): one class each."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fairchem_dens.models.esen import plain_esen_state_dict
+from fairchem_dens.testing import (
+    TINY_EQV2_BACKBONE,
+    TINY_ESCN_BACKBONE,
+    TINY_ESEN_BACKBONE,
+    eqv2_dens_model_config,
+    escn_dens_model_config,
+    esen_dens_model_config,
+)
+
+from backbone_suite import BackboneSuite
+from conftest import QUICKSTART, data_overrides
+
+
+def _fold_encoding_bias(ours: torch.nn.Module, renames: tuple[tuple[str, str], ...] = ()) -> dict:
+    """Our weights without the DeNS parts; the encoding bias (always added on l = 0) moved into the atom embedding."""
+    state = {}
+    for key, value in ours.state_dict().items():
+        if "force_embedding" in key or "denoising_pos_block" in key:
+            continue
+        for old, new in renames:
+            key = key.replace(old, new)
+        state[key] = value
+    state["backbone.sphere_embedding.weight"] = (
+        state["backbone.sphere_embedding.weight"] + ours.backbone.force_embedding.bias
+    )
+    return state
+
+
+@pytest.fixture(scope="module")
+def bulk_overrides(tmp_path_factory):
+    from fairchem_dens.datasets.emt_bulk import generate_bulk_dataset
+
+    bulk = generate_bulk_dataset(tmp_path_factory.mktemp("bulk"), families_per_metal=2, md_frames=2, seed=2)
+    return [f"--dataset.{split}.src={bulk['aselmdb'][split]}" for split in ("train", "val", "test")]
+
+
+class TestEquiformerV2(BackboneSuite):
+    family = "equiformer_v2"
+    noise_block = ("forces", "denoising_pos_block")
+    force_block = ("forces", "vector_block")
+    # S2-grid activations: equivariant up to a small discretisation error (measured <= 2e-3)
+    rotation_tolerance = 1e-2
+    cli_config = QUICKSTART / "eqv2_dens_tiny.yml"
+
+    def model_config(self, flavour="ours", backbone=None, **dens):
+        return eqv2_dens_model_config(flavour, backbone=backbone, **dens)
+
+    def rotation_backbone(self):
+        # uncapped neighbour lists: ties at a max_neighbors cut make the graph rotation dependent
+        return {**TINY_EQV2_BACKBONE, "max_neighbors": 1000}
+
+    def plain_state_dict(self, ours):
+        return _fold_encoding_bias(ours, (("output_heads.energy.scalar_block", "output_heads.energy.energy_block"),
+                                          ("output_heads.forces.vector_block", "output_heads.forces.force_block")))
+
+    def cli_data(self, request):
+        return data_overrides(request.getfixturevalue("emt_data"))
+
+
+class TestESCN(BackboneSuite):
+    family = "escn"
+    noise_block = ("forces", "denoising_pos_block")
+    force_block = ("forces", "force_block")
+    # outputs integrated over 512 sampled sphere points: ~5 % for this tiny random model
+    rotation_tolerance = 0.1
+    cli_config = QUICKSTART / "escn_dens_tiny.yml"
+
+    def model_config(self, flavour="ours", backbone=None, **dens):
+        return escn_dens_model_config(flavour, backbone=backbone, **dens)
+
+    def rotation_backbone(self):
+        return {**TINY_ESCN_BACKBONE, "max_neighbors": 1000, "num_sphere_samples": 512}
+
+    def plain_state_dict(self, ours):
+        return _fold_encoding_bias(ours)
+
+    def cli_data(self, request):
+        return data_overrides(request.getfixturevalue("emt_data"))
+
+
+class TestESEN(BackboneSuite):
+    family = "esen"
+    noise_block = ("forces", "denoising_linear")
+    force_block = ("forces", "linear")
+    # gate activations and spectral MLPs: exactly equivariant up to float32 round-off
+    rotation_tolerance = 1e-4
+    cli_config = QUICKSTART / "esen_dens_bulk_tiny.yml"
+
+    def model_config(self, flavour="ours", backbone=None, **dens):
+        return esen_dens_model_config(flavour, backbone=backbone, **dens)
+
+    def rotation_backbone(self):
+        return {**TINY_ESEN_BACKBONE, "max_neighbors": 1000}
+
+    def plain_state_dict(self, ours):
+        state = _fold_encoding_bias(ours)
+        return {k: v for k, v in state.items() if "denoising_linear" not in k}
+
+    def cli_data(self, request):
+        return request.getfixturevalue("bulk_overrides")
+
+
+class TestESENConservative(TestESEN):
+    noise_block = ("energy", "denoising_linear")
+    force_block = ("energy", "energy_block")
+    force_block_in_full = True
+    outputs = ("energy", "forces", "stress")
+    # float32 gradients through the clipped edge frames of gradient mode (rot_clip): measured 9e-4
+    rotation_tolerance = 5e-3
+    cli_config = QUICKSTART / "esen_dens_conservative_bulk_tiny.yml"
+
+    def model_config(self, flavour="ours", backbone=None, **dens):
+        return esen_dens_model_config(f"{flavour}_conservative", backbone=backbone, **dens)
+
+    def plain_state_dict(self, ours):
+        return plain_esen_state_dict(ours.state_dict())  # the to-conservative conversion itself
