@@ -36,6 +36,15 @@ def emt_data(tmp_path_factory):
     return generate_emt_dataset(out, n_systems=8, relax_frames=3, md_frames=2, seed=0, holdout_adsorbate="OH")
 
 
+@pytest.fixture(scope="session")
+def bulk_overrides(tmp_path_factory) -> list[str]:
+    """CLI overrides pointing a bulk config at a tiny EMT bulk set (.aselmdb, energy/forces/stress)."""
+    from fairchem_dens.datasets.emt_bulk import generate_bulk_dataset
+
+    bulk = generate_bulk_dataset(tmp_path_factory.mktemp("bulk"), families_per_metal=2, md_frames=2, seed=2)
+    return [f"--dataset.{split}.src={bulk['aselmdb'][split]}" for split in ("train", "val", "test")]
+
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUICKSTART = CONFIGS / "quickstart"
 

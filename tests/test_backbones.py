@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from fairchem_dens.models.esen import plain_esen_state_dict
@@ -32,14 +31,6 @@ def _fold_encoding_bias(ours: torch.nn.Module, renames: tuple[tuple[str, str], .
         state["backbone.sphere_embedding.weight"] + ours.backbone.force_embedding.bias
     )
     return state
-
-
-@pytest.fixture(scope="module")
-def bulk_overrides(tmp_path_factory):
-    from fairchem_dens.datasets.emt_bulk import generate_bulk_dataset
-
-    bulk = generate_bulk_dataset(tmp_path_factory.mktemp("bulk"), families_per_metal=2, md_frames=2, seed=2)
-    return [f"--dataset.{split}.src={bulk['aselmdb'][split]}" for split in ("train", "val", "test")]
 
 
 class TestEquiformerV2(BackboneSuite):
