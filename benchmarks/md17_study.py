@@ -43,6 +43,9 @@ VARIANTS: dict[str, list[str]] = {
     "dens": [],
     "dens_no_force_encoding": ["--model.backbone.use_force_encoding=False"],
     "dens_multiscale": [f"{P}fixed_noise_std=False", f"{P}std_low=0.01", f"{P}std_high=0.1", f"{P}num_steps=10"],
+    # corruption as input augmentation only: clean atoms of corrupted structures still learn
+    # the original forces, the noise head gets no loss
+    "dens_coef0": ["--optim.denoising_pos_coefficient=0.0"],
     "dens_coef1": ["--optim.denoising_pos_coefficient=1.0"],
     "dens_coef20": ["--optim.denoising_pos_coefficient=20.0"],
     "dens_const_coef": [f"{P}coefficient_schedule=constant"],
@@ -76,8 +79,8 @@ def build_plan(parts: list[str], seeds: list[int], epochs: int, n_core: int, siz
         elif part == "sizes":
             variants, ns = ["plain", "dens"], [n for n in sizes if n != n_core]
         elif part == "sweep":
-            variants, ns = ["dens_multiscale", "dens_coef1", "dens_coef20", "dens_const_coef",
-                            "dens_std0.025", "dens_std0.1", "dens_prob0.5", "dens_prob1.0"], [n_core]
+            variants, ns = ["dens_coef0", "dens_prob0.5", "dens_std0.025", "dens_std0.1", "dens_coef20",
+                            "dens_multiscale", "dens_coef1", "dens_const_coef", "dens_prob1.0"], [n_core]
         else:
             raise ValueError(f"unknown part {part!r} (core, sizes, sweep)")
         for seed in seeds:
