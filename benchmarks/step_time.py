@@ -13,6 +13,8 @@ Inference (eval, no grad) too.
 
     ./dens.sh run python benchmarks/step_time.py --layers 2 --repeats 20
     ./dens.sh run python benchmarks/step_time.py --family escn
+    ./dens.sh run python benchmarks/step_time.py --family esen              # vs fairchem's esen_*_dens
+    ./dens.sh run python benchmarks/step_time.py --family esen_conservative
     ./dens.sh run python benchmarks/step_time.py --memory        # peak RSS / CUDA memory per variant
     python benchmarks/step_time.py --device cuda                 # on a GPU machine
 """
@@ -34,11 +36,13 @@ import sys
 from fairchem_dens.testing import (
     TINY_EQV2_BACKBONE,
     TINY_ESCN_BACKBONE,
+    TINY_ESEN_BACKBONE,
     batch_from_tensors,
     build_model,
     corrupt_like_trainer,
     eqv2_dens_model_config,
     escn_dens_model_config,
+    esen_dens_model_config,
 )
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "inputs.pt"
@@ -99,18 +103,27 @@ class EveryAtom(torch.nn.Module):
 def train_step(model, batch):
     model.train()
     model.zero_grad(set_to_none=True)
-    out = model(batch)
-    (out["energy"].pow(2).sum() + out["forces"].pow(2).sum()).backward()
+    out = model(batch.clone())  # a copy: gradient-force models replace batch.pos
+    sum(value.pow(2).sum() for value in out.values()).backward()
 
 
 @torch.no_grad()
 def infer(model, batch):
     model.eval()
-    model(batch)
+    model(batch.clone())
 
 
 def build_variants(family: str, layers: int, args) -> dict:
     """name -> model; fairchem has no eSCN with DeNS, so eSCN compares ours with plain only."""
+    if family.startswith("esen"):
+        backbone = {**TINY_ESEN_BACKBONE, "num_layers": layers, "sphere_channels": args.channels,
+                    "hidden_channels": args.channels, "edge_channels": args.channels, "lmax": args.lmax,
+                    "mmax": 2, "num_distance_basis": 64, "max_neighbors": 20, "cutoff": 6.0}
+        suffix = "_conservative" if family == "esen_conservative" else ""
+        models = {name: build_model(esen_dens_model_config(flavour + suffix, backbone=backbone))
+                  for name, flavour in (("plain", "plain"), ("fairchem-dens-port", "fairchem"), ("ours", "ours"))}
+        models["ours"].load_state_dict(models["fairchem-dens-port"].state_dict())
+        return models
     if family == "escn":
         backbone = {**TINY_ESCN_BACKBONE, "num_layers": layers, "sphere_channels": args.channels,
                     "hidden_channels": 2 * args.channels, "lmax_list": [args.lmax], "mmax_list": [2],
@@ -168,7 +181,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--family", choices=["equiformer_v2", "escn"], default="equiformer_v2")
+    parser.add_argument("--family", choices=["equiformer_v2", "escn", "esen", "esen_conservative"],
+                        default="equiformer_v2")
     parser.add_argument("--memory", action="store_true", help="peak memory per variant instead of time")
     parser.add_argument("--system", choices=["slabs", "molecules"], default="slabs")
     args = parser.parse_args()

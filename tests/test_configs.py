@@ -10,7 +10,7 @@ import pytest
 from fairchem.core.common.utils import load_config
 
 from fairchem_dens.noise import DeNSConfig
-from fairchem_dens.testing import TINY_EQV2_BACKBONE, TINY_ESCN_BACKBONE, build_model
+from fairchem_dens.testing import TINY_EQV2_BACKBONE, TINY_ESCN_BACKBONE, TINY_ESEN_BACKBONE, build_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = sorted(p for p in CONFIGS.rglob("*.yml") if not p.name.startswith("_"))
@@ -59,9 +59,14 @@ def test_config_validates_and_builds_at_tiny_size(path):
         assert config["model"]["backbone"]["model"].startswith("fairchem_dens.")
         assert config["evaluation_metrics"]["primary_metric"]
     model_config = copy.deepcopy(config["model"])
-    escn = "escn" in model_config["backbone"]["model"].lower()
-    for key in ESCN_SIZE_KEYS if escn else SIZE_KEYS:
-        model_config["backbone"][key] = (TINY_ESCN_BACKBONE if escn else TINY_EQV2_BACKBONE)[key]
+    name = model_config["backbone"]["model"].lower()
+    if "esen" in name:
+        tiny = {k: v for k, v in TINY_ESEN_BACKBONE.items() if k not in ("act_type", "mlp_type")}
+    elif "escn" in name:
+        tiny = {key: TINY_ESCN_BACKBONE[key] for key in ESCN_SIZE_KEYS}
+    else:
+        tiny = {key: TINY_EQV2_BACKBONE[key] for key in SIZE_KEYS}
+    model_config["backbone"].update(tiny)
     model = build_model(model_config)
     assert sum(p.numel() for p in model.parameters()) < 2_000_000
 
@@ -210,3 +215,22 @@ def test_omat24_variant_has_equiformer_v3s_dens_settings():
     dens = DeNSConfig.from_optim(config["optim"])
     assert (dens.std, dens.corrupt_ratio, dens.strict_max_ratio, dens.max_force_norm, dens.coefficient) == (
         0.025, 0.5, 0.75, 2.5, 1)
+
+
+def test_esen_30m_has_the_published_size():
+    """eSEN-30M-MP: 30,085,121 parameters (matbench-discovery's model card), backbone + esen_mlp_efs_head."""
+    config = full_config(CONFIGS / "mptrj" / "esen" / "esen_30M_conservative_mptrj.yml")
+    model = build_model(config["model"])
+    assert sum(p.numel() for p in model.parameters()) == 30_085_121
+
+
+def test_esen_two_step_recipe():
+    direct = full_config(CONFIGS / "mptrj" / "esen" / "esen_30M_dens_direct_mptrj.yml")
+    conservative = full_config(CONFIGS / "mptrj" / "esen" / "esen_30M_conservative_mptrj.yml")
+    assert (direct["optim"]["max_epochs"], conservative["optim"]["max_epochs"]) == (70, 30)
+    dens = DeNSConfig.from_optim(direct["optim"])
+    assert (dens.prob, dens.std, dens.corrupt_ratio, dens.coefficient) == (0.5, 0.1, None, 10)
+    assert "use_denoising_pos" not in conservative["optim"] and conservative["trainer"] == "mlip_trainer"
+    sizes = {k: v for k, v in direct["model"]["backbone"].items() if k not in ("model", "use_force_encoding")}
+    assert sizes == {k: v for k, v in conservative["model"]["backbone"].items()
+                     if k not in ("model", "regress_stress")}  # one backbone, two stages
