@@ -15,6 +15,7 @@ from fairchem.core.modules.exponential_moving_average import ExponentialMovingAv
 
 from fairchem_dens.models.checkpoints import (
     CheckpointMismatchError,
+    checkpoint_family,
     convert_original_checkpoint,
     explain_mismatch,
     read_checkpoint,
@@ -101,6 +102,43 @@ def test_conversion_rewrites_config_and_normalizers():
     assert set(converted["normalizers"]["denoising_pos_target"]) == {"mean", "rmsd"}
     assert converted["normalizers"]["denoising_pos_target"]["rmsd"].item() == pytest.approx(0.1)
     assert "optimizer" not in converted and converted["step"] == 2
+
+
+def test_every_adapter_recognises_its_checkpoints_and_others_are_named():
+    from fairchem_dens.testing import escn_dens_model_config, esen_dens_model_config
+
+    for family, config in (("equiformer_v2", eqv2_dens_model_config("ours")), ("escn", escn_dens_model_config("ours")),
+                           ("esen", esen_dens_model_config("ours")), ("esen", esen_dens_model_config("fairchem"))):
+        state = {f"module.{k}": v for k, v in build_model(config).state_dict().items()}  # as DDP saves them
+        assert checkpoint_family({"state_dict": state}) == ("hydra", family)
+    painn = build_model({"name": "hydra", "backbone": {"model": "fairchem.core.models.painn.painn.PaiNNBackbone", "hidden_channels": 8,
+                                                       "num_layers": 1, "num_rbf": 8, "otf_graph": True},
+                         "heads": {"energy": {"module": "fairchem.core.models.painn.painn.PaiNNEnergyHead"}}})
+    with pytest.raises(CheckpointMismatchError, match=r"none of the architectures fairchem-dens has a DeNS adapter "
+                                                      r"for \(EquiformerV2, eSCN, eSEN\).*Adding a backbone"):
+        checkpoint_family({"state_dict": painn.state_dict()})
+    esen = build_model(esen_dens_model_config("ours")).state_dict()
+    eqv2 = build_model(eqv2_dens_model_config("ours")).state_dict()
+    assert "holds an eSEN model but the config builds an EquiformerV2" in explain_mismatch(eqv2, esen)
+    monolithic = {k[len("backbone."):]: v for k, v in esen.items() if k.startswith("backbone.")}
+    with pytest.raises(CheckpointMismatchError, match="monolithic eSEN model"):
+        checkpoint_family({"state_dict": monolithic})
+
+
+def test_first_release_head_names_still_build_and_load(fixture_batch):
+    """DeNSEnergyHead / DeNSForceHead (configs written for the first releases) are the renamed classes."""
+    from fairchem_dens.models import equiformer_v2
+
+    assert equiformer_v2.DeNSEnergyHead is equiformer_v2.DeNSEquiformerV2EnergyHead
+    assert equiformer_v2.DeNSForceHead is equiformer_v2.DeNSEquiformerV2ForceHead
+    old = eqv2_dens_model_config("ours")
+    old["heads"] = {"energy": {"module": "fairchem_dens.models.equiformer_v2.DeNSEnergyHead"},
+                    "forces": {"module": "fairchem_dens.models.equiformer_v2.DeNSForceHead"}}
+    old_model, new_model = build_model(old, seed=0).eval(), build_model(eqv2_dens_model_config("ours"), seed=1).eval()
+    new_model.load_state_dict(old_model.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(forward_seeded(old_model, fixture_batch)["forces"],
+                                   forward_seeded(new_model, fixture_batch)["forces"], atol=0, rtol=0)
 
 
 def test_mismatches_are_explained():
