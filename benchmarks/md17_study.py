@@ -262,6 +262,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--n-core", type=int, default=100, help="training frames of the core comparison and sweeps")
     parser.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200])
+    parser.add_argument("--only", nargs="+", default=None, help="run only these variants of the plan")
     parser.add_argument("--eval-every-epochs", type=int, default=5)
     parser.add_argument("--report", action="store_true", help="only write the table and plots")
     args = parser.parse_args()
@@ -270,6 +271,8 @@ def main() -> None:
     if not args.report:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         for point in build_plan(args.plan, args.seeds, args.epochs, args.n_core, args.sizes):
+            if args.only and point.variant not in args.only:
+                continue
             target = results / "runs" / f"{point.key}.json"
             if target.exists():
                 continue
