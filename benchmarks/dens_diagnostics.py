@@ -29,7 +29,7 @@ from fairchem_dens.batch import corrupted_atoms
 from fairchem_dens.quickstart import configs_dir
 from fairchem_dens.testing import corrupt_like_trainer, fairchem_trainer
 
-RECIPE = "md17/equiformer_v2/small_data/xtb_ethanol.yml"
+RECIPE = "md17/xtb_small_data.yml"
 
 
 def _l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """MD17-format study: where does DeNS lower force errors on GFN2-xTB molecular data?
 
-Trains the small-data recipe (``configs/md17/equiformer_v2/small_data/xtb_ethanol.yml``)
+Trains the small-data recipe (``configs/md17/xtb_small_data.yml``)
 through ``fairchem --mode train`` as plain EquiformerV2, with DeNS, and with DeNS
 ablations / sweeps, on a subset of the 950 training frames (fairchem's own
 ``dataset.train.first_n``: the train split is already a seeded permutation, so its
@@ -35,7 +35,7 @@ from pathlib import Path
 from fairchem_dens.quickstart import configs_dir, fairchem_command, prediction_errors
 
 P = "--optim.denoising_pos_params."
-RECIPE = "md17/equiformer_v2/small_data/xtb_ethanol.yml"
+RECIPE = "md17/xtb_small_data.yml"
 
 #: Variant name -> fairchem command-line overrides of the recipe (which is DeNS).
 VARIANTS: dict[str, list[str]] = {

@@ -108,7 +108,7 @@ def test_small_data_recipe_trains_on_it(trajectory, tmp_path):
     run_dir = tmp_path / "run"
     # prob 1: the one step of the epoch is a DeNS step, so the denoising path is exercised.
     _run([*fairchem_command(), "--mode", "train", "--cpu", "--seed", 0, "--run-dir", run_dir, "--timestamp-id", "t",
-          "--config-yml", configs_dir() / "md17/equiformer_v2/small_data/xtb_ethanol.yml",
+          "--config-yml", configs_dir() / "md17/xtb_small_data.yml",
           f"--dataset.train.src={data / 'train'}", f"--dataset.val.src={data / 'val'}",
           f"--dataset.test.src={data / 'test'}", "--optim.max_epochs=1", "--optim.batch_size=8",
           "--optim.scheduler_params.warmup_epochs=1", "--optim.denoising_pos_params.prob=1.0"], tmp_path)
