@@ -168,23 +168,24 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def summarise(runs: list[dict]) -> str:
     """Markdown table: test force/energy MAE mean ± std per variant, size and epochs."""
     groups = _groups(runs)
-    plain = {(n, e): _mean_std([r["test_force_meV_per_A"] for r in g])[0]
-             for (v, n, e), g in groups.items() if v == "plain"}
     plain_by_seed = {(r["point"]["n_train"], r["point"]["epochs"], r["point"]["seed"]): r["test_force_meV_per_A"]
                      for r in runs if r["point"]["variant"] == "plain"}
-    lines = ["| variant | train frames | epochs | F MAE test (meV/Å) | E MAE test (meV) | F ratio to plain | "
+    lines = ["| variant | train frames | epochs | F MAE test (meV/Å) | E MAE test (meV) | F ratio to plain (same seeds) | "
              "same-seed ratios | best val F (meV/Å) | min train-log F (meV/Å) | seeds | train min/run |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (variant, n, epochs), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         force = _mean_std([r["test_force_meV_per_A"] for r in group])
         energy = _mean_std([r["test_energy_meV"] for r in group])
-        ratio = f"{force[0] / plain[(n, epochs)]:.3f}" if (n, epochs) in plain else "–"
         best_val = _mean_std([min(v for _, v in r["val_force"]) for r in group if r["val_force"]] or [float("nan")])
         train = _mean_std([min(v for _, v in r["train_force"]) for r in group if r["train_force"]] or [float("nan")])
         minutes = statistics.mean(r["train_seconds"] for r in group) / 60
         paired = [r["test_force_meV_per_A"] / plain_by_seed[key] for r in group
                   if (key := (n, epochs, r["point"]["seed"])) in plain_by_seed]
         paired_text = f"{min(paired):.3f}–{max(paired):.3f}" if paired else "–"
+        # ratio of means over the seeds both have, so a missing seed does not skew it
+        common = [r for r in group if (n, epochs, r["point"]["seed"]) in plain_by_seed]
+        ratio = (f"{statistics.mean(r['test_force_meV_per_A'] for r in common) / statistics.mean(plain_by_seed[(n, epochs, r['point']['seed'])] for r in common):.3f}"
+                 if common else "–")
         lines.append(f"| {variant} | {n} | {epochs} | {force[0]:.2f} ± {force[1]:.2f} | {energy[0]:.2f} ± {energy[1]:.2f} "
                      f"| {ratio} | {paired_text} | {best_val[0]:.1f} ± {best_val[1]:.1f} | {train[0]:.1f} | {len(group)} "
                      f"(seeds {','.join(str(r['point']['seed']) for r in group)}) | {minutes:.1f} |")
