@@ -27,12 +27,13 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from fairchem_dens.quickstart import configs_dir, fairchem_command, prediction_errors
+
+from accuracy import run  # the same subprocess runner (benchmarks/ is on sys.path when run as a script)
 
 P = "--optim.denoising_pos_params."
 RECIPE = "md17/xtb_small_data.yml"
@@ -92,15 +93,6 @@ def build_plan(parts: list[str], seeds: list[int], epochs: int, n_core: int, siz
     return points
 
 
-def _run(command: list[str], cwd: Path, log: Path) -> float:
-    start = time.perf_counter()
-    with open(log, "w") as handle:
-        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed; see {log}")
-    return time.perf_counter() - start
-
-
 _VAL = re.compile(r"energy_mae: ([0-9.e+-]+), forces_mae: ([0-9.e+-]+), loss: [0-9.e+-]+, epoch: ([0-9.e+-]+)")
 _TRAIN = re.compile(r"forces_mae: ([0-9.e+-]+),.*epoch: ([0-9.e+-]+), step")
 
@@ -136,12 +128,12 @@ def train_and_score(point: Point, data: Path, work: Path, eval_every_epochs: int
               "--seed", str(point.seed), f"--optim.max_epochs={point.epochs}", *splits, *VARIANTS[point.variant]]
     # fairchem predicts the whole test split at every new best validation score; a one-batch
     # test split keeps that cheap, the real test split is predicted once below.
-    seconds = _run([*fairchem_command(), "--mode", "train", "--timestamp-id", "train", *common,
+    seconds = run([*fairchem_command(), "--mode", "train", "--timestamp-id", "train", *common,
                     f"--optim.eval_every={eval_every_epochs * steps_per_epoch}",
                     f"--dataset.test.src={data / 'test'}", "--dataset.test.first_n=8"],
                    run_dir, run_dir / "train.log")
     checkpoint = run_dir / "checkpoints" / "train" / "best_checkpoint.pt"
-    _run([*fairchem_command(), "--mode", "predict", "--timestamp-id", "predict", "--checkpoint", str(checkpoint),
+    run([*fairchem_command(), "--mode", "predict", "--timestamp-id", "predict", "--checkpoint", str(checkpoint),
           *common, f"--dataset.test.src={data / 'test'}", "--dataset.test.first_n=500"],
          run_dir, run_dir / "predict.log")
     energy, force = prediction_errors(run_dir / "results" / "predict" / "s2ef_predictions.npz", data / "test")
@@ -155,9 +147,9 @@ def load_results(results: Path) -> list[dict]:
 
 def _groups(runs: list[dict]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = {}
-    for run in runs:
-        p = run["point"]
-        groups.setdefault((p["variant"], p["n_train"], p["epochs"]), []).append(run)
+    for result in runs:
+        p = result["point"]
+        groups.setdefault((p["variant"], p["n_train"], p["epochs"]), []).append(result)
     return groups
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from fairchem_dens.models.dens_features import fold_force_encoding_bias
 from fairchem_dens.models.esen import plain_esen_state_dict
 from fairchem_dens.testing import (
     TINY_EQV2_BACKBONE,
@@ -19,17 +20,14 @@ from conftest import QUICKSTART, data_overrides
 
 
 def _fold_encoding_bias(ours: torch.nn.Module, renames: tuple[tuple[str, str], ...] = ()) -> dict:
-    """Our weights without the DeNS parts; the encoding bias (always added on l = 0) moved into the atom embedding."""
+    """Our weights for the plain model: no noise block, the encoding bias folded into the atom embedding."""
     state = {}
-    for key, value in ours.state_dict().items():
-        if "force_embedding" in key or "denoising_pos_block" in key:
+    for key, value in fold_force_encoding_bias(ours.state_dict()).items():
+        if "denoising_pos_block" in key:
             continue
         for old, new in renames:
             key = key.replace(old, new)
         state[key] = value
-    state["backbone.sphere_embedding.weight"] = (
-        state["backbone.sphere_embedding.weight"] + ours.backbone.force_embedding.bias
-    )
     return state
 
 

@@ -80,8 +80,12 @@ def adapter(family: str) -> BackboneAdapter:
 
 
 def family_of_keys(keys: Iterable[str]) -> BackboneAdapter | None:
-    """The adapter whose checkpoints hold these state-dict keys (hydra or monolithic), or None."""
-    keys = [key[len("module."):] if key.startswith("module.") else key for key in keys]
+    """The adapter whose checkpoints hold these state-dict keys (hydra or monolithic), or None.
+
+    Args:
+        keys: state-dict keys without DDP's ``module.`` prefixes (``checkpoints.strip_ddp_prefix``).
+    """
+    keys = list(keys)
     hydra = any(key.startswith("backbone.") for key in keys)
     body = [key[len("backbone."):] for key in keys if key.startswith("backbone.")] if hydra else keys
     return next((candidate for candidate in adapters() if candidate.matches(body)), None)

@@ -9,6 +9,7 @@ published weights were trained with that bias, so it must stay.
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
 import torch
@@ -27,6 +28,7 @@ __all__ = [
     "edge_subset_rotations",
     "DeNSBackboneMixin",
     "zero_weight",
+    "fold_force_encoding_bias",
 ]
 
 
@@ -180,3 +182,21 @@ def edge_subset_rotations(rotations: nn.ModuleList, edges: torch.Tensor | None) 
 def zero_weight(module: nn.Module) -> torch.Tensor:
     """0 times one entry of every parameter: puts them in the graph at no cost."""
     return 0.0 * sum(p.view(-1)[0] for p in module.parameters() if p.requires_grad)
+
+
+def fold_force_encoding_bias(state_dict: dict[str, torch.Tensor]) -> OrderedDict:
+    """A hydra state dict without ``backbone.force_embedding``, its bias moved into the atom embedding.
+
+    Outside DeNS batches the force-encoding layer adds only its bias, to the l = 0 node
+    features, which is where every backbone's ``sphere_embedding`` goes: adding the bias
+    to every row of ``sphere_embedding`` gives the plain backbone the same outputs.
+    """
+    bias = state_dict["backbone.force_embedding.bias"]
+    folded = OrderedDict()
+    for key, value in state_dict.items():
+        if key.startswith("backbone.force_embedding."):
+            continue
+        if key == "backbone.sphere_embedding.weight":
+            value = value + bias.to(value.dtype).view(1, -1)
+        folded[key] = value
+    return folded

@@ -42,9 +42,15 @@ from fairchem.core.models.base import HeadInterface
 from fairchem.core.models.esen.esen import MLP_EFS_Head, eSEN_Backbone
 from fairchem.core.models.esen.nn.so3_layers import SO3_Linear
 
-from fairchem_dens.batch import corrupted_atoms, is_dens_batch
+from fairchem_dens.batch import corrupted_atoms
 from fairchem_dens.models.adapters import BackboneAdapter
-from fairchem_dens.models.dens_features import DeNSBackboneMixin, dens_force_output, dens_node_features, zero_weight
+from fairchem_dens.models.dens_features import (
+    DeNSBackboneMixin,
+    dens_force_output,
+    dens_node_features,
+    fold_force_encoding_bias,
+    zero_weight,
+)
 
 if TYPE_CHECKING:
     from torch_geometric.data import Batch
@@ -152,7 +158,7 @@ class DeNSeSENConservativeHead(MLP_EFS_Head):
     def forward(self, data: Batch, emb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         outputs = super().forward(data, emb)
         corrupted = corrupted_atoms(data)
-        if is_dens_batch(data) and bool(corrupted.any()):
+        if bool(corrupted.any()):  # never in S2EF batches
             noise = _vectors(self.denoising_linear, emb)
             outputs["forces"] = torch.where(corrupted.view(-1, 1), noise, outputs["forces"])
         elif self.training:
@@ -163,24 +169,16 @@ class DeNSeSENConservativeHead(MLP_EFS_Head):
 def plain_esen_state_dict(state_dict: dict[str, torch.Tensor]) -> OrderedDict:
     """Our DeNS eSEN weights as fairchem's plain ``eSEN_Backbone`` + ``MLP_EFS_Head`` weights.
 
-    Outside DeNS batches the force encoding adds only its bias, to the l = 0 node
-    features, which is where the atom embedding goes: the bias is folded into every
-    row of ``sphere_embedding``, so the plain model computes the same energy. The
-    energy head's ``energy_block`` is kept; force, noise and other heads are dropped.
+    The force encoding's bias is folded into the atom embedding
+    (:func:`~fairchem_dens.models.dens_features.fold_force_encoding_bias`), so the plain
+    model computes the same energy. The energy head's ``energy_block`` is kept; force,
+    noise and other heads are dropped.
 
     Args:
         state_dict: a hydra state dict of our DeNS eSEN (direct or conservative heads).
     """
-    plain = OrderedDict()
-    bias = state_dict["backbone.force_embedding.bias"]
-    for key, value in state_dict.items():
-        if key.startswith("backbone.force_embedding."):
-            continue
-        if key == "backbone.sphere_embedding.weight":
-            value = value + bias.to(value.dtype).view(1, -1)
-        if key.startswith("backbone.") or key.startswith("output_heads.energy.energy_block."):
-            plain[key] = value
-    return plain
+    return OrderedDict((key, value) for key, value in fold_force_encoding_bias(state_dict).items()
+                       if key.startswith("backbone.") or key.startswith("output_heads.energy.energy_block."))
 
 
 ADAPTER = BackboneAdapter(
