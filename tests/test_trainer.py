@@ -322,3 +322,34 @@ def test_separate_means_loss_form_of_the_md17_recipe(trainer_ctx):
     out = trainer._forward(clean)
     fairchem_loss = super(DeNSTrainer, trainer)._compute_loss(out, clean)
     assert trainer._compute_loss(out, clean).item() == pytest.approx(fairchem_loss.item(), rel=1e-6)
+
+
+def _train_labels(trainer, name):
+    return torch.cat([torch.as_tensor(trainer.train_dataset[i][name]).reshape(-1) for i in range(len(trainer.train_dataset))]).double()
+
+
+@pytest.mark.parametrize("trainer_ctx", [["--dataset.train.transforms.normalizer.fit.targets.forces.rmsd=energy"]],
+                         indirect=True)
+def test_force_normalizer_can_take_the_energy_std(trainer_ctx):
+    # SPEC A.12: the MD17 code divides forces by the training-set energy std.
+    trainer = trainer_ctx.trainer
+    energies = _train_labels(trainer, "energy")
+    assert trainer.normalizers["forces"].rmsd.item() == pytest.approx(energies.std().item(), rel=1e-5)
+    assert trainer.normalizers["forces"].mean.item() == 0.0
+    assert trainer.normalizers["energy"].rmsd.item() == pytest.approx(energies.std().item(), rel=1e-5)
+    force_rms = _train_labels(trainer, "forces").pow(2).mean().sqrt().item()
+    assert abs(force_rms - energies.std().item()) > 0.1 * force_rms  # the tie changed the value
+    # the saved config still says where the value came from
+    fit = trainer.config["dataset"]["transforms"]["normalizer"]["fit"]
+    assert fit["override_values"]["forces"] == {"mean": 0.0, "rmsd": "energy"}
+    batch = first_batch(trainer)
+    target = trainer.normalizers["forces"].norm(batch.forces)
+    assert torch.allclose(target, batch.forces / energies.std().float(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("source", ["stress", "forces"])
+def test_force_normalizer_tie_to_an_unfitted_target_is_refused(emt_data, tmp_path, source):
+    with pytest.raises(ValueError, match=rf"normalizer\.fit\.targets\.forces\.rmsd is '{source}'.*energy"):
+        with fairchem_trainer(DENS_YML, tmp_path, *data_overrides(emt_data),
+                              f"--dataset.train.transforms.normalizer.fit.targets.forces.rmsd={source}"):
+            pass

@@ -66,6 +66,7 @@ from fairchem_dens.noise import (
     step_generator,
 )
 from fairchem_dens.trainers.guards import DeNSSetupError, check_model, check_normalizers, check_warmup
+from fairchem_dens.trainers.normalizer_ties import apply_rmsd_ties, pop_rmsd_ties
 from fairchem_dens.trainers.output_policy import EXCLUDED, ORIGINAL, REPLACED, output_roles
 
 __all__ = ["DeNSTrainer", "NonFiniteLossError", "DeNSSetupError"]
@@ -173,7 +174,10 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
                     )
 
     def load_references_and_normalizers(self) -> None:
+        norm_config = self.config["dataset"].get("transforms", {}).get("normalizer")
+        ties = pop_rmsd_ties(norm_config)
         super().load_references_and_normalizers()
+        apply_rmsd_ties(self.normalizers, ties, norm_config)
         check_normalizers(
             {k: v for k, v in self.normalizers.items() if k != NOISE_TARGET}, self._normalizer_samples()
         )
