@@ -25,15 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fairchem_dens.quickstart import configs_dir, fairchem_command, prediction_errors
-
-from accuracy import run  # the same subprocess runner (benchmarks/ is on sys.path when run as a script)
+from fairchem_dens.quickstart import configs_dir, train_and_test
 
 P = "--optim.denoising_pos_params."
 RECIPE = "md17/xtb_small_data.yml"
@@ -99,52 +96,12 @@ def build_plan(parts: list[str], seeds: list[int], epochs: int, n_core: int, siz
     return points
 
 
-_VAL = re.compile(r"energy_mae: ([0-9.e+-]+), forces_mae: ([0-9.e+-]+), loss: [0-9.e+-]+, epoch: ([0-9.e+-]+)")
-_TRAIN = re.compile(r"forces_mae: ([0-9.e+-]+),.*epoch: ([0-9.e+-]+), step")
-
-
-def parse_curves(log: Path) -> dict[str, list[list[float]]]:
-    """Validation and training force MAE (meV/Å) against epoch from a fairchem training log.
-
-    fairchem logs the validation metrics on the line after ``Evaluating on val.``; the
-    training lines carry the running force MAE of clean structures (DeNS batches log
-    theirs under ``denoising_*``).
-    """
-    val, train, after_eval = [], [], False
-    for line in log.read_text().splitlines():
-        if "Evaluating on val" in line:
-            after_eval = True
-            continue
-        if after_eval and (match := _VAL.search(line)):
-            val.append([float(match.group(3)), 1000 * float(match.group(2))])
-            after_eval = False
-        elif "step:" in line and (match := _TRAIN.search(line)):  # "denoising_force_mae" does not match
-            train.append([float(match.group(2)), 1000 * float(match.group(1))])
-    return {"val_force": val, "train_force": train}
-
-
 def train_and_score(point: Point, data: Path, work: Path, eval_every_epochs: int) -> dict:
     """Trains one point, predicts the test split with its best checkpoint, returns the numbers."""
-    run_dir = work / point.key
-    run_dir.mkdir(parents=True, exist_ok=True)
-    steps_per_epoch = -(-point.n_train // 8)  # the recipe's batch size 8
-    splits = [f"--dataset.train.src={data / 'train'}", f"--dataset.train.first_n={point.n_train}",
-              f"--dataset.val.src={data / 'val'}", "--dataset.val.first_n=50"]
-    common = ["--config-yml", str(configs_dir() / RECIPE), "--cpu", "--run-dir", str(run_dir),
-              "--seed", str(point.seed), f"--optim.max_epochs={point.epochs}", *splits, *VARIANTS[point.variant]]
-    # fairchem predicts the whole test split at every new best validation score; a one-batch
-    # test split keeps that cheap, the real test split is predicted once below.
-    seconds = run([*fairchem_command(), "--mode", "train", "--timestamp-id", "train", *common,
-                    f"--optim.eval_every={eval_every_epochs * steps_per_epoch}",
-                    f"--dataset.test.src={data / 'test'}", "--dataset.test.first_n=8"],
-                   run_dir, run_dir / "train.log")
-    checkpoint = run_dir / "checkpoints" / "train" / "best_checkpoint.pt"
-    run([*fairchem_command(), "--mode", "predict", "--timestamp-id", "predict", "--checkpoint", str(checkpoint),
-          *common, f"--dataset.test.src={data / 'test'}", "--dataset.test.first_n=500"],
-         run_dir, run_dir / "predict.log")
-    energy, force = prediction_errors(run_dir / "results" / "predict" / "s2ef_predictions.npz", data / "test")
-    return {"point": point.__dict__, "train_seconds": seconds, "test_energy_meV": energy,
-            "test_force_meV_per_A": force, **parse_curves(run_dir / "train.log")}
+    scores = train_and_test(configs_dir() / RECIPE, work / point.key, data, n_train=point.n_train, seed=point.seed,
+                            epochs=point.epochs, overrides=VARIANTS[point.variant],
+                            eval_every_epochs=eval_every_epochs)
+    return {"point": point.__dict__, **scores}
 
 
 def load_results(results: Path) -> list[dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 def _quickstart(args: argparse.Namespace) -> int:
     from fairchem_dens.quickstart import run_quickstart
 
-    run_quickstart(Path(args.workdir), epochs=args.epochs, n_systems=args.systems, seed=args.seed)
+    run_quickstart(Path(args.workdir), epochs=args.epochs, n_train=args.frames, seeds=tuple(args.seeds), jobs=args.jobs)
     return 0
 
 
@@ -145,12 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     quick = commands.add_parser(
         "quickstart",
-        help="train a tiny EquiformerV2 with and without DeNS on built-in EMT data and compare",
+        help="train a tiny EquiformerV2 with and without DeNS on the built-in GFN2-xTB ethanol data and compare",
     )
     quick.add_argument("--workdir", default="quickstart_output", help="output folder (default: %(default)s)")
-    quick.add_argument("--epochs", type=int, default=None, help="override optim.max_epochs of the quickstart configs")
-    quick.add_argument("--systems", type=int, default=48, help="adsorbate/slab systems to generate (default: %(default)s)")
-    quick.add_argument("--seed", type=int, default=0)
+    quick.add_argument("--epochs", type=int, default=None, help="override optim.max_epochs of the recipe (100)")
+    quick.add_argument("--frames", type=int, default=50, help="training frames (default: %(default)s, at most 950)")
+    quick.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (default: 0 1)")
+    quick.add_argument("--jobs", type=int, default=None, help="runs at a time (default: 2 on 2+ cores)")
     quick.set_defaults(func=_quickstart)
 
     emt = commands.add_parser("make-emt-data", help="write the EMT example data (OC20-like slabs, or --bulk) as fairchem datasets")
