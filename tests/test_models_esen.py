@@ -96,7 +96,8 @@ def _trained_checkpoint(model: torch.nn.Module, with_ema: bool) -> dict:
 
     checkpoint = {"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
                   "config": {"model": esen_dens_model_config("ours"), "outputs": {"energy": {}, "forces": {}}},
-                  "normalizers": {"energy": {"mean": torch.tensor(0.0), "rmsd": torch.tensor(1.0)},
+                  "normalizers": {"energy": {"mean": torch.tensor(-3.0), "rmsd": torch.tensor(2.5)},
+                                  "forces": {"mean": torch.tensor(0.0), "rmsd": torch.tensor(0.7)},
                                   "denoising_pos_target": {"mean": torch.tensor(0.0), "rmsd": torch.tensor(0.1)}},
                   "epoch": 3, "step": 30, "optimizer": {}, "ema": None}
     if with_ema:
@@ -115,7 +116,15 @@ def test_to_conservative_keeps_the_energy_of_the_direct_model(fixture_batch, wit
     checkpoint = _trained_checkpoint(direct, with_ema)
     converted = conservative_finetune_checkpoint(checkpoint)
     assert converted["epoch"] == 0 and converted["step"] == 0 and "optimizer" not in converted
-    assert set(converted["normalizers"]) == {"energy"}  # the DeNS noise normaliser is dropped
+    # the DeNS noise normaliser is dropped; -dE/dx and the virial come out in units of the energy rmsd
+    normalizers = converted["normalizers"]
+    assert set(normalizers) == {"energy", "forces", "stress"}
+    assert normalizers["energy"]["mean"].item() == -3.0 and normalizers["energy"]["rmsd"].item() == 2.5
+    for name in ("forces", "stress"):
+        assert normalizers[name]["mean"].item() == 0.0 and normalizers[name]["rmsd"].item() == 2.5
+    del checkpoint["normalizers"]["energy"]  # energy not normalised (element references only): units of 1
+    for name in ("forces", "stress"):
+        assert conservative_finetune_checkpoint(checkpoint)["normalizers"][name]["rmsd"].item() == 1.0
     plain = build_model(converted["config"]["model"]).eval()
     assert type(plain.backbone).__module__ == "fairchem.core.models.esen.esen"
     plain.load_state_dict(converted["state_dict"], strict=True)
@@ -165,5 +174,7 @@ def test_two_step_recipe_end_to_end(tmp_path, bulk_overrides):
                    "--print-every", "1")
     assert "stress_mae" in log and "denoising" not in log.split("Loading checkpoint")[-1]
     final = read_checkpoint(tmp_path / "checkpoints" / "conservative" / "checkpoint.pt")
+    norms = final["normalizers"]  # the converted checkpoint's, loaded over the config's own fit
+    assert norms["forces"]["rmsd"].item() == norms["stress"]["rmsd"].item() == norms["energy"]["rmsd"].item()
     assert not any("force_embedding" in k or "denoising" in k for k in strip_ddp_prefix(final["state_dict"]))
     assert final["step"] > 0 and final["config"]["model"]["heads"]["energy"]["module"].endswith("esen.MLP_EFS_Head")

@@ -89,11 +89,28 @@ def test_fairchems_esen_dens_head_that_zeroes_the_energy_is_refused(emt_data, tm
         build(config, tmp_path, emt_data)
 
 
+TIED_FORCES = "--dataset.train.transforms.normalizer.fit.targets.forces.rmsd=energy"
+OUR_CONSERVATIVE = _esen("fairchem_dens.models.esen.DeNSeSENConservativeHead", "fairchem_dens.models.esen.DeNSeSENBackbone")
+
+
 def test_our_conservative_esen_head_is_accepted(emt_data, tmp_path):
-    edit = _esen("fairchem_dens.models.esen.DeNSeSENConservativeHead", "fairchem_dens.models.esen.DeNSeSENBackbone")
-    with fairchem_trainer(write_variant(DENS_YML, tmp_path / "c.yml", edit), tmp_path,
-                          *data_overrides(emt_data)) as ctx:
+    with fairchem_trainer(write_variant(DENS_YML, tmp_path / "c.yml", OUR_CONSERVATIVE), tmp_path,
+                          *data_overrides(emt_data), TIED_FORCES) as ctx:
         assert ctx.trainer.model.module.backbone.direct_forces is False  # gradient forces, noise head kept
+        normalizers = ctx.trainer.normalizers
+        assert normalizers["forces"].rmsd.item() == normalizers["energy"].rmsd.item()
+
+
+def test_a_conservative_model_with_its_own_force_normalizer_is_refused(emt_data, tmp_path):
+    # -dE/dx of the normalised energy is in units of the energy rmsd: a separately fitted force
+    # rmsd gives targets no energy can fit (training would run, with wrongly scaled forces).
+    config = write_variant(DENS_YML, tmp_path / "c.yml", OUR_CONSERVATIVE)
+    with pytest.raises(DeNSSetupError, match=r"`forces` output is a gradient of its normalised energy.*`forces` normalizer has "
+                                             r"mean 0 and rmsd [0-9.]+.*`forces: \{mean: 0.0, rmsd: energy\}`"):
+        build(config, tmp_path, emt_data)
+    # the same holds for plain training with the DeNS trainer
+    with pytest.raises(DeNSSetupError, match=r"`forces` normalizer"):
+        build(config, tmp_path, emt_data, "--optim.use_denoising_pos=False")
 
 
 def test_forces_loss_per_atom_mae_is_refused(emt_data, tmp_path):

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from fairchem_dens.models.adapters import adapter, family_of_keys, known_families
+from fairchem_dens.trainers.guards import GRADIENT_OUTPUTS
 
 __all__ = [
     "CheckpointMismatchError",
@@ -222,7 +223,10 @@ def conservative_finetune_checkpoint(checkpoint: dict[str, Any], use_ema: bool =
     embedding, giving a checkpoint of fairchem's own ``eSEN_Backbone`` + ``MLP_EFS_Head``
     whose energy equals the direct model's. Training state (optimizer, scheduler,
     EMA, epoch, step) is dropped so ``fairchem --mode train --checkpoint`` starts fresh;
-    the normalizers of the outputs and the element references are kept.
+    the energy normalizer and the element references are kept, and the force and
+    stress normalizers become mean 0, rmsd = the energy's (1 without one): gradients of
+    the normalised energy come out in those units (``check_gradient_normalizers``).
+    fairchem loads them over whatever the fine-tuning config fits.
 
     Args:
         checkpoint: a hydra checkpoint of our DeNS eSEN (any heads).
@@ -247,7 +251,10 @@ def conservative_finetune_checkpoint(checkpoint: dict[str, Any], use_ema: bool =
     problems = explain_mismatch(_build(model_config).state_dict(), state_dict)
     if problems:
         raise CheckpointMismatchError("the converted weights do not fit fairchem's eSEN:\n" + problems)
-    outputs = set(config.get("outputs", {})) | {"energy", "forces", "stress"}
+    normalizers = {k: v for k, v in checkpoint.get("normalizers", {}).items() if k == "energy"}
+    energy_rmsd = normalizers["energy"]["rmsd"].clone() if "energy" in normalizers else torch.tensor(1.0)
+    for name in GRADIENT_OUTPUTS:
+        normalizers[name] = {"mean": torch.zeros_like(energy_rmsd), "rmsd": energy_rmsd.clone()}
     config["model"] = model_config
     config["trainer"] = "mlip_trainer"
     config["optim"] = {k: v for k, v in config.get("optim", {}).items()
@@ -255,7 +262,7 @@ def conservative_finetune_checkpoint(checkpoint: dict[str, Any], use_ema: bool =
     config["converted_from"] = {"stage": "direct DeNS pre-training", "ema": bool(use_ema and checkpoint.get("ema"))}
     return {
         "state_dict": state_dict,
-        "normalizers": {k: v for k, v in checkpoint.get("normalizers", {}).items() if k in outputs},
+        "normalizers": normalizers,
         "elementrefs": checkpoint.get("elementrefs", {}),
         "config": config,
         "epoch": 0,

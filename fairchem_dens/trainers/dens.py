@@ -65,7 +65,13 @@ from fairchem_dens.noise import (
     sample_corruption,
     step_generator,
 )
-from fairchem_dens.trainers.guards import DeNSSetupError, check_model, check_normalizers, check_warmup
+from fairchem_dens.trainers.guards import (
+    DeNSSetupError,
+    check_gradient_normalizers,
+    check_model,
+    check_normalizers,
+    check_warmup,
+)
 from fairchem_dens.trainers.normalizer_ties import apply_rmsd_ties, pop_rmsd_ties
 from fairchem_dens.trainers.output_policy import EXCLUDED, ORIGINAL, REPLACED, output_roles
 
@@ -178,6 +184,8 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         ties = pop_rmsd_ties(norm_config)
         super().load_references_and_normalizers()
         apply_rmsd_ties(self.normalizers, ties, norm_config)
+        # fairchem builds the model before it fits the normalizers
+        check_gradient_normalizers(self._unwrapped_model, self.normalizers, self.output_targets)
         check_normalizers(
             {k: v for k, v in self.normalizers.items() if k != NOISE_TARGET}, self._normalizer_samples()
         )

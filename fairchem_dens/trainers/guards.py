@@ -7,11 +7,11 @@ trainer calls them from the ``load_*`` step that has what the check needs.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from torch import nn
 
-__all__ = ["DeNSSetupError", "check_model", "check_normalizers", "check_warmup"]
+__all__ = ["DeNSSetupError", "check_gradient_normalizers", "check_model", "check_normalizers", "check_warmup"]
 
 
 
@@ -142,6 +142,54 @@ def check_normalizers(normalizers: Mapping[str, Any], samples: str) -> None:
                 "`ase_read` format reads only the first frame of a file; use `ase_read_multi`), "
                 f"or set dataset.train.transforms.normalizer.{name}.rmsd by hand."
             )
+
+
+def is_conservative_model(model: nn.Module) -> bool:
+    """Whether a hydra model's forces are gradients of its energy (fairchem's or our DeNS heads)."""
+    backbone, heads = getattr(model, "backbone", None), getattr(model, "output_heads", None) or {}
+    return any(_is_conservative(head, backbone) or getattr(head, "dens_conservative", False)
+               for head in heads.values())
+
+
+#: Outputs a conservative head derives from the energy: -dE/dx and virial / volume.
+GRADIENT_OUTPUTS = ("forces", "stress")
+
+
+def check_gradient_normalizers(model: nn.Module, normalizers: Mapping[str, Any], outputs: Iterable[str]) -> None:
+    """Refuses force / stress normalisers that a gradient-force model cannot match.
+
+    A conservative head differentiates its *normalised* energy, so its forces and stress
+    come out in units of the energy's rmsd (1 without an energy normaliser) with no
+    offset. A force normaliser with another rmsd or a non-zero mean gives targets no
+    gradient of any energy can fit; training runs but the forces are scaled wrongly.
+
+    Args:
+        model: the model as built by fairchem (DDP wrapper removed).
+        normalizers: fairchem's normalisers by target name.
+        outputs: the config's output names (only trained outputs are checked).
+    """
+    if not is_conservative_model(model):
+        return
+    energy = normalizers.get("energy")
+    energy_rmsd = float(energy.rmsd) if energy is not None else 1.0
+    for name in (name for name in GRADIENT_OUTPUTS if name in set(outputs)):
+        normalizer = normalizers.get(name)
+        if normalizer is None:
+            if energy is None:
+                continue
+            mean, rmsd = 0.0, 1.0
+        else:
+            mean, rmsd = float(normalizer.mean), float(normalizer.rmsd)
+        if mean == 0.0 and math.isclose(rmsd, energy_rmsd, rel_tol=1e-6):
+            continue
+        fix = ("`{name}: {{mean: 0.0, rmsd: energy}}` under dataset.train.transforms.normalizer.fit.targets"
+               if energy is not None else "`{name}: {{mean: 0.0, rmsd: 1.0}}` (or no `{name}` normalizer)").format(name=name)
+        raise DeNSSetupError(
+            f"the model's `{name}` output is a gradient of its normalised energy, so it comes out in units of the "
+            f"energy normalizer's rmsd ({energy_rmsd:.6g}{'' if energy is not None else ': no energy normalizer'}) "
+            f"with mean 0, but the `{name}` normalizer has mean {mean:.6g} and rmsd {rmsd:.6g}: no energy "
+            f"could fit those targets. Set {fix}."
+        )
 
 
 def check_warmup(scheduler_params: Mapping[str, Any], steps_per_epoch: int) -> None:
