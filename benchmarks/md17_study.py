@@ -56,6 +56,11 @@ VARIANTS: dict[str, list[str]] = {
 ENERGY_STD_FORCES = ["--dataset.train.transforms.normalizer.fit.targets.forces.rmsd=energy"]
 VARIANTS.update({f"{name}_enorm": [*VARIANTS[name], *ENERGY_STD_FORCES]
                  for name in ("plain", "dens", "dens_no_force_encoding", "dens_coef0")})
+# The paper's MD17 force setting: gradient forces (conservative eSEN + noise head); its recipe
+# already divides forces by the energy std.
+CONSERVATIVE_RECIPE = "md17/esen/xtb_small_data_conservative.yml"
+RECIPES = {f"esen_{name}": CONSERVATIVE_RECIPE for name in ("plain", "dens", "dens_no_force_encoding")}
+VARIANTS.update({f"esen_{name}": VARIANTS[name] for name in ("plain", "dens", "dens_no_force_encoding")})
 
 
 @dataclass(frozen=True)
@@ -80,13 +85,15 @@ def build_plan(parts: list[str], seeds: list[int], epochs: int, n_core: int, siz
             variants, ns = ["plain", "dens", "dens_no_force_encoding"], [n_core]
         elif part == "enorm":
             variants, ns = ["plain_enorm", "dens_enorm", "dens_no_force_encoding_enorm", "dens_coef0_enorm"], [n_core]
+        elif part == "esen":
+            variants, ns = ["esen_plain", "esen_dens", "esen_dens_no_force_encoding"], [n_core]
         elif part == "sizes":
             variants, ns = ["plain", "dens"], [n for n in sizes if n != n_core]
         elif part == "sweep":
             variants, ns = ["dens_coef0", "dens_prob0.5", "dens_std0.025", "dens_std0.1", "dens_coef20",
                             "dens_multiscale", "dens_coef1", "dens_const_coef", "dens_prob1.0"], [n_core]
         else:
-            raise ValueError(f"unknown part {part!r} (core, enorm, sizes, sweep)")
+            raise ValueError(f"unknown part {part!r} (core, enorm, esen, sizes, sweep)")
         for seed in seeds:
             for n in ns:
                 for variant in variants:
@@ -98,7 +105,7 @@ def build_plan(parts: list[str], seeds: list[int], epochs: int, n_core: int, siz
 
 def train_and_score(point: Point, data: Path, work: Path, eval_every_epochs: int) -> dict:
     """Trains one point, predicts the test split with its best checkpoint, returns the numbers."""
-    scores = train_and_test(configs_dir() / RECIPE, work / point.key, data, n_train=point.n_train, seed=point.seed,
+    scores = train_and_test(configs_dir() / RECIPES.get(point.variant, RECIPE), work / point.key, data, n_train=point.n_train, seed=point.seed,
                             epochs=point.epochs, overrides=VARIANTS[point.variant],
                             eval_every_epochs=eval_every_epochs)
     return {"point": point.__dict__, **scores}
@@ -218,7 +225,7 @@ def main() -> None:
     parser.add_argument("--data", default="/work/study/data/ethanol", help="md17-to-lmdb output folder")
     parser.add_argument("--work", default="/work/study/runs", help="run folders (checkpoints, logs)")
     parser.add_argument("--results", default=str(Path(__file__).parent / "results" / "md17_study"))
-    parser.add_argument("--plan", nargs="*", default=[], help="parts to run: core, enorm, sizes, sweep")
+    parser.add_argument("--plan", nargs="*", default=[], help="parts to run: core, enorm, esen, sizes, sweep")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--n-core", type=int, default=100, help="training frames of the core comparison and sweeps")

@@ -172,7 +172,7 @@ def train_and_test(
     # fairchem predicts the whole test split at every new best validation score; a one-batch
     # test split keeps that cheap, the real test split is predicted once below.
     seconds = _run([*fairchem_command(), "--mode", "train", "--timestamp-id", "train", *common,
-                    f"--optim.eval_every={eval_every_epochs * steps_per_epoch}",
+                    f"--print-every={steps_per_epoch}", f"--optim.eval_every={eval_every_epochs * steps_per_epoch}",
                     f"--dataset.test.src={data / 'test'}", "--dataset.test.first_n=8"],
                    run_dir / "train.log", run_dir, label, threads)
     checkpoint = run_dir / "checkpoints" / "train" / "best_checkpoint.pt"

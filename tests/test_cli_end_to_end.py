@@ -82,3 +82,31 @@ def test_bad_dens_config_fails_before_training(emt_data, tmp_path):
 def test_fairchem_dens_cli_help():
     result = subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "quickstart" in result.stdout
+
+
+def test_quickstart_command_at_tiny_size(tmp_path):
+    """`fairchem-dens quickstart` as users run it (shipped xTB data, both variants, two runs at a time)."""
+    import json
+    import re
+
+    result = subprocess.run(
+        [sys.executable, "-m", "fairchem_dens.cli", "quickstart", "--workdir", str(tmp_path / "qs"),
+         "--epochs", "5", "--frames", "8", "--seeds", "0", "--jobs", "2"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=900,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    assert re.search(r"DeNS / plain = \d\.\d{3} \(per seed \d\.\d{3}\)", out)
+    assert re.search(r"\[dens seed 0 +\d+s\] epoch +5\.0 +validation F MAE", out)  # progress is echoed
+    summary = json.loads((tmp_path / "qs" / "quickstart_results.json").read_text())
+    for variant in ("plain", "dens"):
+        run_ = summary[f"{variant}-seed0"]
+        assert 0 < run_["test_force_meV_per_A"] < 5000 and 0 < run_["test_energy_meV"] < 5000
+        assert run_["val_force"][-1][0] == 5.0  # validated after epoch 5
+    # the DeNS run denoised, the plain one did not; each trained on the first 8 of 950 frames
+    dens_log = (tmp_path / "qs" / "runs" / "dens-seed0" / "train.log").read_text()
+    plain_log = (tmp_path / "qs" / "runs" / "plain-seed0" / "train.log").read_text()
+    assert "denoising_pos_mae" in dens_log and "denoising_pos_mae" not in plain_log
+    info = json.loads((tmp_path / "qs" / "data" / "md17_info.json").read_text())
+    assert info["split_sizes"] == {"train": 950, "val": 50, "test": 500}
+    assert (tmp_path / "qs" / "validation_curves.png").stat().st_size > 0

@@ -52,6 +52,7 @@ def md17_lmdb(tmp_path_factory):
     ("equiformer_v2/lmax2/aspirin.yml", TINY_EQV2),
     ("equiformer_v2/lmax3/toluene.yml", TINY_EQV2),
     ("escn/uracil.yml", TINY_ESCN),
+    ("esen/xtb_small_data_conservative.yml", []),  # gradient forces + noise head, already tiny
 ])
 def test_md17_recipe_trains(md17_lmdb, tmp_path, config, tiny):
     result = subprocess.run(
