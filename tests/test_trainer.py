@@ -345,6 +345,9 @@ def test_force_normalizer_can_take_the_energy_std(trainer_ctx):
     batch = first_batch(trainer)
     target = trainer.normalizers["forces"].norm(batch.forces)
     assert torch.allclose(target, batch.forces / energies.std().float(), rtol=1e-4)
+    # fairchem's normalizers.pt beside the checkpoints holds the tied value too
+    saved = torch.load(trainer.config["cmd"]["checkpoint_dir"] + "/normalizers.pt", weights_only=False)
+    assert saved["forces"].rmsd.item() == trainer.normalizers["forces"].rmsd.item()
 
 
 @pytest.mark.parametrize("source", ["stress", "forces"])

@@ -32,6 +32,7 @@ import torch
 
 from fairchem.core.common import distutils
 from fairchem.core.common.registry import registry
+from fairchem.core.common.utils import save_checkpoint
 from fairchem.core.models.equiformer_v2.trainers.forces_trainer import (
     EquiformerV2ForcesTrainer,
 )
@@ -184,6 +185,10 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         ties = pop_rmsd_ties(norm_config)
         super().load_references_and_normalizers()
         apply_rmsd_ties(self.normalizers, ties, norm_config)
+        if ties and distutils.is_master() and not self.is_debug:
+            # fairchem saved the fit before the ties were applied: keep its file in step with the checkpoint
+            save_checkpoint({k: v for k, v in self.normalizers.items() if k != NOISE_TARGET},
+                            self.config["cmd"]["checkpoint_dir"], "normalizers.pt")
         # fairchem builds the model before it fits the normalizers
         check_gradient_normalizers(self._unwrapped_model, self.normalizers, self.output_targets)
         check_normalizers(
