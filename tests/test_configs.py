@@ -174,6 +174,8 @@ def test_md17_recipes(path):
     assert backbone["lmax_list"] == [lmax] and backbone.get("max_radius", backbone.get("cutoff")) == 5.0
     assert backbone.get("drop_path_rate", 0.0) == 0.0 and backbone.get("alpha_drop", 0.0) == 0.0
     assert config["dataset"]["train"]["src"].endswith(f"{molecule}/train")
+    # forces divided by the training-set energy std, as the MD17 code does
+    assert config["dataset"]["train"]["transforms"]["normalizer"]["fit"]["targets"]["forces"] == {"mean": 0.0, "rmsd": "energy"}
 
 
 # fairchem 1.10's configs/omat24/mptrj/eqV2_*_dens_mptrj.yml (SPEC F.2): layers, lmax, mmax, lambda_E, batch

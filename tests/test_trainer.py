@@ -350,6 +350,21 @@ def test_force_normalizer_can_take_the_energy_std(trainer_ctx):
     assert saved["forces"].rmsd.item() == trainer.normalizers["forces"].rmsd.item()
 
 
+def test_an_included_tie_can_be_undone_from_the_command_line(emt_data, tmp_path):
+    tied = tmp_path / "tied.yml"
+    tied.write_text(f"includes:\n  - {DENS_YML}\ndataset:\n  train:\n    transforms:\n      normalizer:\n"
+                    "        fit:\n          targets:\n            forces: {mean: 0.0, rmsd: energy}\n")
+    with fairchem_trainer(tied, tmp_path / "a", *data_overrides(emt_data)) as ctx:
+        normalizers = ctx.trainer.normalizers
+        assert normalizers["forces"].rmsd.item() == normalizers["energy"].rmsd.item()
+    with fairchem_trainer(tied, tmp_path / "b", *data_overrides(emt_data),
+                          "--dataset.train.transforms.normalizer.fit.targets.forces.rmsd=None") as ctx:
+        squares = _train_labels(ctx.trainer, "forces").pow(2).sum().item()
+        atoms = sum(len(ctx.trainer.train_dataset[i].forces) for i in range(len(ctx.trainer.train_dataset)))
+        # fairchem's own fit: rms of the per-atom force vector, with its n - 1 quirk
+        assert ctx.trainer.normalizers["forces"].rmsd.item() == pytest.approx((squares / (atoms - 1)) ** 0.5, rel=1e-4)
+
+
 @pytest.mark.parametrize("source", ["stress", "forces"])
 def test_force_normalizer_tie_to_an_unfitted_target_is_refused(emt_data, tmp_path, source):
     with pytest.raises(ValueError, match=rf"normalizer\.fit\.targets\.forces\.rmsd is '{source}'.*energy"):

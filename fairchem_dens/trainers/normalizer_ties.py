@@ -6,6 +6,8 @@ numbers as overrides, so a target name given as ``rmsd`` inside
 ``dataset.train.transforms.normalizer.fit.targets`` is taken out before fairchem
 fits, and the fitted rmsd of the named target is copied in afterwards. The config
 keeps the name, so a saved checkpoint still says where the value came from.
+``rmsd: null`` (``...rmsd=None`` on the command line) undoes an included tie: the
+target's own rmsd is fitted, fairchem's default.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def pop_rmsd_ties(norm_config: MutableMapping[str, Any] | None) -> dict[str, str
     fitted = list(overrides) if isinstance(norm_config["fit"].get("targets"), Mapping) else list(
         norm_config["fit"].get("targets", []))
     for target, values in overrides.items():
+        if isinstance(values, MutableMapping) and "rmsd" in values and values["rmsd"] is None:
+            del values["rmsd"]  # fit it
+            continue
         if not isinstance(values, Mapping) or not isinstance(values.get("rmsd"), str):
             continue
         source = values["rmsd"]
