@@ -132,15 +132,23 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def baseline(variant: str) -> str:
+    """The plain run a variant is compared with: same model family and force normalisation."""
+    if variant.startswith("esen_"):
+        return "esen_plain"
+    return "plain_enorm" if variant.endswith("_enorm") else "plain"
+
+
 def summarise(runs: list[dict]) -> str:
     """Markdown table: test force/energy MAE mean ± std per variant, size and epochs."""
     groups = _groups(runs)
-    plain_by_seed = {(r["point"]["n_train"], r["point"]["epochs"], r["point"]["seed"]): r["test_force_meV_per_A"]
-                     for r in runs if r["point"]["variant"] == "plain"}
-    lines = ["| variant | train frames | epochs | F MAE test (meV/Å) | E MAE test (meV) | F ratio to plain (same seeds) | "
+    plain = {(r["point"]["variant"], r["point"]["n_train"], r["point"]["epochs"], r["point"]["seed"]):
+             r["test_force_meV_per_A"] for r in runs if r["point"]["variant"] == baseline(r["point"]["variant"])}
+    lines = ["| variant | train frames | epochs | F MAE test (meV/Å) | E MAE test (meV) | F ratio to its plain (same seeds) | "
              "same-seed ratios | best val F (meV/Å) | min train-log F (meV/Å) | seeds | train min/run |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (variant, n, epochs), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        plain_by_seed = {key[1:]: value for key, value in plain.items() if key[0] == baseline(variant)}
         force = _mean_std([r["test_force_meV_per_A"] for r in group])
         energy = _mean_std([r["test_energy_meV"] for r in group])
         best_val = _mean_std([min(v for _, v in r["val_force"]) for r in group if r["val_force"]] or [float("nan")])
