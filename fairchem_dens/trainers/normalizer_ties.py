@@ -12,6 +12,7 @@ target's own rmsd is fitted, fairchem's default.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping, MutableMapping
 
 from fairchem.core.modules.normalization.normalizer import Normalizer
@@ -76,3 +77,6 @@ def apply_rmsd_ties(
         normalizers[target] = Normalizer(mean=old.mean.clone(), rmsd=normalizers[source].rmsd.clone()).to(
             old.rmsd.device)
         overrides.setdefault(target, {})["rmsd"] = source
+        # fairchem logged the untied fit already
+        logging.info("Normalization values for output %s: mean=%s, rmsd=%s (the rmsd of %s; replaces the value above).",
+                     target, normalizers[target].mean.item(), normalizers[target].rmsd.item(), source)
