@@ -113,7 +113,8 @@ def train_and_score(point: Point, data: Path, work: Path, eval_every_epochs: int
     scores = train_and_test(configs_dir() / RECIPES.get(point.variant, RECIPE), work / point.key, data, n_train=point.n_train, seed=point.seed,
                             epochs=point.epochs, overrides=VARIANTS[point.variant],
                             eval_every_epochs=eval_every_epochs)
-    return {"point": point.__dict__, **scores}
+    molecule = json.loads((data / "md17_info.json").read_text())["molecule"]
+    return {"point": point.__dict__, "molecule": molecule, **scores}
 
 
 def load_results(results: Path) -> list[dict]:
@@ -167,6 +168,10 @@ def summarise(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _molecule(runs: list[dict]) -> str:
+    return " / ".join(sorted({r.get("molecule", "ethanol") for r in runs}))  # the first runs were all ethanol
+
+
 def plot(runs: list[dict], results: Path) -> list[Path]:
     """Validation force MAE against epoch, and test force MAE against training-set size."""
     import matplotlib
@@ -191,7 +196,7 @@ def plot(runs: list[dict], results: Path) -> list[Path]:
             ax.fill_between(x, mean - std, mean + std, alpha=0.2)
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation force MAE (meV/Å, 50 frames)")
-        ax.set_title(f"xTB ethanol, {n} training frames")
+        ax.set_title(f"GFN2-xTB {_molecule(runs)}, {n} training frames")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -211,7 +216,7 @@ def plot(runs: list[dict], results: Path) -> list[Path]:
     ax.set_xscale("log")
     ax.set_xlabel("training frames")
     ax.set_ylabel("test force MAE (meV/Å, 500 frames)")
-    ax.set_title("xTB ethanol: test force MAE vs training-set size")
+    ax.set_title(f"GFN2-xTB {_molecule(runs)}: test force MAE vs training-set size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
