@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point that sets everything up, then runs what you ask for:
-#   ./dens.sh quickstart     set up, then train/compare DeNS on the built-in EMT example
+#   ./dens.sh quickstart     set up, then train/compare DeNS on the built-in GFN2-xTB ethanol example
 #   ./dens.sh test [ARGS]    set up, then run the test suite (pytest ARGS)
 #   ./dens.sh setup          only set up
 #   ./dens.sh run CMD...     run CMD inside the environment (e.g. fairchem --mode train ...)

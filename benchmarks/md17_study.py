@@ -209,7 +209,7 @@ def plot(runs: list[dict], results: Path) -> list[Path]:
     for variant in sorted({v for v, _, _ in groups}):
         points = sorted((n, _mean_std([r["test_force_meV_per_A"] for r in g])) for (v, n, _), g in groups.items()
                         if v == variant)
-        if len(points) < 2 and variant not in ("plain", "dens"):
+        if len(points) < 2 and variant.removesuffix("_enorm") not in ("plain", "dens"):
             continue
         ax.errorbar([n for n, _ in points], [m for _, (m, _) in points], yerr=[s for _, (_, s) in points],
                     marker="o", capsize=4, label=variant)
