@@ -288,10 +288,12 @@ def _plot(runs: list[QuickstartRun], path: Path) -> Path | None:
         print("matplotlib is not installed: no validation-curve plot")
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
+    seeds = sorted({run.seed for run in runs})
     for run in runs:
         if run.scores["val_force"]:
             epochs, values = zip(*run.scores["val_force"])
             ax.plot(epochs, values, color="C1" if run.variant == "dens" else "C0", alpha=0.8,
+                    linestyle=("-", "--", ":", "-.")[seeds.index(run.seed) % 4],
                     label=f"{VARIANTS[run.variant][0]}, seed {run.seed}")
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation force MAE (meV/Å, 50 frames)")
