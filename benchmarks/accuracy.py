@@ -1,6 +1,6 @@
 """Accuracy study on the built-in EMT data: does DeNS lower force errors, and why?
 
-Trains the quickstart's tiny EquiformerV2 through `fairchem --mode train` with and
+Trains the tiny EquiformerV2 of configs/quickstart/ through `fairchem --mode train` with and
 without DeNS and two ablations, several seeds each, predicts held-out frames of seen
 systems (`test`) and of an unseen adsorbate (`ood`), and prints energy / force MAE
 (mean ± std over seeds) as a markdown table; writes the raw numbers to JSON and a plot.

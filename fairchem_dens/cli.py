@@ -15,7 +15,12 @@ from pathlib import Path
 def _quickstart(args: argparse.Namespace) -> int:
     from fairchem_dens.quickstart import run_quickstart
 
-    run_quickstart(Path(args.workdir), epochs=args.epochs, n_train=args.frames, seeds=tuple(args.seeds), jobs=args.jobs)
+    try:
+        run_quickstart(Path(args.workdir), epochs=args.epochs, n_train=args.frames, seeds=tuple(args.seeds),
+                       jobs=args.jobs)
+    except ValueError as error:
+        print(f"fairchem-dens quickstart: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ VARIANTS = {
     "dens": ("EquiformerV2 + DeNS", []),
 }
 BATCH_SIZE = 8  # the recipe's
+EXAMPLE_TRAIN_FRAMES = 950  # md17-to-lmdb's default split of the example
 
 
 def configs_dir() -> Path:
@@ -136,7 +138,7 @@ def train_and_test(
     n_train: int,
     seed: int,
     epochs: int,
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     eval_every_epochs: int = 5,
     label: str | None = None,
     threads: int | None = None,
@@ -237,10 +239,21 @@ def run_quickstart(
         epochs: override of the recipe's ``optim.max_epochs`` (100).
         n_train: training frames (the rest of the 950-frame train split is not used).
         seeds: training seeds; each trains both variants.
-        jobs: runs at a time (default: one per two CPU cores, at least 1), each with
+        jobs: runs at a time (default: 2 on two or more CPU cores, else 1), each with
             ``cores // jobs`` threads.
+
+    Raises:
+        ValueError: a size outside what the example holds, before anything runs.
     """
     from fairchem_dens.datasets.md17 import convert_md17
+
+    for name, value, low, high in (("--frames", n_train, 1, EXAMPLE_TRAIN_FRAMES), ("--epochs", epochs, 1, None),
+                                   ("--jobs", jobs, 1, None)):
+        if value is not None and (value < low or (high is not None and value > high)):
+            raise ValueError(f"{name} must be at least {low}" + (f" and at most {high}" if high else "")
+                             + f", got {value}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must name one or more different seeds, got {list(seeds)}")
 
     workdir = Path(workdir).resolve()
     data = workdir / "data"

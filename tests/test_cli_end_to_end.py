@@ -110,3 +110,13 @@ def test_quickstart_command_at_tiny_size(tmp_path):
     info = json.loads((tmp_path / "qs" / "data" / "md17_info.json").read_text())
     assert info["split_sizes"] == {"train": 950, "val": 50, "test": 500}
     assert (tmp_path / "qs" / "validation_curves.png").stat().st_size > 0
+
+
+def test_quickstart_refuses_sizes_the_example_does_not_hold(tmp_path):
+    for args, message in ((["--frames", "951"], "--frames must be at least 1 and at most 950, got 951"),
+                          (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+                          (["--seeds", "0", "0"], "--seeds must name one or more different seeds")):
+        result = subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "quickstart", "--workdir",
+                                 str(tmp_path / "qs"), *args], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+        assert not (tmp_path / "qs").exists()  # refused before anything was written
