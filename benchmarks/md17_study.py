@@ -97,8 +97,11 @@ def build_plan(parts: list[str], seeds: list[int], epochs: int, n_core: int, siz
         elif part == "sweep":
             variants, ns = ["dens_coef0", "dens_prob0.5", "dens_std0.025", "dens_std0.1", "dens_coef20",
                             "dens_multiscale", "dens_coef1", "dens_const_coef", "dens_prob1.0"], [n_core]
+        elif part == "sweep_enorm":
+            variants, ns = [f"{v}_enorm" for v in ("dens_std0.025", "dens_std0.1", "dens_prob0.5", "dens_prob1.0",
+                                                    "dens_coef20", "dens_multiscale")], [n_core]
         else:
-            raise ValueError(f"unknown part {part!r} (core, enorm, esen, sizes, sizes_enorm, sweep)")
+            raise ValueError(f"unknown part {part!r} (core, enorm, esen, sizes, sizes_enorm, sweep, sweep_enorm)")
         for seed in seeds:
             for n in ns:
                 for variant in variants:
@@ -243,7 +246,7 @@ def main() -> None:
     parser.add_argument("--data", default="/work/study/data/ethanol", help="md17-to-lmdb output folder")
     parser.add_argument("--work", default="/work/study/runs", help="run folders (checkpoints, logs)")
     parser.add_argument("--results", default=str(Path(__file__).parent / "results" / "md17_study"))
-    parser.add_argument("--plan", nargs="*", default=[], help="parts to run: core, enorm, esen, sizes, sizes_enorm, sweep")
+    parser.add_argument("--plan", nargs="*", default=[], help="parts to run: core, enorm, esen, sizes, sizes_enorm, sweep, sweep_enorm")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--n-core", type=int, default=100, help="training frames of the core comparison and sweeps")
