@@ -41,12 +41,12 @@ def pop_rmsd_ties(norm_config: MutableMapping[str, Any] | None) -> dict[str, str
     Returns:
         ``{target: source target}`` for each tie, to give to :func:`apply_rmsd_ties`.
     """
-    if not norm_config or (norm_config.get("fit") or {}).get("fitted"):
-        return {}  # nothing is fitted again: the values come from the checkpoint
+    fit = (norm_config or {}).get("fit")
+    if not fit or fit.get("fitted"):
+        return {}  # no fit (values given), or none again: the values come from the checkpoint
     ties = {}
     overrides = _overrides(norm_config)
-    fitted = list(overrides) if isinstance(norm_config["fit"].get("targets"), Mapping) else list(
-        norm_config["fit"].get("targets", []))
+    fitted = list(overrides) if isinstance(fit.get("targets"), Mapping) else list(fit.get("targets", []))
     for target, values in overrides.items():
         if isinstance(values, MutableMapping) and "rmsd" in values and values["rmsd"] is None:
             del values["rmsd"]  # fit it
