@@ -13,12 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import time
 from pathlib import Path
 
 from fairchem_dens.datasets.emt_data import generate_emt_dataset
-from fairchem_dens.quickstart import configs_dir, fairchem_command, prediction_errors
+from fairchem_dens.quickstart import configs_dir, fairchem_command, prediction_errors, run_logged
 
 P = "--optim.denoising_pos_params."
 VARIANTS = {
@@ -32,15 +30,6 @@ VARIANTS = {
 }
 
 
-def run(command: list[str], cwd: Path, log: Path) -> float:
-    start = time.perf_counter()
-    with open(log, "w") as handle:
-        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed; see {log}")
-    return time.perf_counter() - start
-
-
 def train_and_score(name: str, seed: int, data: Path, out: Path, epochs: int) -> dict:
     config, extra = VARIANTS[name]
     run_dir = out / "runs" / f"{name.replace(' ', '_').replace(',', '').replace('+', 'plus')}-seed{seed}"
@@ -48,14 +37,14 @@ def train_and_score(name: str, seed: int, data: Path, out: Path, epochs: int) ->
     common = ["--config-yml", str(configs_dir() / config), "--cpu", "--run-dir", str(run_dir), "--seed", str(seed),
               f"--dataset.train.src={data / 'train'}", f"--dataset.val.src={data / 'val'}",
               f"--optim.max_epochs={epochs}", *extra]
-    seconds = run([*fairchem_command(), "--mode", "train", "--timestamp-id", "train", *common,
-                   f"--dataset.test.src={data / 'test'}"], run_dir, run_dir / "train.log")
+    seconds = run_logged([*fairchem_command(), "--mode", "train", "--timestamp-id", "train", *common,
+                          f"--dataset.test.src={data / 'test'}"], run_dir / "train.log", run_dir)
     checkpoint = run_dir / "checkpoints" / "train" / "best_checkpoint.pt"
     scores = {"train_seconds": seconds}
     for split in ("test", "ood"):
         stamp = f"predict-{split}"
-        run([*fairchem_command(), "--mode", "predict", "--timestamp-id", stamp, "--checkpoint", str(checkpoint),
-             *common, f"--dataset.test.src={data / split}"], run_dir, run_dir / f"{stamp}.log")
+        run_logged([*fairchem_command(), "--mode", "predict", "--timestamp-id", stamp, "--checkpoint", str(checkpoint),
+                    *common, f"--dataset.test.src={data / split}"], run_dir / f"{stamp}.log", run_dir)
         energy, force = prediction_errors(run_dir / "results" / stamp / "s2ef_predictions.npz", data / split)
         scores[f"{split}_energy_meV"], scores[f"{split}_force_meV_per_A"] = energy, force
     return scores

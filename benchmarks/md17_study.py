@@ -80,28 +80,28 @@ class Point:
         return f"{self.variant}-n{self.n_train}-e{self.epochs}-seed{self.seed}"
 
 
+#: Plan part -> (variants, sizes): "core" trains at --n-core frames, "sizes" at the other --sizes.
+PARTS: dict[str, tuple[list[str], str]] = {
+    "core": (["plain", "dens", "dens_no_force_encoding"], "core"),
+    "enorm": (["plain_enorm", "dens_enorm", "dens_no_force_encoding_enorm", "dens_coef0_enorm"], "core"),
+    "esen": (["esen_plain", "esen_dens", "esen_dens_no_force_encoding"], "core"),
+    "sizes": (["plain", "dens"], "sizes"),
+    "sizes_enorm": (["plain_enorm", "dens_enorm"], "sizes"),
+    "sweep": (["dens_coef0", "dens_prob0.5", "dens_std0.025", "dens_std0.1", "dens_coef20", "dens_multiscale",
+               "dens_coef1", "dens_const_coef", "dens_prob1.0"], "core"),
+    "sweep_enorm": ([f"{v}_enorm" for v in ("dens_std0.025", "dens_std0.1", "dens_prob0.5", "dens_prob1.0",
+                                            "dens_coef20", "dens_multiscale")], "core"),
+}
+
+
 def build_plan(parts: list[str], seeds: list[int], epochs: int, n_core: int, sizes: list[int]) -> list[Point]:
     """The runs of the requested parts; seeds outermost so a partial part still compares."""
     points: list[Point] = []
     for part in parts:
-        if part == "core":
-            variants, ns = ["plain", "dens", "dens_no_force_encoding"], [n_core]
-        elif part == "enorm":
-            variants, ns = ["plain_enorm", "dens_enorm", "dens_no_force_encoding_enorm", "dens_coef0_enorm"], [n_core]
-        elif part == "esen":
-            variants, ns = ["esen_plain", "esen_dens", "esen_dens_no_force_encoding"], [n_core]
-        elif part == "sizes":
-            variants, ns = ["plain", "dens"], [n for n in sizes if n != n_core]
-        elif part == "sizes_enorm":
-            variants, ns = ["plain_enorm", "dens_enorm"], [n for n in sizes if n != n_core]
-        elif part == "sweep":
-            variants, ns = ["dens_coef0", "dens_prob0.5", "dens_std0.025", "dens_std0.1", "dens_coef20",
-                            "dens_multiscale", "dens_coef1", "dens_const_coef", "dens_prob1.0"], [n_core]
-        elif part == "sweep_enorm":
-            variants, ns = [f"{v}_enorm" for v in ("dens_std0.025", "dens_std0.1", "dens_prob0.5", "dens_prob1.0",
-                                                    "dens_coef20", "dens_multiscale")], [n_core]
-        else:
-            raise ValueError(f"unknown part {part!r} (core, enorm, esen, sizes, sizes_enorm, sweep, sweep_enorm)")
+        if part not in PARTS:
+            raise ValueError(f"unknown part {part!r} ({', '.join(PARTS)})")
+        variants, kind = PARTS[part]
+        ns = [n_core] if kind == "core" else [n for n in sizes if n != n_core]
         for seed in seeds:
             for n in ns:
                 for variant in variants:
@@ -113,9 +113,9 @@ def build_plan(parts: list[str], seeds: list[int], epochs: int, n_core: int, siz
 
 def train_and_score(point: Point, data: Path, work: Path, eval_every_epochs: int) -> dict:
     """Trains one point, predicts the test split with its best checkpoint, returns the numbers."""
-    scores = train_and_test(configs_dir() / RECIPES.get(point.variant, RECIPE), work / point.key, data, n_train=point.n_train, seed=point.seed,
-                            epochs=point.epochs, overrides=VARIANTS[point.variant],
-                            eval_every_epochs=eval_every_epochs)
+    scores = train_and_test(configs_dir() / RECIPES.get(point.variant, RECIPE), work / point.key, data,
+                            n_train=point.n_train, seed=point.seed, epochs=point.epochs,
+                            overrides=VARIANTS[point.variant], eval_every_epochs=eval_every_epochs)
     molecule = json.loads((data / "md17_info.json").read_text())["molecule"]
     return {"point": point.__dict__, "molecule": molecule, **scores}
 
@@ -246,7 +246,7 @@ def main() -> None:
     parser.add_argument("--data", default="/work/study/data/ethanol", help="md17-to-lmdb output folder")
     parser.add_argument("--work", default="/work/study/runs", help="run folders (checkpoints, logs)")
     parser.add_argument("--results", default=str(Path(__file__).parent / "results" / "md17_study"))
-    parser.add_argument("--plan", nargs="*", default=[], help="parts to run: core, enorm, esen, sizes, sizes_enorm, sweep, sweep_enorm")
+    parser.add_argument("--plan", nargs="*", default=[], help=f"parts to run: {', '.join(PARTS)}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--n-core", type=int, default=100, help="training frames of the core comparison and sweeps")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["QuickstartRun", "run_quickstart", "train_and_test", "configs_dir", "fairchem_command",
+__all__ = ["QuickstartRun", "run_quickstart", "train_and_test", "run_logged", "configs_dir", "fairchem_command",
            "prediction_errors", "example_trajectory"]
 
 RECIPE = "md17/xtb_small_data.yml"
@@ -36,7 +36,7 @@ VARIANTS = {
     "dens": ("EquiformerV2 + DeNS", []),
 }
 BATCH_SIZE = 8  # the recipe's
-EXAMPLE_TRAIN_FRAMES = 950  # md17-to-lmdb's default split of the example
+EXAMPLE_TRAIN_FRAMES = 950  # the Equiformer MD17 split; 50 validation and 500 test frames remain
 
 
 def configs_dir() -> Path:
@@ -70,6 +70,12 @@ _VAL = re.compile(r"energy_mae: ([0-9.e+-]+), forces_mae: ([0-9.e+-]+), loss: [0
 _TRAIN = re.compile(r"forces_mae: ([0-9.e+-]+),.*epoch: ([0-9.e+-]+), step")
 
 
+def _validation_point(line: str) -> list[float] | None:
+    """[epoch, force MAE in meV/Å] of fairchem's validation metrics line, or None."""
+    match = _VAL.search(line)
+    return [float(match.group(3)), 1000 * float(match.group(2))] if match else None
+
+
 def parse_curves(log: Path) -> dict[str, list[list[float]]]:
     """Validation and training force MAE (meV/Å) against epoch from a fairchem training log.
 
@@ -82,8 +88,8 @@ def parse_curves(log: Path) -> dict[str, list[list[float]]]:
         if "Evaluating on val" in line:
             after_eval = True
             continue
-        if after_eval and (match := _VAL.search(line)):
-            val.append([float(match.group(3)), 1000 * float(match.group(2))])
+        if after_eval and (point := _validation_point(line)):
+            val.append(point)
             after_eval = False
         elif "step:" in line and (match := _TRAIN.search(line)):
             train.append([float(match.group(2)), 1000 * float(match.group(1))])
@@ -93,7 +99,7 @@ def parse_curves(log: Path) -> dict[str, list[list[float]]]:
 _PRINT_LOCK = threading.Lock()
 
 
-def _run(command: list[str], log_path: Path, cwd: Path, label: str | None = None,
+def run_logged(command: list[str], log_path: Path, cwd: Path, label: str | None = None,
          threads: int | None = None) -> float:
     """Runs a command into a log; with a label, echoes its validation lines and errors."""
     start = time.perf_counter()
@@ -109,9 +115,8 @@ def _run(command: list[str], log_path: Path, cwd: Path, label: str | None = None
             if label is None:
                 continue
             summary = None
-            if after_eval and (match := _VAL.search(line)):
-                summary = (f"epoch {float(match.group(3)):5.1f}  validation F MAE "
-                           f"{1000 * float(match.group(2)):6.1f} meV/Å")
+            if after_eval and (point := _validation_point(line)):
+                summary = f"epoch {point[0]:5.1f}  validation F MAE {point[1]:6.1f} meV/Å"
             elif "Traceback" in line or "Error" in line:
                 summary = line.strip()[-200:]
             after_eval = "Evaluating on val" in line or (after_eval and summary is None)
@@ -146,7 +151,7 @@ def train_and_test(
     """Trains on the first ``n_train`` training frames, then predicts the test split with the best checkpoint.
 
     fairchem's ``dataset.train.first_n`` takes a random subset (``md17-to-lmdb`` writes
-    the train split as a seeded permutation), and validation (50 frames) and test stay
+    the train split as a seeded permutation); validation and test use all their frames,
     the same for every size and seed.
 
     Args:
@@ -170,17 +175,17 @@ def train_and_test(
     common = ["--config-yml", str(config), "--cpu", "--run-dir", str(run_dir), "--seed", str(seed),
               f"--optim.max_epochs={epochs}", f"--dataset.train.src={data / 'train'}",
               f"--dataset.train.first_n={n_train}", f"--dataset.val.src={data / 'val'}",
-              "--dataset.val.first_n=50", *overrides]
+              f"--dataset.val.first_n={_frames(data / 'val')}", *overrides]
     # fairchem predicts the whole test split at every new best validation score; a one-batch
     # test split keeps that cheap, the real test split is predicted once below.
-    seconds = _run([*fairchem_command(), "--mode", "train", "--timestamp-id", "train", *common,
+    seconds = run_logged([*fairchem_command(), "--mode", "train", "--timestamp-id", "train", *common,
                     f"--print-every={steps_per_epoch}", f"--optim.eval_every={eval_every_epochs * steps_per_epoch}",
                     f"--dataset.test.src={data / 'test'}", "--dataset.test.first_n=8"],
                    run_dir / "train.log", run_dir, label, threads)
     checkpoint = run_dir / "checkpoints" / "train" / "best_checkpoint.pt"
     if not checkpoint.exists():  # no validation ran (fewer epochs than eval_every_epochs)
         checkpoint = checkpoint.with_name("checkpoint.pt")
-    _run([*fairchem_command(), "--mode", "predict", "--timestamp-id", "predict", "--checkpoint", str(checkpoint),
+    run_logged([*fairchem_command(), "--mode", "predict", "--timestamp-id", "predict", "--checkpoint", str(checkpoint),
           *common, f"--dataset.test.src={data / 'test'}", f"--dataset.test.first_n={_frames(data / 'test')}"],
          run_dir / "predict.log", run_dir, None, threads)
     energy, force = prediction_errors(run_dir / "results" / "predict" / "s2ef_predictions.npz", data / "test")
@@ -258,9 +263,9 @@ def run_quickstart(
     workdir = Path(workdir).resolve()
     data = workdir / "data"
     if not (data / "md17_info.json").exists():
-        print(f"Converting {example_trajectory().name} into {data} (950 train / 50 val / 500 test frames) ...",
+        print(f"Converting {example_trajectory().name} into {data} ({EXAMPLE_TRAIN_FRAMES} training frames) ...",
               flush=True)
-        convert_md17(example_trajectory(), data, molecule="ethanol")
+        convert_md17(example_trajectory(), data, n_train=EXAMPLE_TRAIN_FRAMES, molecule="ethanol")
     cores = os.cpu_count() or 1
     jobs = jobs or max(1, min(2, cores))
     threads = max(1, cores // jobs)

@@ -172,7 +172,8 @@ def check_gradient_normalizers(model: nn.Module, normalizers: Mapping[str, Any],
         return
     energy = normalizers.get("energy")
     energy_rmsd = float(energy.rmsd) if energy is not None else 1.0
-    for name in (name for name in GRADIENT_OUTPUTS if name in set(outputs)):
+    trained = set(outputs)
+    for name in (name for name in GRADIENT_OUTPUTS if name in trained):
         normalizer = normalizers.get(name)
         if normalizer is None:
             if energy is None:
