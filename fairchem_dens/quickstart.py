@@ -97,6 +97,7 @@ def parse_curves(log: Path) -> dict[str, list[list[float]]]:
 
 
 _PRINT_LOCK = threading.Lock()
+_READ_LOCK = threading.Lock()
 
 
 def run_logged(command: list[str], log_path: Path, cwd: Path, label: str | None = None,
@@ -205,7 +206,8 @@ def _load_split(folder: Path) -> dict[str, tuple[float, np.ndarray]]:
 
 def prediction_errors(predictions: Path, split_folder: Path) -> tuple[float, float]:
     """Energy MAE (meV) and force MAE (meV/Å, per component) of an ``s2ef_predictions.npz``."""
-    reference = _load_split(split_folder)
+    with _READ_LOCK:  # py-lmdb refuses a second open of the same file in one process (parallel runs)
+        reference = _load_split(split_folder)
     with np.load(predictions) as npz:
         ids, energies = npz["ids"], npz["energy"].astype(np.float64)
         forces = np.split(npz["forces"].astype(np.float64), npz["chunk_idx"])
