@@ -28,6 +28,8 @@ __all__ = [
     "sample_sigmas",
     "sample_corruption",
     "structures_allowed",
+    "skip_filter_values",
+    "passes_skip_filter",
     "eligible_atoms",
     "structures_over_ratio",
 ]
@@ -219,6 +221,13 @@ class DeNSConfig:
                 raise DeNSConfigError(f"{key}{name} must be true or false, got {getattr(self, name)!r}")
         _check_probability(key + "prob", self.prob, required=True)
         _check_probability(key + "corrupt_ratio", self.corrupt_ratio, required=False)
+        for name, what in (("prob", "no batch or structure"), ("corrupt_ratio", "no atom")):
+            if self.enabled and getattr(self, name) == 0:
+                raise DeNSConfigError(
+                    f"{key}{name} is 0 while optim.use_denoising_pos is true: {what} would ever be "
+                    f"corrupted, so DeNS would be off without a word. Set {name} in (0, 1], or set "
+                    "optim.use_denoising_pos: False to train without DeNS."
+                )
         if self.fixed_noise_std:
             _check_positive(key + "std", self.std, "the sigma of the noise in Å")
         else:
@@ -386,6 +395,60 @@ def select_structures(
     return selected
 
 
+#: The skip filters: the per-structure quantity each compares with its limit, and its unit.
+SKIP_FILTERS = {
+    "min_num_atoms": ("atoms", ""),
+    "max_force_norm": ("max |F_i|", " eV/Å"),
+    "max_mean_force_norm": ("|Σ_i F_i|", " eV/Å"),
+    "max_stress_norm": ("stress norm", " eV/Å³"),
+}
+
+
+def skip_filter_values(
+    config: DeNSConfig,
+    batch_index: torch.Tensor,
+    num_structures: int,
+    forces: torch.Tensor | None = None,
+    stress: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The per-structure quantity ``[B]`` of each skip filter the config sets, by key.
+
+    Args:
+        config: the DeNS settings.
+        batch_index: ``[N]`` structure of each atom.
+        num_structures: structures in the batch.
+        forces: ``[N, 3]`` forces (needed by the force filters).
+        stress: ``[B, 3, 3]`` or ``[B, 9]`` stress (needed by ``max_stress_norm``).
+    """
+    values = {}
+    if config.min_num_atoms is not None:
+        values["min_num_atoms"] = torch.bincount(batch_index, minlength=num_structures)
+    if config.max_force_norm is not None or config.max_mean_force_norm is not None:
+        if forces is None:
+            raise DeNSConfigError("the force skip filters need the batch's `forces`")
+        forces = forces.detach().cpu().float()
+        if config.max_force_norm is not None:
+            values["max_force_norm"] = torch.zeros(num_structures).scatter_reduce(
+                0, batch_index, forces.norm(dim=-1), reduce="amax", include_self=True
+            )
+        if config.max_mean_force_norm is not None:
+            values["max_mean_force_norm"] = torch.zeros(num_structures, 3).index_add_(0, batch_index, forces).norm(dim=-1)
+    if config.max_stress_norm is not None:
+        if stress is None:
+            raise DeNSConfigError(
+                "optim.denoising_pos_params.max_stress_norm is set but the batch has no `stress` "
+                "(read it with a2g_args: {r_stress: True})"
+            )
+        values["max_stress_norm"] = stress.detach().cpu().float().reshape(num_structures, -1).norm(dim=-1)
+    return values
+
+
+def passes_skip_filter(config: DeNSConfig, key: str, values: torch.Tensor) -> torch.Tensor:
+    """Bool: structures whose quantity ``values`` the filter ``key`` lets through."""
+    limit = getattr(config, key)
+    return values >= limit if key == "min_num_atoms" else values <= limit
+
+
 def structures_allowed(
     config: DeNSConfig,
     batch_index: torch.Tensor,
@@ -397,38 +460,11 @@ def structures_allowed(
 
     Deterministic functions of the labels: they draw nothing, so the random
     streams (and a resumed job's draws) are the same with or without them.
-
-    Args:
-        config: the DeNS settings.
-        batch_index: ``[N]`` structure of each atom.
-        num_structures: structures in the batch.
-        forces: ``[N, 3]`` forces (needed by the force filters).
-        stress: ``[B, 3, 3]`` or ``[B, 9]`` stress (needed by ``max_stress_norm``).
+    Arguments as for :func:`skip_filter_values`.
     """
     allowed = torch.ones(num_structures, dtype=torch.bool)
-    if config.min_num_atoms is not None:
-        natoms = torch.bincount(batch_index, minlength=num_structures)
-        allowed &= natoms >= config.min_num_atoms
-    if config.max_force_norm is not None or config.max_mean_force_norm is not None:
-        if forces is None:
-            raise DeNSConfigError("the force skip filters need the batch's `forces`")
-        forces = forces.detach().cpu().float()
-        if config.max_force_norm is not None:
-            largest = torch.zeros(num_structures).scatter_reduce(
-                0, batch_index, forces.norm(dim=-1), reduce="amax", include_self=True
-            )
-            allowed &= largest <= config.max_force_norm
-        if config.max_mean_force_norm is not None:
-            total = torch.zeros(num_structures, 3).index_add_(0, batch_index, forces)
-            allowed &= total.norm(dim=-1) <= config.max_mean_force_norm
-    if config.max_stress_norm is not None:
-        if stress is None:
-            raise DeNSConfigError(
-                "optim.denoising_pos_params.max_stress_norm is set but the batch has no `stress` "
-                "(read it with a2g_args: {r_stress: True})"
-            )
-        norms = stress.detach().cpu().float().reshape(num_structures, -1).norm(dim=-1)
-        allowed &= norms <= config.max_stress_norm
+    for key, values in skip_filter_values(config, batch_index, num_structures, forces, stress).items():
+        allowed &= passes_skip_filter(config, key, values)
     return allowed
 
 

@@ -281,20 +281,21 @@ def forward_seeded(model: torch.nn.Module, batch: Batch, seed: int = 7) -> dict[
 
 
 
-def corrupt_like_trainer(batch: Batch, *, seed: int = 0, step: int = 1, **params: Any) -> Batch:
+def corrupt_like_trainer(batch: Batch, *, seed: int = 0, step: int = 1, enabled: bool = True, **params: Any) -> Batch:
     """A copy of ``batch`` corrupted by the trainer's own code (``sample_corruption`` + ``apply_corruption``).
 
     Args:
         batch: a collated batch (an ``md`` attribute is honoured).
         seed: the run seed of the draws.
         step: the training step of the draws.
+        enabled: ``use_denoising_pos`` (False: the batch stays an S2EF batch).
         **params: ``denoising_pos_params`` over the defaults prob 1, fixed σ 0.1 Å.
     """
     from fairchem_dens.batch import apply_corruption
     from fairchem_dens.noise import DeNSConfig, sample_corruption, step_generator
 
     config = DeNSConfig.from_optim({
-        "use_denoising_pos": True, "denoising_pos_coefficient": 10.0,
+        "use_denoising_pos": enabled, "denoising_pos_coefficient": 10.0,
         "denoising_pos_params": {"prob": 1.0, "fixed_noise_std": True, "std": 0.1, **params},
     })
     batch = batch.clone()

@@ -17,7 +17,7 @@ from fairchem_dens.testing import (
 
 
 CASES = {  # the trainer's own corruption settings; the fixture batch has fixed bottom layers
-    "s2ef": {"prob": 0.0},
+    "s2ef": {"enabled": False},
     "full": {"corrupt_ratio": None},
     "partial": {"corrupt_ratio": 0.5},
     "relaxation_only": {"corrupt_ratio": 0.5, "relaxation_only": True},

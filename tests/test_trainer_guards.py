@@ -53,6 +53,14 @@ def test_output_policy_is_validated(emt_data, tmp_path, policy, message):
         build(DENS_YML, tmp_path, emt_data, f"{P}output_policy.{policy}")
 
 
+@pytest.mark.parametrize(("setting", "what"), [("prob", "no batch or structure"), ("corrupt_ratio", "no atom")])
+def test_settings_that_switch_dens_off_while_it_is_on_are_refused(emt_data, tmp_path, setting, what):
+    with pytest.raises(DeNSConfigError, match=rf"optim.denoising_pos_params.{setting} is 0 while optim.use_denoising_pos "
+                                              rf"is true: {what} would ever be corrupted.*use_denoising_pos: False"):
+        build(DENS_YML, tmp_path, emt_data, f"{P}{setting}=0")
+    assert not (tmp_path / "run").exists()  # refused before fairchem made the run folder
+
+
 def test_plain_equiformer_v2_is_refused(emt_data, tmp_path):
     with pytest.raises(DeNSSetupError, match=r"EquiformerV2Backbone, which has no force encoding.*DeNSEquiformerV2Backbone"):
         build(QUICKSTART / "eqv2_tiny.yml", tmp_path, emt_data, *DENS_KEYS)

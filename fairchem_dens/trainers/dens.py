@@ -71,8 +71,10 @@ from fairchem_dens.trainers.guards import (
     check_gradient_normalizers,
     check_model,
     check_normalizers,
+    check_skip_filters,
     check_warmup,
 )
+from fairchem_dens.trainers.labels import FitRecorder, check_batch_labels
 from fairchem_dens.trainers.normalizer_ties import apply_rmsd_ties, pop_rmsd_ties
 from fairchem_dens.trainers.output_policy import EXCLUDED, ORIGINAL, REPLACED, output_roles
 
@@ -112,6 +114,8 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         if optimizer is None:
             raise ValueError("the DeNS trainer needs the `optim` section of the config")
         self.dens = DeNSConfig.from_optim(optimizer)
+        # structures corrupted, structures seen, atoms corrupted, atoms seen in this epoch's training batches
+        self._corruption_counts = torch.zeros(4, dtype=torch.long)
         if kwargs.get("name", "ocp") == "ocp":
             kwargs["name"] = "s2ef"
         super().__init__(*args, **kwargs)
@@ -168,6 +172,9 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
                     f"dataset {source} gives no `md` flag: use "
                     "fairchem_dens.datasets.lmdb_dataset.DeNSLmdbDataset or store `md` in the entries."
                 )
+        optim = self.config["optim"]
+        if self.train_loader is not None and optim.get("scheduler") == "LambdaLR":
+            check_warmup(optim.get("scheduler_params", {}), len(self.train_loader))
         if self.dens.enabled and self.dens.validate_denoising and self.dens.relaxation_only:
             # validate_denoising corrupts val/test with the same rules: check them now, not at step eval_every.
             for split in ("val", "test"):
@@ -181,20 +188,52 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
                     )
 
     def load_references_and_normalizers(self) -> None:
-        norm_config = self.config["dataset"].get("transforms", {}).get("normalizer")
+        transforms = self.config["dataset"].get("transforms", {})
+        norm_config = transforms.get("normalizer")
         ties = pop_rmsd_ties(norm_config)
-        super().load_references_and_normalizers()
+        source = self.config["dataset"].get("src")
+        train_dataset, is_debug = self.train_dataset, self.is_debug
+        recorder = None if train_dataset is None else FitRecorder(train_dataset, self.label_names(), self.dens, source)
+        # fairchem's fit reads the labels through the recorder; fairchem would also write
+        # normalizers.pt before the checks below: the files are written once they pass.
+        self.train_dataset, self.is_debug = recorder or train_dataset, True
+        try:
+            super().load_references_and_normalizers()
+        finally:
+            self.train_dataset, self.is_debug = train_dataset, is_debug
         apply_rmsd_ties(self.normalizers, ties, norm_config)
-        if ties and distutils.is_master() and not self.is_debug:
-            # fairchem saved the fit before the ties were applied: keep its file in step with the checkpoint
-            save_checkpoint({k: v for k, v in self.normalizers.items() if k != NOISE_TARGET},
-                            self.config["cmd"]["checkpoint_dir"], "normalizers.pt")
+        self._check_fit_labels(recorder, source)
         # fairchem builds the model before it fits the normalizers
         check_gradient_normalizers(self._unwrapped_model, self.normalizers, self.output_targets)
-        check_normalizers(
-            {k: v for k, v in self.normalizers.items() if k != NOISE_TARGET}, self._normalizer_samples()
-        )
+        fitted = {k: v for k, v in self.normalizers.items() if k != NOISE_TARGET}
+        check_normalizers(fitted, self._normalizer_samples())
+        if distutils.is_master() and not self.is_debug:
+            folder = self.config["cmd"]["checkpoint_dir"]
+            if transforms.get("element_references") is not None:
+                save_checkpoint(dict(self.elementrefs), folder, "element_references.pt")
+            if norm_config is not None:
+                save_checkpoint(fitted, folder, "normalizers.pt")
         self._set_noise_normalizer()
+
+    def label_names(self) -> list[str]:
+        """Labels checked for NaN/inf: the forces DeNS encodes, every trained target, a filtered stress."""
+        trained = [next(iter(entry)) for entry in self.config.get("loss_functions", [])]
+        stress = ["stress"] if self.dens.max_stress_norm is not None else []
+        return list(dict.fromkeys([FORCES, *trained, *stress]))
+
+    def _check_fit_labels(self, recorder: FitRecorder | None, source: str) -> None:
+        """Refuses the labels the normaliser fit read (rank 0 read them; every rank raises)."""
+        problem = [None]
+        if distutils.is_master() and recorder is not None:
+            problem[0] = recorder.non_finite_message()
+            if problem[0] is None and self.dens.enabled and recorder.complete:
+                try:
+                    check_skip_filters(self.dens, recorder.filter_values, source)
+                except DeNSSetupError as error:
+                    problem[0] = str(error)
+        distutils.broadcast_object_list(problem, src=0, device=self.device)
+        if problem[0] is not None:
+            raise DeNSSetupError(problem[0])
 
     def _set_noise_normalizer(self) -> None:
         # Saved with the checkpoint under the name both published implementations use.
@@ -210,12 +249,6 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         num_batches = fit.get("num_batches")
         seen = size if num_batches is None else min(size, num_batches * fit.get("batch_size", size))
         return f"fitted on {seen} training sample(s)"
-
-    def load_extras(self) -> None:
-        optim = self.config["optim"]
-        if self.train_loader is not None and optim.get("scheduler") == "LambdaLR":
-            check_warmup(optim.get("scheduler_params", {}), len(self.train_loader))
-        super().load_extras()
 
     # ------------------------------------------------------------- checkpoints
     def load_checkpoint(self, checkpoint_path: str, checkpoint: dict | None = None, inference_only: bool = False) -> None:
@@ -294,9 +327,35 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
 
     # -------------------------------------------------------------- corruption
     def _forward(self, batch):
-        if self.model.training and self.dens.active_in_epoch(self._epoch_index()):
-            self.corrupt(batch, step=self.step, rank=distutils.get_rank())
+        if self.model.training:
+            check_batch_labels(batch, self.label_names(), self.step, self.epoch)
+            epoch = self._epoch_index()
+            if self.dens.active_in_epoch(epoch):
+                self.corrupt(batch, step=self.step, rank=distutils.get_rank())
+                self._count_corruption(batch, epoch)
         return super()._forward(batch)
+
+    def _count_corruption(self, batch, epoch: int) -> None:
+        """Adds a training batch to its epoch's corruption counts; logs them after the epoch's last batch."""
+        counts = torch.tensor([int(corrupted_structures(batch).sum()), batch.natoms.numel(),
+                               int(corrupted_atoms(batch).sum()), batch.pos.shape[0]])
+        self._corruption_counts = self._corruption_counts + counts
+        if self.step % len(self.train_loader) != 0:
+            return
+        # every rank reaches the epoch's last step together: DDP-global counts
+        structures, total_structures, atoms, total_atoms = (
+            int(n) for n in distutils.all_reduce(self._corruption_counts, device=self.device).tolist())
+        self._corruption_counts = torch.zeros(4, dtype=torch.long)
+        if not distutils.is_master():
+            return
+        line = (f"DeNS epoch {epoch + 1}: corrupted {structures}/{total_structures} structures "
+                f"({100 * structures / max(total_structures, 1):.1f}%), {atoms}/{total_atoms} atoms "
+                f"({100 * atoms / max(total_atoms, 1):.1f}%)")
+        if structures == 0:
+            logging.warning(f"{line}: DeNS is on but corrupted nothing this epoch; check optim.denoising_pos_params "
+                            "(prob, corrupt_ratio, relaxation_only, the skip filters) against the training set.")
+        else:
+            logging.info(line)
 
     def _epoch_index(self) -> int:
         """The 0-based epoch of the current step (fairchem's ``epoch`` is fractional, in (k, k+1])."""

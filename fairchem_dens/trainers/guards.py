@@ -11,7 +11,8 @@ from typing import Any, Iterable, Mapping
 
 from torch import nn
 
-__all__ = ["DeNSSetupError", "check_gradient_normalizers", "check_model", "check_normalizers", "check_warmup"]
+__all__ = ["DeNSSetupError", "check_gradient_normalizers", "check_model", "check_normalizers", "check_skip_filters",
+           "check_warmup"]
 
 
 
@@ -220,3 +221,39 @@ def check_warmup(scheduler_params: Mapping[str, Any], steps_per_epoch: int) -> N
             f"divides by the warm-up length. Set warmup_epochs >= {needed:g} (one step), or "
             "warmup_factor: 1.0 with warmup_epochs of one step for no warm-up."
         )
+
+
+def check_skip_filters(dens, values: Mapping[str, Iterable[float]], source: str) -> None:
+    """Refuses skip filters that let no training structure through: DeNS would never corrupt one.
+
+    Args:
+        dens: the DeNS settings (:class:`fairchem_dens.noise.DeNSConfig`).
+        values: per filter key, its quantity for every training structure
+            (:func:`fairchem_dens.noise.skip_filter_values`, as the normaliser fit read them).
+        source: the training set's ``src``, for the message.
+    """
+    import torch
+
+    from fairchem_dens.noise import SKIP_FILTERS, passes_skip_filter
+
+    values = {key: torch.tensor(list(entries)) for key, entries in values.items()}
+    if not values or not all(entries.numel() for entries in values.values()):
+        return
+    passed = {key: passes_skip_filter(dens, key, entries) for key, entries in values.items()}
+    if bool(torch.stack(list(passed.values())).all(dim=0).any()):
+        return
+    alone = [key for key in values if not bool(passed[key].any())]
+    culprits = alone or list(values)
+
+    def described(key: str) -> str:
+        what, unit = SKIP_FILTERS[key]
+        nearest = (f"the largest has {int(values[key].max())} {what}" if key == "min_num_atoms"
+                   else f"the smallest per-structure {what} is {float(values[key].min()):.4g}{unit}")
+        return f"optim.denoising_pos_params.{key}={getattr(dens, key)}{unit} ({nearest})"
+
+    verb = "excludes" if len(culprits) == 1 else "each exclude" if alone else "together exclude"
+    raise DeNSSetupError(
+        f"{' and '.join(described(key) for key in culprits)} {verb} every training structure of {source} "
+        f"({values[culprits[0]].numel()} structures): DeNS would never corrupt one. Loosen the filter, or set "
+        "optim.use_denoising_pos: False to train without DeNS."
+    )
