@@ -46,14 +46,21 @@ def _make_emt_data(args: argparse.Namespace) -> int:
 
 
 def _convert_checkpoint(args: argparse.Namespace) -> int:
-    from fairchem_dens.models.checkpoints import convert_original_checkpoint, read_checkpoint
+    from fairchem_dens.models.checkpoints import (
+        CheckpointMismatchError,
+        convert_original_checkpoint,
+        read_checkpoint,
+    )
 
     source, target = Path(args.input).resolve(), Path(args.output).resolve()
     if source == target:
         raise SystemExit("convert-checkpoint: OUT must differ from IN (the original is kept)")
     if target.exists() and not args.overwrite:
         raise SystemExit(f"convert-checkpoint: {target} exists; pass --overwrite to replace it")
-    converted = convert_original_checkpoint(read_checkpoint(source, allow_pickle=args.allow_pickle))
+    try:
+        converted = convert_original_checkpoint(read_checkpoint(source, allow_pickle=args.allow_pickle))
+    except (CheckpointMismatchError, FileNotFoundError) as error:
+        raise SystemExit(f"convert-checkpoint: {error}") from error
     _save_atomically(converted, target)
     backbone = converted["config"]["model"]["backbone"]["model"]
     print(f"wrote {target}: {len(converted['state_dict'])} tensors, backbone {backbone}")
@@ -235,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     xtb.set_defaults(func=_make_xtb_md17)
     sub = commands.add_parser(
         "submit", add_help=False,
-        help="fairchem --submit with CPU jobs working: fairchem-dens submit --mode train --config-yml CFG "
-             "[--cpu] [--num-gpus N] [--slurm-*]",
+        help="submit to SLURM as fairchem --submit does, CPU jobs included (never runs here): "
+             "fairchem-dens submit --mode train --config-yml CFG [--cpu] [--num-gpus N] [--slurm-*]",
     )
     sub.add_argument("fairchem_args", nargs=argparse.REMAINDER)
     return parser

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import pickle
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from fairchem_dens.trainers.guards import GRADIENT_OUTPUTS
 
 __all__ = [
     "CheckpointMismatchError",
+    "CheckpointReadError",
     "read_checkpoint",
     "strip_ddp_prefix",
     "checkpoint_family",
@@ -52,6 +55,10 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model the config builds."""
 
 
+class CheckpointReadError(CheckpointMismatchError):
+    """A checkpoint file cannot be read: damaged, not a checkpoint, or it needs full unpickling."""
+
+
 def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict[str, Any]:
     """Loads a checkpoint on the CPU with ``weights_only=True``.
 
@@ -59,6 +66,10 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict[str, A
         path: the file.
         allow_pickle: fall back to full unpickling for files that need it (only
             for files you trust).
+
+    Raises:
+        CheckpointReadError: the file is damaged (e.g. truncated), is not a checkpoint,
+            or needs full unpickling and ``allow_pickle`` is not set; the message says which.
     """
     path = Path(path)
     if not path.is_file():
@@ -66,14 +77,59 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict[str, A
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises several types here
+        problem = _unreadable_because(path, error)
+        if problem is not None:
+            raise CheckpointReadError(problem) from error
         if not allow_pickle:
-            raise CheckpointMismatchError(
-                f"{path} cannot be read with torch.load(weights_only=True) ({error}); "
-                "if you trust the file, convert it with `fairchem-dens convert-checkpoint "
-                "--allow-pickle`"
+            reason = next((line.strip() for line in str(error).splitlines() if "WeightsUnpickler" in line), "")
+            raise CheckpointReadError(
+                f"{path} needs full unpickling: torch.load(weights_only=True) refuses it ({reason}); "
+                "if you trust the file, convert it with `fairchem-dens convert-checkpoint --allow-pickle IN OUT`"
             ) from error
         logging.warning("%s needs full unpickling; loading it with weights_only=False", path)
         return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# torch.save writes a zip archive; files of torch < 1.6 (or `_use_new_zipfile_serialization=False`)
+# are a bare pickle stream, which starts with the PROTO opcode.
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = b"\x80"
+
+
+def _unreadable_because(path: Path, error: Exception) -> str | None:
+    """Why ``torch.load(weights_only=True)`` failed on ``path``, or None if the file is sound and only needs pickle.
+
+    A damaged file must not be mistaken for one that needs full unpickling: that
+    advice (``--allow-pickle``) would end in the same failure, less readable.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(len(_ZIP_MAGIC))
+    damaged = f"damaged (truncated?) checkpoint file {path} ({size} bytes)"
+    remedy = "no torch.load option (nor --allow-pickle) can read it: use an intact copy"
+    if size == 0:
+        return f"{damaged}: it is empty; {remedy}"
+    if head == _ZIP_MAGIC:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                corrupt = archive.testzip()  # checks every member's CRC
+        except (zipfile.BadZipFile, OSError) as zip_error:
+            return f"{damaged}: its zip archive cannot be opened ({zip_error}; torch: {_first_line(error)}); {remedy}"
+        if corrupt is not None:
+            return f"{damaged}: member {corrupt} of its zip archive fails its CRC check; {remedy}"
+    elif not head.startswith(_PICKLE_PROTO):
+        return (f"{path} ({size} bytes) is not a PyTorch checkpoint: it starts with {head!r}, "
+                "neither a zip archive (torch.save) nor a pickle stream (torch.save before 1.6)")
+    # torch's weights-only unpickler also reports a short read as an UnpicklingError.
+    if isinstance(error, EOFError) or "unexpected EOF" in str(error):
+        return f"{damaged}: it ends before its pickle stream does; {remedy}"
+    if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error):
+        return None
+    return f"{damaged}: {type(error).__name__}: {_first_line(error)}; {remedy}"
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def strip_ddp_prefix(state_dict: dict[str, torch.Tensor]) -> OrderedDict:

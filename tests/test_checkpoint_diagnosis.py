@@ -1,0 +1,86 @@
+"""Unreadable checkpoints get the right diagnosis: damaged, not a checkpoint, or needs pickle.
+
+Every case goes through the real command lines (`fairchem --mode train --checkpoint`,
+`fairchem-dens convert-checkpoint`), which share `read_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from fractions import Fraction
+
+import pytest
+import torch
+
+from fairchem_dens.models.checkpoints import CheckpointReadError, read_checkpoint
+from fairchem_dens.quickstart import fairchem_command
+
+from conftest import DATA, QUICKSTART, data_overrides
+
+ORIGINAL_CHECKPOINT = DATA / "original_dens" / "eqv2_dens" / "checkpoint.pt"
+
+
+def truncated_copy(path, folder):
+    """The first half of ``path``, as `head -c $((size/2))` writes it."""
+    data = path.read_bytes()
+    target = folder / "trunc.pt"
+    target.write_bytes(data[: len(data) // 2])
+    return target
+
+
+def convert(source, target, *flags):
+    return subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "convert-checkpoint", str(source), str(target),
+                           *flags], capture_output=True, text=True, timeout=300)
+
+
+def test_truncated_checkpoint_is_called_damaged_by_fairchem_train(emt_data, tmp_path):
+    trunc = truncated_copy(ORIGINAL_CHECKPOINT, tmp_path)
+    result = subprocess.run(
+        [*fairchem_command(), "--mode", "train", "--config-yml", str(QUICKSTART / "eqv2_dens_tiny.yml"), "--cpu",
+         "--run-dir", str(tmp_path), "--timestamp-id", "trunc", *data_overrides(emt_data),
+         "--checkpoint", str(trunc)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"damaged (truncated?) checkpoint file {trunc} ({trunc.stat().st_size} bytes)" in out, out[-3000:]
+    assert "failed finding central directory" in out and "use an intact copy" in out
+    assert "if you trust the file" not in out  # the --allow-pickle advice would not help
+
+
+def test_convert_checkpoint_explains_damaged_and_foreign_files(tmp_path):
+    trunc = truncated_copy(ORIGINAL_CHECKPOINT, tmp_path)
+    size = trunc.stat().st_size
+    for flags in ((), ("--allow-pickle",)):  # the advice of the old message, followed
+        result = convert(trunc, tmp_path / "out.pt", *flags)
+        assert result.returncode != 0
+        assert result.stderr.strip().splitlines() == [
+            f"convert-checkpoint: damaged (truncated?) checkpoint file {trunc} ({size} bytes): its zip archive "
+            "cannot be opened (File is not a zip file; torch: PytorchStreamReader failed reading zip archive: "
+            "failed finding central directory); no torch.load option (nor --allow-pickle) can read it: "
+            "use an intact copy"
+        ]
+    text = tmp_path / "notes.pt"
+    text.write_text("epoch 12, lr 2e-4\n")
+    result = convert(text, tmp_path / "out.pt")
+    assert result.stderr.strip() == (
+        f"convert-checkpoint: {text} (18 bytes) is not a PyTorch checkpoint: it starts with b'epoc', neither a "
+        "zip archive (torch.save) nor a pickle stream (torch.save before 1.6)"
+    )
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_empty_files_and_truncated_legacy_files_are_damaged(tmp_path):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointReadError, match=r"damaged \(truncated\?\) checkpoint file .*empty.pt \(0 bytes\): it is empty"):
+        read_checkpoint(empty, allow_pickle=True)
+    legacy = tmp_path / "legacy.pt"  # torch < 1.6's format: a bare pickle stream, then the storages
+    torch.save({"state_dict": {"w": torch.ones(64)}}, legacy, _use_new_zipfile_serialization=False)
+    whole = legacy.read_bytes()
+    # cut inside the storages (torch raises UnpicklingError) and inside the pickle (EOFError)
+    for part in (whole[:-40], whole[:200]):
+        legacy.write_bytes(part)
+        with pytest.raises(CheckpointReadError, match="legacy.pt .* it ends before its pickle stream does"):
+            read_checkpoint(legacy, allow_pickle=True)
