@@ -84,3 +84,18 @@ def test_empty_files_and_truncated_legacy_files_are_damaged(tmp_path):
         legacy.write_bytes(part)
         with pytest.raises(CheckpointReadError, match="legacy.pt .* it ends before its pickle stream does"):
             read_checkpoint(legacy, allow_pickle=True)
+
+
+def test_a_sound_file_that_needs_pickle_is_still_told_so_and_converts_with_allow_pickle(tmp_path):
+    checkpoint = torch.load(ORIGINAL_CHECKPOINT, map_location="cpu", weights_only=True)
+    checkpoint["note"] = Fraction(1, 3)  # a class weights_only refuses
+    needs_pickle = tmp_path / "needs_pickle.pt"
+    torch.save(checkpoint, needs_pickle)
+    refused = convert(needs_pickle, tmp_path / "out.pt")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert f"convert-checkpoint: {needs_pickle} needs full unpickling" in refused.stderr
+    assert "GLOBAL fractions.Fraction was not an allowed global" in refused.stderr
+    assert "convert it with `fairchem-dens convert-checkpoint --allow-pickle IN OUT`" in refused.stderr
+    converted = convert(needs_pickle, tmp_path / "out.pt", "--allow-pickle")
+    assert converted.returncode == 0, converted.stderr
+    assert torch.load(tmp_path / "out.pt", weights_only=False)["note"] == Fraction(1, 3)
