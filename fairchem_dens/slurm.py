@@ -8,6 +8,9 @@ sbatch, job logs in ``--logdir/<job id>/``, an experiment log in
 
 What differs from fairchem-core 1.10:
 
+* **Only SLURM.** fairchem's ``AutoExecutor`` starts the jobs on this machine
+  when SLURM is missing; here a missing ``sbatch``/``srun`` or a refused sbatch
+  is a one-line error (:class:`SubmitError`) and nothing is written or started.
 * **CPU jobs work.** On the node, fairchem's ``distutils.setup`` assumes a GPU
   when ``submit`` is set (``CUDA_VISIBLE_DEVICES``, ``torch.cuda.set_device``,
   NCCL). For ``--cpu`` (or on a node without a GPU) :class:`DeNSRunner` takes the
@@ -35,16 +38,21 @@ reference.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
+import io
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 from fairchem.core._cli import Runner
 from fairchem.core.common.flags import flags
 from fairchem.core.common.utils import (
@@ -55,13 +63,12 @@ from fairchem.core.common.utils import (
     setup_logging,
 )
 from submitit import AutoExecutor, JobEnvironment
+from submitit.core.utils import FailedJobError
 from submitit.helpers import DelayedSubmission
 from torch.distributed.elastic.utils.distributed import get_free_port
 
-if TYPE_CHECKING:
-    import argparse
-
-__all__ = ["DeNSRunner", "executor_parameters", "main", "runs_on_cpu", "submit"]
+__all__ = ["DeNSRunner", "SubmitError", "build_parser", "executor_parameters", "main", "missing_slurm_commands",
+           "runs_on_cpu", "submit"]
 
 LOG_PREFIX = "fairchem_dens.slurm:"
 # How long a preemption/time-out signal may wait for the end of a training step.
@@ -93,33 +100,116 @@ def executor_parameters(args: argparse.Namespace, config: dict[str, Any]) -> dic
     return parameters
 
 
+class SubmitError(Exception):
+    """A refused or failed submission: one line for the user, and the exit code."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def _removed_if_sbatch_fails(folder: Path):
+    """When sbatch fails, removes what submitit wrote in ``folder`` for it (a pickle, a script)."""
+    created = next((p for p in [*reversed(folder.parents), folder] if not p.exists()), None)
+    before = set() if created is not None else set(folder.iterdir())
+    try:
+        yield
+    except FailedJobError:  # sbatch exited non-zero: no job exists that could need these files
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        else:
+            for path in set(folder.iterdir()) - before:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        raise
+
+
+def missing_slurm_commands() -> list[str]:
+    """The SLURM client commands submitit needs here (sbatch submits; its executor insists on srun) not on PATH."""
+    return [name for name in ("sbatch", "srun") if shutil.which(name) is None]
+
+
 def submit(args: argparse.Namespace, config: dict[str, Any]) -> list:
-    """Submits one job (or one per ``--sweep-yml`` point) as ``fairchem --submit`` does; returns the jobs."""
+    """Submits one job (or one per ``--sweep-yml`` point) as ``fairchem --submit`` does; returns the jobs.
+
+    Always to SLURM: submitit's ``AutoExecutor`` left to choose would start the
+    jobs on this machine when SLURM is missing. A failed sbatch raises
+    :class:`SubmitError` and leaves nothing behind in ``--logdir``.
+    """
     configs = create_grid(config, args.sweep_yml) if args.sweep_yml else [config]
     logging.info(f"Submitting {len(configs)} jobs")
-    executor = AutoExecutor(folder=args.logdir / "%j", slurm_max_num_timeout=3)
+    executor = AutoExecutor(folder=args.logdir / "%j", cluster="slurm", slurm_max_num_timeout=3)
     executor.update_parameters(**executor_parameters(args, config))
     for one in configs:
         one["slurm"] = copy.deepcopy(executor.parameters)
         one["slurm"]["folder"] = str(executor.folder)
-    jobs = executor.map_array(DeNSRunner(), configs)
-    logging.info(f"Submitted jobs: {', '.join([job.job_id for job in jobs])}")
+    try:  # submitit also prints sbatch's stderr; the error below carries it, on one line
+        with _removed_if_sbatch_fails(Path(args.logdir).absolute()), contextlib.redirect_stderr(io.StringIO()):
+            jobs = executor.map_array(DeNSRunner(), configs)
+    except FailedJobError as error:  # its message is sbatch's stderr
+        reason = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise SubmitError(f"sbatch failed, nothing was submitted: {reason or 'no message'}") from error
+    logging.info(f"Submitted jobs: {', '.join([job.job_id for job in jobs])} (SLURM; job logs in "
+                 f"{executor.folder.parent}/<job id>/)")
     log_file = save_experiment_log(args, jobs, configs)
     logging.info(f"Experiment log saved to: {log_file}")
     return jobs
 
 
+DESCRIPTION = """\
+Submit a fairchem run (training with DeNS, prediction, relaxations) to SLURM,
+as `fairchem --submit` does (implied here), with CPU jobs working: with --cpu
+no GPU is requested and --num-gpus is the number of processes per node.
+
+Nothing runs on this machine. Without SLURM's sbatch and srun on PATH, or when
+sbatch refuses the job, it stops with a one-line error and exit code 1; to train
+here instead, run `fairchem` with the same arguments.
+
+Every `fairchem` option is accepted; they are listed below."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``fairchem-dens submit``'s parser: our description over fairchem's options."""
+    return argparse.ArgumentParser(
+        prog="fairchem-dens submit", description=DESCRIPTION, parents=[flags.get_parser()],
+        add_help=False,  # fairchem's parser brings -h/--help, which prints this parser's help
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """``fairchem-dens submit``: ``argv`` are ``fairchem``'s arguments; ``--submit`` is implied."""
     setup_logging()
-    parser = flags.get_parser()
-    args, override_args = parser.parse_known_args(argv)
+    try:
+        submit(*_checked_request(argv))
+    except SubmitError as error:
+        print(f"fairchem-dens submit: {error}", file=sys.stderr)
+        return error.exit_code
+    return 0
+
+
+def _checked_request(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """Arguments and config of the submission, refused (:class:`SubmitError`) before anything is written."""
+    args, override_args = build_parser().parse_known_args(argv)
     args.submit = True
     if args.num_gpus < 1:
-        parser.error("--num-gpus (ranks per node: GPUs, or processes with --cpu) must be at least 1")
-    config = build_config(args, override_args)
-    submit(args, config)
-    return 0
+        raise SubmitError("--num-gpus (ranks per node: GPUs, or processes with --cpu) must be at least 1, "
+                          f"got {args.num_gpus}", exit_code=2)
+    if not args.config_yml.exists():
+        raise SubmitError(f"--config-yml {args.config_yml}: no such file", exit_code=2)
+    try:
+        config = build_config(args, override_args)
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        reason = " ".join(str(error).split())
+        raise SubmitError(f"--config-yml {args.config_yml}: {reason}", exit_code=2) from error
+    missing = missing_slurm_commands()
+    if missing:
+        raise SubmitError(f"SLURM not found: no {' or '.join(missing)} on PATH; nothing was submitted or run. "
+                          "To train on this machine instead, run `fairchem` with the same arguments.")
+    return args, config
 
 
 # --------------------------------------------------------------------- on the node

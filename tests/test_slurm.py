@@ -3,8 +3,8 @@
 The tests marked ``slurm`` start the cluster with scripts/slurm_local_up.sh (root
 and apt needed: Debian's slurm-wlm and munge are installed when missing), stop
 it with scripts/slurm_local_down.sh, and fail, never skip, when it cannot start.
-The other tests check the submission request and the preemption logic without
-a cluster.
+The other tests check the refusals of `fairchem-dens submit` without SLURM and
+the preemption logic without a cluster.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from fairchem_dens import cli
 from fairchem_dens import slurm as dens_slurm
 
 from conftest import QUICKSTART, data_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
+CLI = Path(sys.executable).parent / "fairchem-dens"
 UP, DOWN = ROOT / "scripts" / "slurm_local_up.sh", ROOT / "scripts" / "slurm_local_down.sh"
 STATE_DIR = Path(os.environ.get("SLURM_LOCAL_DIR", "/tmp/fairchem-dens-slurm"))
 PARTITION = "debug"
@@ -134,8 +136,28 @@ def submit_training(tmp: Path, emt_data, name: str, *extra: str, ranks: int = 1,
     match = re.search(r"Submitted jobs: (\S+)", output)
     assert match, output[-4000:]
     job_id = match.group(1)
-    return SimpleNamespace(id=job_id, folder=logdir / job_id, run_dir=run_dir, name=name,
+    return SimpleNamespace(id=job_id, folder=logdir / job_id, run_dir=run_dir, name=name, output=output,
                            checkpoint=run_dir / "checkpoints" / name / "checkpoint.pt")
+
+
+def run_submit(cwd: Path, *args: str, path: str | None = None) -> subprocess.CompletedProcess:
+    """The installed `fairchem-dens submit ARGS`, run in ``cwd`` (with ``path`` as PATH if given)."""
+    env = {**os.environ, "PATH": path or os.environ["PATH"]}
+    return subprocess.run([str(CLI), "submit", *args], check=False, cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def processes_naming(text: str) -> list[str]:
+    """Command lines of the running processes that contain ``text``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            command = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        if text in command:
+            found.append(command)
+    return found
 
 
 def training_lines(log: str) -> list[dict]:
@@ -187,6 +209,8 @@ def test_submit_trains_on_cpu(uninterrupted, emt_data):
     assert "--gpus-per-node" not in script and "#SBATCH --cpus-per-task=1" in script
     assert "#SBATCH --mem=2GB" in script and "#SBATCH --signal=USR2@90" in script
     assert sorted(job.folder.parent.joinpath("exp").glob("*.log")), "no experiment log"
+    assert f"Submitted jobs: {job.id} (SLURM; job logs in {job.folder.parent}/<job id>/)" in job.output
+    assert sorted(p.name for p in job.folder.parent.iterdir()) == sorted([job.id, "exp"])  # no literal "%j"
 
 
 @pytest.mark.slurm
@@ -245,7 +269,23 @@ def test_two_cpu_ranks(slurm_cluster, emt_data, tmp_path):
     assert "#SBATCH --ntasks-per-node=2" in (job.folder / f"{job.id}_submission.sh").read_text()
 
 
-# --------------------------------------------------------------------- without SLURM
+@pytest.mark.slurm
+def test_failed_sbatch_is_one_line_and_leaves_nothing(slurm_cluster, tmp_path):
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    (logdir / "earlier.log").write_text("an earlier run's")
+    result = run_submit(tmp_path, "--mode", "train", "--config-yml", str(QUICKSTART / "eqv2_dens_tiny.yml"),
+                        "--cpu", "--slurm-partition", "no_such_partition", "--slurm-mem", "2",
+                        "--slurm-timeout", "1", "--logdir", str(logdir))
+    assert result.returncode == 1, result.stdout + result.stderr
+    (line,) = result.stderr.splitlines()  # sbatch's own error, once
+    assert line.startswith("fairchem-dens submit: sbatch failed, nothing was submitted: sbatch: error: "), line
+    assert "invalid partition" in line.lower(), line
+    assert "Submitted jobs" not in result.stdout
+    # submitit's pickle and sbatch script are gone; what was there is kept
+    assert [p.name for p in logdir.iterdir()] == ["earlier.log"]
+
+
 SUBMIT_ARGS = [
     "--mode", "train", "--config-yml", str(QUICKSTART / "eqv2_dens_tiny.yml"), "--num-gpus", "2",
     "--num-nodes", "3", "--slurm-partition", "p", "--slurm-qos", "q", "--slurm-account", "a",
@@ -277,7 +317,9 @@ def _requests(monkeypatch, module, call) -> dict:
     return seen
 
 
-def test_gpu_request_is_fairchems(monkeypatch):
+@pytest.mark.slurm
+def test_gpu_request_is_fairchems(slurm_cluster, monkeypatch):
+    """The same request as `fairchem --submit` (both given to a fake AutoExecutor; the sbatch check is real)."""
     import fairchem.core._cli as fairchem_cli
     from fairchem.core.common.flags import flags
     from fairchem.core.common.utils import build_config
@@ -287,7 +329,8 @@ def test_gpu_request_is_fairchems(monkeypatch):
                        lambda: fairchem_cli.main(*parser.parse_known_args([*SUBMIT_ARGS, "--submit"])))
     ours = _requests(monkeypatch, dens_slurm, lambda: dens_slurm.main(SUBMIT_ARGS))
     assert ours["parameters"] == theirs["parameters"]
-    assert ours["executor"] == theirs["executor"] == {"slurm_max_num_timeout": 3}
+    assert theirs["executor"] == {"slurm_max_num_timeout": 3}
+    assert ours["executor"] == {"cluster": "slurm", "slurm_max_num_timeout": 3}  # never falls back to local
     assert theirs["parameters"]["gpus_per_node"] == 2 and theirs["parameters"]["cpus_per_task"] == 4
     assert theirs["parameters"]["slurm_additional_parameters"] == {"constraint": "volta"}
     assert type(ours["runner"]) is dens_slurm.DeNSRunner
@@ -296,6 +339,56 @@ def test_gpu_request_is_fairchems(monkeypatch):
     args, overrides = parser.parse_known_args([*SUBMIT_ARGS, "--submit", "--cpu"])
     cpu = dens_slurm.executor_parameters(args, build_config(args, overrides))
     assert cpu == {k: v for k, v in theirs["parameters"].items() if k != "gpus_per_node"}
+
+
+# --------------------------------------------------------------------- without SLURM
+def path_without_slurm() -> str:
+    """PATH minus every folder holding a SLURM client (the suite's cluster installs them in /usr/bin)."""
+    folders = os.environ["PATH"].split(os.pathsep)
+    return os.pathsep.join(f for f in folders if f and not any((Path(f) / c).exists() for c in ("sbatch", "srun")))
+
+
+def test_submit_without_slurm_refuses_and_starts_nothing(tmp_path):
+    """No fallback to training here (submitit's AutoExecutor would start local processes)."""
+    result = run_submit(tmp_path, "--mode", "train", "--config-yml", str(QUICKSTART / "eqv2_dens_tiny.yml"),
+                        "--cpu", "--num-gpus", "2", "--slurm-partition", "cpu", "--slurm-mem", "8",
+                        "--slurm-timeout", "4", "--logdir", str(tmp_path / "logs"), path=path_without_slurm())
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        "fairchem-dens submit: SLURM not found: no sbatch or srun on PATH; nothing was submitted or run. "
+        "To train on this machine instead, run `fairchem` with the same arguments."
+    ]
+    assert "Submitted jobs" not in result.stdout
+    assert list(tmp_path.iterdir()) == []  # no logs/, no logs/%j/, no experiment log
+    assert processes_naming(str(tmp_path)) == []
+
+
+def test_submit_help_is_ours(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["submit", "--help"])
+    assert exited.value.code == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("usage: fairchem-dens submit ")
+    assert dens_slurm.DESCRIPTION in shown
+    assert "Graph Networks for Electrocatalyst Design" not in shown  # fairchem's description
+    for option in ("--config-yml", "--cpu", "--num-gpus", "--num-nodes", "--slurm-partition", "--logdir"):
+        assert f"\n  {option} " in shown, option  # fairchem's options, listed
+
+
+@pytest.mark.parametrize("config, message", [
+    ("missing.yml", "--config-yml missing.yml: no such file"),
+    ("broken.yml", "--config-yml broken.yml: while parsing a flow sequence"),
+    ("includes.yml", "--config-yml includes.yml: Cannot find include YML missing_base.yml"),
+])
+def test_submit_bad_config_is_one_line(tmp_path, monkeypatch, capsys, config, message):
+    (tmp_path / "broken.yml").write_text("optim: [1,\n  trainer: forces\n")
+    (tmp_path / "includes.yml").write_text("includes:\n  - missing_base.yml\n")
+    written = sorted(tmp_path.iterdir())
+    monkeypatch.chdir(tmp_path)  # where --logdir (default logs/) would be
+    assert cli.main(["submit", "--mode", "train", "--config-yml", config, "--cpu"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"fairchem-dens submit: {message}"), line
+    assert sorted(tmp_path.iterdir()) == written  # no logs/ folder
 
 
 def test_gpu_job_runs_fairchems_runner(monkeypatch):
