@@ -25,11 +25,14 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def _make_emt_data(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not args.overwrite:
+        raise SystemExit(f"make-emt-data: {out} exists and is not empty; pass --overwrite to replace its data")
     if args.bulk:
         from fairchem_dens.datasets.emt_bulk import generate_bulk_dataset
 
         layouts = generate_bulk_dataset(
-            Path(args.out), families_per_metal=args.families, md_frames=args.md_frames, seed=args.seed
+            out, families_per_metal=args.families, md_frames=args.md_frames, seed=args.seed
         )
         for layout, folders in layouts.items():
             for split, folder in folders.items():
@@ -38,7 +41,7 @@ def _make_emt_data(args: argparse.Namespace) -> int:
     from fairchem_dens.datasets.emt_data import generate_emt_dataset
 
     folders = generate_emt_dataset(
-        Path(args.out), n_systems=args.systems, seed=args.seed, holdout_adsorbate=args.holdout
+        out, n_systems=args.systems, seed=args.seed, holdout_adsorbate=args.holdout
     )
     for split, folder in folders.items():
         print(f"{split}: {folder}")
@@ -142,13 +145,16 @@ def _md17_to_lmdb(args: argparse.Namespace) -> int:
     return 0
 
 
-def _make_xtb_md17(args: argparse.Namespace) -> int:
+def _make_xtb_md17(argv: list[str]) -> int:
     import subprocess
 
+    from fairchem_dens.datasets.xtb_md17 import build_parser as xtb_parser
+
+    xtb_parser().parse_args(argv)  # --help and bad arguments are answered here, without tblite
     # tblite's wheel links the system libgomp, and torch (imported by this package) loads an older
     # libgomp under the same soname; so the labelling runs in a fresh interpreter that loads tblite first.
     code = "import tblite.ase; from fairchem_dens.datasets.xtb_md17 import main; raise SystemExit(main())"
-    return subprocess.run([sys.executable, "-c", code, *args.xtb_argv]).returncode
+    return subprocess.run([sys.executable, "-c", code, *argv]).returncode
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bulk fcc metals with energy, forces and stress instead (aselmdb/ and lmdb/ layouts)")
     emt.add_argument("--families", type=int, default=6, help="--bulk: strained supercells per metal")
     emt.add_argument("--md-frames", type=int, default=4, help="--bulk: MD frames per supercell")
+    emt.add_argument("--overwrite", action="store_true", help="replace the data set in a non-empty OUT")
     emt.set_defaults(func=_make_emt_data)
     convert = commands.add_parser(
         "convert-checkpoint",
@@ -239,7 +246,6 @@ def build_parser() -> argparse.ArgumentParser:
              "(MOLECULE OUT [--frames N] [--temperature K] [--stride S] [--seed N] [--overwrite])",
     )
     xtb.add_argument("xtb_argv", nargs=argparse.REMAINDER)
-    xtb.set_defaults(func=_make_xtb_md17)
     sub = commands.add_parser(
         "submit", add_help=False,
         help="submit to SLURM as fairchem --submit does, CPU jobs included (never runs here): "
@@ -255,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         from fairchem_dens.slurm import main as submit_main
 
         return submit_main(argv[1:])
+    if argv[:1] == ["make-xtb-md17"]:  # its own parser (argparse.REMAINDER would reject a leading --option)
+        return _make_xtb_md17(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     return args.func(args)

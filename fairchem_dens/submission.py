@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
+import uuid
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -644,10 +644,14 @@ def _provenance(
 
 
 def _temp_beside(path: Path) -> Path:
-    """An empty temp file in the output's folder, so ``os.replace`` is an atomic rename."""
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    return Path(name)
+    """An empty temp file in the output's folder, so ``os.replace`` is an atomic rename.
+
+    Created by ``open(..., "x")``, not ``mkstemp``: the renamed file keeps the mode the
+    user's umask gives any new file, where mkstemp's would stay 0600.
+    """
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    temp.open("x").close()
+    return temp
 
 
 def _check_written(out: Path, merged: Mapping[str, np.ndarray]) -> None:

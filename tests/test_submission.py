@@ -357,3 +357,20 @@ def test_existing_output_is_kept_without_overwrite_and_failures_leave_no_files(t
     build_submission("s2ef", "oc20", fresh, out, overwrite=True)
     np.testing.assert_array_equal(_load(out)["id_ids"], _load(fresh["id"])["ids"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["preds", "preds2", "sub.npz", "sub.npz.json"]
+
+
+@pytest.mark.parametrize(("umask", "mode"), [("022", 0o644), ("077", 0o600)])
+def test_submission_files_get_the_mode_of_the_users_umask(tmp_path, umask, mode):
+    import shlex
+    import subprocess
+    import sys
+
+    files = _write_s2ef(tmp_path / "preds")
+    out = tmp_path / "submission.npz"
+    command = [sys.executable, "-m", "fairchem_dens.cli", "make-submission", "s2ef", "--out", str(out),
+               *(arg for split, path in files.items() for arg in (f"--{split.replace('_', '-')}", str(path)))]
+    result = subprocess.run(["bash", "-c", f"umask {umask} && exec {shlex.join(command)}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {path.name: path.stat().st_mode & 0o777 for path in (out, tmp_path / "submission.npz.json")} == {
+        "submission.npz": mode, "submission.npz.json": mode}

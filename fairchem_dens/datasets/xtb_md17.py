@@ -24,7 +24,7 @@ from ase.build import molecule
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
 
-__all__ = ["MOLECULES", "generate_xtb_trajectory", "write_sgdml_npz", "main"]
+__all__ = ["MOLECULES", "build_parser", "generate_xtb_trajectory", "write_sgdml_npz", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +114,8 @@ def write_sgdml_npz(arrays: dict[str, np.ndarray], path: str | Path, overwrite: 
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``fairchem-dens make-xtb-md17``; run by the CLI in an interpreter that imported tblite first."""
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``fairchem-dens make-xtb-md17`` (parsed without tblite, so ``--help`` works anywhere)."""
     parser = argparse.ArgumentParser(prog="fairchem-dens make-xtb-md17", description=__doc__.splitlines()[0])
     parser.add_argument("molecule", choices=sorted(MOLECULES))
     parser.add_argument("out", help="output .npz")
@@ -125,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--equilibration", type=int, default=500, help="MD steps run and discarded first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fairchem-dens make-xtb-md17``; run by the CLI in an interpreter that imported tblite first."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
