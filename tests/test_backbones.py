@@ -17,6 +17,7 @@ from fairchem_dens.testing import (
 
 from backbone_suite import BackboneSuite
 from conftest import QUICKSTART, data_overrides
+from tolerances import ESCN_ROTATION_REL, ESEN_CONSERVATIVE_ROTATION_REL, ESEN_ROTATION_REL, EQV2_ROTATION_REL
 
 
 def _fold_encoding_bias(ours: torch.nn.Module, renames: tuple[tuple[str, str], ...] = ()) -> dict:
@@ -35,8 +36,7 @@ class TestEquiformerV2(BackboneSuite):
     family = "equiformer_v2"
     noise_block = ("forces", "denoising_pos_block")
     force_block = ("forces", "vector_block")
-    # S2-grid activations: equivariant up to a small discretisation error (measured <= 2e-3)
-    rotation_tolerance = 1e-2
+    rotation_tolerance = EQV2_ROTATION_REL
     cli_config = QUICKSTART / "eqv2_dens_tiny.yml"
 
     def model_config(self, flavour="ours", backbone=None, **dens):
@@ -58,8 +58,7 @@ class TestESCN(BackboneSuite):
     family = "escn"
     noise_block = ("forces", "denoising_pos_block")
     force_block = ("forces", "force_block")
-    # outputs integrated over 512 sampled sphere points: ~5 % for this tiny random model
-    rotation_tolerance = 0.1
+    rotation_tolerance = ESCN_ROTATION_REL
     cli_config = QUICKSTART / "escn_dens_tiny.yml"
 
     def model_config(self, flavour="ours", backbone=None, **dens):
@@ -79,8 +78,7 @@ class TestESEN(BackboneSuite):
     family = "esen"
     noise_block = ("forces", "denoising_linear")
     force_block = ("forces", "linear")
-    # gate activations and spectral MLPs: exactly equivariant up to float32 round-off
-    rotation_tolerance = 1e-4
+    rotation_tolerance = ESEN_ROTATION_REL
     cli_config = QUICKSTART / "esen_dens_bulk_tiny.yml"
 
     def model_config(self, flavour="ours", backbone=None, **dens):
@@ -102,8 +100,7 @@ class TestESENConservative(TestESEN):
     force_block = ("energy", "energy_block")
     force_block_in_full = True
     outputs = ("energy", "forces", "stress")
-    # float32 gradients through the clipped edge frames of gradient mode (rot_clip): measured 9e-4
-    rotation_tolerance = 5e-3
+    rotation_tolerance = ESEN_CONSERVATIVE_ROTATION_REL
     cli_config = QUICKSTART / "esen_dens_conservative_bulk_tiny.yml"
 
     def model_config(self, flavour="ours", backbone=None, **dens):

@@ -1,0 +1,91 @@
+"""How far our models' outputs are from the original implementation's fixtures, in float32 ulps.
+
+For each checkpoint in tests/data/original_dens and each case (S2EF, full and partial
+corruption, the EMA weights), loads the checkpoint as the parity tests do, runs the seeded
+forward and prints max |ours - original| / (eps32 * scale) with the scale the parity test
+uses (max |original| of that output; eSCN's EMA forces: its per-sphere-sample values, see
+tests/test_checkpoints.py). Run it under other CPU kernels and thread counts to see the
+spread the tolerance has to cover:
+
+    ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 ./dens.sh run python benchmarks/parity_ulps.py
+    ATEN_CPU_CAPABILITY=avx2 OMP_NUM_THREADS=2 ./dens.sh run python benchmarks/parity_ulps.py
+
+With ``--log FILE`` it instead summarises a ``DENS_ULPS_LOG`` file that the test suite
+wrote (tests/tolerances.py): the largest deviation in ulps of each test's comparisons.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+sys.path.insert(0, str(TESTS))
+
+from test_checkpoints import (  # noqa: E402
+    MODELS, MODES, ORIGINAL, converted_model, fixture_case, reference, sphere_sample_scale,
+)
+from tolerances import EPS32, ORIGINAL_PARITY_ULPS  # noqa: E402
+
+from fairchem_dens.testing import forward_seeded  # noqa: E402
+
+
+def ulps(ours: torch.Tensor, original: np.ndarray, scale: float | None = None) -> float:
+    scale = float(np.abs(original).max()) if scale is None else scale
+    return float(np.abs(ours.numpy() - original).max()) / (EPS32 * scale)
+
+
+def fixtures() -> None:
+    print(f"# kernels {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread(s), "
+          f"torch {torch.__version__}; the tests assert <= {ORIGINAL_PARITY_ULPS} ulps of the scale")
+    print("| model | case | energy ulps | forces ulps | max abs diff (E / F) | scale (E / F) |")
+    print("|---|---|---|---|---|---|")
+    for name in MODELS:
+        ref = reference(name)
+        cases = [(mode, ORIGINAL / name / "checkpoint.pt", mode) for mode in MODES]
+        cases.append(("s2ef_ema", ORIGINAL / name / "best_checkpoint.pt", "s2ef"))  # EMA weights
+        for label, path, mode in cases:
+            model, _ = converted_model(path)
+            with torch.no_grad():
+                out = forward_seeded(model, fixture_case(ref, mode), int(ref["forward_seed"]))
+            energy, forces = ref[f"{label}_energy"], ref[f"{label}_forces"]
+            force_scale = float(np.abs(forces).max())
+            if label == "s2ef_ema" and name == "escn_dens":  # as test_ema_weights_are_reordered_correctly
+                force_scale = sphere_sample_scale(model, ref)
+            diffs = [float(np.abs(out[k].numpy() - ref[f"{label}_{k}"]).max()) for k in ("energy", "forces")]
+            print(f"| {name} | {label} | {ulps(out['energy'], energy):.2f} | "
+                  f"{ulps(out['forces'], forces, force_scale):.2f} | {diffs[0]:.1e} / {diffs[1]:.1e} | "
+                  f"{np.abs(energy).max():.2g} / {force_scale:.2g} |")
+
+
+def summarise(log: Path) -> None:
+    """Largest deviation per test and comparison of a DENS_ULPS_LOG file."""
+    largest: dict[tuple[str, str], float] = collections.defaultdict(float)
+    for line in log.read_text().splitlines():
+        test, what, deviation = line.split("\t")
+        largest[test, what.split(":")[0]] = max(largest[test, what.split(":")[0]], float(deviation))
+    print("| test | comparison | max ulps |")
+    print("|---|---|---|")
+    for (test, what), deviation in sorted(largest.items()):
+        print(f"| {test} | {what} | {deviation:.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--log", type=Path, help="summarise a DENS_ULPS_LOG file instead")
+    args = parser.parse_args()
+    if args.log:
+        summarise(args.log)
+        return
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    fixtures()
+
+
+if __name__ == "__main__":
+    main()
