@@ -118,11 +118,9 @@ def _removed_if_sbatch_fails(folder: Path):
     except FailedJobError:  # sbatch exited non-zero: no job exists that could need these files
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
-        else:
+        else:  # files only: a job folder that appeared meanwhile is another submission's
             for path in set(folder.iterdir()) - before:
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
+                if path.is_file():
                     path.unlink()
         raise
 
