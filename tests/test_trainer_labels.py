@@ -8,8 +8,10 @@ import re
 import pytest
 
 from fairchem_dens.datasets.emt_data import write_lmdb
+from fairchem_dens.noise import DeNSConfig
 from fairchem_dens.testing import fairchem_trainer, read_lmdb, write_variant
 from fairchem_dens.trainers.dens import DeNSSetupError
+from fairchem_dens.trainers.guards import check_skip_filters
 from fairchem_dens.trainers.labels import NonFiniteLabelError
 
 from conftest import QUICKSTART, data_overrides
@@ -43,6 +45,18 @@ def build(tmp_path, emt_data, *overrides, config=DENS_YML):
 def test_skip_filters_that_exclude_every_training_structure_are_refused(emt_data, tmp_path, setting, message):
     with pytest.raises(DeNSSetupError, match=message):
         build(tmp_path, emt_data, f"{P}{setting}")
+
+
+def test_skip_filters_that_only_together_exclude_every_structure_are_named_together():
+    dens = DeNSConfig.from_optim({"use_denoising_pos": True, "denoising_pos_coefficient": 10, "denoising_pos_params": {
+        "prob": 1.0, "fixed_noise_std": True, "std": 0.1, "min_num_atoms": 10, "max_force_norm": 1.0}})
+    # the small structure passes the force filter, the large one the size filter, none both
+    values = {"min_num_atoms": [5, 12], "max_force_norm": [0.5, 2.0]}
+    with pytest.raises(DeNSSetupError, match=r"min_num_atoms=10 \(the largest has 12 atoms\) and .*max_force_norm=1.0 "
+                                             r"eV/Å \(the smallest per-structure max \|F_i\| is 0.5 eV/Å\) together "
+                                             r"exclude every training structure of train \(2 structures\)"):
+        check_skip_filters(dens, values, "train")
+    check_skip_filters(dens, {"min_num_atoms": [5, 12], "max_force_norm": [0.5, 0.9]}, "train")  # the large one passes
 
 
 def test_skip_filters_that_keep_some_structures_are_accepted(emt_data, tmp_path):
