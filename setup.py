@@ -26,6 +26,8 @@ setup(
         "submitit",
         # fairchem 1.10's relaxations implement the Optimizable API of ASE <= 3.24.
         "ase>=3.23,<3.25",
+        # .aselmdb files (MPtrj, OMat24) with ASE < 3.25: datasets/ase_db.py, datasets/emt_bulk.py.
+        "ase-db-backends>=0.10",
         # imported by fairchem-core at start-up; see README "Installing".
         "torch-scatter",
         "torch-sparse",

@@ -104,6 +104,19 @@ def _save_atomically(checkpoint: dict, target: Path) -> None:
     os.replace(partial, target)  # never leaves a half-written OUT behind
 
 
+def _write_metadata(args: argparse.Namespace) -> int:
+    from fairchem_dens.datasets.metadata import MetadataError, write_dataset_metadata
+
+    try:
+        path, natoms, dataset_format = write_dataset_metadata(
+            args.src, dataset_format=args.format, pattern=args.pattern, overwrite=args.overwrite
+        )
+    except MetadataError as error:
+        raise SystemExit(f"write-metadata: {error}") from error
+    print(f"wrote {path}: {len(natoms)} entries, {int(natoms.sum())} atoms (read as {dataset_format})")
+    return 0
+
+
 def _fit_element_references(args: argparse.Namespace) -> int:
     from fairchem_dens.datasets.references import fit_element_references
 
@@ -203,6 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
     conservative.add_argument("--no-ema", action="store_true", help="take the raw weights, not the EMA's")
     conservative.add_argument("--overwrite", action="store_true")
     conservative.set_defaults(func=_to_conservative)
+    meta = commands.add_parser(
+        "write-metadata",
+        help="write the metadata.npz (atoms per entry) that fairchem's load balancing (optim.load_balancing: "
+             "atoms, in every shipped config) needs, for extxyz folders, ASE databases or LMDBs made elsewhere",
+    )
+    meta.add_argument("src", help="the dataset's src as the config gives it: a folder, or one .db/.aselmdb/.lmdb file")
+    meta.add_argument("--format", default=None,
+                      help="the config's dataset format (default: from the file names: ase_read_multi for "
+                           ".extxyz/.xyz/.traj, the ASE-database reader for .db/.aselmdb, lmdb for .lmdb)")
+    meta.add_argument("--pattern", default=None,
+                      help="ase_read_multi: the config's pattern (default: *.SUFFIX of the files found)")
+    meta.add_argument("--overwrite", action="store_true", help="replace an existing metadata.npz")
+    meta.set_defaults(func=_write_metadata)
     refs = commands.add_parser(
         "fit-element-references",
         help="fit linear per-element energy references on a training set (for OC22 total energies)",
