@@ -96,12 +96,13 @@ def sphere_sample_scale(model, ref, mode="s2ef"):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_outputs_equal_the_original_implementation(name):
+def test_outputs_equal_the_original_implementation(name, monkeypatch):
     ref = reference(name)
     model, _ = converted_model(ORIGINAL / name / "checkpoint.pt")
     for mode in MODES:
         assert_equals_original(model, ref, mode)
     # negative control: one weight off by 1e-4 relative fails the same comparison
+    monkeypatch.delenv("DENS_ULPS_LOG", raising=False)  # its deviation is not round-off
     weight = model.state_dict()[SENSITIVE_WEIGHT[name]].view(-1)
     with torch.no_grad():
         weight[weight.abs().argmax()] *= 1 + 1e-4
