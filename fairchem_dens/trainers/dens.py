@@ -11,8 +11,12 @@ What changes against fairchem's trainer:
   prediction, target or term, naming it;
 * ``_compute_metrics`` reports ``denoising_*`` metrics for DeNS batches;
 * ``validate`` optionally adds denoising metrics under a fixed seed;
-* the ``load_*`` steps refuse, before step 1, what would fail later or train
-  something else than asked (:mod:`fairchem_dens.trainers.guards`);
+* the ``load_*`` steps refuse, before step 1 and before fairchem's normaliser files
+  are written, what would fail later or train something else than asked
+  (:mod:`fairchem_dens.trainers.guards`), including non-finite labels the normaliser
+  fit reads (:mod:`fairchem_dens.trainers.labels`);
+* every training batch is checked for non-finite labels before it is corrupted, and
+  each epoch logs the fraction of structures and atoms it corrupted;
 * checkpoints are written atomically, and a final ``checkpoint.pt`` is always
   written when training ends.
 
@@ -22,6 +26,7 @@ files) is fairchem's.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -208,11 +213,12 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         fitted = {k: v for k, v in self.normalizers.items() if k != NOISE_TARGET}
         check_normalizers(fitted, self._normalizer_samples())
         if distutils.is_master() and not self.is_debug:
+            # fairchem's files, on the CPU as fairchem writes them (it reads them back without map_location)
             folder = self.config["cmd"]["checkpoint_dir"]
-            if transforms.get("element_references") is not None:
-                save_checkpoint(dict(self.elementrefs), folder, "element_references.pt")
-            if norm_config is not None:
-                save_checkpoint(fitted, folder, "normalizers.pt")
+            for config, modules, name in ((transforms.get("element_references"), self.elementrefs, "element_references"),
+                                          (norm_config, fitted, "normalizers")):
+                if config is not None:
+                    save_checkpoint({k: copy.deepcopy(v).cpu() for k, v in modules.items()}, folder, f"{name}.pt")
         self._set_noise_normalizer()
 
     def label_names(self) -> list[str]:
