@@ -71,7 +71,15 @@ def test_convert_checkpoint_explains_damaged_and_foreign_files(tmp_path):
     assert not (tmp_path / "out.pt").exists()
 
 
-def test_empty_files_and_truncated_legacy_files_are_damaged(tmp_path):
+def test_empty_files_and_truncated_legacy_files_are_damaged_other_zips_no_checkpoints(tmp_path):
+    import zipfile
+
+    other = tmp_path / "results.zip"
+    with zipfile.ZipFile(other, "w") as archive:
+        archive.writestr("results/table.csv", "epoch,mae\n1,0.5\n")
+    with pytest.raises(CheckpointReadError, match=r"results.zip \(\d+ bytes\) is not a PyTorch checkpoint: a zip archive "
+                                                  "without the data.pkl torch.save writes"):
+        read_checkpoint(other, allow_pickle=True)
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
     with pytest.raises(CheckpointReadError, match=r"damaged \(truncated\?\) checkpoint file .*empty.pt \(0 bytes\): it is empty"):

@@ -113,10 +113,14 @@ def _unreadable_because(path: Path, error: Exception) -> str | None:
         try:
             with zipfile.ZipFile(path) as archive:
                 corrupt = archive.testzip()  # checks every member's CRC
+                names = archive.namelist()
         except (zipfile.BadZipFile, OSError) as zip_error:
             return f"{damaged}: its zip archive cannot be opened ({zip_error}; torch: {_first_line(error)}); {remedy}"
         if corrupt is not None:
             return f"{damaged}: member {corrupt} of its zip archive fails its CRC check; {remedy}"
+        if not any(name.endswith("/data.pkl") for name in names):
+            return (f"{path} ({size} bytes) is not a PyTorch checkpoint: "
+                    "a zip archive without the data.pkl torch.save writes")
     elif not head.startswith(_PICKLE_PROTO):
         return (f"{path} ({size} bytes) is not a PyTorch checkpoint: it starts with {head!r}, "
                 "neither a zip archive (torch.save) nor a pickle stream (torch.save before 1.6)")
