@@ -74,6 +74,14 @@ def test_a_nan_force_is_named_at_the_normalizer_fit(emt_data, tmp_path):
         build(tmp_path, emt_data, f"--dataset.train.src={train}")
 
 
+def test_a_nan_force_read_by_fit_workers_is_blamed_on_the_labels(emt_data, tmp_path):
+    # the fit's worker processes read the entries: the NaN shows in the fitted rmsd alone
+    train, _ = with_nan_force(emt_data["train"], tmp_path / "nan_train")
+    with pytest.raises(DeNSSetupError, match=r"the normalizer of `forces` has rmsd nan \(fitted on \d+ training sample\(s\)\): "
+                                             r"the `forces` labels it was fitted on hold NaN/inf values"):
+        build(tmp_path, emt_data, f"--dataset.train.src={train}", "--dataset.train.transforms.normalizer.fit.num_workers=1")
+
+
 def given_normalizers(config):
     # values set by hand: no fit reads the labels before training
     config["dataset"]["train"]["transforms"]["normalizer"] = {

@@ -124,7 +124,8 @@ def check_normalizers(normalizers: Mapping[str, Any], samples: str) -> None:
     """Refuses a normaliser whose rmsd is 0 or not finite.
 
     A zero rmsd divides every target by 0, so step 1 fails with a NaN loss; it is
-    what a fit on a single frame or on all-equal labels gives.
+    what a fit on a single frame or on all-equal labels gives. A NaN rmsd comes
+    from NaN labels (entries the fit's worker processes read and no check saw).
 
     Args:
         normalizers: fairchem's normalisers by target name.
@@ -135,7 +136,13 @@ def check_normalizers(normalizers: Mapping[str, Any], samples: str) -> None:
         if rmsd is None:
             continue
         value = float(rmsd)
-        if not math.isfinite(value) or value <= 0.0:
+        if not math.isfinite(value):
+            raise DeNSSetupError(
+                f"the normalizer of `{name}` has rmsd {value} ({samples}): the `{name}` labels it was fitted on "
+                "hold NaN/inf values. Fix or drop those entries (a fit with "
+                "dataset.train.transforms.normalizer.fit.num_workers: 0 names them)."
+            )
+        if value <= 0.0:
             raise DeNSSetupError(
                 f"the normalizer of `{name}` has rmsd {value} ({samples}): every `{name}` target "
                 "would be divided by it and the first step's loss would be NaN. Check that the "
