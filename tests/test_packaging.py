@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _setup_keywords() -> dict:
     tree = ast.parse((ROOT / "setup.py").read_text())
-    call = next(node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup")
+    calls = (node for node in ast.walk(tree) if isinstance(node, ast.Call))
+    call = next(node for node in calls if getattr(node.func, "id", "") == "setup")
     return {kw.arg: kw.value for kw in call.keywords}
 
 
