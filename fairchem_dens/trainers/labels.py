@@ -14,8 +14,10 @@ its own (:func:`fairchem_dens.trainers.guards.check_skip_filters`).
 
 from __future__ import annotations
 
+from array import array
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -82,18 +84,19 @@ class FitRecorder(Dataset):
 
     def __init__(self, dataset: Dataset, labels: Iterable[str], dens: DeNSConfig, source: str) -> None:
         self.dataset, self.labels, self.dens, self.source = dataset, tuple(labels), dens, source
-        self.seen: set[int] = set()
+        # compact for sets of millions of entries: a flag and one float per filter each
+        self.seen = np.zeros(len(dataset), dtype=bool)
         self.bad: list[tuple[int, str, list[str]]] = []
-        self.filter_values: dict[str, list[float]] = {}
+        self.filter_values: dict[str, array] = {}
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
         data = self.dataset[index]
-        if int(index) in self.seen:  # the element-reference fit reads the set too
+        if self.seen[index]:  # the element-reference fit reads the set too
             return data
-        self.seen.add(int(index))
+        self.seen[index] = True
         names = non_finite_labels(data, self.labels)
         if names:
             self.bad.append((int(index), _sid(data, 0), names))
@@ -102,13 +105,13 @@ class FitRecorder(Dataset):
             values = skip_filter_values(self.dens, torch.zeros(natoms, dtype=torch.long), 1,
                                         getattr(data, "forces", None), getattr(data, "stress", None))
             for key, value in values.items():
-                self.filter_values.setdefault(key, []).append(float(value))
+                self.filter_values.setdefault(key, array("d")).append(float(value))
         return data
 
     @property
     def complete(self) -> bool:
         """Whether every entry of the set was read in this process."""
-        return len(self.seen) == len(self.dataset)
+        return bool(self.seen.all())
 
     def non_finite_message(self) -> str | None:
         """The error for the entries with non-finite labels, or None."""
