@@ -10,8 +10,9 @@ spread the tolerance has to cover:
     ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 ./dens.sh run python benchmarks/parity_ulps.py
     ATEN_CPU_CAPABILITY=avx2 OMP_NUM_THREADS=2 ./dens.sh run python benchmarks/parity_ulps.py
 
-With ``--log FILE`` it instead summarises a ``DENS_ULPS_LOG`` file that the test suite
-wrote (tests/tolerances.py): the largest deviation in ulps of each test's comparisons.
+With ``--log FILE [FILE ...]`` it instead summarises ``DENS_ULPS_LOG`` files that the test
+suite wrote (tests/tolerances.py), one column each: the largest deviation in ulps of each
+test's comparisons (parametrisations together).
 """
 
 from __future__ import annotations
@@ -64,21 +65,23 @@ def fixtures() -> None:
                   f"{np.abs(energy).max():.2g} / {force_scale:.2g} |")
 
 
-def summarise(log: Path) -> None:
-    """Largest deviation per test and comparison of a DENS_ULPS_LOG file."""
-    largest: dict[tuple[str, str], float] = collections.defaultdict(float)
-    for line in log.read_text().splitlines():
-        test, what, deviation = line.split("\t")
-        largest[test, what.split(":")[0]] = max(largest[test, what.split(":")[0]], float(deviation))
-    print("| test | comparison | max ulps |")
-    print("|---|---|---|")
-    for (test, what), deviation in sorted(largest.items()):
-        print(f"| {test} | {what} | {deviation:.1f} |")
+def summarise(logs: list[Path]) -> None:
+    """Largest deviation per test (parametrisations together) of DENS_ULPS_LOG files, a column each."""
+    largest: dict[str, dict[Path, float]] = collections.defaultdict(dict)
+    for log in logs:
+        for line in log.read_text().splitlines():
+            test, _, deviation = line.split("\t")
+            test = test.split("[")[0]
+            largest[test][log] = max(largest[test].get(log, 0.0), float(deviation))
+    print("| test | " + " | ".join(log.stem for log in logs) + " |")
+    print("|---|" + "---|" * len(logs))
+    for test, by_log in sorted(largest.items()):
+        print(f"| `{test}` | " + " | ".join(f"{by_log[log]:.1f}" if log in by_log else "-" for log in logs) + " |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--log", type=Path, help="summarise a DENS_ULPS_LOG file instead")
+    parser.add_argument("--log", type=Path, nargs="+", help="summarise DENS_ULPS_LOG files instead")
     args = parser.parse_args()
     if args.log:
         summarise(args.log)

@@ -16,6 +16,7 @@ from fairchem.core.datasets import LmdbDataset
 from fairchem_dens.datasets import emt_data as emt
 from fairchem_dens.datasets.emt_data import generate_emt_dataset
 from fairchem_dens.testing import close_lmdb
+from tolerances import EMT_ROUNDED_POSITIONS_ENERGY_EV, EMT_ROUNDED_POSITIONS_FORCES_EV_PER_A
 
 TINY = {"n_systems": 3, "relax_frames": 2, "md_frames": 1}
 
@@ -101,8 +102,8 @@ def test_labels_are_emt_energies_and_unconstrained_forces(splits):
     atoms = Atoms(numbers=d.atomic_numbers.numpy(), positions=d.pos.double().numpy(), cell=d.cell[0].double().numpy(),
                   pbc=True)
     atoms.calc = EMT()
-    assert d.energy == pytest.approx(atoms.get_potential_energy(), abs=1e-4)
-    np.testing.assert_allclose(d.forces.numpy(), atoms.get_forces(), atol=1e-3)
+    assert d.energy == pytest.approx(atoms.get_potential_energy(), abs=EMT_ROUNDED_POSITIONS_ENERGY_EV)
+    np.testing.assert_allclose(d.forces.numpy(), atoms.get_forces(), atol=EMT_ROUNDED_POSITIONS_FORCES_EV_PER_A)
 
 
 def test_splits_are_by_system_and_holdout_only_in_ood(splits, emt_data):

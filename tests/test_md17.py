@@ -22,6 +22,7 @@ from fairchem.core.common.data_parallel import data_list_collater
 from fairchem_dens.datasets import md17
 from fairchem_dens.datasets.md17 import KCAL_PER_MOL_IN_EV, MD17FormatError, convert_md17
 from fairchem_dens.testing import read_lmdb
+from tolerances import F32_STORAGE_ULPS, F64_REL, F64_STATISTICS_REL, assert_ulps
 
 KCAL = units.kcal / units.mol
 
@@ -81,14 +82,14 @@ def test_sgdml_file_converts_to_ev_entries(tmp_path, frames):
         for d in data:
             i = int(d.sid)
             assert isinstance(d.energy, float) and int(d.fid) == 0
-            np.testing.assert_allclose(d.energy, frames["E_eV"][i], rtol=1e-6)
-            np.testing.assert_allclose(d.forces.numpy(), frames["F_eV"][i], rtol=1e-6, atol=1e-6)
-            np.testing.assert_allclose(d.pos.numpy(), frames["R"][i], atol=1e-6)
+            assert d.energy == pytest.approx(frames["E_eV"][i], rel=F64_REL)  # kcal/mol and back in float64
+            assert_ulps(d.forces, frames["F_eV"][i], F32_STORAGE_ULPS, what="forces")
+            assert_ulps(d.pos, frames["R"][i], F32_STORAGE_ULPS, what="positions")
             assert d.forces.dtype == torch.float32
             assert d.atomic_numbers.tolist() == frames["z"].tolist() and int(d.natoms) == 5
             assert d.tags.tolist() == [1] * 5 and d.fixed.tolist() == [0] * 5
             assert d.pbc.shape == (1, 3) and not d.pbc.any()
-            assert d.cell.shape == (1, 3, 3) and torch.allclose(d.cell[0], 50.0 * torch.eye(3))
+            assert d.cell.shape == (1, 3, 3) and torch.equal(d.cell[0], 50.0 * torch.eye(3))
     assert sizes == {"train": 20, "val": 5, "test": 15}
     (tmp_path / "plain").mkdir()  # the output folder gets the permissions of an ordinary mkdir
     assert (tmp_path / "out").stat().st_mode == (tmp_path / "plain").stat().st_mode
@@ -106,7 +107,7 @@ def test_rmd17_layout_gives_the_same_entries(tmp_path, frames):
     for split in ("train", "val", "test"):
         for x, y in zip(entries(sgdml[split]), entries(rmd17[split]), strict=True):
             assert int(x.sid) == int(y.sid)  # frame index in the file, not old_indices
-            assert x.energy == pytest.approx(y.energy, rel=1e-12) and torch.equal(x.forces, y.forces)
+            assert x.energy == y.energy and torch.equal(x.forces, y.forces)  # the same arithmetic
     info = json.loads((tmp_path / "b" / "md17_info.json").read_text())
     assert info["format"] == "rmd17" and info["molecule"] == "rmd17_methane"
 
@@ -140,9 +141,10 @@ def test_default_split_is_950_50_rest(tmp_path, frames):
     info = json.loads((tmp_path / "out" / "md17_info.json").read_text())
     train_e = frames["E_eV"][splits["train"]]
     stats = info["train_statistics"]
-    assert stats["energy_mean"] == pytest.approx(train_e.mean(), rel=1e-9)
-    assert stats["energy_std"] == pytest.approx(train_e.std(), rel=1e-9)
-    assert stats["forces_rmsd"] == pytest.approx(np.sqrt(np.mean(frames["F_eV"][splits["train"]] ** 2)), rel=1e-9)
+    assert stats["energy_mean"] == pytest.approx(train_e.mean(), rel=F64_STATISTICS_REL)
+    assert stats["energy_std"] == pytest.approx(train_e.std(), rel=F64_STATISTICS_REL)
+    assert stats["forces_rmsd"] == pytest.approx(np.sqrt(np.mean(frames["F_eV"][splits["train"]] ** 2)),
+                                                 rel=F64_STATISTICS_REL)
 
 
 def test_info_records_provenance_and_units(tmp_path, frames):

@@ -10,6 +10,7 @@ from fairchem_dens.testing import fairchem_trainer, mixed_dens_batch
 from fairchem_dens.trainers.dens import DeNSTrainer, NonFiniteLossError
 
 from conftest import QUICKSTART, data_overrides
+from tolerances import ELEMENTWISE_ULPS, F32_STORAGE_REL, FIT_STATISTICS_REL, LOSS_REL, assert_ulps
 
 DENS_YML = QUICKSTART / "eqv2_dens_tiny.yml"
 
@@ -40,7 +41,7 @@ def test_trainer_class_and_task_name(trainer_ctx):
     assert isinstance(trainer, DeNSTrainer)
     assert trainer.name == "s2ef"  # predictions go to s2ef_predictions.npz
     assert trainer.config["trainer"] == "forces"  # checkpoints reload in a plain trainer
-    assert trainer.normalizers["denoising_pos_target"].rmsd.item() == pytest.approx(0.05)
+    assert trainer.normalizers["denoising_pos_target"].rmsd.item() == pytest.approx(0.05, rel=F32_STORAGE_REL)
 
 
 def test_corruption_moves_only_masked_free_atoms(trainer_ctx):
@@ -52,7 +53,7 @@ def test_corruption_moves_only_masked_free_atoms(trainer_ctx):
     moved = (batch.pos - clean.pos).norm(dim=-1) > 0
     assert torch.equal(moved, batch.noise_mask)
     assert not moved[clean.fixed == 1].any()
-    assert torch.allclose(batch.pos - clean.pos, batch.noise_vec, atol=1e-5)
+    assert_ulps(batch.pos - clean.pos, batch.noise_vec, ELEMENTWISE_ULPS, scale=clean.pos.abs().max(), what="noise")
     assert torch.equal(batch.forces, clean.forces)  # original forces stay the targets
 
 
@@ -69,7 +70,7 @@ def test_hybrid_loss_has_original_semantics(trainer_ctx):
     target = torch.where(mask.view(-1, 1), noise_target, force_target)
     weight = torch.where(mask, torch.tensor(10.0), torch.tensor(100.0))
     hybrid = (weight * (out["forces"] - target).norm(dim=-1))[free].mean()
-    assert loss.item() == pytest.approx((energy_term + hybrid).item(), rel=1e-5)
+    assert loss.item() == pytest.approx((energy_term + hybrid).item(), rel=LOSS_REL)
 
 
 @pytest.mark.parametrize("trainer_ctx", [["--optim.denoising_pos_params.corrupt_ratio=None"]], indirect=True)
@@ -82,7 +83,7 @@ def test_full_corruption_loss_uses_lambda_d_only(trainer_ctx):
     energy_target = trainer.normalizers["energy"].norm(batch.energy.view(-1, 1))
     energy_term = 2 * (out["energy"].view(-1, 1) - energy_target).abs().mean()
     noise_term = 10 * (out["forces"] - batch.noise_vec / 0.05)[free].norm(dim=-1).mean()
-    assert loss.item() == pytest.approx((energy_term + noise_term).item(), rel=1e-5)
+    assert loss.item() == pytest.approx((energy_term + noise_term).item(), rel=LOSS_REL)
 
 
 def test_s2ef_loss_is_fairchems(trainer_ctx):
@@ -95,7 +96,7 @@ def test_s2ef_loss_is_fairchems(trainer_ctx):
     assert not is_dens_batch(batch)
     ours = trainer._compute_loss(out, batch)
     fairchem_loss = super(DeNSTrainer, trainer)._compute_loss(out, batch)
-    assert ours.item() == pytest.approx(fairchem_loss.item(), rel=1e-6)
+    assert ours.item() == pytest.approx(fairchem_loss.item(), rel=LOSS_REL)
 
 
 def test_denoising_metrics_in_physical_units(trainer_ctx):
@@ -105,10 +106,10 @@ def test_denoising_metrics_in_physical_units(trainer_ctx):
     assert set(metrics) == {"denoising_energy_mae", "denoising_pos_mae", "denoising_force_mae"}
     free, mask = batch.fixed == 0, batch.noise_mask
     pos_mae = (out["forces"].detach() * 0.05 - batch.noise_vec)[mask & free].abs().mean()
-    assert metrics["denoising_pos_mae"]["metric"] == pytest.approx(pos_mae.item(), rel=1e-5)
+    assert metrics["denoising_pos_mae"]["metric"] == pytest.approx(pos_mae.item(), rel=LOSS_REL)
     forces = trainer.normalizers["forces"].denorm(out["forces"].detach())
     force_mae = (forces - batch.forces)[~mask & free].abs().mean()
-    assert metrics["denoising_force_mae"]["metric"] == pytest.approx(force_mae.item(), rel=1e-5)
+    assert metrics["denoising_force_mae"]["metric"] == pytest.approx(force_mae.item(), rel=LOSS_REL)
 
 
 def test_non_finite_terms_are_named(trainer_ctx):
@@ -148,7 +149,7 @@ def test_linear_decay_weighs_the_denoising_term(trainer_ctx):
     batch, out = corrupted_forward(trainer)
     trainer.epoch = trainer.config["optim"]["max_epochs"] / 4
     expected = energy_term(trainer, out, batch) + hand_hybrid(trainer, out, batch, weight_d=7.5)
-    assert trainer._compute_loss(out, batch).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert trainer._compute_loss(out, batch).item() == pytest.approx(expected.item(), rel=LOSS_REL)
 
 
 def test_half_precision_predictions_are_reduced_in_float32(trainer_ctx):
@@ -158,7 +159,7 @@ def test_half_precision_predictions_are_reduced_in_float32(trainer_ctx):
     loss = trainer._compute_loss(half, batch)
     assert loss.dtype == torch.float32
     as_float = {k: v.float() for k, v in half.items()}  # the same (rounded) values, in float32
-    assert loss.item() == pytest.approx(trainer._compute_loss(as_float, batch).item(), rel=1e-6)
+    assert loss.item() == pytest.approx(trainer._compute_loss(as_float, batch).item(), rel=LOSS_REL)
 
 
 def test_another_force_fn_keeps_one_form_in_every_batch_kind(emt_data, tmp_path):
@@ -177,14 +178,14 @@ def one_form_with_mae(trainer):
     assert trainer.loss_functions[1][1]["fn"].loss_fn.__class__.__name__ == "MAELoss"
     batch, out = corrupted_forward(trainer)
     expected = energy_term(trainer, out, batch) + hand_hybrid(trainer, out, batch, fn="mae")
-    assert trainer._compute_loss(out, batch).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert trainer._compute_loss(out, batch).item() == pytest.approx(expected.item(), rel=LOSS_REL)
     # full corruption: the same rule with every counted atom weighted by lambda_D
     batch.noise_mask = batch.fixed == 0
     expected = energy_term(trainer, out, batch) + hand_hybrid(trainer, out, batch, fn="mae")
     free = batch.fixed == 0
     full = 10 * (out["forces"] - batch.noise_vec / 0.05)[free].abs().mean()
-    assert expected.item() == pytest.approx((energy_term(trainer, out, batch) + full).item(), rel=1e-6)
-    assert trainer._compute_loss(out, batch).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert expected.item() == pytest.approx((energy_term(trainer, out, batch) + full).item(), rel=LOSS_REL)
+    assert trainer._compute_loss(out, batch).item() == pytest.approx(expected.item(), rel=LOSS_REL)
 
 
 @pytest.mark.parametrize("trainer_ctx", [["--outputs.forces.train_on_free_atoms=False",
@@ -194,13 +195,13 @@ def test_all_atoms_count_without_free_atom_training(trainer_ctx):
     batch, out = corrupted_forward(trainer)
     everyone = torch.ones_like(batch.noise_mask)
     expected = energy_term(trainer, out, batch) + hand_hybrid(trainer, out, batch, atoms=everyone)
-    assert trainer._compute_loss(out, batch).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert trainer._compute_loss(out, batch).item() == pytest.approx(expected.item(), rel=LOSS_REL)
     metrics = trainer._compute_metrics(out, batch, trainer.evaluator, {})
     forces = trainer.normalizers["forces"].denorm(out["forces"].detach())
     clean = ~batch.noise_mask  # fixed atoms are never corrupted: they count as clean atoms here
     assert bool((clean & (batch.fixed == 1)).any())
     force_mae = (forces - batch.forces)[clean].abs().mean()
-    assert metrics["denoising_force_mae"]["metric"] == pytest.approx(force_mae.item(), rel=1e-5)
+    assert metrics["denoising_force_mae"]["metric"] == pytest.approx(force_mae.item(), rel=LOSS_REL)
     assert metrics["denoising_force_mae"]["numel"] == 3 * int(clean.sum())
 
 
@@ -218,7 +219,7 @@ def test_excluded_outputs_leave_out_corrupted_structures_only(trainer_ctx):
     forces_term = hand_hybrid(trainer, out, batch)
     expected = energy_term(trainer, out, batch, structures=~corrupted) + forces_term
     loss = trainer._compute_loss(out, batch)
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(expected.item(), rel=LOSS_REL)
     # clean structures keep their energy gradient, corrupted ones get none from the energy term
     energy = out["energy"]
     grad = torch.autograd.grad(loss, energy, retain_graph=True)[0].view(-1)
@@ -227,7 +228,7 @@ def test_excluded_outputs_leave_out_corrupted_structures_only(trainer_ctx):
     assert "denoising_energy_mae" not in metrics
     energies = trainer.normalizers["energy"].denorm(energy.detach().view(-1))
     clean_mae = (energies - batch.energy.view(-1))[~corrupted].abs().mean()
-    assert metrics["energy_mae"]["metric"] == pytest.approx(clean_mae.item(), rel=1e-5)
+    assert metrics["energy_mae"]["metric"] == pytest.approx(clean_mae.item(), rel=LOSS_REL)
     assert metrics["energy_mae"]["numel"] == int((~corrupted).sum())
     assert free.any()
 
@@ -267,7 +268,7 @@ def test_validation_and_prediction_never_corrupt(trainer_ctx):
     # on corrupted copies, with a fixed seed: the same numbers twice
     assert {"denoising_pos_mae", "denoising_energy_mae"} <= set(metrics)
     again = trainer.validate_denoising("val")
-    assert again["denoising_pos_mae"]["metric"] == pytest.approx(metrics["denoising_pos_mae"]["metric"])
+    assert again["denoising_pos_mae"]["metric"] == metrics["denoising_pos_mae"]["metric"]
     seen.clear()
     trainer.predict(trainer.test_loader, results_file="predictions", disable_tqdm=True)
     assert seen and not any(seen)
@@ -316,12 +317,12 @@ def test_separate_means_loss_form_of_the_md17_recipe(trainer_ctx):
     force_target = trainer.normalizers["forces"].norm(batch.forces)
     force_term = (out["forces"] - force_target).norm(dim=-1)[free & ~mask].mean()
     expected = energy_term(trainer, out, batch) + 10 * noise_term + 100 * force_term
-    assert trainer._compute_loss(out, batch).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert trainer._compute_loss(out, batch).item() == pytest.approx(expected.item(), rel=LOSS_REL)
     # a batch without corrupted atoms: the noise term is dropped, not NaN
     clean = first_batch(trainer)
     out = trainer._forward(clean)
     fairchem_loss = super(DeNSTrainer, trainer)._compute_loss(out, clean)
-    assert trainer._compute_loss(out, clean).item() == pytest.approx(fairchem_loss.item(), rel=1e-6)
+    assert trainer._compute_loss(out, clean).item() == pytest.approx(fairchem_loss.item(), rel=LOSS_REL)
 
 
 def _train_labels(trainer, name):
@@ -334,9 +335,9 @@ def test_force_normalizer_can_take_the_energy_std(trainer_ctx):
     # SPEC A.12: the MD17 code divides forces by the training-set energy std.
     trainer = trainer_ctx.trainer
     energies = _train_labels(trainer, "energy")
-    assert trainer.normalizers["forces"].rmsd.item() == pytest.approx(energies.std().item(), rel=1e-5)
+    assert trainer.normalizers["forces"].rmsd.item() == pytest.approx(energies.std().item(), rel=FIT_STATISTICS_REL)
     assert trainer.normalizers["forces"].mean.item() == 0.0
-    assert trainer.normalizers["energy"].rmsd.item() == pytest.approx(energies.std().item(), rel=1e-5)
+    assert trainer.normalizers["energy"].rmsd.item() == pytest.approx(energies.std().item(), rel=FIT_STATISTICS_REL)
     force_rms = _train_labels(trainer, "forces").pow(2).mean().sqrt().item()
     assert abs(force_rms - energies.std().item()) > 0.1 * force_rms  # the tie changed the value
     # the saved config still says where the value came from
@@ -344,7 +345,7 @@ def test_force_normalizer_can_take_the_energy_std(trainer_ctx):
     assert fit["override_values"]["forces"] == {"mean": 0.0, "rmsd": "energy"}
     batch = first_batch(trainer)
     target = trainer.normalizers["forces"].norm(batch.forces)
-    assert torch.allclose(target, batch.forces / energies.std().float(), rtol=1e-4)
+    assert torch.allclose(target, batch.forces / energies.std().float(), rtol=FIT_STATISTICS_REL, atol=0)
     # fairchem's normalizers.pt beside the checkpoints holds the tied value too
     saved = torch.load(trainer.config["cmd"]["checkpoint_dir"] + "/normalizers.pt", weights_only=False)
     assert saved["forces"].rmsd.item() == trainer.normalizers["forces"].rmsd.item()
@@ -362,7 +363,7 @@ def test_an_included_tie_can_be_undone_from_the_command_line(emt_data, tmp_path)
         squares = _train_labels(ctx.trainer, "forces").pow(2).sum().item()
         atoms = sum(len(ctx.trainer.train_dataset[i].forces) for i in range(len(ctx.trainer.train_dataset)))
         # fairchem's own fit: rms of the per-atom force vector, with its n - 1 quirk
-        assert ctx.trainer.normalizers["forces"].rmsd.item() == pytest.approx((squares / (atoms - 1)) ** 0.5, rel=1e-4)
+        assert ctx.trainer.normalizers["forces"].rmsd.item() == pytest.approx((squares / (atoms - 1)) ** 0.5, rel=FIT_STATISTICS_REL)
 
 
 @pytest.mark.parametrize("source", ["stress", "forces"])

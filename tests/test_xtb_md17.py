@@ -22,6 +22,7 @@ from ase.build import molecule
 from fairchem_dens.datasets.md17 import KCAL_PER_MOL_IN_EV
 from fairchem_dens.quickstart import configs_dir, fairchem_command
 from fairchem_dens.testing import read_lmdb
+from tolerances import F32_STORAGE_ULPS, F64_REL, XTB_SCF_ENERGY_EV, XTB_SCF_FORCES_EV_PER_A, assert_ulps
 
 # find_spec, not importorskip: importing tblite after torch clashes over libgomp.
 pytestmark = pytest.mark.skipif(find_spec("tblite") is None, reason="make-xtb-md17 needs tblite (./dens.sh installs it)")
@@ -77,8 +78,8 @@ def test_trajectory_has_md17_layout_and_units(trajectory):
     # SCF from the previous frame's wavefunction; a unit slip would be a factor of 23).
     for frame in (0, FRAMES - 1):
         energy_ev, forces_ev = _single_point_ev(arrays["z"], arrays["R"][frame])
-        assert arrays["E"][frame, 0] * KCAL_PER_MOL_IN_EV == pytest.approx(energy_ev, abs=1e-4)
-        np.testing.assert_allclose(arrays["F"][frame] * KCAL_PER_MOL_IN_EV, forces_ev, atol=1e-3)
+        assert arrays["E"][frame, 0] * KCAL_PER_MOL_IN_EV == pytest.approx(energy_ev, abs=XTB_SCF_ENERGY_EV)
+        np.testing.assert_allclose(arrays["F"][frame] * KCAL_PER_MOL_IN_EV, forces_ev, atol=XTB_SCF_FORCES_EV_PER_A)
     # A thermal trajectory: frames differ, bonds stay intact (C-C bond near 1.5 Å).
     assert np.abs(np.diff(arrays["R"], axis=0)).max() > 1e-3
     carbon_carbon = np.linalg.norm(arrays["R"][:, 0] - arrays["R"][:, 1], axis=-1)
@@ -97,9 +98,9 @@ def test_md17_to_lmdb_reads_it(trajectory, tmp_path):
     assert sorted(int(e.sid) for e in entries) == list(range(FRAMES))
     for entry in entries:
         frame = int(entry.sid)
-        assert float(entry.energy) == pytest.approx(energies[frame] * units.kcal / units.mol, abs=1e-5)
-        np.testing.assert_allclose(entry.forces.numpy(), forces[frame] * units.kcal / units.mol, atol=1e-5)
-        np.testing.assert_allclose(entry.pos.numpy(), positions[frame], atol=1e-5)
+        assert float(entry.energy) == pytest.approx(energies[frame] * units.kcal / units.mol, rel=F64_REL)
+        assert_ulps(entry.forces, forces[frame] * units.kcal / units.mol, F32_STORAGE_ULPS, what="forces")
+        assert_ulps(entry.pos, positions[frame], F32_STORAGE_ULPS, what="positions")
 
 
 def test_small_data_recipe_trains_on_it(trajectory, tmp_path):
