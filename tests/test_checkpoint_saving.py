@@ -17,6 +17,7 @@ from fairchem_dens.quickstart import fairchem_command
 from fairchem_dens.testing import fairchem_trainer
 
 from conftest import QUICKSTART, data_overrides
+from tolerances import F64_REL
 
 NO_CHECKPOINTS = ["--optim.max_epochs=1", "--optim.eval_every=100000", "--optim.checkpoint_every=100000"]
 
@@ -27,7 +28,6 @@ HANGING_SAVE = """
 import os, sys, time
 from pathlib import Path
 import torch
-from tolerances import F64_REL
 
 real_save, calls = torch.save, []
 

@@ -138,7 +138,8 @@ def test_conversion_rewrites_config_and_normalizers():
     assert config["model"]["backbone"]["avg_num_nodes"] == 77.81317  # the original class default, as written
     assert "model_attributes" not in config and "use_tp_reparam" not in config["model"]["backbone"]
     assert set(converted["normalizers"]["denoising_pos_target"]) == {"mean", "rmsd"}
-    assert converted["normalizers"]["denoising_pos_target"]["rmsd"].item() == pytest.approx(0.1, rel=F32_STORAGE_REL)  # a float32 tensor
+    rmsd = converted["normalizers"]["denoising_pos_target"]["rmsd"]
+    assert rmsd.item() == pytest.approx(0.1, rel=F32_STORAGE_REL)  # a float32 tensor
     assert "optimizer" not in converted and converted["step"] == 2
 
 

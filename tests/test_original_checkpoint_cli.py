@@ -66,7 +66,8 @@ def config_for(name, data_folder, path):
     return path
 
 
-@pytest.mark.parametrize(("name", "atol"), [("eqv2_dens", EQV2_OTHER_SEED_ATOL_EV), ("escn_dens", ESCN_OTHER_SEED_ATOL_EV)])
+@pytest.mark.parametrize(("name", "atol"), [("eqv2_dens", EQV2_OTHER_SEED_ATOL_EV),
+                                            ("escn_dens", ESCN_OTHER_SEED_ATOL_EV)])
 def test_predict_from_an_original_checkpoint(tmp_path, name, atol):
     folder, tensors = fixture_lmdb(tmp_path / "data")
     config = config_for(name, folder, tmp_path / "config.yml")
