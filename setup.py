@@ -14,6 +14,8 @@ setup(
     license="MIT",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["fairchem_dens", "fairchem_dens.*"]),
+    # The configs and the example trajectory ship with the package (fairchem_dens.resources).
+    package_data={"fairchem_dens": ["configs/**/*.yml", "examples/*.npz", "examples/*.md"]},
     install_requires=[
         "fairchem-core==1.10.0",
         # fairchem-core 1.10 imports scipy.special.sph_harm, removed in SciPy 1.15.

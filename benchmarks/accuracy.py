@@ -16,7 +16,8 @@ import statistics
 from pathlib import Path
 
 from fairchem_dens.datasets.emt_data import generate_emt_dataset
-from fairchem_dens.quickstart import configs_dir, fairchem_command, prediction_errors, run_logged
+from fairchem_dens.quickstart import fairchem_command, prediction_errors, run_logged
+from fairchem_dens.resources import configs_dir
 
 P = "--optim.denoising_pos_params."
 VARIANTS = {

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from fairchem_dens.datasets.emt_bulk import generate_bulk_dataset
-from fairchem_dens.quickstart import configs_dir, fairchem_command
+from fairchem_dens.quickstart import fairchem_command
+from fairchem_dens.resources import configs_dir
 
 CONFIG = "quickstart/eqv2_dens_bulk_tiny.yml"
 VARIANTS = {"EquiformerV2 + stress head": ["--optim.use_denoising_pos=False"], "+ DeNS": []}

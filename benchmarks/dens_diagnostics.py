@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from fairchem_dens.batch import corrupted_atoms
-from fairchem_dens.quickstart import configs_dir
+from fairchem_dens.resources import configs_dir
 from fairchem_dens.testing import corrupt_like_trainer, fairchem_trainer
 
 RECIPE = "md17/xtb_small_data.yml"

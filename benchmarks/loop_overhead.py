@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from fairchem_dens.datasets.emt_data import generate_emt_dataset
-from fairchem_dens.quickstart import configs_dir
+from fairchem_dens.resources import configs_dir
 from fairchem_dens.testing import fairchem_trainer, write_variant
 
 QUICK = configs_dir() / "quickstart"

@@ -30,7 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fairchem_dens.quickstart import configs_dir, train_and_test
+from fairchem_dens.quickstart import train_and_test
+from fairchem_dens.resources import configs_dir
 
 P = "--optim.denoising_pos_params."
 RECIPE = "md17/xtb_small_data.yml"

@@ -24,7 +24,8 @@ from datetime import datetime
 from pathlib import Path
 
 from fairchem_dens.datasets.emt_data import generate_emt_dataset
-from fairchem_dens.quickstart import configs_dir, fairchem_command
+from fairchem_dens.quickstart import fairchem_command
+from fairchem_dens.resources import configs_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # config, extra flags (the port refuses keys it does not know)

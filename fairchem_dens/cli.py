@@ -24,6 +24,21 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configs(args: argparse.Namespace) -> int:
+    from fairchem_dens.resources import configs_dir, copy_configs
+
+    if args.copy is None:
+        print(configs_dir())
+        return 0
+    try:
+        target = copy_configs(Path(args.copy), overwrite=args.overwrite)
+    except FileExistsError as error:
+        raise SystemExit(f"configs: {error}") from error
+    print(f"copied the shipped configs to {target}; e.g. fairchem --mode train --config-yml "
+          f"{target / 'quickstart' / 'eqv2_dens_tiny.yml'} --cpu")
+    return 0
+
+
 def _make_emt_data(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not args.overwrite:
@@ -184,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (default: 0 1)")
     quick.add_argument("--jobs", type=int, default=None, help="runs at a time (default: 2 on 2+ cores)")
     quick.set_defaults(func=_quickstart)
+
+    configs = commands.add_parser(
+        "configs", help="print where the shipped configs are, or copy them (--copy DIR) to run or edit them"
+    )
+    configs.add_argument("--copy", metavar="DIR", default=None,
+                         help="copy the configs tree to DIR (e.g. `--copy configs` for the README's commands)")
+    configs.add_argument("--overwrite", action="store_true", help="with --copy: replace configs already in DIR")
+    configs.set_defaults(func=_configs)
 
     emt = commands.add_parser("make-emt-data", help="write the EMT example data (OC20-like slabs, or --bulk) as fairchem datasets")
     emt.add_argument("out", help="output folder (one sub-folder per split)")

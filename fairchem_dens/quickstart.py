@@ -26,8 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["QuickstartRun", "run_quickstart", "train_and_test", "run_logged", "configs_dir", "fairchem_command",
-           "prediction_errors", "example_trajectory"]
+from fairchem_dens.resources import configs_dir, example_trajectory
+
+__all__ = ["QuickstartRun", "run_quickstart", "train_and_test", "run_logged", "fairchem_command",
+           "prediction_errors"]
 
 RECIPE = "md17/xtb_small_data.yml"
 #: Variant -> (label, fairchem overrides of the recipe, which trains with DeNS).
@@ -39,31 +41,12 @@ BATCH_SIZE = 8  # the recipe's
 EXAMPLE_TRAIN_FRAMES = 950  # the Equiformer MD17 split; 50 validation and 500 test frames remain
 
 
-def configs_dir() -> Path:
-    """The shipped ``configs/`` folder (override with ``FAIRCHEM_DENS_CONFIGS``)."""
-    folder = Path(os.environ.get("FAIRCHEM_DENS_CONFIGS", Path(__file__).resolve().parents[1] / "configs"))
-    if not (folder / "quickstart").is_dir():
-        raise FileNotFoundError(
-            f"shipped configs not found at {folder}: run from a checkout installed with "
-            "`pip install -e .`, or set FAIRCHEM_DENS_CONFIGS to the repository's configs/ folder"
-        )
-    return folder
-
-
 def fairchem_command() -> list[str]:
     """fairchem's own command line, from the same environment as this interpreter."""
     script = Path(sys.executable).parent / "fairchem"
     if script.exists():
         return [str(script)]
     return [sys.executable, "-c", "from fairchem.core._cli import main; main()"]
-
-
-def example_trajectory() -> Path:
-    """The shipped GFN2-xTB ethanol trajectory (MD17 sGDML layout, 1500 frames)."""
-    path = configs_dir().parent / "examples" / "ethanol_gfn2xtb_500K.npz"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: the quickstart runs from a checkout of fairchem-dens")
-    return path
 
 
 _VAL = re.compile(r"energy_mae: ([0-9.e+-]+), forces_mae: ([0-9.e+-]+), loss: [0-9.e+-]+, epoch: ([0-9.e+-]+)")

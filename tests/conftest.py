@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fairchem_dens.resources import configs_dir
 from fairchem_dens.testing import batch_from_tensors
 
 DATA = Path(__file__).parent / "data"
@@ -47,7 +48,7 @@ def bulk_overrides(tmp_path_factory) -> list[str]:
     return [f"--dataset.{split}.src={bulk['aselmdb'][split]}" for split in ("train", "val", "test")]
 
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = configs_dir()  # the shipped package data (the checkout's configs/ links to it)
 QUICKSTART = CONFIGS / "quickstart"
 
 

@@ -10,10 +10,11 @@ import pytest
 from fairchem.core.common.utils import load_config
 
 from fairchem_dens.noise import DeNSConfig
+from fairchem_dens.resources import configs_dir
 from fairchem_dens.testing import TINY_EQV2_BACKBONE, TINY_ESCN_BACKBONE, TINY_ESEN_BACKBONE, build_model
 from tolerances import F64_REL
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = configs_dir()  # the shipped package data (the checkout's configs/ links to it)
 SHIPPED = sorted(p for p in CONFIGS.rglob("*.yml") if not p.name.startswith("_"))
 
 # Published settings (SPEC F.1): lr, epochs, warmup, lambda_E, lambda_F, prob, std, corrupt, lambda_D, layers, lmax, mmax.

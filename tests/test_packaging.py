@@ -1,12 +1,18 @@
-"""What setup.py declares: every third-party module the package imports, and the README it cites."""
+"""What setup.py declares (every third-party module imported, the README it cites) and what a wheel install holds."""
 
 from __future__ import annotations
 
 import ast
+import json
+import os
 import re
+import shutil
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,3 +73,56 @@ def test_readme_sections_cited_in_setup_py_exist():
     headings = set(re.findall(r"^#+ (.+)$", (ROOT / "README.md").read_text(), flags=re.M))
     cited = re.findall(r'README "([^"]+)"', (ROOT / "setup.py").read_text())
     assert cited and not set(cited) - headings, f"setup.py cites {cited}; README headings: {sorted(headings)}"
+
+
+def test_a_wheel_install_has_its_configs_and_runs_the_quickstart(tmp_path):
+    """A user install: the wheel, installed away from the checkout, finds its configs and example data."""
+    source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
+    shutil.copytree(ROOT / "fairchem_dens", source / "fairchem_dens",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("setup.py", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", source],
+                   check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("fairchem_dens-*.whl")
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", site, wheel], check=True,
+                   capture_output=True)
+    user = tmp_path / "user"  # an empty folder: no checkout anywhere on the path
+    user.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONNOUSERSITE": "1"}
+
+    def run(*command: str) -> str:
+        result = subprocess.run(command, cwd=user, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, (command, (result.stdout + result.stderr)[-3000:])
+        return result.stdout
+
+    where = run(sys.executable, "-c", "import fairchem_dens.resources as r; print(r.__file__); print(r.configs_dir())")
+    assert all(line.startswith(str(site)) for line in where.split()), where  # the wheel's copy, not the checkout's
+    command = [sys.executable, "-m", "fairchem_dens.cli"]
+    run(*command, "configs", "--copy", "configs")
+    shipped = sorted(p.relative_to(ROOT / "configs") for p in (ROOT / "configs").rglob("*.yml"))
+    assert sorted(p.relative_to(user / "configs") for p in (user / "configs").rglob("*.yml")) == shipped
+    # a copied recipe with relative includes still loads
+    run(sys.executable, "-c", "from fairchem.core.common.utils import load_config; "
+        "load_config('configs/oc20/2M/escn/escn_dens_N@12_L@6_M@2_epochs@20.yml')")
+    run(*command, "quickstart", "--workdir", "qs", "--epochs", "1", "--frames", "8", "--seeds", "0", "--jobs", "2")
+    summary = json.loads((user / "qs" / "quickstart_results.json").read_text())
+    assert set(summary) >= {"plain-seed0", "dens-seed0"}
+    assert "denoising_pos_mae" in (user / "qs" / "runs" / "dens-seed0" / "train.log").read_text()
+
+
+def test_configs_copy_never_replaces_a_folder_without_overwrite(tmp_path, capsys):
+    from fairchem_dens import cli
+    from fairchem_dens.resources import configs_dir
+
+    assert cli.main(["configs"]) == 0 and capsys.readouterr().out.strip() == str(configs_dir())
+    target = tmp_path / "configs"
+    target.mkdir()
+    (target / "mine.yml").write_text("optim: {max_epochs: 1}\n")
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        cli.main(["configs", "--copy", str(target)])
+    assert [p.name for p in target.iterdir()] == ["mine.yml"]  # nothing written
+    assert cli.main(["configs", "--copy", str(target), "--overwrite"]) == 0
+    assert (target / "mine.yml").exists() and (target / "quickstart" / "eqv2_dens_tiny.yml").exists()

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import fairchem_dens
+from fairchem_dens.resources import configs_dir
 from fairchem_dens.submission import (
     SPLITS,
     TASK_KEYS,
@@ -29,7 +30,7 @@ from fairchem_dens.submission import (
 )
 from tolerances import F32_STORAGE_REL
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = configs_dir()  # the shipped package data (the checkout's configs/ links to it)
 
 
 # --------------------------------------------------------------------------- fixtures in fairchem's format

@@ -20,7 +20,8 @@ from ase import units
 from ase.build import molecule
 
 from fairchem_dens.datasets.md17 import KCAL_PER_MOL_IN_EV
-from fairchem_dens.quickstart import configs_dir, fairchem_command
+from fairchem_dens.quickstart import fairchem_command
+from fairchem_dens.resources import configs_dir
 from fairchem_dens.testing import read_lmdb
 from tolerances import F32_STORAGE_ULPS, F64_REL, XTB_SCF_ENERGY_EV, XTB_SCF_FORCES_EV_PER_A, assert_ulps
 
