@@ -54,8 +54,8 @@ VARIANTS: dict[str, list[str]] = {
     "dens_prob1.0": [f"{P}prob=1.0"],
 }
 # Force normalisation: the un-suffixed variants divide forces by their own fitted rmsd (the recipe
-# until the MD17 code's normalisation was added), `_enorm` by the training-set energy std (SPEC A.12,
-# the recipe since). Both are pinned here so stored runs stay reproducible.
+# until the MD17 code's normalisation was added), `_enorm` by the training-set energy std
+# (docs/algorithm.md#md17-recipe, the recipe since). Both are pinned here so stored runs stay reproducible.
 _FORCE_RMSD = "--dataset.train.transforms.normalizer.fit.targets.forces.rmsd="
 BASE = dict(VARIANTS)
 VARIANTS.update({f"{name}_enorm": [*flags, f"{_FORCE_RMSD}energy"] for name, flags in BASE.items()})

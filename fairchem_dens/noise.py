@@ -55,7 +55,7 @@ def _none_if_null(value: Any) -> Any:
 class DeNSConfig:
     """DeNS settings, read from the ``optim`` block of a fairchem config.
 
-    The published keys (SPEC D.3) keep their names; the additions of this
+    The published keys (docs/algorithm.md#settings-of-the-original-code) keep their names; the additions of this
     plugin are ``selection``, ``relaxation_only``, ``coefficient_schedule``,
     ``validate_denoising`` and ``validation_seed``.
 
@@ -303,7 +303,7 @@ class DeNSConfig:
 
     @property
     def target_std(self) -> float:
-        """sigma_N: the noise target is ``noise / target_std`` (SPEC A.7)."""
+        """sigma_N: the noise target is ``noise / target_std`` (docs/algorithm.md#targets-and-normalisation)."""
         return float(self.std if self.fixed_noise_std else self.std_high)
 
     def coefficient_at(self, epoch: float, max_epochs: float) -> float:
@@ -498,7 +498,7 @@ def corruption_mask(
 
     An atom is corrupted when its structure is selected, it is free (or
     ``all_atoms`` is set), and, with ``corrupt_ratio``, a uniform draw falls
-    below the ratio. Fixed atoms are never corrupted otherwise (SPEC decision 3).
+    below the ratio. Fixed atoms are never corrupted otherwise (docs/algorithm.md#fixed-atoms).
 
     Returns:
         Bool tensor ``[N]``.

@@ -17,7 +17,8 @@ from tolerances import F64_REL
 CONFIGS = configs_dir()  # the shipped package data (the checkout's configs/ links to it)
 SHIPPED = sorted(p for p in CONFIGS.rglob("*.yml") if not p.name.startswith("_"))
 
-# Published settings (SPEC F.1): lr, epochs, warmup, lambda_E, lambda_F, prob, std, corrupt, lambda_D, layers, lmax, mmax.
+# Published settings (docs/algorithm.md#oc20-and-oc22-recipes):
+# lr, epochs, warmup, lambda_E, lambda_F, prob, std, corrupt, lambda_D, layers, lmax, mmax.
 PUBLISHED = {
     "equiformer_dens_v2_N@12_L@6_M@2_lr@2e-4_epochs@12_std@0.1_gpus@16.yml":
         (2e-4, 12, 0.1, 2, 100, 0.5, 0.1, 0.5, 10, 12, 6, 2),
@@ -135,7 +136,7 @@ def test_published_oc22_recipe():
     assert train["transforms"]["normalizer"]["forces"]["rmsd"] == pytest.approx(0.14759646356105804, rel=F64_REL)
 
 
-MD17_TABLE = {  # SPEC A.12: lr, epochs, batch, w_E, w_F for L_max 2 and 3
+MD17_TABLE = {  # docs/algorithm.md#md17-recipe: lr, epochs, batch, w_E, w_F for L_max 2 and 3
     2: {"aspirin": (5e-4, 1500, 8, 1, 80), "benzene": (1e-4, 1500, 8, 1, 80), "ethanol": (5e-4, 1500, 8, 1, 80),
         "malonaldehyde": (5e-4, 1500, 8, 1, 100), "naphthalene": (5e-4, 1500, 8, 2, 20),
         "salicylic_acid": (5e-4, 1500, 8, 1, 80), "toluene": (5e-4, 1500, 8, 1, 80), "uracil": (5e-4, 1500, 8, 1, 20)},
@@ -161,7 +162,7 @@ def test_md17_recipes(path):
     molecule = path.stem
     toluene = molecule == "toluene"
     assert dens.selection == "structure" and dens.coefficient_schedule == "linear_decay"
-    assert dens.loss_form == "separate_means"  # SPEC A.12
+    assert dens.loss_form == "separate_means"  # docs/algorithm.md#md17-recipe
     assert (dens.prob, dens.std) == ((0.125, 0.025) if toluene else (0.25, 0.05))
     assert (dens.corrupt_ratio, dens.coefficient, dens.fixed_noise_std) == (0.25, 5.0, True)
     lmax = 3 if "lmax3" in str(path) else 2
@@ -180,7 +181,8 @@ def test_md17_recipes(path):
     assert config["dataset"]["train"]["transforms"]["normalizer"]["fit"]["targets"]["forces"] == {"mean": 0.0, "rmsd": "energy"}
 
 
-# fairchem 1.10's configs/omat24/mptrj/eqV2_*_dens_mptrj.yml (SPEC F.2): layers, lmax, mmax, lambda_E, batch
+# fairchem 1.10's configs/omat24/mptrj/eqV2_*_dens_mptrj.yml (docs/algorithm.md#mptrj-recipes):
+# layers, lmax, mmax, lambda_E, batch
 MPTRJ = {"eqV2_31M_dens_mptrj.yml": (8, 4, 2, 5, 4), "eqV2_86M_dens_mptrj.yml": (10, 6, 4, 2.5, 8),
          "eqV2_153M_dens_mptrj.yml": (20, 6, 3, 2.5, 8)}
 
@@ -211,7 +213,7 @@ def test_mptrj_recipes_really_denoise_with_the_published_values(name):
 def test_mptrj_31m_has_the_released_size():
     config = full_config(CONFIGS / "mptrj" / "equiformer_v2" / "eqV2_31M_dens_mptrj.yml")
     model = build_model(config["model"])
-    # SPEC F.2: 34.34M parameters in fairchem's port, noise and stress heads included
+    # docs/algorithm.md#mptrj-recipes: 34.34M parameters in fairchem's port, noise and stress heads included
     assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(34.34, abs=0.01)  # the paper's 2 decimals
 
 

@@ -127,7 +127,7 @@ def test_non_finite_terms_are_named(trainer_ctx):
 
 
 def hand_hybrid(trainer, out, batch, weight_d=10.0, weight_f=100.0, atoms=None, fn="l2mae"):
-    """SPEC A.9's partial-corruption term, by hand; ``fn`` applied per atom (mae: per component)."""
+    """The partial-corruption term of docs/algorithm.md#loss, by hand; ``fn`` applied per atom (mae: per component)."""
     mask = batch.noise_mask
     atoms = batch.fixed == 0 if atoms is None else atoms
     target = torch.where(mask.view(-1, 1), batch.noise_vec / 0.05, trainer.normalizers["forces"].norm(batch.forces))
@@ -332,7 +332,7 @@ def _train_labels(trainer, name):
 @pytest.mark.parametrize("trainer_ctx", [["--dataset.train.transforms.normalizer.fit.targets.forces.rmsd=energy"]],
                          indirect=True)
 def test_force_normalizer_can_take_the_energy_std(trainer_ctx):
-    # SPEC A.12: the MD17 code divides forces by the training-set energy std.
+    # docs/algorithm.md#md17-recipe: the MD17 code divides forces by the training-set energy std.
     trainer = trainer_ctx.trainer
     energies = _train_labels(trainer, "energy")
     assert trainer.normalizers["forces"].rmsd.item() == pytest.approx(energies.std().item(), rel=FIT_STATISTICS_REL)

@@ -124,7 +124,7 @@ def dens_force_output(
     noise_block: nn.Module,
     training: bool,
 ) -> torch.Tensor:
-    """The single ``forces`` output of a DeNS force head (SPEC A.7).
+    """The single ``forces`` output of a DeNS force head (docs/algorithm.md#noise-head-and-the-forces-output).
 
     Noise predictions on corrupted atoms (all atoms without a ``noise_mask``),
     force predictions elsewhere. Each block computes only the atoms whose output is

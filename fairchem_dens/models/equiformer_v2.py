@@ -65,7 +65,7 @@ class DeNSEquiformerV2Backbone(DeNSBackboneMixin, EquiformerV2Backbone):
     """fairchem's EquiformerV2 backbone plus DeNS force (and sigma) encoding.
 
     The encoding is added to the node embeddings after the atomic-number
-    embedding and before the transformer blocks (SPEC A.5). It is added through a
+    embedding and before the transformer blocks (docs/algorithm.md#force-encoding). It is added through a
     forward hook on ``edge_degree_embedding``, whose output the base class adds
     to the node embeddings at exactly that point, so the base ``forward`` runs
     unchanged.

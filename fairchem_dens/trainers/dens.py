@@ -7,7 +7,7 @@ What changes against fairchem's trainer:
   prediction and relaxations never see noise;
 * ``_compute_loss`` trains each output by its DeNS role (original / replaced /
   excluded, :mod:`fairchem_dens.trainers.output_policy`), with the denoising
-  term of the original implementation (SPEC A.9), and stops on a non-finite
+  term of the original implementation (docs/algorithm.md#loss), and stops on a non-finite
   prediction, target or term, naming it;
 * ``_compute_metrics`` reports ``denoising_*`` metrics for DeNS batches;
 * ``validate`` optionally adds denoising metrics under a fixed seed;
@@ -54,6 +54,7 @@ from fairchem_dens.batch import (
     structure_subset,
 )
 
+from fairchem_dens.files import replace_durably
 from fairchem_dens.models.checkpoints import (
     CheckpointMismatchError,
     checkpoint_family,
@@ -309,10 +310,8 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         path = super().save(metrics=metrics, checkpoint_file=partial, training_state=training_state)
         if path is None:
             return None
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
         final = os.path.join(os.path.dirname(path), checkpoint_file)
-        os.replace(path, final)
+        replace_durably(path, final)
         if training_state and checkpoint_file == "checkpoint.pt":
             self._saved_step = self.step
         return final
@@ -408,9 +407,10 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         on the normalised noise on corrupted atoms (weight lambda_D) and on the forces
         elsewhere (weight lambda_F) in one mean (``loss_form: hybrid``) or two
         (``separate_means``, the MD17 recipe), and excluded outputs leave out corrupted
-        structures. With ``l2mae`` forces this is SPEC A.9 / A.12 exactly; another force
-        ``fn`` (``mae``, ``mse``) is applied the same way per atom, so the loss keeps
-        its form between full, partial and S2EF batches.
+        structures. With ``l2mae`` forces this is docs/algorithm.md#loss (hybrid) and
+        docs/algorithm.md#md17-recipe (separate means) exactly; another force ``fn``
+        (``mae``, ``mse``) is applied the same way per atom, so the loss keeps its form
+        between full, partial and S2EF batches.
         """
         kind = batch_kind(batch)
         self._check_finite(out, batch, kind)

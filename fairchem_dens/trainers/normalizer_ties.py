@@ -1,6 +1,6 @@
 """One target's normaliser rmsd taken from another's fit: ``forces: {mean: 0.0, rmsd: energy}``.
 
-The MD17 DeNS code (SPEC A.12) divides the force targets by the training-set
+The MD17 DeNS code (docs/algorithm.md#md17-recipe) divides the force targets by the training-set
 *energy* std, not by a force rmsd of their own. fairchem's normaliser fit knows only
 numbers as overrides, so a target name given as ``rmsd`` inside
 ``dataset.train.transforms.normalizer.fit.targets`` is taken out before fairchem
