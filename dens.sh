@@ -24,32 +24,36 @@ if [[ -z "$WHEELS" && -d "$ROOT/../shared/wheels" ]]; then
   WHEELS="$(cd "$ROOT/../shared/wheels" && pwd)"
 fi
 
-# Everything the environment must hold; its hash marks a complete environment.
-REQUIREMENTS=(
-  "torch==2.4.1"
-  "fairchem-core==1.10.0"
-  "numpy<2"
-  "scipy<1.15"
-  "torch-geometric"
-  "e3nn"
-  "lmdb"
-  "submitit"
-  # fairchem 1.10's relaxation code implements the Optimizable API of ASE <= 3.24
-  "ase>=3.23,<3.25"
-  # .aselmdb files (MPtrj, OMat24) without ASE >= 3.25's database plugins
-  "ase-db-backends>=0.10"
-  # GFN2-xTB labels of `fairchem-dens make-xtb-md17`
-  "tblite"
-  "pytest"
-  "matplotlib"
-  "tensorboard"
-  "wheel"
-  "setuptools>=65"
-)
-SCATTER=("torch-scatter==2.1.2" "torch-sparse==0.6.18")
+# pyproject.toml is the one list of requirements; the environment gets the plugin with these extras.
+EXTRAS="test,xtb"
 STAMP="$ENV_DIR/.fairchem-dens-complete"
 PYG_TIMEOUT="${FAIRCHEM_DENS_PYG_TIMEOUT:-10}"
-WANT="$(printf '%s\n' "${REQUIREMENTS[@]}" "${SCATTER[@]}" | sha256sum | cut -c1-16)"
+
+pyproject() {
+  # `pyproject PYTHON hash`: a hash of what pyproject.toml asks the environment to hold (the
+  # requirements, extras and scripts, not the package's own version: a release need not reinstall);
+  # `pyproject PYTHON build`: the build requirements; `pyproject PYTHON requirement NAME...`: those
+  # dependencies as written there. tomllib needs Python 3.11.
+  "$1" - "$ROOT/pyproject.toml" "$EXTRAS" "${@:2}" <<'PY'
+import hashlib, json, re, sys, tomllib
+path, extras, what, *names = sys.argv[1:]
+with open(path, "rb") as file:
+    config = tomllib.load(file)
+project = config["project"]
+if what == "hash":
+    keys = ("requires-python", "dependencies", "optional-dependencies", "scripts")
+    wanted = [extras, config["build-system"], *(project[key] for key in keys)]
+    print(hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:16])
+elif what == "build":
+    print("\n".join(config["build-system"]["requires"]))
+else:
+    by_name = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0]: r for r in project["dependencies"]}
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        sys.exit(f"{path}: no {missing} in [project] dependencies")
+    print("\n".join(by_name[name] for name in names))
+PY
+}
 
 pyg_index() {
   # PyG publishes one wheel folder per torch minor series and CPU/CUDA build.
@@ -81,7 +85,8 @@ install_scatter() {
 }
 
 setup_env() {
-  if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
+  if [[ -x "$ENV_DIR/bin/python" && -f "$STAMP" ]] &&
+      [[ "$(cat "$STAMP")" == "$(pyproject "$ENV_DIR/bin/python" hash)" ]]; then
     return 0
   fi
   echo ">> setting up the environment in $ENV_DIR (first run: a few minutes, torch is ~3 GB)"
@@ -90,10 +95,19 @@ setup_env() {
     exit 1
   fi
   [[ -x "$ENV_DIR/bin/python" ]] || "$PYTHON" -m venv "$ENV_DIR"
-  "$ENV_DIR/bin/python" -m pip install --quiet --upgrade pip
-  "$ENV_DIR/bin/python" -m pip install "${REQUIREMENTS[@]}"
+  local python="$ENV_DIR/bin/python" lines
+  local -a first
+  "$python" -m pip install --quiet --upgrade pip
+  # torch and the build requirements first: torch-scatter/torch-sparse wheels (or their source
+  # build) are made for one torch series, and PyPI has no wheels of them for pip to resolve.
+  lines="$(pyproject "$python" requirement torch && pyproject "$python" build)"
+  mapfile -t first <<< "$lines"
+  "$python" -m pip install "${first[@]}"
+  lines="$(pyproject "$python" requirement torch-scatter torch-sparse)"
+  mapfile -t SCATTER <<< "$lines"
   install_scatter
-  echo "$WANT" > "$STAMP"
+  "$python" -m pip install -e "$ROOT[$EXTRAS]"
+  pyproject "$python" hash > "$STAMP"
 }
 
 install_plugin() {
