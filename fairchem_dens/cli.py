@@ -109,14 +109,12 @@ def _to_conservative(args: argparse.Namespace) -> int:
 
 
 def _save_atomically(checkpoint: dict, target: Path) -> None:
-    import os
-
     import torch
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    torch.save(checkpoint, partial)
-    os.replace(partial, target)  # never leaves a half-written OUT behind
+    from fairchem_dens.files import atomic_write
+
+    with atomic_write(target) as temp:  # never leaves a half-written OUT behind
+        torch.save(checkpoint, temp)
 
 
 def _write_metadata(args: argparse.Namespace) -> int:

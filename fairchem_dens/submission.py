@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import platform
-import uuid
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -35,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from fairchem_dens.hashing import sha256_file
+from fairchem_dens.files import sha256_file, temp_beside
 
 #: Test splits the server expects, in the order they are written.
 SPLITS: dict[str, tuple[str, ...]] = {
@@ -643,17 +642,6 @@ def _provenance(
     return record
 
 
-def _temp_beside(path: Path) -> Path:
-    """An empty temp file in the output's folder, so ``os.replace`` is an atomic rename.
-
-    Created by ``open(..., "x")``, not ``mkstemp``: the renamed file keeps the mode the
-    user's umask gives any new file, where mkstemp's would stay 0600.
-    """
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    temp.open("x").close()
-    return temp
-
-
 def _check_written(out: Path, merged: Mapping[str, np.ndarray]) -> None:
     """Loads the archive the way the server does and compares it with what was meant."""
     with np.load(out, allow_pickle=False) as npz:
@@ -676,12 +664,12 @@ def _write_outputs(
     out.parent.mkdir(parents=True, exist_ok=True)
     temps: list[Path] = []
     try:
-        npz_tmp = _temp_beside(out)
+        npz_tmp = temp_beside(out)
         temps.append(npz_tmp)
         with open(npz_tmp, "wb") as handle:  # a handle: np.savez would append ".npz" to a name
             np.savez_compressed(handle, **merged)
         _check_written(npz_tmp, merged)
-        json_tmp = _temp_beside(sidecar)
+        json_tmp = temp_beside(sidecar)
         temps.append(json_tmp)
         record = dict(provenance, output={"path": str(out.resolve()), "sha256": sha256_file(npz_tmp)})
         json_tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -36,11 +36,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import pickle
 import shutil
-import tempfile
-import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +49,7 @@ from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from fairchem_dens.datasets.emt_data import write_lmdb
-from fairchem_dens.hashing import sha256_file
+from fairchem_dens.files import replace_dir, sha256_file, staging_dir
 
 __all__ = [
     "convert_md17",
@@ -350,31 +347,6 @@ def _check_arguments(n_train: int, n_val: int, seed: int) -> None:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it is to set it
-    os.umask(mask)
-    return mask
-
-
-def _replace_dir(staging: Path, out_dir: Path) -> None:
-    """Moves ``staging`` to ``out_dir``, replacing what is there only once the new data is complete."""
-    if not (out_dir.exists() or out_dir.is_symlink()):
-        os.replace(staging, out_dir)
-        return
-    # os.replace cannot replace a non-empty folder: move the old one aside, then drop it.
-    old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(out_dir, old)
-    try:
-        os.replace(staging, out_dir)
-    except BaseException:
-        os.replace(old, out_dir)  # put the previous output back
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
-
-
 def _info(path: Path, frames: MD17Frames, molecule: str, seed: int, splits: dict, files: dict) -> dict:
     return {
         "source_path": str(path.resolve()),
@@ -454,10 +426,8 @@ def convert_md17(
     per_file = _entries_per_lmdb(frames)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Built beside out_dir (same file system, so the final os.replace is an atomic rename).
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    staging = staging_dir(out_dir)
     try:
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; out_dir should look like a mkdir
         files = {}
         for split in SPLITS:
             files[split] = _write_split(staging / split, frames, splits[split], per_file)
@@ -465,7 +435,7 @@ def convert_md17(
         np.savez(staging / "splits.npz", **splits)
         info = _info(path, frames, molecule, seed, splits, files)
         (staging / "md17_info.json").write_text(json.dumps(info, indent=2, ensure_ascii=False))
-        _replace_dir(staging, out_dir)
+        replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # a failed conversion leaves nothing behind
         raise

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from fairchem_dens.files import atomic_write
 
 __all__ = ["fit_element_references"]
 
@@ -51,7 +52,6 @@ def fit_element_references(
     references = fit_linear_references(
         ["energy"], dataset, batch_size=batch_size, num_batches=num_batches, seed=seed
     )["energy"]
-    partial = output.with_name(output.name + ".partial.npz")
-    np.savez(partial, element_references=references.element_references.cpu().numpy())
-    os.replace(partial, output)
+    with atomic_write(output) as temp, open(temp, "wb") as handle:  # a handle: np.savez would add ".npz"
+        np.savez(handle, element_references=references.element_references.cpu().numpy())
     return output

@@ -24,6 +24,8 @@ from ase.build import molecule
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
 
+from fairchem_dens.files import atomic_write
+
 __all__ = ["MOLECULES", "build_parser", "generate_xtb_trajectory", "write_sgdml_npz", "main"]
 
 logger = logging.getLogger(__name__)
@@ -107,10 +109,8 @@ def write_sgdml_npz(arrays: dict[str, np.ndarray], path: str | Path, overwrite: 
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial.npz")
-    np.savez(partial, **arrays)
-    partial.replace(path)
+    with atomic_write(path) as temp, open(temp, "wb") as handle:  # a handle: np.savez would add ".npz"
+        np.savez(handle, **arrays)
     return path
 
 
