@@ -179,7 +179,7 @@ def train_and_test(
 
 def _load_split(folder: Path) -> dict[str, tuple[float, np.ndarray]]:
     """Reference energy and free-atom forces of every frame, keyed like fairchem's ids."""
-    from fairchem_dens.datasets.lmdb_dataset import read_lmdb
+    from fairchem_dens.datasets.lmdb_io import read_lmdb
 
     return {
         f"{int(data.sid)}_{int(data.fid)}": (float(data.energy), data.forces[data.fixed == 0].numpy())

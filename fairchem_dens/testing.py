@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch_geometric.data import Batch, Data
 
-from fairchem_dens.datasets.lmdb_dataset import close_lmdb, read_lmdb
+from fairchem_dens.datasets.lmdb_io import close_lmdb, read_lmdb, write_lmdb
 
 __all__ = [
     "TINY_EQV2_BACKBONE",
@@ -341,8 +341,6 @@ def write_variant(config_yml: str | Path, path: str | Path, edit) -> Path:
 
 def lmdb_without(source: str | Path, field: str, folder: str | Path) -> Path:
     """A copy of an LMDB data set whose entries lack ``field`` (bad-input tests)."""
-    from fairchem_dens.datasets.emt_data import write_lmdb
-
     entries = read_lmdb(source)
     for data in entries:
         delattr(data, field)

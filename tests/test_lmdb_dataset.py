@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from fairchem_dens.datasets.emt_data import write_lmdb
+from fairchem_dens.datasets.lmdb_io import write_lmdb
 from fairchem_dens.datasets.lmdb_dataset import DeNSLmdbDataset, LmdbDataError, MDFlagError, is_md_line
 from fairchem_dens.testing import close_lmdb, fairchem_trainer, lmdb_without, read_lmdb
 

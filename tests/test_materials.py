@@ -30,7 +30,7 @@ def bulk(tmp_path_factory):
 
 
 def close(dataset):
-    from fairchem_dens.datasets.lmdb_dataset import close_lmdb
+    from fairchem_dens.datasets.lmdb_io import close_lmdb
 
     close_lmdb(dataset)  # py-lmdb refuses to open a file twice in one process
 

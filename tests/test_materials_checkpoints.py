@@ -52,7 +52,7 @@ def test_the_released_layout_loads_strictly_and_gives_the_same_outputs(port_chec
     from fairchem.core.common.utils import load_config
 
     from fairchem_dens.datasets.ase_db import DeNSAseDBDataset
-    from fairchem_dens.datasets.lmdb_dataset import close_lmdb
+    from fairchem_dens.datasets.lmdb_io import close_lmdb
     from torch_geometric.data import Batch
 
     checkpoint = read_checkpoint(port_checkpoint)

@@ -11,7 +11,7 @@ import torch
 import yaml
 from torch_geometric.data import Data
 
-from fairchem_dens.datasets.emt_data import write_lmdb
+from fairchem_dens.datasets.lmdb_io import write_lmdb
 from fairchem_dens.models.checkpoints import checkpoint_family, original_model_config, read_checkpoint
 from fairchem_dens.quickstart import fairchem_command
 

@@ -10,7 +10,8 @@ import torch
 from ase.calculators.emt import EMT
 from ase.optimize import BFGS
 
-from fairchem_dens.datasets.emt_data import atoms_to_data, build_system, write_lmdb
+from fairchem_dens.datasets.emt_data import atoms_to_data, build_system
+from fairchem_dens.datasets.lmdb_io import write_lmdb
 from fairchem_dens.quickstart import fairchem_command
 
 from conftest import QUICKSTART, data_overrides

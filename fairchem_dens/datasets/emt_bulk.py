@@ -37,7 +37,8 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
-from fairchem_dens.datasets.emt_data import METALS, atoms_to_data, write_lmdb, write_metadata
+from fairchem_dens.datasets.emt_data import METALS, atoms_to_data
+from fairchem_dens.datasets.lmdb_io import write_lmdb, write_metadata
 
 __all__ = ["SUPERCELLS", "TEMPERATURES_K", "generate_bulk_dataset", "write_aselmdb"]
 

@@ -15,14 +15,11 @@ import functools
 import json
 import logging
 import os
-import pickle
 import shutil
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import lmdb
 import numpy as np
 import torch
 from ase import Atoms, units
@@ -33,6 +30,8 @@ from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.optimize import BFGS
 
+from fairchem_dens.datasets.lmdb_io import write_lmdb
+
 __all__ = [
     "ADSORBATES",
     "DEFAULT_SPLITS",
@@ -40,8 +39,6 @@ __all__ = [
     "atoms_to_data",
     "build_system",
     "generate_emt_dataset",
-    "write_lmdb",
-    "write_metadata",
 ]
 
 logger = logging.getLogger(__name__)
@@ -68,8 +65,6 @@ MD_TIMESTEP_FS = 2.0
 MD_STEPS_PER_FRAME = 5
 MD_FRICTION = 0.02  # ASE units
 MD_TEMPERATURE_K = 600.0  # hot enough to sample well away from the relaxed geometry
-#: Map size of every LMDB file written here (md17.py sizes its shards against it).
-LMDB_MAP_SIZE = 1 << 30
 
 
 def _adsorbate(name: str) -> Atoms:
@@ -108,7 +103,7 @@ def build_system(metal: str, facet: str, adsorbate: str, site: str) -> Atoms:
 @functools.lru_cache(maxsize=2)
 def _converter(stress: bool = False):
     # Imported lazily: fairchem pulls in torch_geometric and friends (~1 s), which
-    # callers that only build structures or call write_lmdb do not need.
+    # callers that only build structures do not need.
     from fairchem.core.preprocessing import AtomsToGraphs
 
     return AtomsToGraphs(
@@ -143,49 +138,6 @@ def atoms_to_data(atoms: Atoms, sid: int, fid: int, md: int, stress: bool = Fals
     # reads `pbc[:, i]` per structure, which a flat (3 * batch,) vector would defeat.
     data.pbc = data.pbc.view(1, 3)
     return data
-
-
-def _lock_file(path: Path) -> Path:
-    return path.with_name(path.name + "-lock")
-
-
-def write_lmdb(data_objects: Iterable, path: str | Path, metadata: bool = True) -> int:
-    """Writes entries under keys ``"0"``, ``"1"``, ... plus ``length``; returns the count.
-
-    This is the layout fairchem's ``LmdbDataset`` reads: ascii integer keys, pickled
-    ``Data`` values, and a pickled ``length``. An existing file at ``path`` is replaced.
-
-    Args:
-        data_objects: PyG ``Data`` entries (any iterable; consumed once).
-        path: the ``.lmdb`` file to write.
-        metadata: also write ``metadata.npz`` (atoms per entry) beside it, where
-            fairchem's load-balancing sampler looks for it.
-    """
-    path = Path(path)
-    # Start from an empty file: stale keys beyond the new `length` would linger otherwise.
-    path.unlink(missing_ok=True)
-    _lock_file(path).unlink(missing_ok=True)
-    env = lmdb.open(str(path), subdir=False, map_size=LMDB_MAP_SIZE, meminit=False, map_async=True)
-    natoms = []
-    try:
-        with env.begin(write=True) as txn:
-            for data in data_objects:
-                txn.put(f"{len(natoms)}".encode("ascii"), pickle.dumps(data, protocol=-1))
-                natoms.append(int(data.natoms))
-            txn.put("length".encode("ascii"), pickle.dumps(len(natoms), protocol=-1))
-        env.sync()  # map_async defers writes; flush before the file is published
-    finally:
-        env.close()
-    # Readers open without locking (fairchem passes lock=False); leave only data.lmdb.
-    _lock_file(path).unlink(missing_ok=True)
-    if metadata:
-        write_metadata(path.parent, natoms)
-    return len(natoms)
-
-
-def write_metadata(folder: str | Path, natoms: Iterable[int]) -> None:
-    """``metadata.npz`` (atoms per entry) in ``folder``, where fairchem's load balancing looks for it."""
-    np.savez(Path(folder) / "metadata.npz", natoms=np.array(list(natoms), dtype=np.int64))
 
 
 def _snapshot(atoms: Atoms, md: int) -> tuple[Atoms, int]:

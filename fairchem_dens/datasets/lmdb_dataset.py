@@ -36,8 +36,6 @@ __all__ = [
     "MDFlagError",
     "md_flags_from_log",
     "is_md_line",
-    "read_lmdb",
-    "close_lmdb",
 ]
 
 
@@ -61,31 +59,6 @@ def md_flags_from_log(path: Path) -> np.ndarray:
     """0/1 flags, one per non-empty line of a ``data_log`` file."""
     lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
     return np.array([is_md_line(line) for line in lines], dtype=np.int8)
-
-
-def close_lmdb(dataset) -> None:
-    """Closes the LMDB environments of a fairchem LMDB or ASE-database dataset (no-op for others).
-
-    py-lmdb refuses to open a file twice in one process, so whoever reads a split
-    next to a trainer (or twice) must close what it opened.
-    """
-    while hasattr(dataset, "dataset"):  # fairchem may wrap datasets in a Subset
-        dataset = dataset.dataset
-    for env in [*getattr(dataset, "envs", []), getattr(dataset, "env", None)]:
-        if env is not None:
-            env.close()
-    for database in getattr(dataset, "dbs", []):  # fairchem's ASE datasets (.aselmdb files)
-        if hasattr(database, "close"):
-            database.close()
-
-
-def read_lmdb(folder: str | Path) -> list:
-    """Every entry of a fairchem LMDB folder or file, read with fairchem's own dataset."""
-    dataset = LmdbDataset({"src": str(folder)})
-    try:
-        return [dataset[i] for i in range(len(dataset))]
-    finally:
-        close_lmdb(dataset)
 
 
 def _log_for(lmdb_path: Path) -> Path | None:

@@ -24,7 +24,7 @@ Output layout (``out_dir``)::
     splits.npz       # source frame indices of each split, in permutation order
     md17_info.json   # provenance, units, split sizes, train-split statistics
 
-A split too large for one LMDB file of :func:`~fairchem_dens.datasets.emt_data.write_lmdb`
+A split too large for one LMDB file of :func:`~fairchem_dens.datasets.lmdb_io.write_lmdb`
 (whose map size is 1 GiB: we put up to ~219,000 MD17 entries in one) is written as
 ``data.0000.lmdb``, ``data.0001.lmdb``, ... in the same folder, which fairchem's
 ``lmdb`` format reads in sorted order as one data set (the test splits of most
@@ -48,7 +48,7 @@ import torch
 from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from fairchem_dens.datasets.emt_data import write_lmdb
+from fairchem_dens.datasets.lmdb_io import LMDB_MAP_SIZE, write_lmdb
 from fairchem_dens.files import replace_dir, sha256_file, staging_dir
 
 __all__ = [
@@ -78,10 +78,8 @@ MOLECULE_CELL = 50.0
 
 SPLITS = ("train", "val", "test")
 
-#: Map size of ``emt_data.write_lmdb`` (1 << 30); a split is sharded to stay well within it.
-_WRITE_LMDB_MAP_BYTES = 1 << 30
-#: Fraction of that map a shard may fill by our estimate: 1 GiB held 259,214 one-page entries
-#: when measured (98.9%), so 0.85 leaves room for the B-tree and keeps aspirin's test split whole.
+#: Fraction of ``LMDB_MAP_SIZE`` (the map of every ``write_lmdb`` file) a shard may fill by our estimate:
+#: 1 GiB held 259,214 one-page entries when measured (98.9%), so 0.85 leaves room for the B-tree and keeps aspirin's test split whole.
 _MAP_FILL = 0.85
 #: Entries per LMDB file; ``None`` derives it from the size of one pickled entry. Tests lower it.
 MAX_ENTRIES_PER_LMDB: int | None = None
@@ -305,7 +303,7 @@ def _entries_per_lmdb(frames: MD17Frames) -> int:
     # An entry over ~2 KB takes whole 4 KiB overflow pages; allow for the B-tree besides.
     page = 4096
     per_entry = page * math.ceil((len(sample) + 64) / page) + 64
-    return max(1, int(_WRITE_LMDB_MAP_BYTES * _MAP_FILL // per_entry))
+    return max(1, int(LMDB_MAP_SIZE * _MAP_FILL // per_entry))
 
 
 def _write_split(folder: Path, frames: MD17Frames, indices: np.ndarray, per_file: int) -> list[str]:

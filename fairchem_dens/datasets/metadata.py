@@ -16,7 +16,7 @@ from pathlib import Path
 import ase.io
 import numpy as np
 
-from fairchem_dens.datasets.emt_data import write_metadata
+from fairchem_dens.datasets.lmdb_io import write_metadata
 
 __all__ = ["ASE_DB", "MetadataError", "dataset_natoms", "detect_format", "metadata_path", "write_dataset_metadata"]
 
