@@ -6,12 +6,14 @@
 #   ./dens.sh run CMD...     run CMD inside the environment (e.g. fairchem --mode train ...)
 #
 # The environment lives outside the repository (FAIRCHEM_DENS_ENV, default
-# ~/.cache/fairchem-dens/venv) and is reused when complete. torch-scatter and
-# torch-sparse are taken from FAIRCHEM_DENS_WHEELS (a folder of wheels) when set,
-# else from ../shared/wheels when that exists, else from PyG's wheel index for the
-# installed torch (https://data.pyg.org/whl/torch-X.Y.0+cpu.html or +cuXXX; override
-# with FAIRCHEM_DENS_PYG_INDEX, skip with FAIRCHEM_DENS_PYG_INDEX=none), else built
-# from source (CPU, ~30-60 min on 2 cores).
+# ~/.cache/fairchem-dens/venv) and holds what pyproject.toml lists: torch, then torch-scatter
+# and torch-sparse, then this checkout (`pip install -e ".[test,xtb]"`); it is reused until
+# pyproject.toml's requirements change. torch-scatter and torch-sparse are taken from
+# FAIRCHEM_DENS_WHEELS (a folder of wheels) when set, else from ../shared/wheels when that
+# exists, else from PyG's wheel index for the installed torch
+# (https://data.pyg.org/whl/torch-X.Y.0+cpu.html or +cuXXX; override with
+# FAIRCHEM_DENS_PYG_INDEX, skip with FAIRCHEM_DENS_PYG_INDEX=none), else built from source
+# (CPU, ~30-60 min on 2 cores).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -65,23 +67,24 @@ print(f"https://data.pyg.org/whl/torch-{major}.{minor}.0+{build}.html")'
 }
 
 install_scatter() {
+  # --no-deps: their own requirements (scipy) come with the plugin, pinned by pyproject.toml.
   if [[ -n "$WHEELS" ]]; then
     echo ">> torch-scatter / torch-sparse from $WHEELS"
-    "$ENV_DIR/bin/python" -m pip install --find-links "$WHEELS" "${SCATTER[@]}"
+    "$ENV_DIR/bin/python" -m pip install --no-deps --find-links "$WHEELS" "${SCATTER[@]}"
     return
   fi
   local index="${FAIRCHEM_DENS_PYG_INDEX:-$(pyg_index)}"
   if [[ "$index" != "none" ]]; then
     echo ">> torch-scatter / torch-sparse wheels from $index (timeout ${PYG_TIMEOUT}s)"
     # Wheels only: an unreachable index must not fall through to PyPI's sdists here.
-    if "$ENV_DIR/bin/python" -m pip install --timeout "$PYG_TIMEOUT" --retries 0 \
+    if "$ENV_DIR/bin/python" -m pip install --no-deps --timeout "$PYG_TIMEOUT" --retries 0 \
         --only-binary torch-scatter,torch-sparse --find-links "$index" "${SCATTER[@]}"; then
       return
     fi
     echo ">> no matching wheels from $index (unreachable or missing); building from source"
   fi
   echo ">> building torch-scatter / torch-sparse from source (CPU); set FAIRCHEM_DENS_WHEELS to skip"
-  "$ENV_DIR/bin/python" -m pip install --no-build-isolation "${SCATTER[@]}"
+  "$ENV_DIR/bin/python" -m pip install --no-deps --no-build-isolation "${SCATTER[@]}"
 }
 
 setup_env() {
