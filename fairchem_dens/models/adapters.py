@@ -16,7 +16,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Iterable
 
-__all__ = ["BackboneAdapter", "BACKBONE_MODULES", "adapters", "adapter", "family_of_keys"]
+__all__ = ["BackboneAdapter", "BACKBONE_MODULES", "adapters", "adapter", "family_of_keys", "is_hydra"]
 
 #: The adapter modules, in the order their families are tried on a checkpoint.
 BACKBONE_MODULES = (
@@ -79,6 +79,11 @@ def adapter(family: str) -> BackboneAdapter:
     raise ValueError(f"unknown model family {family!r}; known: {', '.join(a.family for a in adapters())}")
 
 
+def is_hydra(keys: Iterable[str]) -> bool:
+    """Whether state-dict keys are a fairchem hydra model's (backbone weights under ``backbone.``)."""
+    return any(key.startswith("backbone.") for key in keys)
+
+
 def family_of_keys(keys: Iterable[str]) -> BackboneAdapter | None:
     """The adapter whose checkpoints hold these state-dict keys (hydra or monolithic), or None.
 
@@ -86,7 +91,7 @@ def family_of_keys(keys: Iterable[str]) -> BackboneAdapter | None:
         keys: state-dict keys without DDP's ``module.`` prefixes (``checkpoints.strip_ddp_prefix``).
     """
     keys = list(keys)
-    hydra = any(key.startswith("backbone.") for key in keys)
+    hydra = is_hydra(keys)
     body = [key[len("backbone."):] for key in keys if key.startswith("backbone.")] if hydra else keys
     return next((candidate for candidate in adapters() if candidate.matches(body)), None)
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from fairchem_dens.models.adapters import adapter, family_of_keys, known_families
-from fairchem_dens.trainers.guards import GRADIENT_OUTPUTS
+from fairchem_dens.models.adapters import adapter, family_of_keys, is_hydra, known_families
+from fairchem_dens.outputs import GRADIENT_OUTPUTS
 
 __all__ = [
     "CheckpointMismatchError",
@@ -149,7 +149,7 @@ def strip_ddp_prefix(state_dict: dict[str, torch.Tensor]) -> OrderedDict:
 def checkpoint_family(checkpoint: dict[str, Any]) -> tuple[str, str]:
     """``(layout, family)``: layout ``original`` or ``hydra``, family an adapter's key."""
     keys = list(strip_ddp_prefix(checkpoint["state_dict"]))
-    hydra = any(k.startswith("backbone.") for k in keys)
+    hydra = is_hydra(keys)
     found = family_of_keys(keys)
     if found is None:
         body = sorted({k.split(".")[1 if hydra else 0] for k in keys if not hydra or k.startswith("backbone.")})

@@ -45,6 +45,7 @@ from fairchem_dens.models.dens_features import (
     is_dens_batch,
     make_force_embedding,
 )
+from fairchem_dens.outputs import FORCES
 
 if TYPE_CHECKING:
     from torch_geometric.data import Batch
@@ -170,7 +171,7 @@ class DeNSEquiformerV2ForceHead(nn.Module, HeadInterface):
         output_name: name of the output.
     """
 
-    def __init__(self, backbone: EquiformerV2Backbone, output_name: str = "forces") -> None:
+    def __init__(self, backbone: EquiformerV2Backbone, output_name: str = FORCES) -> None:
         super().__init__()
         self.output_name = output_name
         self.activation_checkpoint = backbone.activation_checkpoint

@@ -34,6 +34,7 @@ from fairchem_dens.models.dens_features import (
     dens_node_features,
     make_force_embedding,
 )
+from fairchem_dens.outputs import FORCES
 
 if TYPE_CHECKING:
     from torch_geometric.data import Batch
@@ -92,7 +93,7 @@ class DeNSeSCNForceHead(nn.Module, HeadInterface):
         output_name: name of the output.
     """
 
-    def __init__(self, backbone: eSCNBackbone, output_name: str = "forces") -> None:
+    def __init__(self, backbone: eSCNBackbone, output_name: str = FORCES) -> None:
         super().__init__()
         backbone.force_block = None  # the backbone's own block is unused in hydra mode
         self.output_name = output_name

@@ -43,6 +43,7 @@ from fairchem.core.models.esen.esen import MLP_EFS_Head, eSEN_Backbone
 from fairchem.core.models.esen.nn.so3_layers import SO3_Linear
 
 from fairchem_dens.batch import corrupted_atoms
+from fairchem_dens.outputs import FORCES
 from fairchem_dens.models.adapters import BackboneAdapter
 from fairchem_dens.models.dens_features import (
     DeNSBackboneMixin,
@@ -115,7 +116,7 @@ class DeNSeSENForceHead(nn.Module, HeadInterface):
         output_name: name of the output.
     """
 
-    def __init__(self, backbone: eSEN_Backbone, output_name: str = "forces") -> None:
+    def __init__(self, backbone: eSEN_Backbone, output_name: str = FORCES) -> None:
         super().__init__()
         self.output_name = output_name
         self.linear = SO3_Linear(backbone.sphere_channels, 1, lmax=1)
@@ -160,9 +161,9 @@ class DeNSeSENConservativeHead(MLP_EFS_Head):
         corrupted = corrupted_atoms(data)
         if bool(corrupted.any()):  # never in S2EF batches
             noise = _vectors(self.denoising_linear, emb)
-            outputs["forces"] = torch.where(corrupted.view(-1, 1), noise, outputs["forces"])
+            outputs[FORCES] = torch.where(corrupted.view(-1, 1), noise, outputs[FORCES])
         elif self.training:
-            outputs["forces"] = outputs["forces"] + zero_weight(self.denoising_linear)
+            outputs[FORCES] = outputs[FORCES] + zero_weight(self.denoising_linear)
         return outputs
 
 

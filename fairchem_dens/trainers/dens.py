@@ -72,6 +72,7 @@ from fairchem_dens.noise import (
     sample_corruption,
     step_generator,
 )
+from fairchem_dens.outputs import FORCES, STRESS
 from fairchem_dens.trainers.guards import (
     DeNSSetupError,
     check_gradient_normalizers,
@@ -86,7 +87,6 @@ from fairchem_dens.trainers.output_policy import EXCLUDED, ORIGINAL, REPLACED, o
 
 __all__ = ["DeNSTrainer", "NonFiniteLossError", "DeNSSetupError"]
 
-FORCES = "forces"
 NOISE_TARGET = "denoising_pos_target"
 POS_MAE = "denoising_pos_mae"
 FORCE_MAE = "denoising_force_mae"
@@ -167,7 +167,7 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
                         "{r_energy, r_forces, r_stress: True}; stress parts come from the decompose_tensor "
                         "transform) or remove the output."
                     )
-            if self.dens.max_stress_norm is not None and getattr(sample, "stress", None) is None:
+            if self.dens.max_stress_norm is not None and getattr(sample, STRESS, None) is None:
                 raise ValueError(
                     f"optim.denoising_pos_params.max_stress_norm is set but the training dataset {source} "
                     "has no `stress`: read it with a2g_args: {r_stress: True} or drop the filter."
@@ -225,7 +225,7 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
     def label_names(self) -> list[str]:
         """Labels checked for NaN/inf: the forces DeNS encodes, every trained target, a filtered stress."""
         trained = [next(iter(entry)) for entry in self.config.get("loss_functions", [])]
-        stress = ["stress"] if self.dens.max_stress_norm is not None else []
+        stress = [STRESS] if self.dens.max_stress_norm is not None else []
         return list(dict.fromkeys([FORCES, *trained, *stress]))
 
     def _check_fit_labels(self, recorder: FitRecorder | None, source: str) -> None:
@@ -394,7 +394,7 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
             md=getattr(batch, "md", None),
             num_structures=batch.natoms.numel(),
             forces=batch.forces,
-            stress=getattr(batch, "stress", None),
+            stress=getattr(batch, STRESS, None),
         )
         return apply_corruption(batch, corruption)
 

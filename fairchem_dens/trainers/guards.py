@@ -9,7 +9,12 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping
 
+import torch
 from torch import nn
+
+from fairchem_dens.models.adapters import adapters
+from fairchem_dens.noise import SKIP_FILTERS, passes_skip_filter
+from fairchem_dens.outputs import ENERGY, FORCES, GRADIENT_OUTPUTS
 
 __all__ = ["DeNSSetupError", "check_gradient_normalizers", "check_model", "check_normalizers", "check_skip_filters",
            "check_warmup"]
@@ -18,8 +23,6 @@ __all__ = ["DeNSSetupError", "check_gradient_normalizers", "check_model", "check
 
 def use_instead() -> str:
     """The DeNS classes of every backbone adapter, for messages."""
-    from fairchem_dens.models.adapters import adapters
-
     return "use " + ", or ".join(candidate.use_instead() for candidate in adapters())
 
 
@@ -59,7 +62,7 @@ def _is_conservative(module: nn.Module, backbone: nn.Module | None) -> bool:
     return bool(getattr(owner, "regress_forces", False)) and getattr(owner, "direct_forces", True) is False
 
 
-def check_model(model: nn.Module, forces: str = "forces") -> None:
+def check_model(model: nn.Module, forces: str = FORCES) -> None:
     """Refuses a model that cannot denoise.
 
     DeNS needs a backbone that encodes the original forces (a ``force_embedding``)
@@ -159,10 +162,6 @@ def is_conservative_model(model: nn.Module) -> bool:
                for head in heads.values())
 
 
-#: Outputs a conservative head derives from the energy: -dE/dx and virial / volume.
-GRADIENT_OUTPUTS = ("forces", "stress")
-
-
 def check_gradient_normalizers(model: nn.Module, normalizers: Mapping[str, Any], outputs: Iterable[str]) -> None:
     """Refuses force / stress normalisers that a gradient-force model cannot match.
 
@@ -178,7 +177,7 @@ def check_gradient_normalizers(model: nn.Module, normalizers: Mapping[str, Any],
     """
     if not is_conservative_model(model):
         return
-    energy = normalizers.get("energy")
+    energy = normalizers.get(ENERGY)
     energy_rmsd = float(energy.rmsd) if energy is not None else 1.0
     trained = set(outputs)
     for name in (name for name in GRADIENT_OUTPUTS if name in trained):
@@ -239,10 +238,6 @@ def check_skip_filters(dens, values: Mapping[str, Iterable[float]], source: str)
             (:func:`fairchem_dens.noise.skip_filter_values`, as the normaliser fit read them).
         source: the training set's ``src``, for the message.
     """
-    import torch
-
-    from fairchem_dens.noise import SKIP_FILTERS, passes_skip_filter
-
     values = {key: torch.tensor(list(entries)) for key, entries in values.items()}
     if not values or not all(entries.numel() for entries in values.values()):
         return

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from fairchem_dens.noise import DeNSConfigError
+from fairchem_dens.outputs import ENERGY, FORCES
 
 __all__ = ["ORIGINAL", "REPLACED", "EXCLUDED", "ROLES", "output_roles"]
 
@@ -28,8 +29,6 @@ REPLACED = "replaced"
 EXCLUDED = "excluded"
 ROLES = (ORIGINAL, REPLACED, EXCLUDED)
 
-ENERGY = "energy"
-FORCES = "forces"
 DEFAULT_ROLES = {ENERGY: ORIGINAL, FORCES: REPLACED}
 KEY = "optim.denoising_pos_params.output_policy"
 
