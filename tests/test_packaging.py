@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,8 +98,14 @@ def test_a_wheel_install_has_its_configs_and_runs_the_quickstart(tmp_path):
         shutil.copy(ROOT / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
     # no build isolation: the build backend comes from this environment (the `test` extra), offline
-    build = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", source],
-                           capture_output=True, text=True)
+    build_requirements = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    for requirement in map(Requirement, build_requirements):
+        installed = metadata.version(requirement.name)
+        assert requirement.specifier.contains(installed), (
+            f"{requirement.name} {installed} here; building the wheel needs {requirement} "
+            f"(pip install \"{requirement}\", or ./dens.sh setup, which installs the test extra)")
+    offline = ["--no-deps", "--no-build-isolation", "--no-index"]
+    build = subprocess.run([*pip, "wheel", *offline, "-w", tmp_path / "dist", source], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("fairchem_dens-*.whl")
     site = tmp_path / "site"
