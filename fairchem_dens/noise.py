@@ -34,10 +34,14 @@ __all__ = [
     "structures_over_ratio",
 ]
 
-# Distinct integers keep the random streams of one step independent.
+# Distinct integers keep the random streams of one step independent: a (decision,
+# noise) pair for training steps, another for the denoising validation passes.
 DECISION_STREAM = 0
 NOISE_STREAM = 1
 VALIDATION_STREAM = 2
+VALIDATION_NOISE_STREAM = 102
+TRAINING_STREAMS = (DECISION_STREAM, NOISE_STREAM)
+VALIDATION_STREAMS = (VALIDATION_STREAM, VALIDATION_NOISE_STREAM)
 
 
 class DeNSConfigError(ValueError):
@@ -385,14 +389,27 @@ def select_structures(
     else:
         selected = torch.rand(num_structures, generator=decision_gen) < config.prob
     if config.relaxation_only:
-        if md is None:
-            raise DeNSConfigError(
-                "optim.denoising_pos_params.relaxation_only is set but the batch has "
-                "no `md` flag: use a dataset that provides it (e.g. "
-                "fairchem_dens.datasets.lmdb_dataset.DeNSLmdbDataset)."
-            )
+        require_md(config, md, "the batch")
         selected = selected & (md.view(-1).to(torch.long) == 0)
     return selected
+
+
+def require_md(config: DeNSConfig, md: Any, where: str) -> None:
+    """Refuses ``relaxation_only`` without MD flags; ``where`` names the data ("the batch", a dataset)."""
+    if config.relaxation_only and md is None:
+        raise DeNSConfigError(
+            f"optim.denoising_pos_params.relaxation_only is set but {where} has no `md` flag: use "
+            "fairchem_dens.datasets.lmdb_dataset.DeNSLmdbDataset or store `md` in the entries."
+        )
+
+
+def require_stress(config: DeNSConfig, stress: Any, where: str) -> None:
+    """Refuses ``max_stress_norm`` without stress; ``where`` names the data ("the batch", a dataset)."""
+    if config.max_stress_norm is not None and stress is None:
+        raise DeNSConfigError(
+            f"optim.denoising_pos_params.max_stress_norm is set but {where} has no `stress`: "
+            "read it with a2g_args: {r_stress: True} or drop the filter."
+        )
 
 
 #: The skip filters: the per-structure quantity each compares with its limit, and its unit.
@@ -434,11 +451,7 @@ def skip_filter_values(
         if config.max_mean_force_norm is not None:
             values["max_mean_force_norm"] = torch.zeros(num_structures, 3).index_add_(0, batch_index, forces).norm(dim=-1)
     if config.max_stress_norm is not None:
-        if stress is None:
-            raise DeNSConfigError(
-                "optim.denoising_pos_params.max_stress_norm is set but the batch has no `stress` "
-                "(read it with a2g_args: {r_stress: True})"
-            )
+        require_stress(config, stress, "the batch")
         values["max_stress_norm"] = stress.detach().cpu().float().reshape(num_structures, -1).norm(dim=-1)
     return values
 

@@ -292,7 +292,7 @@ def corrupt_like_trainer(batch: Batch, *, seed: int = 0, step: int = 1, enabled:
         **params: ``denoising_pos_params`` over the defaults prob 1, fixed σ 0.1 Å.
     """
     from fairchem_dens.batch import apply_corruption
-    from fairchem_dens.noise import DeNSConfig, sample_corruption, step_generator
+    from fairchem_dens.noise import DECISION_STREAM, NOISE_STREAM, DeNSConfig, sample_corruption, step_generator
 
     config = DeNSConfig.from_optim({
         "use_denoising_pos": enabled, "denoising_pos_coefficient": 10.0,
@@ -300,7 +300,8 @@ def corrupt_like_trainer(batch: Batch, *, seed: int = 0, step: int = 1, enabled:
     })
     batch = batch.clone()
     corruption = sample_corruption(
-        config, batch.batch, batch.fixed, step_generator(seed, step, 0), step_generator(seed, step, 1),
+        config, batch.batch, batch.fixed,
+        step_generator(seed, step, DECISION_STREAM), step_generator(seed, step, NOISE_STREAM),
         md=getattr(batch, "md", None), num_structures=batch.natoms.numel(),
     )
     apply_corruption(batch, corruption)

@@ -233,7 +233,8 @@ def filters(**params):
 
 def draw_filtered(config, batch_index, step, forces=None, stress=None, fixed=None):
     fixed = torch.zeros(batch_index.numel()) if fixed is None else fixed
-    return sample_corruption(config, batch_index, fixed, step_generator(0, step, 0), step_generator(0, step, 1),
+    return sample_corruption(config, batch_index, fixed,
+                             step_generator(0, step, DECISION_STREAM), step_generator(0, step, NOISE_STREAM),
                              forces=forces, stress=stress)
 
 

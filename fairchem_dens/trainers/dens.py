@@ -65,10 +65,11 @@ from fairchem_dens.models.checkpoints import (
     strip_ddp_prefix,
 )
 from fairchem_dens.noise import (
-    DECISION_STREAM,
-    NOISE_STREAM,
-    VALIDATION_STREAM,
+    TRAINING_STREAMS,
+    VALIDATION_STREAMS,
     DeNSConfig,
+    require_md,
+    require_stress,
     sample_corruption,
     step_generator,
 )
@@ -167,17 +168,8 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
                         "{r_energy, r_forces, r_stress: True}; stress parts come from the decompose_tensor "
                         "transform) or remove the output."
                     )
-            if self.dens.max_stress_norm is not None and getattr(sample, STRESS, None) is None:
-                raise ValueError(
-                    f"optim.denoising_pos_params.max_stress_norm is set but the training dataset {source} "
-                    "has no `stress`: read it with a2g_args: {r_stress: True} or drop the filter."
-                )
-            if self.dens.relaxation_only and getattr(sample, "md", None) is None:
-                raise ValueError(
-                    f"optim.denoising_pos_params.relaxation_only is set but the training "
-                    f"dataset {source} gives no `md` flag: use "
-                    "fairchem_dens.datasets.lmdb_dataset.DeNSLmdbDataset or store `md` in the entries."
-                )
+            require_stress(self.dens, getattr(sample, STRESS, None), f"the training dataset {source}")
+            require_md(self.dens, getattr(sample, "md", None), f"the training dataset {source}")
         optim = self.config["optim"]
         if self.train_loader is not None and optim.get("scheduler") == "LambdaLR":
             check_warmup(optim.get("scheduler_params", {}), len(self.train_loader))
@@ -367,7 +359,9 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         steps = len(self.train_loader) if self.train_loader is not None else 0
         return max(self.step - 1, 0) // steps if steps else 0
 
-    def corrupt(self, batch, step: int, rank: int = 0, stream: int | None = None, seed: int | None = None) -> bool:
+    def corrupt(
+        self, batch, step: int, rank: int = 0, streams: tuple[int, int] = TRAINING_STREAMS, seed: int | None = None
+    ) -> bool:
         """Corrupts ``batch`` in place (CPU, before it is moved to the device).
 
         Args:
@@ -375,7 +369,7 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
             step: the global step; with ``seed`` it determines every draw.
             rank: DDP rank (mask, noise and per-structure selections differ per
                 rank, the batch-level decision does not).
-            stream: decision stream override (validation uses its own).
+            streams: the (decision, noise) stream ids (validation uses its own pair).
             seed: seed override (default: the run's ``--seed``).
 
         Returns:
@@ -383,8 +377,7 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         """
         if seed is None:
             seed = self.config["cmd"].get("seed") or 0
-        decision_stream = DECISION_STREAM if stream is None else stream
-        noise_stream = NOISE_STREAM if stream is None else stream + 100
+        decision_stream, noise_stream = streams
         corruption = sample_corruption(
             self.dens,
             batch.batch,
@@ -602,7 +595,7 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
             for index, batch in enumerate(loader):
                 if not self.corrupt(
                     batch, step=index, rank=distutils.get_rank(),
-                    stream=VALIDATION_STREAM, seed=self.dens.validation_seed,
+                    streams=VALIDATION_STREAMS, seed=self.dens.validation_seed,
                 ):
                     continue
                 with torch.autocast("cuda", enabled=self.scaler is not None):
