@@ -154,7 +154,7 @@ def test_every_adapter_recognises_its_checkpoints_and_others_are_named():
                                                        "num_layers": 1, "num_rbf": 8, "otf_graph": True},
                          "heads": {"energy": {"module": "fairchem.core.models.painn.painn.PaiNNEnergyHead"}}})
     with pytest.raises(CheckpointMismatchError, match=r"none of the architectures fairchem-dens has a DeNS adapter "
-                                                      r"for \(EquiformerV2, eSCN, eSEN\).*Adding a backbone"):
+                                                      r"for \(EquiformerV2, eSCN, eSEN\).*docs/backbones.md#adding-a-backbone"):
         checkpoint_family({"state_dict": painn.state_dict()})
     esen = build_model(esen_dens_model_config("ours")).state_dict()
     eqv2 = build_model(eqv2_dens_model_config("ours")).state_dict()

@@ -1,4 +1,4 @@
-"""Your own data (README "Your own data"): extxyz / ASE databases / LMDBs -> metadata.npz -> DeNS training."""
+"""Your own data (docs/data.md#your-own-data): extxyz / ASE databases / LMDBs -> metadata.npz -> DeNS training."""
 
 from __future__ import annotations
 
@@ -20,21 +20,22 @@ from fairchem_dens.datasets.metadata import MetadataError, write_dataset_metadat
 
 from conftest import CONFIGS
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DATA_DOC = Path(__file__).resolve().parents[1] / "docs" / "data.md"
 
 
-def readme_blocks(section: str, language: str) -> list[str]:
-    """The ```language blocks of one README section (up to the next "## " heading)."""
-    text = README.read_text()
+def doc_blocks(section: str, language: str) -> list[str]:
+    """The ```language blocks of one section of docs/data.md (up to the next "## " heading or the end)."""
+    text = DATA_DOC.read_text()
     body = text[text.index(f"\n## {section}\n"):]
-    body = body[: body.index("\n## ", 1)]
+    end = body.find("\n## ", 1)
+    body = body if end < 0 else body[:end]
     return re.findall(rf"```{language}\n(.*?)```", body, flags=re.S)
 
 
-def test_readme_own_data_steps_train_with_dens(tmp_path):
-    """The README's steps, run as written: extxyz by ASE, write-metadata, fairchem --mode train."""
-    (python_block,) = readme_blocks("Your own data", "python")
-    (bash_block,) = readme_blocks("Your own data", "bash")
+def test_own_data_steps_of_the_docs_train_with_dens(tmp_path):
+    """The steps of docs/data.md, run as written: extxyz by ASE, write-metadata, fairchem --mode train."""
+    (python_block,) = doc_blocks("Your own data", "python")
+    (bash_block,) = doc_blocks("Your own data", "bash")
     (tmp_path / "configs").symlink_to(CONFIGS)  # the steps run from a checkout's root
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     made = subprocess.run([sys.executable, "-c", python_block], cwd=tmp_path, capture_output=True, text=True)

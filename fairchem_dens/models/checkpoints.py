@@ -156,7 +156,7 @@ def checkpoint_family(checkpoint: dict[str, Any]) -> tuple[str, str]:
         raise CheckpointMismatchError(
             f"the checkpoint's backbone (modules {', '.join(body[:8])}{', ...' if len(body) > 8 else ''}) is "
             f"none of the architectures fairchem-dens has a DeNS adapter for ({known_families()}); "
-            "adding one is a module under fairchem_dens/models/ (README: Adding a backbone)"
+            "adding one is a module under fairchem_dens/models/ (docs/backbones.md#adding-a-backbone)"
         )
     if not hydra and not found.original_prefixes:
         raise CheckpointMismatchError(

@@ -103,7 +103,7 @@ def check_model(model: nn.Module, forces: str = FORCES) -> None:
             f"the model's forces are gradients of its energy ({name}, a conservative head without a "
             "noise output): DeNS needs a noise prediction for corrupted atoms. Use a conservative DeNS "
             "head (eSEN: fairchem_dens.models.esen.DeNSeSENConservativeHead), or pre-train with a direct "
-            f"DeNS head and fine-tune conservatively without DeNS (README: two-step recipe); {use_instead()}."
+            f"DeNS head and fine-tune conservatively without DeNS (docs/esen.md#the-two-step-recipe); {use_instead()}."
         )
     if not hasattr(backbone, "force_embedding"):
         raise DeNSSetupError(
