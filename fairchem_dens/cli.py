@@ -64,57 +64,49 @@ def _make_emt_data(args: argparse.Namespace) -> int:
 
 
 def _convert_checkpoint(args: argparse.Namespace) -> int:
-    from fairchem_dens.models.checkpoints import (
-        CheckpointMismatchError,
-        convert_original_checkpoint,
-        read_checkpoint,
-    )
+    from fairchem_dens.models.checkpoints import convert_original_checkpoint, read_checkpoint
 
-    source, target = Path(args.input).resolve(), Path(args.output).resolve()
-    if source == target:
-        raise SystemExit("convert-checkpoint: OUT must differ from IN (the original is kept)")
-    if target.exists() and not args.overwrite:
-        raise SystemExit(f"convert-checkpoint: {target} exists; pass --overwrite to replace it")
-    try:
-        converted = convert_original_checkpoint(read_checkpoint(source, allow_pickle=args.allow_pickle))
-    except (CheckpointMismatchError, FileNotFoundError) as error:
-        raise SystemExit(f"convert-checkpoint: {error}") from error
-    _save_atomically(converted, target)
+    converted, target = _convert_file(
+        args, "convert-checkpoint", "the original is kept",
+        lambda source: convert_original_checkpoint(read_checkpoint(source, allow_pickle=args.allow_pickle)),
+    )
     backbone = converted["config"]["model"]["backbone"]["model"]
     print(f"wrote {target}: {len(converted['state_dict'])} tensors, backbone {backbone}")
     return 0
 
 
 def _to_conservative(args: argparse.Namespace) -> int:
-    from fairchem_dens.models.checkpoints import (
-        CheckpointMismatchError,
-        conservative_finetune_checkpoint,
-        read_checkpoint,
-    )
+    from fairchem_dens.models.checkpoints import conservative_finetune_checkpoint, read_checkpoint
 
-    source, target = Path(args.input).resolve(), Path(args.output).resolve()
-    if source == target:
-        raise SystemExit("to-conservative: OUT must differ from IN (the direct checkpoint is kept)")
-    if target.exists() and not args.overwrite:
-        raise SystemExit(f"to-conservative: {target} exists; pass --overwrite to replace it")
-    try:
-        converted = conservative_finetune_checkpoint(read_checkpoint(source), use_ema=not args.no_ema)
-    except (CheckpointMismatchError, FileNotFoundError) as error:
-        raise SystemExit(f"to-conservative: {error}") from error
-    _save_atomically(converted, target)
+    converted, target = _convert_file(
+        args, "to-conservative", "the direct checkpoint is kept",
+        lambda source: conservative_finetune_checkpoint(read_checkpoint(source), use_ema=not args.no_ema),
+    )
     print(f"wrote {target}: fairchem eSEN_Backbone + MLP_EFS_Head, {len(converted['state_dict'])} tensors "
           f"({'EMA' if converted['config']['converted_from']['ema'] else 'raw'} weights); fine-tune with "
           f"`fairchem --mode train --config-yml CONSERVATIVE.yml --checkpoint {target}`")
     return 0
 
 
-def _save_atomically(checkpoint: dict, target: Path) -> None:
+def _convert_file(args: argparse.Namespace, command: str, kept: str, convert) -> tuple[dict, Path]:
+    """``convert(IN)`` written to OUT; refuses OUT = IN and, without --overwrite, an existing OUT."""
     import torch
 
     from fairchem_dens.files import atomic_write
+    from fairchem_dens.models.checkpoints import CheckpointMismatchError
 
+    source, target = Path(args.input).resolve(), Path(args.output).resolve()
+    if source == target:
+        raise SystemExit(f"{command}: OUT must differ from IN ({kept})")
+    if target.exists() and not args.overwrite:
+        raise SystemExit(f"{command}: {target} exists; pass --overwrite to replace it")
+    try:
+        converted = convert(source)
+    except (CheckpointMismatchError, FileNotFoundError) as error:
+        raise SystemExit(f"{command}: {error}") from error
     with atomic_write(target) as temp:  # never leaves a half-written OUT behind
-        torch.save(checkpoint, temp)
+        torch.save(converted, temp)
+    return converted, target
 
 
 def _write_metadata(args: argparse.Namespace) -> int:
@@ -202,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         "configs", help="print where the shipped configs are, or copy them (--copy DIR) to run or edit them"
     )
     configs.add_argument("--copy", metavar="DIR", default=None,
-                         help="copy the configs tree to DIR (e.g. `--copy configs` for the README's commands)")
+                         help="copy the configs tree to DIR (e.g. `--copy configs` for the documented commands)")
     configs.add_argument("--overwrite", action="store_true", help="with --copy: replace configs already in DIR")
     configs.set_defaults(func=_configs)
 
