@@ -11,11 +11,11 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_write", "replace_dir", "replace_durably", "sha256_file", "staging_dir", "temp_beside"]
+__all__ = ["atomic_write", "publish", "replace_dir", "replace_durably", "sha256_file", "staging_dir", "temp_beside"]
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -96,3 +96,20 @@ def replace_dir(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(old)
     else:
         old.unlink()
+
+
+def publish(staging: Path, out_dir: Path, names: Iterable[str], retire: Iterable[str] = ()) -> None:
+    """Moves the complete files and folders ``names`` from ``staging`` into ``out_dir``.
+
+    Each appears by one rename, so a reader (or an interrupted run) never sees half of
+    one; what they replace, and the entries ``retire`` of ``out_dir`` that have no
+    successor, go to ``staging`` to be deleted with it.
+    """
+    replaced = staging / ".replaced"
+    replaced.mkdir()
+    for name in retire:
+        os.replace(out_dir / name, replaced / name)
+    for name in names:
+        if (out_dir / name).exists():
+            os.replace(out_dir / name, replaced / name)
+        os.replace(staging / name, out_dir / name)

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from fairchem_dens.files import atomic_write, replace_dir, sha256_file, staging_dir
+from fairchem_dens.files import atomic_write, publish, replace_dir, sha256_file, staging_dir
 
 
 def test_atomic_write_renames_the_finished_file(tmp_path):
@@ -58,3 +58,17 @@ def test_sha256_file_matches_hashlib(tmp_path):
     path = tmp_path / "blob"
     path.write_bytes(bytes(range(256)) * 5000)
     assert sha256_file(path, chunk=4096) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_publish_moves_each_entry_and_retires_stale_ones(tmp_path):
+    out_dir, staging = tmp_path / "out", tmp_path / "out" / ".staging"
+    for name in ("train", "stale"):
+        (out_dir / name).mkdir(parents=True)
+        (out_dir / name / "old").write_text("old")
+    (staging / "train").mkdir(parents=True)
+    (staging / "train" / "new").write_text("new")
+    (staging / "dataset.json").write_text("{}")
+    publish(staging, out_dir, ["train", "dataset.json"], retire=["stale"])
+    assert sorted(path.name for path in out_dir.iterdir()) == [".staging", "dataset.json", "train"]
+    assert [path.name for path in (out_dir / "train").iterdir()] == ["new"]
+    assert sorted(path.name for path in (staging / ".replaced").iterdir()) == ["stale", "train"]

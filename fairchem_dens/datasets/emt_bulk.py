@@ -39,6 +39,7 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
 from fairchem_dens.datasets.emt_data import METALS, atoms_to_data
 from fairchem_dens.datasets.lmdb_io import write_lmdb, write_metadata
+from fairchem_dens.files import publish
 
 __all__ = ["SUPERCELLS", "TEMPERATURES_K", "generate_bulk_dataset", "write_aselmdb"]
 
@@ -177,11 +178,7 @@ def generate_bulk_dataset(
             "splits": summary,
         }
         (staging / "dataset.json").write_text(json.dumps(description, indent=2, ensure_ascii=False))
-        for layout in ("aselmdb", "lmdb"):
-            if (out_dir / layout).exists():
-                shutil.rmtree(out_dir / layout)
-            (staging / layout).rename(out_dir / layout)
-        (staging / "dataset.json").replace(out_dir / "dataset.json")
+        publish(staging, out_dir, ["aselmdb", "lmdb", "dataset.json"])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("EMT bulk data written to %s", out_dir)

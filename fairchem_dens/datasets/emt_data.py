@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,6 +30,7 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.optimize import BFGS
 
 from fairchem_dens.datasets.lmdb_io import write_lmdb
+from fairchem_dens.files import publish
 
 __all__ = [
     "ADSORBATES",
@@ -251,25 +251,6 @@ def _previous_splits(out_dir: Path) -> list[str]:
         return []
 
 
-def _publish(staging: Path, out_dir: Path, names: list[str], stale: list[str]) -> None:
-    """Moves the complete split folders and dataset.json from ``staging`` into ``out_dir``.
-
-    Each split appears by one rename, so a reader (or an interrupted run) never sees a
-    half-written split; the folders they replace, and splits of an earlier run that
-    this run no longer has, go to ``staging`` to be deleted with it.
-    """
-    replaced = staging / ".replaced"
-    replaced.mkdir()
-    for name in stale:
-        if (out_dir / name / "data.lmdb").is_file():
-            os.replace(out_dir / name, replaced / name)
-    for name in names:
-        if (out_dir / name).exists():
-            os.replace(out_dir / name, replaced / name)
-        os.replace(staging / name, out_dir / name)
-    os.replace(staging / "dataset.json", out_dir / "dataset.json")
-
-
 def _description(params: dict[str, Any], systems, assignment, natoms) -> dict[str, Any]:
     """Contents of dataset.json: what was generated, how, and in which units."""
     return {
@@ -373,8 +354,10 @@ def generate_emt_dataset(
         }
         description = _description(params, systems, assignment, natoms)
         (staging / "dataset.json").write_text(json.dumps(description, indent=2, ensure_ascii=False))
-        stale = [name for name in _previous_splits(out_dir) if name not in assignment]
-        _publish(staging, out_dir, list(assignment), stale)
+        # Splits of an earlier run that this one no longer has go too (only folders that hold our LMDB).
+        stale = [name for name in _previous_splits(out_dir)
+                 if name not in assignment and (out_dir / name / "data.lmdb").is_file()]
+        publish(staging, out_dir, [*assignment, "dataset.json"], retire=stale)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("EMT data set written to %s", out_dir)
