@@ -398,7 +398,7 @@ def require_md(config: DeNSConfig, md: Any, where: str) -> None:
     """Refuses ``relaxation_only`` without MD flags; ``where`` names the data ("the batch", a dataset)."""
     if config.relaxation_only and md is None:
         raise DeNSConfigError(
-            f"optim.denoising_pos_params.relaxation_only is set but {where} has no `md` flag: use "
+            f"optim.denoising_pos_params.relaxation_only is set but {where} gives no `md` flag: use "
             "fairchem_dens.datasets.lmdb_dataset.DeNSLmdbDataset or store `md` in the entries."
         )
 
