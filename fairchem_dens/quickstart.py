@@ -233,7 +233,8 @@ def run_quickstart(
             ``cores // jobs`` threads.
 
     Raises:
-        ValueError: a size outside what the example holds, before anything runs.
+        ValueError: a size outside what the example holds, or a ``data`` folder in
+            ``workdir`` that is not the quickstart's, before anything runs.
     """
     from fairchem_dens.datasets.md17 import convert_md17
 
@@ -247,6 +248,9 @@ def run_quickstart(
 
     workdir = Path(workdir).resolve()
     data = workdir / "data"
+    if data.exists() and any(data.iterdir()) and not (data / "md17_info.json").exists():
+        raise ValueError(f"{data} holds other data than the quickstart's (no md17_info.json): "
+                         "choose another --workdir, or move that folder away")
     if not (data / "md17_info.json").exists():
         print(f"Converting {example_trajectory().name} into {data} ({EXAMPLE_TRAIN_FRAMES} training frames) ...",
               flush=True)

@@ -120,3 +120,21 @@ def test_quickstart_refuses_sizes_the_example_does_not_hold(tmp_path):
                                  str(tmp_path / "qs"), *args], capture_output=True, text=True, timeout=300)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
         assert not (tmp_path / "qs").exists()  # refused before anything was written
+
+
+def test_quickstart_refuses_a_data_folder_that_is_not_its_own(tmp_path):
+    """The EMT example written into the quickstart's folder is kept, and the refusal says what to do."""
+    cli = [sys.executable, "-m", "fairchem_dens.cli"]
+    data = tmp_path / "qs" / "data"
+    made = subprocess.run([*cli, "make-emt-data", str(data)], capture_output=True, text=True,
+                          timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    result = subprocess.run([*cli, "quickstart", "--workdir", str(tmp_path / "qs"), "--epochs", "1", "--frames", "8"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        f"fairchem-dens quickstart: {data} holds other data than the quickstart's (no md17_info.json): "
+        "choose another --workdir, or move that folder away"
+    ]
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
