@@ -248,10 +248,10 @@ def run_quickstart(
 
     workdir = Path(workdir).resolve()
     data = workdir / "data"
-    if data.exists() and any(data.iterdir()) and not (data / "md17_info.json").exists():
-        raise ValueError(f"{data} holds other data than the quickstart's (no md17_info.json): "
-                         "choose another --workdir, or move that folder away")
     if not (data / "md17_info.json").exists():
+        if data.exists():  # the converter refuses to replace a folder: say which and what to do
+            raise ValueError(f"{data} exists but is not the quickstart's data (no md17_info.json): "
+                             "choose another --workdir, or move that folder away")
         print(f"Converting {example_trajectory().name} into {data} ({EXAMPLE_TRAIN_FRAMES} training frames) ...",
               flush=True)
         convert_md17(example_trajectory(), data, n_train=EXAMPLE_TRAIN_FRAMES, molecule="ethanol")

@@ -134,7 +134,12 @@ def test_quickstart_refuses_a_data_folder_that_is_not_its_own(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [
-        f"fairchem-dens quickstart: {data} holds other data than the quickstart's (no md17_info.json): "
+        f"fairchem-dens quickstart: {data} exists but is not the quickstart's data (no md17_info.json): "
         "choose another --workdir, or move that folder away"
     ]
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+    empty = tmp_path / "qs_empty" / "data"  # an empty folder is refused the same way, not with a traceback
+    empty.mkdir(parents=True)
+    result = subprocess.run([*cli, "quickstart", "--workdir", str(empty.parent), "--epochs", "1", "--frames", "8"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "exists but is not the quickstart's data" in result.stderr, result.stderr[-2000:]
