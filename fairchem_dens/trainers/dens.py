@@ -121,8 +121,10 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         if optimizer is None:
             raise ValueError("the DeNS trainer needs the `optim` section of the config")
         self.dens = DeNSConfig.from_optim(optimizer)
-        # structures corrupted, structures seen, atoms corrupted, atoms seen in this epoch's training batches
-        self._corruption_counts = torch.zeros(4, dtype=torch.long)
+        # this epoch's training batches: structures and atoms corrupted (summed where the masks live,
+        # so a step adds no host-device sync), and structures and atoms seen
+        self._corrupted_counts = torch.zeros(2, dtype=torch.long)
+        self._seen_counts = [0, 0]
         if kwargs.get("name", "ocp") == "ocp":
             kwargs["name"] = "s2ef"
         super().__init__(*args, **kwargs)
@@ -334,15 +336,16 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
 
     def _count_corruption(self, batch, epoch: int) -> None:
         """Adds a training batch to its epoch's corruption counts; logs them after the epoch's last batch."""
-        counts = torch.tensor([int(corrupted_structures(batch).sum()), batch.natoms.numel(),
-                               int(corrupted_atoms(batch).sum()), batch.pos.shape[0]])
-        self._corruption_counts = self._corruption_counts + counts
+        corrupted = torch.stack([corrupted_structures(batch).sum(), corrupted_atoms(batch).sum()])
+        self._corrupted_counts = self._corrupted_counts.to(corrupted.device) + corrupted
+        self._seen_counts = [self._seen_counts[0] + batch.natoms.numel(), self._seen_counts[1] + batch.pos.shape[0]]
         if self.step % len(self.train_loader) != 0:
             return
         # every rank reaches the epoch's last step together: DDP-global counts
-        structures, total_structures, atoms, total_atoms = (
-            int(n) for n in distutils.all_reduce(self._corruption_counts, device=self.device).tolist())
-        self._corruption_counts = torch.zeros(4, dtype=torch.long)
+        counts = torch.cat([self._corrupted_counts.cpu(), torch.tensor(self._seen_counts)])
+        structures, atoms, total_structures, total_atoms = (
+            int(n) for n in distutils.all_reduce(counts, device=self.device).tolist())
+        self._corrupted_counts, self._seen_counts = torch.zeros(2, dtype=torch.long), [0, 0]
         if not distutils.is_master():
             return
         line = (f"DeNS epoch {epoch + 1}: corrupted {structures}/{total_structures} structures "
