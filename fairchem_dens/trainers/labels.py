@@ -35,12 +35,13 @@ class NonFiniteLabelError(ValueError):
 
 def non_finite_labels(data: Any, names: Iterable[str]) -> list[str]:
     """The names among ``names`` whose label in ``data`` holds a NaN or an inf."""
-    bad = []
-    for name in names:
-        value = getattr(data, name, None)
-        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            bad.append(name)
-    return bad
+    labels = {name: value for name in names
+              if torch.is_tensor(value := getattr(data, name, None)) and value.is_floating_point()}
+    if not labels:
+        return []
+    # one flag per label, read in one go: a single host-device sync per training step
+    finite = torch.stack([torch.isfinite(value).all() for value in labels.values()]).tolist()
+    return [name for name, ok in zip(labels, finite) if not ok]
 
 
 def _sid(data: Any, index: int) -> str:
