@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from fairchem_dens.batch import corrupted_atoms
+from fairchem_dens.core.batch import corrupted_atoms
 from fairchem_dens.resources import configs_dir
 from fairchem_dens.testing import corrupt_like_trainer, fairchem_trainer
 

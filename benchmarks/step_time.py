@@ -50,7 +50,7 @@ FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "inputs.pt"
 
 def trainer_batch(base, mode: str, seed: int = 0):
     """``base`` corrupted as DeNSTrainer.corrupt does (S2EF, full or partial corruption)."""
-    from fairchem_dens.batch import is_dens_batch
+    from fairchem_dens.core.batch import is_dens_batch
 
     if mode == "s2ef":
         return base.clone()
@@ -87,7 +87,7 @@ class EveryAtom(torch.nn.Module):
         self.model = model
 
     def forward(self, batch):
-        from fairchem_dens.batch import corrupted_atoms
+        from fairchem_dens.core.batch import corrupted_atoms
 
         emb = self.model.backbone(batch)
         head = self.model.output_heads["forces"]

@@ -38,6 +38,6 @@ def _check_fairchem() -> None:
 
 _check_fairchem()
 
-from fairchem_dens.noise import DeNSConfig, DeNSConfigError  # noqa: E402
+from fairchem_dens.core.settings import DeNSConfig, DeNSConfigError  # noqa: E402
 
 __all__ = ["__version__", "DeNSConfig", "DeNSConfigError", "FairchemVersionError"]

@@ -291,20 +291,15 @@ def corrupt_like_trainer(batch: Batch, *, seed: int = 0, step: int = 1, enabled:
         enabled: ``use_denoising_pos`` (False: the batch stays an S2EF batch).
         **params: ``denoising_pos_params`` over the defaults prob 1, fixed σ 0.1 Å.
     """
-    from fairchem_dens.batch import apply_corruption
-    from fairchem_dens.noise import DECISION_STREAM, NOISE_STREAM, DeNSConfig, sample_corruption, step_generator
+    from fairchem_dens.core.batch import corrupt_batch
+    from fairchem_dens.core.settings import DeNSConfig
 
     config = DeNSConfig.from_optim({
         "use_denoising_pos": enabled, "denoising_pos_coefficient": 10.0,
         "denoising_pos_params": {"prob": 1.0, "fixed_noise_std": True, "std": 0.1, **params},
     })
     batch = batch.clone()
-    corruption = sample_corruption(
-        config, batch.batch, batch.fixed,
-        step_generator(seed, step, DECISION_STREAM), step_generator(seed, step, NOISE_STREAM),
-        md=getattr(batch, "md", None), num_structures=batch.natoms.numel(),
-    )
-    apply_corruption(batch, corruption)
+    corrupt_batch(config, batch, seed=seed, step=step)
     return batch
 
 
@@ -352,22 +347,16 @@ def lmdb_without(source: str | Path, field: str, folder: str | Path) -> Path:
 
 
 def dens_mode_batch(batch: Batch, mode: str, seed: int = 0, sigma: float = 0.1) -> Batch:
-    """A copy of ``batch`` in S2EF (``s2ef``), full- or partial-corruption (``full``, ``partial``) mode.
+    """A copy of ``batch`` as an S2EF (``s2ef``), full- or partial-corruption (``full``, ``partial``) batch.
 
-    Free atoms are displaced by N(0, sigma²) noise (only masked ones in ``partial``),
-    and the batch is marked as a DeNS batch, as the trainer would leave it.
+    Made by the trainer's corruption code (:func:`corrupt_like_trainer`): every structure is
+    selected; ``full`` corrupts every atom, fixed ones included (``all_atoms``, so the batch
+    carries no ``noise_mask``); ``partial`` each free atom with probability 1/2.
     """
-    batch = batch.clone()
     if mode == "s2ef":
-        return batch
-    gen = torch.Generator().manual_seed(seed)
-    noise = sigma * torch.randn(batch.pos.shape, generator=gen)
-    if mode == "partial":
-        batch.noise_mask = torch.rand(batch.pos.shape[0], generator=gen) < 0.5
-        noise = noise * batch.noise_mask.view(-1, 1)
-    batch.pos = batch.pos + noise * (batch.fixed == 0).view(-1, 1)
-    batch.denoising_pos_forward = True
-    return batch
+        return batch.clone()
+    params = {"corrupt_ratio": 0.5} if mode == "partial" else {"all_atoms": True}
+    return corrupt_like_trainer(batch, seed=seed, std=sigma, **params)
 
 
 @contextlib.contextmanager

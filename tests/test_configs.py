@@ -9,7 +9,7 @@ import pytest
 
 from fairchem.core.common.utils import load_config
 
-from fairchem_dens.noise import DeNSConfig
+from fairchem_dens.core.settings import DeNSConfig
 from fairchem_dens.resources import configs_dir
 from fairchem_dens.testing import TINY_EQV2_BACKBONE, TINY_ESCN_BACKBONE, TINY_ESEN_BACKBONE, build_model
 from tolerances import F64_REL

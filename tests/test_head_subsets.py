@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fairchem_dens.batch import corrupted_atoms
+from fairchem_dens.core.batch import corrupted_atoms
 from fairchem_dens.testing import (
     TINY_EQV2_BACKBONE,
     TINY_ESCN_BACKBONE,

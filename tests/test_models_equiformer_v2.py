@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fairchem_dens.encoding import force_encoding_coefficients
+from fairchem_dens.core.encoding import force_encoding_coefficients
 from fairchem_dens.testing import (
     dens_mode_batch,
     build_model,

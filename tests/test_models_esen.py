@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from fairchem_dens.batch import corrupted_structures
+from fairchem_dens.core.batch import corrupted_structures
 from fairchem_dens.models.checkpoints import (
     CheckpointMismatchError,
     conservative_finetune_checkpoint,

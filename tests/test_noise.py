@@ -7,16 +7,15 @@ import math
 import pytest
 import torch
 
-from fairchem_dens.noise import (
+from fairchem_dens.core.corruption import (
     DECISION_STREAM,
     NOISE_STREAM,
-    DeNSConfig,
-    DeNSConfigError,
     sample_corruption,
     select_structures,
     sigma_ladder,
     step_generator,
 )
+from fairchem_dens.core.settings import DeNSConfig, DeNSConfigError
 from tolerances import ELEMENTWISE_ULPS, EPS32, F64_REL, assert_ulps
 
 
@@ -205,7 +204,7 @@ def test_sibling_coefficient_overrides_the_field_inside_params():
 
 
 def test_every_output_gets_a_role():
-    from fairchem_dens.trainers.output_policy import output_roles
+    from fairchem_dens.core.roles import output_roles
 
     # fairchem's output_targets for an MPtrj-style config: stress decomposed into irreps 0 and 2
     targets = {

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from fairchem_dens.noise import DeNSConfigError
+from fairchem_dens.core.errors import DeNSConfigError
 from fairchem_dens.testing import fairchem_trainer, write_variant
 from fairchem_dens.trainers.dens import DeNSSetupError, NonFiniteLossError
 

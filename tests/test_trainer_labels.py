@@ -8,7 +8,7 @@ import re
 import pytest
 
 from fairchem_dens.datasets.lmdb_io import write_lmdb
-from fairchem_dens.noise import DeNSConfig
+from fairchem_dens.core.settings import DeNSConfig
 from fairchem_dens.testing import fairchem_trainer, read_lmdb, write_variant
 from fairchem_dens.trainers.dens import DeNSSetupError
 from fairchem_dens.trainers.guards import check_skip_filters

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from fairchem_dens.models.adapters import adapter, family_of_keys, is_hydra, known_families
-from fairchem_dens.outputs import GRADIENT_OUTPUTS
+from fairchem_dens.core.roles import GRADIENT_OUTPUTS
 
 __all__ = [
     "CheckpointMismatchError",

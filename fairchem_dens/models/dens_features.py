@@ -1,7 +1,7 @@
 """The DeNS node features and force output shared by the backbone adapters.
 
 ``force_embedding`` (fairchem's ``SO3_LinearV2``, 1 -> C channels, lmax L) maps the
-force encoding of :mod:`fairchem_dens.encoding` to node features. It runs in every
+force encoding of :mod:`fairchem_dens.core.encoding` to node features. It runs in every
 mode: with a zero input it still adds its bias to the l = 0 coefficient, and the
 published weights were trained with that bias, so it must stay.
 """
@@ -17,8 +17,8 @@ from torch import nn
 
 from fairchem.core.models.equiformer_v2.so3 import SO3_Embedding, SO3_LinearV2
 
-from fairchem_dens.batch import corrupted_atoms, is_dens_batch
-from fairchem_dens.encoding import force_encoding_coefficients
+from fairchem_dens.core.batch import corrupted_atoms, is_dens_batch
+from fairchem_dens.core.encoding import force_encoding_coefficients
 
 __all__ = [
     "is_dens_batch",

@@ -45,7 +45,7 @@ from fairchem_dens.models.dens_features import (
     is_dens_batch,
     make_force_embedding,
 )
-from fairchem_dens.outputs import FORCES
+from fairchem_dens.core.roles import FORCES
 
 if TYPE_CHECKING:
     from torch_geometric.data import Batch

@@ -34,7 +34,7 @@ from fairchem_dens.models.dens_features import (
     dens_node_features,
     make_force_embedding,
 )
-from fairchem_dens.outputs import FORCES
+from fairchem_dens.core.roles import FORCES
 
 if TYPE_CHECKING:
     from torch_geometric.data import Batch

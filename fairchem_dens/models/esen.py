@@ -42,8 +42,8 @@ from fairchem.core.models.base import HeadInterface
 from fairchem.core.models.esen.esen import MLP_EFS_Head, eSEN_Backbone
 from fairchem.core.models.esen.nn.so3_layers import SO3_Linear
 
-from fairchem_dens.batch import corrupted_atoms
-from fairchem_dens.outputs import FORCES
+from fairchem_dens.core.batch import corrupted_atoms
+from fairchem_dens.core.roles import FORCES
 from fairchem_dens.models.adapters import BackboneAdapter
 from fairchem_dens.models.dens_features import (
     DeNSBackboneMixin,

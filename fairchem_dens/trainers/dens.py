@@ -6,7 +6,7 @@ What changes against fairchem's trainer:
   place fairchem calls it in training mode is ``train()``), so validation,
   prediction and relaxations never see noise;
 * ``_compute_loss`` trains each output by its DeNS role (original / replaced /
-  excluded, :mod:`fairchem_dens.trainers.output_policy`), with the denoising
+  excluded, :mod:`fairchem_dens.core.roles`), with the denoising
   term of the original implementation (docs/algorithm.md#loss), and stops on a non-finite
   prediction, target or term, naming it;
 * ``_compute_metrics`` reports ``denoising_*`` metrics for DeNS batches;
@@ -44,16 +44,21 @@ from fairchem.core.models.equiformer_v2.trainers.forces_trainer import (
 from fairchem.core.modules.evaluator import Evaluator
 from fairchem.core.modules.normalization.normalizer import Normalizer
 
-from fairchem_dens.batch import (
+from fairchem_dens.core import loss as dens_loss
+from fairchem_dens.core import metrics as dens_metrics
+from fairchem_dens.core.batch import (
     S2EF,
-    apply_corruption,
     batch_kind,
+    corrupt_batch,
     corrupted_atoms,
     corrupted_structures,
     is_dens_batch,
-    structure_subset,
 )
-
+from fairchem_dens.core.corruption import TRAINING_STREAMS, VALIDATION_STREAMS
+from fairchem_dens.core.errors import NonFiniteLossError
+from fairchem_dens.core.roles import EXCLUDED, FORCES, ORIGINAL, STRESS, output_roles
+from fairchem_dens.core.settings import DeNSConfig
+from fairchem_dens.core.tally import CorruptionTally
 from fairchem_dens.files import replace_durably
 from fairchem_dens.models.checkpoints import (
     CheckpointMismatchError,
@@ -64,42 +69,24 @@ from fairchem_dens.models.checkpoints import (
     read_checkpoint,
     strip_ddp_prefix,
 )
-from fairchem_dens.noise import (
-    TRAINING_STREAMS,
-    VALIDATION_STREAMS,
-    DeNSConfig,
-    require_md,
-    require_stress,
-    sample_corruption,
-    step_generator,
-)
-from fairchem_dens.outputs import FORCES, STRESS
 from fairchem_dens.trainers.guards import (
     DeNSSetupError,
+    check_denoising_splits,
     check_gradient_normalizers,
+    check_loss_functions,
     check_model,
     check_normalizers,
     check_skip_filters,
+    check_training_sample,
     check_warmup,
 )
 from fairchem_dens.trainers.labels import FitRecorder, check_batch_labels
 from fairchem_dens.trainers.normalizer_ties import apply_rmsd_ties, pop_rmsd_ties
-from fairchem_dens.trainers.output_policy import EXCLUDED, ORIGINAL, REPLACED, output_roles
+from fairchem_dens.trainers.structure_subset import structure_subset
 
 __all__ = ["DeNSTrainer", "NonFiniteLossError", "DeNSSetupError"]
 
 NOISE_TARGET = "denoising_pos_target"
-POS_MAE = "denoising_pos_mae"
-FORCE_MAE = "denoising_force_mae"
-
-
-def _original_mae(name: str) -> str:
-    """Metric of an ``original``-role output in DeNS batches (``denoising_energy_mae``)."""
-    return f"denoising_{name}_mae"
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or infinite."""
 
 
 @registry.register_trainer("fairchem_dens_trainer")
@@ -107,7 +94,7 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
     """EquiformerV2/eSCN S2EF training with DeNS as an auxiliary task.
 
     Takes fairchem's trainer arguments unchanged; the DeNS settings come from
-    ``optim`` (see :class:`fairchem_dens.noise.DeNSConfig`) and are validated
+    ``optim`` (see :class:`fairchem_dens.core.corruption.DeNSConfig`) and are validated
     before anything is built.
 
     The task name is ``s2ef`` (fairchem would call a trainer given by dotted
@@ -121,10 +108,7 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         if optimizer is None:
             raise ValueError("the DeNS trainer needs the `optim` section of the config")
         self.dens = DeNSConfig.from_optim(optimizer)
-        # this epoch's training batches: structures and atoms corrupted (summed where the masks live,
-        # so a step adds no host-device sync), and structures and atoms seen
-        self._corrupted_counts = torch.zeros(2, dtype=torch.long)
-        self._seen_counts = [0, 0]
+        self._tally = CorruptionTally()  # this epoch's corrupted structures and atoms
         if kwargs.get("name", "ocp") == "ocp":
             kwargs["name"] = "s2ef"
         super().__init__(*args, **kwargs)
@@ -137,13 +121,7 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         super().load_task()
         # What a DeNS batch does with each output; refuses configs DeNS cannot train.
         self.output_roles = output_roles(self.output_targets, self.dens.output_policy) if self.dens.enabled else {}
-        for target, loss in (next(iter(entry.items())) for entry in self.config.get("loss_functions", [])):
-            if target == FORCES and loss.get("fn") == "per_atom_mae":
-                raise DeNSSetupError(
-                    "loss_functions.forces.fn is per_atom_mae, a loss for per-structure scalars; "
-                    "DeNS trains the noise per atom through the forces loss: use l2mae (the "
-                    "published recipes), mae or mse."
-                )
+        check_loss_functions(self.config.get("loss_functions", []))
 
     def load_model(self) -> None:
         super().load_model()
@@ -153,39 +131,18 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
     def load_datasets(self) -> None:
         super().load_datasets()
         if self.train_dataset is not None and len(self.train_dataset) > 0:
-            sample = self.train_dataset[0]
-            source = self.config["dataset"].get("src")
-            if getattr(sample, FORCES, None) is None:
-                raise ValueError(
-                    f"training dataset {source} has no `forces` in its entries: DeNS "
-                    "encodes the forces of the original structure and trains a force "
-                    "head, so it needs S2EF data with forces (check key_mapping)."
-                )
-            trained = [next(iter(entry)) for entry in self.config.get("loss_functions", [])]
-            for name in trained:
-                if getattr(sample, name, None) is None:
-                    raise ValueError(
-                        f"loss_functions trains `{name}` but the training dataset {source} has no `{name}` "
-                        "in its entries: read it from the data (ase_db/ase_read_multi: a2g_args "
-                        "{r_energy, r_forces, r_stress: True}; stress parts come from the decompose_tensor "
-                        "transform) or remove the output."
-                    )
-            require_stress(self.dens, getattr(sample, STRESS, None), f"the training dataset {source}")
-            require_md(self.dens, getattr(sample, "md", None), f"the training dataset {source}")
+            check_training_sample(self.dens, self.train_dataset[0], self._trained(), self.config["dataset"].get("src"))
         optim = self.config["optim"]
         if self.train_loader is not None and optim.get("scheduler") == "LambdaLR":
             check_warmup(optim.get("scheduler_params", {}), len(self.train_loader))
-        if self.dens.enabled and self.dens.validate_denoising and self.dens.relaxation_only:
-            # validate_denoising corrupts val/test with the same rules: check them now, not at step eval_every.
-            for split in ("val", "test"):
-                dataset = getattr(self, f"{split}_dataset", None)
-                if dataset is not None and len(dataset) > 0 and getattr(dataset[0], "md", None) is None:
-                    raise ValueError(
-                        "optim.denoising_pos_params.validate_denoising and relaxation_only are set "
-                        f"but the {split} dataset {self.config.get(f'{split}_dataset', {}).get('src')} "
-                        "gives no `md` flag: use fairchem_dens.datasets.lmdb_dataset.DeNSLmdbDataset "
-                        "for that split too, or turn validate_denoising off."
-                    )
+        evaluated = {split: (getattr(self, f"{split}_dataset", None), self.config.get(f"{split}_dataset", {}).get("src"))
+                     for split in ("val", "test")}
+        check_denoising_splits(self.dens, {split: (dataset[0], source) for split, (dataset, source)
+                                           in evaluated.items() if dataset is not None and len(dataset) > 0})
+
+    def _trained(self) -> list[str]:
+        """The outputs ``loss_functions`` trains."""
+        return [next(iter(entry)) for entry in self.config.get("loss_functions", [])]
 
     def load_references_and_normalizers(self) -> None:
         transforms = self.config["dataset"].get("transforms", {})
@@ -218,9 +175,8 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
 
     def label_names(self) -> list[str]:
         """Labels checked for NaN/inf: the forces DeNS encodes, every trained target, a filtered stress."""
-        trained = [next(iter(entry)) for entry in self.config.get("loss_functions", [])]
         stress = [STRESS] if self.dens.max_stress_norm is not None else []
-        return list(dict.fromkeys([FORCES, *trained, *stress]))
+        return list(dict.fromkeys([FORCES, *self._trained(), *stress]))
 
     def _check_fit_labels(self, recorder: FitRecorder | None, source: str) -> None:
         """Refuses the labels the normaliser fit read (rank 0 read them; every rank raises)."""
@@ -334,37 +290,27 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
                 self._count_corruption(batch, epoch)
         return super()._forward(batch)
 
+    def _ranks(self, device=None) -> dens_loss.Reduction:
+        """fairchem's collectives for the core's DDP-global sums."""
+        device = self.device if device is None else device
+        return dens_loss.Reduction(distutils.get_world_size(), lambda values: distutils.all_reduce(values, device=device))
+
     def _count_corruption(self, batch, epoch: int) -> None:
-        """Adds a training batch to its epoch's corruption counts; logs them after the epoch's last batch."""
-        corrupted = torch.stack([corrupted_structures(batch).sum(), corrupted_atoms(batch).sum()])
-        self._corrupted_counts = self._corrupted_counts.to(corrupted.device) + corrupted
-        self._seen_counts = [self._seen_counts[0] + batch.natoms.numel(), self._seen_counts[1] + batch.pos.shape[0]]
+        """Adds a training batch to its epoch's counts; logs them after the epoch's last batch."""
+        self._tally.add(batch)
         if self.step % len(self.train_loader) != 0:
             return
-        # every rank reaches the epoch's last step together: DDP-global counts
-        counts = torch.cat([self._corrupted_counts.cpu(), torch.tensor(self._seen_counts)])
-        structures, atoms, total_structures, total_atoms = (
-            int(n) for n in distutils.all_reduce(counts, device=self.device).tolist())
-        self._corrupted_counts, self._seen_counts = torch.zeros(2, dtype=torch.long), [0, 0]
-        if not distutils.is_master():
-            return
-        line = (f"DeNS epoch {epoch + 1}: corrupted {structures}/{total_structures} structures "
-                f"({100 * structures / max(total_structures, 1):.1f}%), {atoms}/{total_atoms} atoms "
-                f"({100 * atoms / max(total_atoms, 1):.1f}%)")
-        if structures == 0:
-            logging.warning(f"{line}: DeNS is on but corrupted nothing this epoch; check optim.denoising_pos_params "
-                            "(prob, corrupt_ratio, relaxation_only, the skip filters) against the training set.")
-        else:
-            logging.info(line)
+        line, nothing = self._tally.report(epoch, self._ranks())  # every rank reaches the epoch's end together
+        if distutils.is_master():
+            (logging.warning if nothing else logging.info)(line)
 
     def _epoch_index(self) -> int:
         """The 0-based epoch of the current step (fairchem's ``epoch`` is fractional, in (k, k+1])."""
         steps = len(self.train_loader) if self.train_loader is not None else 0
         return max(self.step - 1, 0) // steps if steps else 0
 
-    def corrupt(
-        self, batch, step: int, rank: int = 0, streams: tuple[int, int] = TRAINING_STREAMS, seed: int | None = None
-    ) -> bool:
+    def corrupt(self, batch, step: int, rank: int = 0, streams: tuple[int, int] = TRAINING_STREAMS,
+                seed: int | None = None, dens: DeNSConfig | None = None) -> bool:
         """Corrupts ``batch`` in place (CPU, before it is moved to the device).
 
         Args:
@@ -374,31 +320,20 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
                 rank, the batch-level decision does not).
             streams: the (decision, noise) stream ids (validation uses its own pair).
             seed: seed override (default: the run's ``--seed``).
+            dens: settings override (default: the run's).
 
         Returns:
             True if the batch became a DeNS batch.
         """
-        if seed is None:
-            seed = self.config["cmd"].get("seed") or 0
-        decision_stream, noise_stream = streams
-        corruption = sample_corruption(
-            self.dens,
-            batch.batch,
-            batch.fixed,
-            step_generator(seed, step, decision_stream, self.dens.decision_rank(rank)),
-            step_generator(seed, step, noise_stream, rank),
-            md=getattr(batch, "md", None),
-            num_structures=batch.natoms.numel(),
-            forces=batch.forces,
-            stress=getattr(batch, STRESS, None),
-        )
-        return apply_corruption(batch, corruption)
+        seed = (self.config["cmd"].get("seed") or 0) if seed is None else seed
+        return corrupt_batch(self.dens if dens is None else dens, batch, seed=seed, step=step, rank=rank,
+                             streams=streams)
 
     # -------------------------------------------------------------------- loss
     def _compute_loss(self, out, batch) -> torch.Tensor:
         """Every term by one rule: fairchem's per-element loss, weighted, DDP-global mean.
 
-        Each output follows its DeNS role (:mod:`fairchem_dens.trainers.output_policy`).
+        Each output follows its DeNS role (:mod:`fairchem_dens.core.roles`).
         In an S2EF batch this is fairchem's loss. In a DeNS batch ``forces`` is trained
         on the normalised noise on corrupted atoms (weight lambda_D) and on the forces
         elsewhere (weight lambda_F) in one mean (``loss_form: hybrid``) or two
@@ -425,46 +360,38 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
 
     def _check_finite(self, out, batch, kind: str) -> None:
         # fairchem's DDPLoss replaces NaN predictions by 0, which would hide a broken step.
-        for target_name, _ in self.loss_functions:
-            for what, values in (("prediction", out[target_name]), ("target", batch[target_name])):
-                bad = ~torch.isfinite(values)
-                if bool(bad.any()):
-                    raise NonFiniteLossError(
-                        f"the `{target_name}` {what} has {int(bad.sum())} NaN/inf value(s) in a {kind} "
-                        f"batch at step {self.step} (epoch {self.epoch:.3f}); stopping before the "
-                        "weights are updated. Lower the learning rate, check the data, or resume "
-                        "from the last checkpoint."
-                    )
+        checked = [(name, what, values) for name, _ in self.loss_functions
+                   for what, values in (("prediction", out[name]), ("target", batch[name]))]
+        finite = torch.stack([torch.isfinite(values).all() for _, _, values in checked]).tolist()  # one sync
+        for (name, what, values), ok in zip(checked, finite):
+            if not ok:
+                raise NonFiniteLossError(
+                    f"the `{name}` {what} has {int((~torch.isfinite(values)).sum())} NaN/inf value(s) in a {kind} "
+                    f"batch at step {self.step} (epoch {self.epoch:.3f}); stopping before the "
+                    "weights are updated. Lower the learning rate, check the data, or resume "
+                    "from the last checkpoint."
+                )
 
     def _loss_term(self, name: str, pred: torch.Tensor, batch, loss_info: dict[str, Any]) -> torch.Tensor:
-        """One output's loss term in any batch (see :meth:`_compute_loss`)."""
-        target = self._normalized_target(name, batch)
-        pred = pred.float()  # half-precision predictions (AMP) are reduced in float32
-        rows = self._counted(name, batch, training=True)
-        weights = None
-        if is_dens_batch(batch):
-            role = self.output_roles[name]
-            if role == REPLACED:
-                corrupted = corrupted_atoms(batch)
-                target = torch.where(corrupted.view(-1, 1), batch.denoising_target.float(), target)
-                weights = torch.where(
-                    corrupted,
-                    torch.tensor(self.dens.coefficient_at(self.epoch, self.config["optim"]["max_epochs"])),
-                    torch.tensor(float(loss_info["coefficient"])),
-                ).to(pred.device)
-            elif role == EXCLUDED:
-                rows = rows & ~self._corrupted_rows(name, batch)
+        """One output's loss term in any batch: fairchem's per-row loss, the core's DeNS rules."""
         fn = loss_info["fn"]
-        elementwise = fn.loss_fn(pred, target, natoms=batch.natoms)
-        if weights is None:
-            weights = torch.full((elementwise.shape[0],), float(loss_info["coefficient"]), device=pred.device)
-        weighted = weights.view(-1, *[1] * (elementwise.dim() - 1)) * elementwise
-        if name == FORCES and self.dens.loss_form == "separate_means":
-            # Two means, each over its own DDP-global count; split in S2EF batches too, so
-            # every rank makes the same collectives whatever its batch kind.
-            corrupted = corrupted_atoms(batch)
-            return _ddp_mean(weighted[rows & corrupted], fn) + _ddp_mean(weighted[rows & ~corrupted], fn)
-        return _ddp_mean(weighted[rows], fn)
+        dens = is_dens_batch(batch)
+        return dens_loss.output_loss(
+            lambda prediction, target: fn.loss_fn(prediction, target, natoms=batch.natoms),
+            pred,
+            self._normalized_target(name, batch),
+            role=self.output_roles.get(name, ORIGINAL),  # in S2EF batches every mask is all-false
+            coefficient=float(loss_info["coefficient"]),
+            rows=self._counted(name, batch, training=True),
+            corrupted=corrupted_atoms(batch),
+            corrupted_rows=dens_loss.structure_rows(corrupted_structures(batch), batch.batch,
+                                                    self.output_targets[name]["level"]),
+            noise_target=batch.denoising_target if dens else None,
+            denoising_coefficient=self.dens.coefficient_at(self.epoch, self.config["optim"]["max_epochs"]),
+            loss_form=self.dens.loss_form if name == FORCES else "hybrid",
+            reduction=fn.reduction,
+            ranks=self._ranks(pred.device),
+        )
 
     def _normalized_target(self, name: str, batch) -> torch.Tensor:
         """fairchem's target of ``name``: reshaped, element references removed, normalised."""
@@ -477,30 +404,13 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         return target
 
     def _counted(self, name: str, batch, training: bool) -> torch.Tensor:
-        """Rows of ``name`` that enter the loss (``training``) or the metrics.
-
-        The single rule for "which atoms count": with ``train_on_free_atoms`` /
-        ``eval_on_free_atoms`` (default true) the free atoms, plus the corrupted
-        ones when ``all_atoms`` is set; otherwise every atom. System-level outputs
-        count every structure.
-        """
+        """Rows of ``name`` that enter the loss (``training``) or the metrics (:func:`~fairchem_dens.core.loss.counted_rows`)."""
         target = self.output_targets[name]
-        if target["level"] != "atom":
-            return torch.ones(batch.natoms.numel(), dtype=torch.bool, device=batch.natoms.device)
-        on_free = target.get("train_on_free_atoms" if training else "eval_on_free_atoms", True)
-        if not on_free:
-            return torch.ones(batch.fixed.shape[0], dtype=torch.bool, device=batch.fixed.device)
-        counted = batch.fixed == 0
-        if self.dens.all_atoms and is_dens_batch(batch):
-            counted = counted | corrupted_atoms(batch)
-        return counted
-
-    def _corrupted_rows(self, name: str, batch) -> torch.Tensor:
-        """Rows of ``name`` that belong to a corrupted structure."""
-        structures = corrupted_structures(batch)
-        if self.output_targets[name]["level"] == "atom":
-            return structures[batch.batch]
-        return structures
+        return dens_loss.counted_rows(
+            batch.fixed, corrupted_atoms(batch), level=target["level"], num_structures=batch.natoms.numel(),
+            on_free=target.get("train_on_free_atoms" if training else "eval_on_free_atoms", True),
+            all_atoms=self.dens.all_atoms,
+        )
 
     # ----------------------------------------------------------------- metrics
     def _compute_metrics(self, out, batch, evaluator, metrics=None):
@@ -509,13 +419,11 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         metrics = self.denoising_metrics(out, batch, evaluator, metrics)
         return self._excluded_metrics(out, batch, evaluator, metrics)
 
-    def denoising_metrics(self, out, batch, evaluator, metrics=None) -> dict[str, Any]:
-        """Metrics of a DeNS batch, in physical units.
+    def denoising_metrics(self, out, batch, evaluator=None, metrics=None) -> dict[str, Any]:
+        """Metrics of a DeNS batch in physical units (:mod:`fairchem_dens.core.metrics`).
 
-        ``denoising_<output>_mae`` for each output of role ``original`` (eV for
-        ``denoising_energy_mae``), ``denoising_pos_mae`` (Å, corrupted atoms) and
-        ``denoising_force_mae`` (eV/Å, clean atoms), each over the atoms that count
-        for evaluation (:meth:`_counted`). An empty set adds nothing.
+        Each over the atoms that count for evaluation (:meth:`_counted`); ``evaluator`` is
+        not used (kept for fairchem's ``_compute_metrics`` signature).
         """
         metrics = {} if metrics is None else metrics
         with torch.no_grad():
@@ -525,16 +433,14 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
                 pred = self._denorm_preds(name, out[name].detach().float(), batch)
                 rows = self._counted(name, batch, training=False)
                 error = (pred - batch[name].view(pred.shape[0], -1).to(pred)).abs()[rows]
-                _update(evaluator, metrics, _original_mae(name), error)
+                dens_metrics.accumulate(metrics, dens_metrics.original_mae(name), error)
             pred = out[FORCES].detach().float()
-            counted = self._counted(FORCES, batch, training=False)
-            corrupted = corrupted_atoms(batch)
-            noise_error = (pred * self.dens.target_std - batch.noise_vec.to(pred)).abs()
-            _update(evaluator, metrics, POS_MAE, noise_error[corrupted & counted])
-            clean = ~corrupted & counted
-            if bool(clean.any()):
-                force_error = (self._denorm_preds(FORCES, pred, batch) - batch.forces.to(pred)).abs()
-                _update(evaluator, metrics, FORCE_MAE, force_error[clean])
+            errors = dens_metrics.denoising_errors(
+                pred, batch.noise_vec, self.dens.target_std, corrupted_atoms(batch),
+                self._counted(FORCES, batch, training=False),
+                forces_prediction=self._denorm_preds(FORCES, pred, batch), forces=batch.forces)
+            for key, error in errors.items():
+                dens_metrics.accumulate(metrics, key, error)
         return metrics
 
     def _excluded_metrics(self, out, batch, evaluator, metrics) -> dict[str, Any]:
@@ -588,7 +494,6 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         if loader is None:
             return {}
         always = dataclasses.replace(self.dens, prob=1.0, selection="structure")
-        saved, self.dens = self.dens, always
         self.model.eval()
         if self.ema:
             self.ema.store()
@@ -596,16 +501,13 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         metrics: dict[str, Any] = {}
         try:
             for index, batch in enumerate(loader):
-                if not self.corrupt(
-                    batch, step=index, rank=distutils.get_rank(),
-                    streams=VALIDATION_STREAMS, seed=self.dens.validation_seed,
-                ):
+                if not self.corrupt(batch, step=index, rank=distutils.get_rank(), streams=VALIDATION_STREAMS,
+                                    seed=self.dens.validation_seed, dens=always):
                     continue
                 with torch.autocast("cuda", enabled=self.scaler is not None):
                     out = super()._forward(batch)
-                metrics = self.denoising_metrics(out, batch, self.evaluator, metrics)
+                metrics = self.denoising_metrics(out, batch, metrics=metrics)
         finally:
-            self.dens = saved
             if self.ema:
                 self.ema.restore()
         metrics = self.aggregate_denoising_metrics(metrics)
@@ -617,38 +519,14 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
             self.logger.log({k: v["metric"] for k, v in metrics.items()}, step=self.step, split=split)
         return metrics
 
-    def denoising_metric_keys(self) -> list[str]:
-        """Every key :meth:`denoising_metrics` can report, in a fixed order (the same on every rank)."""
-        originals = [_original_mae(name) for name, role in self.output_roles.items() if role == ORIGINAL]
-        return [*originals, POS_MAE, FORCE_MAE]
-
     def aggregate_denoising_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """DDP sums of denoising metrics over a fixed key list.
 
-        fairchem's ``_aggregate_metrics`` all-reduces the keys a rank happens to
-        hold, so a rank whose batches had no clean (or no corrupted) atom would
-        call fewer collectives than the others. Here every rank reduces the same
-        keys; a key with nothing counted on any rank is dropped everywhere.
+        fairchem's ``_aggregate_metrics`` all-reduces the keys a rank happens to hold, so a
+        rank whose batches had no clean (or no corrupted) atom would call fewer collectives
+        than the others; the core reduces the same keys on every rank.
         """
-        aggregated = {}
-        for key in self.denoising_metric_keys():
-            entry = metrics.get(key, {"total": 0.0, "numel": 0})
-            total = distutils.all_reduce(float(entry["total"]), average=False, device=self.device)
-            numel = distutils.all_reduce(int(entry["numel"]), average=False, device=self.device)
-            if numel > 0:
-                aggregated[key] = {"total": total, "numel": numel, "metric": total / numel}
-        return aggregated
-
-
-def _ddp_mean(weighted: torch.Tensor, fn) -> torch.Tensor:
-    """fairchem's DDPLoss reduction of already weighted elements (``sum`` or DDP-global ``mean``)."""
-    total = weighted.sum()
-    if fn.reduction == "sum":
-        return total
-    count = distutils.all_reduce(weighted.numel(), device=weighted.device)
-    if count == 0:  # nothing counts on any rank: a zero term that keeps the graph
-        return 0.0 * total
-    return total * distutils.get_world_size() / count
+        return dens_metrics.aggregate(metrics, dens_metrics.metric_keys(self.output_roles), self._ranks())
 
 
 def _in_mev(metrics: dict[str, Any]) -> str:
@@ -659,10 +537,3 @@ def _in_mev(metrics: dict[str, Any]) -> str:
             unit = "meV/Å" if "force" in key else "meV"
             parts.append(f"{key}: {1000 * value['metric']:.2f} {unit}")
     return ", ".join(parts)
-
-
-def _update(evaluator, metrics: dict[str, Any], key: str, errors: torch.Tensor) -> None:
-    if errors.numel() == 0:
-        return
-    total = float(errors.sum())
-    evaluator.update(key, {"total": total, "numel": errors.numel(), "metric": total / errors.numel()}, metrics)

@@ -12,12 +12,13 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from fairchem_dens.core.corruption import SKIP_FILTERS, passes_skip_filter, require_md, require_stress
+from fairchem_dens.core.errors import DeNSSetupError
+from fairchem_dens.core.roles import ENERGY, FORCES, GRADIENT_OUTPUTS, STRESS
 from fairchem_dens.models.adapters import adapters
-from fairchem_dens.noise import SKIP_FILTERS, passes_skip_filter
-from fairchem_dens.outputs import ENERGY, FORCES, GRADIENT_OUTPUTS
 
-__all__ = ["DeNSSetupError", "check_gradient_normalizers", "check_model", "check_normalizers", "check_skip_filters",
-           "check_warmup"]
+__all__ = ["DeNSSetupError", "check_denoising_splits", "check_gradient_normalizers", "check_loss_functions",
+           "check_model", "check_normalizers", "check_skip_filters", "check_training_sample", "check_warmup"]
 
 
 
@@ -37,10 +38,6 @@ GRADIENT_FORCE_HEADS = (
     "gemnet_t_energy_and_grad_force_head",
     "dimenetplusplus_energy_and_force_head",
 )
-
-
-class DeNSSetupError(ValueError):
-    """The config cannot train with DeNS; the message names the key and the fix."""
 
 
 def _gradient_force_classes() -> tuple[type, ...]:
@@ -233,9 +230,9 @@ def check_skip_filters(dens, values: Mapping[str, Iterable[float]], source: str)
     """Refuses skip filters that let no training structure through: DeNS would never corrupt one.
 
     Args:
-        dens: the DeNS settings (:class:`fairchem_dens.noise.DeNSConfig`).
+        dens: the DeNS settings (:class:`fairchem_dens.core.settings.DeNSConfig`).
         values: per filter key, its quantity for every training structure
-            (:func:`fairchem_dens.noise.skip_filter_values`, as the normaliser fit read them).
+            (:func:`fairchem_dens.core.corruption.skip_filter_values`, as the normaliser fit read them).
         source: the training set's ``src``, for the message.
     """
     values = {key: torch.tensor(list(entries)) for key, entries in values.items()}
@@ -259,3 +256,59 @@ def check_skip_filters(dens, values: Mapping[str, Iterable[float]], source: str)
         f"({values[culprits[0]].numel()} structures): DeNS would never corrupt one. Loosen the filter, or set "
         "optim.use_denoising_pos: False to train without DeNS."
     )
+
+
+def check_loss_functions(loss_functions: Iterable[Mapping[str, Any]]) -> None:
+    """Refuses a per-structure loss on the forces: DeNS trains the noise per atom through it."""
+    for target, loss in (next(iter(entry.items())) for entry in loss_functions):
+        if target == FORCES and loss.get("fn") == "per_atom_mae":
+            raise DeNSSetupError(
+                "loss_functions.forces.fn is per_atom_mae, a loss for per-structure scalars; "
+                "DeNS trains the noise per atom through the forces loss: use l2mae (the "
+                "published recipes), mae or mse."
+            )
+
+
+def check_training_sample(dens, sample: Any, trained: Iterable[str], source: str) -> None:
+    """Refuses a training set whose entries lack what DeNS or the loss reads.
+
+    Args:
+        dens: the DeNS settings.
+        sample: the training set's first entry.
+        trained: the outputs the loss trains.
+        source: the training set's ``src``, for the message.
+    """
+    if getattr(sample, FORCES, None) is None:
+        raise DeNSSetupError(
+            f"training dataset {source} has no `forces` in its entries: DeNS encodes the forces of the "
+            "original structure and trains a force head, so it needs S2EF data with forces (check key_mapping)."
+        )
+    for name in trained:
+        if getattr(sample, name, None) is None:
+            raise DeNSSetupError(
+                f"loss_functions trains `{name}` but the training dataset {source} has no `{name}` "
+                "in its entries: read it from the data (ase_db/ase_read_multi: a2g_args "
+                "{r_energy, r_forces, r_stress: True}; stress parts come from the decompose_tensor "
+                "transform) or remove the output."
+            )
+    require_stress(dens, getattr(sample, STRESS, None), f"the training dataset {source}")
+    require_md(dens, getattr(sample, "md", None), f"the training dataset {source}")
+
+
+def check_denoising_splits(dens, samples: Mapping[str, tuple[Any, str]]) -> None:
+    """With ``validate_denoising`` and ``relaxation_only``, refuses val/test entries without ``md`` flags.
+
+    Args:
+        dens: the DeNS settings.
+        samples: ``{split: (first entry, src)}`` of the evaluated splits.
+    """
+    if not (dens.enabled and dens.validate_denoising and dens.relaxation_only):
+        return
+    for split, (sample, source) in samples.items():
+        if getattr(sample, "md", None) is None:
+            raise DeNSSetupError(
+                "optim.denoising_pos_params.validate_denoising and relaxation_only are set "
+                f"but the {split} dataset {source} gives no `md` flag: use "
+                "fairchem_dens.datasets.lmdb_dataset.DeNSLmdbDataset for that split too, or turn "
+                "validate_denoising off."
+            )

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fairchem_dens.noise import DeNSConfig, skip_filter_values
+from fairchem_dens.core.corruption import skip_filter_values
+from fairchem_dens.core.settings import DeNSConfig
 
 __all__ = ["FitRecorder", "NonFiniteLabelError", "check_batch_labels", "non_finite_labels"]
 

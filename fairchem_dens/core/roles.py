@@ -1,4 +1,6 @@
-"""What a DeNS batch does with each output of a config: the one table loss and metrics read.
+"""The outputs DeNS treats specially, and what a DeNS batch does with each output of a config.
+
+One table that models, losses and metrics of every integration read.
 
 In a DeNS batch some structures are corrupted. Each output is then one of:
 
@@ -19,10 +21,17 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from fairchem_dens.noise import DeNSConfigError
-from fairchem_dens.outputs import ENERGY, FORCES
+from fairchem_dens.core.errors import DeNSConfigError
 
-__all__ = ["ORIGINAL", "REPLACED", "EXCLUDED", "ROLES", "output_roles"]
+__all__ = ["ENERGY", "FORCES", "STRESS", "GRADIENT_OUTPUTS", "ORIGINAL", "REPLACED", "EXCLUDED", "ROLES",
+           "output_roles"]
+
+ENERGY = "energy"
+#: The output that holds the noise prediction on corrupted atoms.
+FORCES = "forces"
+STRESS = "stress"
+#: Outputs a conservative head derives from the energy: -dE/dx and virial / volume.
+GRADIENT_OUTPUTS = (FORCES, STRESS)
 
 ORIGINAL = "original"
 REPLACED = "replaced"

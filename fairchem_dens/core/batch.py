@@ -1,4 +1,4 @@
-"""What a DeNS batch carries, read in one place by the models and the trainer.
+"""How a DeNS batch is made, and what it carries: read in one place by models and trainers.
 
 The trainer corrupts a collated batch in place and marks it with
 ``denoising_pos_forward = True``; ``noise_mask`` (bool ``[N]``) marks the
@@ -12,6 +12,10 @@ from typing import Any
 
 import torch
 
+from fairchem_dens.core.corruption import TRAINING_STREAMS, sample_corruption, step_generator
+from fairchem_dens.core.roles import FORCES, STRESS
+from fairchem_dens.core.settings import DeNSConfig
+
 __all__ = [
     "S2EF",
     "FULL",
@@ -20,8 +24,8 @@ __all__ = [
     "corrupted_atoms",
     "corrupted_structures",
     "batch_kind",
-    "structure_subset",
     "apply_corruption",
+    "corrupt_batch",
 ]
 
 S2EF, FULL, PARTIAL = "S2EF", "full-corruption", "partial-corruption"
@@ -59,41 +63,12 @@ def batch_kind(data: Any) -> str:
     return FULL if bool(corrupted[free].all()) else PARTIAL
 
 
-def structure_subset(data: Any, keep: torch.Tensor, fields: dict[str, str]):
-    """The structures ``keep`` of a batch, with the fields fairchem's metrics read.
-
-    Args:
-        data: the batch.
-        keep: bool ``[B]``, the structures to keep.
-        fields: target fields to carry, ``{name: level}`` (``atom`` or ``system``).
-
-    Returns:
-        ``(subset, atoms)``: a PyG ``Data`` with ``natoms``, ``fixed``,
-        ``atomic_numbers``, ``batch`` (renumbered) and ``fields``, and the bool
-        ``[N]`` mask of the kept atoms.
-    """
-    from torch_geometric.data import Data
-
-    atoms = keep[data.batch]
-    renumber = torch.cumsum(keep.long(), 0) - 1
-    subset = Data(
-        natoms=data.natoms[keep],
-        fixed=data.fixed[atoms],
-        atomic_numbers=data.atomic_numbers[atoms],
-        batch=renumber[data.batch[atoms]],
-    )
-    for name, level in fields.items():
-        rows = atoms if level == "atom" else keep  # collated tensors may be stacked, e.g. stress [3B, 3]
-        subset[name] = data[name].reshape(rows.shape[0], -1)[rows]
-    return subset, atoms
-
-
 def apply_corruption(data: Any, corruption) -> bool:
     """Corrupts a batch in place as the trainer does; returns whether it became a DeNS batch.
 
     Args:
         data: the collated batch.
-        corruption: a :class:`fairchem_dens.noise.Corruption` drawn for it.
+        corruption: a :class:`fairchem_dens.core.corruption.Corruption` drawn for it.
     """
     if not corruption.active:
         return False
@@ -106,3 +81,45 @@ def apply_corruption(data: Any, corruption) -> bool:
         data.noise_mask = corruption.mask.to(device)
     data.denoising_pos_forward = True
     return True
+
+
+def corrupt_batch(
+    config: DeNSConfig,
+    data: Any,
+    *,
+    seed: int,
+    step: int,
+    rank: int = 0,
+    streams: tuple[int, int] = TRAINING_STREAMS,
+) -> bool:
+    """Draws a batch's corruption and applies it in place: the one way a DeNS batch is made.
+
+    Every draw is determined by ``(seed, step, stream, rank)``; the structure selection of
+    ``selection: batch`` uses rank 0's stream on every rank, so all ranks take the same
+    branch. Skip filters read the batch's ``forces`` (and ``stress``), relaxation-only its
+    ``md`` flags.
+
+    Args:
+        config: the DeNS settings.
+        data: a collated batch with ``pos``, ``batch``, ``fixed``, ``natoms``, ``forces``.
+        seed: the run's seed.
+        step: the global training step (the batch index in a validation pass).
+        rank: the DDP rank.
+        streams: the (decision, noise) stream ids: training or validation.
+
+    Returns:
+        True if the batch became a DeNS batch.
+    """
+    decision_stream, noise_stream = streams
+    corruption = sample_corruption(
+        config,
+        data.batch,
+        data.fixed,
+        step_generator(seed, step, decision_stream, config.decision_rank(rank)),
+        step_generator(seed, step, noise_stream, rank),
+        md=getattr(data, "md", None),
+        num_structures=data.natoms.numel(),
+        forces=getattr(data, FORCES, None),
+        stress=getattr(data, STRESS, None),
+    )
+    return apply_corruption(data, corruption)
