@@ -7,7 +7,7 @@
 #
 # The environment lives outside the repository (FAIRCHEM_DENS_ENV, default
 # ~/.cache/fairchem-dens/venv) and holds what pyproject.toml lists: torch, then torch-scatter
-# and torch-sparse, then this checkout (`pip install -e ".[test,xtb]"`); it is reused until
+# and torch-sparse, then this checkout (`pip install -e ".[fairchem1,test,xtb]"`); it is reused until
 # pyproject.toml's requirements change. torch-scatter and torch-sparse are taken from
 # FAIRCHEM_DENS_WHEELS (a folder of wheels) when set, else from ../shared/wheels when that
 # exists, else from PyG's wheel index for the installed torch
@@ -27,7 +27,7 @@ if [[ -z "$WHEELS" && -d "$ROOT/../shared/wheels" ]]; then
 fi
 
 # pyproject.toml is the one list of requirements; the environment gets the plugin with these extras.
-EXTRAS="test,xtb"
+EXTRAS="fairchem1,test,xtb"
 STAMP="$ENV_DIR/.fairchem-dens-complete"
 PYG_TIMEOUT="${FAIRCHEM_DENS_PYG_TIMEOUT:-10}"
 
@@ -49,10 +49,13 @@ if what == "hash":
 elif what == "build":
     print("\n".join(config["build-system"]["requires"]))
 else:
-    by_name = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0]: r for r in project["dependencies"]}
+    # an extra's pin wins over the base requirement of the same name (torch, numpy, ase)
+    wanted = [*project["dependencies"], *(r for extra in extras.split(",")
+                                          for r in project["optional-dependencies"].get(extra, []))]
+    by_name = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0]: r for r in wanted}
     missing = [name for name in names if name not in by_name]
     if missing:
-        sys.exit(f"{path}: no {missing} in [project] dependencies")
+        sys.exit(f"{path}: no {missing} in [project] dependencies or the extras {extras}")
     print("\n".join(by_name[name] for name in names))
 PY
 }
