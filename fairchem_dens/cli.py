@@ -64,7 +64,8 @@ def _make_emt_data(args: argparse.Namespace) -> int:
 
 
 def _convert_checkpoint(args: argparse.Namespace) -> int:
-    from fairchem_dens.models.checkpoints import convert_original_checkpoint, read_checkpoint
+    from fairchem_dens.models.checkpoints import read_checkpoint
+    from fairchem_dens.models.convert_original import convert_original_checkpoint
 
     converted, target = _convert_file(
         args, "convert-checkpoint", "the original is kept",
@@ -76,7 +77,8 @@ def _convert_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _to_conservative(args: argparse.Namespace) -> int:
-    from fairchem_dens.models.checkpoints import conservative_finetune_checkpoint, read_checkpoint
+    from fairchem_dens.models.checkpoints import read_checkpoint
+    from fairchem_dens.models.to_conservative import conservative_finetune_checkpoint
 
     converted, target = _convert_file(
         args, "to-conservative", "the direct checkpoint is kept",

@@ -84,15 +84,22 @@ def is_hydra(keys: Iterable[str]) -> bool:
     return any(key.startswith("backbone.") for key in keys)
 
 
+def backbone_keys(keys: Iterable[str]) -> list[str]:
+    """The backbone's state-dict keys: those under ``backbone.`` (prefix removed) of a hydra
+    model, every key of a monolithic one (whose heads :func:`family_of_keys` ignores)."""
+    keys = list(keys)
+    if not is_hydra(keys):
+        return keys
+    return [key[len("backbone."):] for key in keys if key.startswith("backbone.")]
+
+
 def family_of_keys(keys: Iterable[str]) -> BackboneAdapter | None:
     """The adapter whose checkpoints hold these state-dict keys (hydra or monolithic), or None.
 
     Args:
         keys: state-dict keys without DDP's ``module.`` prefixes (``checkpoints.strip_ddp_prefix``).
     """
-    keys = list(keys)
-    hydra = is_hydra(keys)
-    body = [key[len("backbone."):] for key in keys if key.startswith("backbone.")] if hydra else keys
+    body = backbone_keys(keys)
     return next((candidate for candidate in adapters() if candidate.matches(body)), None)
 
 

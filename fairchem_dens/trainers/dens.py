@@ -63,12 +63,12 @@ from fairchem_dens.files import replace_durably
 from fairchem_dens.models.checkpoints import (
     CheckpointMismatchError,
     checkpoint_family,
-    convert_original_checkpoint,
     explain_mismatch,
     normalize_fork_keys,
     read_checkpoint,
     strip_ddp_prefix,
 )
+from fairchem_dens.models.convert_original import convert_original_checkpoint
 from fairchem_dens.trainers.guards import (
     DeNSSetupError,
     check_denoising_splits,
@@ -213,7 +213,7 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
 
         The file is read with ``weights_only=True``. A checkpoint of the original
         implementation is converted on the fly (see
-        :func:`fairchem_dens.models.checkpoints.convert_original_checkpoint`).
+        :func:`fairchem_dens.models.convert_original.convert_original_checkpoint`).
         """
         if checkpoint is None:
             logging.info(f"Loading checkpoint from: {checkpoint_path}")
