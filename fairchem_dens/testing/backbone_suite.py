@@ -1,7 +1,9 @@
 """The tests every DeNS backbone adapter passes (one subclass per backbone, NequIP-style mixins).
 
 A backbone's test module subclasses :class:`BackboneSuite` as ``Test<Name>`` and fills
-in the class attributes and hooks below; pytest collects the inherited tests for it.
+in the class attributes and hooks below; pytest collects the inherited tests for it. The
+tests take a ``fixture_batch`` fixture: a PyG batch with ``forces``, ``fixed`` and a cell
+(this repository's tests/conftest.py builds it with :func:`fairchem_dens.testing.batch_from_tensors`).
 """
 
 from __future__ import annotations
@@ -15,17 +17,11 @@ import torch
 
 from fairchem_dens.models.checkpoints import checkpoint_family, read_checkpoint, strip_ddp_prefix
 from fairchem_dens.quickstart import fairchem_command
-from fairchem_dens.testing import build_model, dens_mode_batch, rotate_batch, rotation_matrix
-from fairchem_dens.testing import forward_seeded as _forward_seeded
-
-from tolerances import GRADIENT_ULPS, REORDERED_ULPS, assert_ulps
+from fairchem_dens.testing.batches import dens_mode_batch, rotate_batch, rotation_matrix
+from fairchem_dens.testing.models import build_model, forward_seeded
+from fairchem_dens.testing.tolerances import GRADIENT_ULPS, REORDERED_ULPS, assert_ulps
 
 MODES = ("s2ef", "full", "partial")
-
-
-def forward_seeded(model: torch.nn.Module, batch, seed: int = 7) -> dict[str, torch.Tensor]:
-    # a copy: gradient-force models replace batch.pos by a tensor that needs grad
-    return _forward_seeded(model, batch.clone(), seed)
 
 
 class BackboneSuite:
@@ -38,7 +34,7 @@ class BackboneSuite:
             (a conservative head's energy block always runs).
         rotation_tolerance: allowed ``|R F - F(R x)| / |F|`` and ``|E - E(R x)| / max |E|`` (S2
             grids and sphere samples make some backbones only approximately equivariant;
-            tests/tolerances.py).
+            :mod:`fairchem_dens.testing.tolerances`).
         cli_config: the shipped config of the CLI train -> predict test.
     and define ``model_config(flavour, backbone=None, **dens)``, ``rotation_backbone()``,
     ``plain_state_dict(ours)`` (our weights for fairchem's plain model, DeNS parts
