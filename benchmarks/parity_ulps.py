@@ -4,14 +4,14 @@ For each checkpoint in tests/data/original_dens and each case (S2EF, full and pa
 corruption, the EMA weights), loads the checkpoint as the parity tests do, runs the seeded
 forward and prints max |ours - original| / (eps32 * scale) with the scale the parity test
 uses (max |original| of that output; eSCN's EMA forces: its per-sphere-sample values, see
-tests/test_checkpoints.py). Run it under other CPU kernels and thread counts to see the
+tests/integration/test_checkpoints.py). Run it under other CPU kernels and thread counts to see the
 spread the tolerance has to cover:
 
     ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 ./dens.sh run python benchmarks/parity_ulps.py
     ATEN_CPU_CAPABILITY=avx2 OMP_NUM_THREADS=2 ./dens.sh run python benchmarks/parity_ulps.py
 
 With ``--log FILE [FILE ...]`` it instead summarises ``DENS_ULPS_LOG`` files that the test
-suite wrote (tests/tolerances.py), one column each: the largest deviation in ulps of each
+suite wrote (fairchem_dens/testing/tolerances.py), one column each: the largest deviation in ulps of each
 test's comparisons (parametrisations together).
 """
 
@@ -29,12 +29,12 @@ import torch
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
 
-from test_checkpoints import (  # noqa: E402
+from helpers import (  # noqa: E402  (tests/helpers.py: the original DeNS code's fixtures)
     MODELS, MODES, ORIGINAL, converted_model, fixture_case, reference, sphere_sample_scale,
 )
-from tolerances import EPS32, ORIGINAL_PARITY_ULPS  # noqa: E402
 
 from fairchem_dens.testing import forward_seeded  # noqa: E402
+from fairchem_dens.testing.tolerances import EPS32, ORIGINAL_PARITY_ULPS  # noqa: E402
 
 
 def ulps(ours: torch.Tensor, original: np.ndarray, scale: float | None = None) -> float:

@@ -1,29 +1,35 @@
-"""Shared fixtures: the fixture batch of the original implementation, tiny models."""
+"""Shared fixtures: the fixture batch of the original implementation, tiny data sets.
+
+They apply to every folder under tests/; helpers that are not fixtures are in helpers.py.
+"""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from importlib import metadata
 
 import pytest
 import torch
 
-from fairchem_dens.resources import configs_dir
-from fairchem_dens.testing import batch_from_tensors
+from helpers import DATA
 
-DATA = Path(__file__).parent / "data"
+# tests/fairchem2 runs in the fairchem-2 environment; a fairchem-1.10 run leaves it out.
+if metadata.version("fairchem-core").split(".")[0] != "2":
+    collect_ignore = ["fairchem2"]
 
 
 @pytest.fixture()
 def fixture_batch():
     """4 OC20-like EMT structures (64 atoms, fixed bottom layers) as a PyG batch."""
+    from fairchem_dens.testing import batch_from_tensors
+
     return batch_from_tensors(DATA / "inputs.pt")
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
     # No oversubscription on 2-core CI machines; OMP_NUM_THREADS=2 checks that the
-    # tolerances (tests/tolerances.py) also cover the other summation orders of 2 threads.
+    # tolerances (fairchem_dens/testing/tolerances.py) also cover the other summation orders of 2 threads.
     threads = torch.get_num_threads()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     yield
@@ -47,14 +53,3 @@ def bulk_overrides(tmp_path_factory) -> list[str]:
     bulk = generate_bulk_dataset(tmp_path_factory.mktemp("bulk"), families_per_metal=2, md_frames=2, seed=2)
     return [f"--dataset.{split}.src={bulk['aselmdb'][split]}" for split in ("train", "val", "test")]
 
-
-CONFIGS = configs_dir()  # the shipped package data (the checkout's configs/ links to it)
-QUICKSTART = CONFIGS / "quickstart"
-
-
-def data_overrides(emt_data) -> list[str]:
-    return [
-        f"--dataset.train.src={emt_data['train']}",
-        f"--dataset.val.src={emt_data['val']}",
-        f"--dataset.test.src={emt_data['test']}",
-    ]
