@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # slurm_local_up.sh: start a real one-node SLURM cluster on this machine, for
-# tests/test_slurm.py and for trying `fairchem-dens submit` without a cluster.
+# tests/system/test_slurm.py and for trying `fairchem-dens submit` without a cluster.
 #
 #   scripts/slurm_local_up.sh               # (as root) install if needed, start, wait until idle
 #   source "$SLURM_LOCAL_DIR/env.sh"        # SLURM_CONF + the sacct stand-in for this shell

@@ -1,4 +1,4 @@
-"""Every backbone adapter through the shared suite (tests/backbone_suite.py): one class each."""
+"""Every backbone adapter through the shared suite (fairchem_dens/testing/backbone_suite.py): one class each."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ def test_predict_from_an_original_checkpoint(tmp_path, name, atol):
     with np.load(tmp_path / "results" / "pred" / "s2ef_predictions.npz") as npz:
         assert npz["ids"].tolist() == ["0_0", "1_0", "2_0", "3_0"]
         # the original predict(): EMA weights, denormalised; the random draws of edge frames
-        # and sphere samples differ (no forward seed here): tests/tolerances.py
+        # and sphere samples differ (no forward seed here): fairchem_dens/testing/tolerances.py
         np.testing.assert_allclose(npz["energy"], ref["predict_energy"], atol=atol)
         free = tensors["fixed"].numpy() == 0
         np.testing.assert_allclose(npz["forces"], ref["predict_forces"][free], atol=atol)

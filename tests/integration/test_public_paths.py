@@ -51,7 +51,7 @@ def test_saved_checkpoint_predicts_as_when_it_was_saved(family, tmp_path):
     then = np.load(folder / "s2ef_predictions.npz")
     assert list(now["ids"]) == list(then["ids"])
     # Same code path on possibly other CPU kernels: float32 round-off of a deep network
-    # (tests/tolerances.py); conservative forces and stress are gradients (twice as deep).
+    # (fairchem_dens/testing/tolerances.py); conservative forces and stress are gradients (twice as deep).
     gradient = "conservative" in family
     for key in ("energy", "forces", *(["stress"] if "stress" in then else [])):
         ulps = GRADIENT_ULPS if gradient and key != "energy" else ORIGINAL_PARITY_ULPS

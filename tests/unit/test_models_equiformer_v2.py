@@ -1,4 +1,4 @@
-"""The DeNS EquiformerV2 model beyond the shared backbone suite (tests/test_backbones.py): parity with fairchem's port, the encoding."""
+"""The DeNS EquiformerV2 model beyond the shared backbone suite (tests/integration/test_backbones.py): parity with fairchem's port, the encoding."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The DeNS eSCN model beyond the shared backbone suite (tests/test_backbones.py): the encoding switch."""
+"""The DeNS eSCN model beyond the shared backbone suite (tests/integration/test_backbones.py): the encoding switch."""
 
 from __future__ import annotations
 
