@@ -1,0 +1,165 @@
+"""eSCN-MD and UMA with DeNS: force encoding in the backbone, a direct DeNS force head.
+
+fairchem's ``eSCNMDBackbone.forward`` runs unchanged: the force encoding of corrupted
+atoms is added to the node embeddings right after the atom embedding, before the
+edge-degree embedding (where DeNS puts it), by a forward pre-hook on
+``edge_degree_embedding``. The backbone's own ``forward`` only keeps the batch at hand
+for the hook. The UMA mixture-of-experts backbone subclasses eSCN-MD without
+overriding ``forward``, so the same hook serves it.
+
+In a batch the trainer did not corrupt (validation, prediction, the ASE calculator)
+the hook adds nothing and the force head is fairchem's ``Linear_Force_Head``: the
+model is exactly the plain one. During training such a batch still puts the DeNS
+parameters in the graph with weight 0, because fairchem's DDP runs without a search
+for unused parameters.
+
+Direct DeNS pre-training::
+
+    backbone: {model: fairchem_dens.fairchem2.models.DeNSeSCNMDBackbone, otf_graph: True, ...}
+    heads:
+      energy: {module: fairchem.core.models.uma.escn_md.MLP_Energy_Head}
+      forces: {module: fairchem_dens.fairchem2.models.DeNSLinearForceHead}
+
+Each DeNS class names its plain fairchem class (``fairchem_plain``) and the
+parameters only DeNS uses (``dens_parameter_prefixes``), which the inference
+checkpoint drops (:mod:`fairchem_dens.fairchem2.export`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fairchem.core.common import gp_utils
+from fairchem.core.common.registry import registry
+from fairchem.core.models.uma.escn_md import Linear_Force_Head, eSCNMDBackbone
+from fairchem.core.models.uma.escn_moe import eSCNMDMoeBackbone
+from fairchem.core.models.uma.nn.so3_layers import SO3_Linear
+
+from fairchem_dens.core.batch import corrupted_atoms, is_dens_batch
+from fairchem_dens.core.encoding import force_encoding_coefficients
+from fairchem_dens.core.errors import DeNSSetupError
+from fairchem_dens.core.roles import FORCES
+
+__all__ = ["ENCODED_FORCES", "DeNSeSCNMDBackbone", "DeNSeSCNMDMoeBackbone", "DeNSLinearForceHead", "zero_weight"]
+
+#: The batch key of the forces the encoding reads: the original structure's force labels
+#: of every atom (eV/Å), gathered from all force tasks by the unit.
+ENCODED_FORCES = "dens_forces"
+
+
+def zero_weight(module: nn.Module) -> torch.Tensor:
+    """0 times one entry of every parameter: puts them in the autograd graph at no cost."""
+    return 0.0 * sum(p.view(-1)[0] for p in module.parameters() if p.requires_grad)
+
+
+def _refuse_graph_parallel() -> None:
+    if gp_utils.initialized():
+        raise DeNSSetupError(
+            "DeNS on fairchem 2 does not support graph parallelism yet (the force encoding and "
+            "the noise head see every atom): set job.graph_parallel_group_size to 1."
+        )
+
+
+class DeNSForceEncoding:
+    """The force encoding of a fairchem-2 eSCN-MD backbone (put it first in the bases).
+
+    ``force_embedding`` (``SO3_Linear``, 1 -> ``sphere_channels``, one weight per degree
+    up to ``lmax``) maps the spherical-harmonic coefficients of each corrupted atom's
+    original force (:func:`fairchem_dens.core.encoding.force_encoding_coefficients`) to
+    node features; the result is multiplied by the corruption mask, so clean atoms get
+    exactly zero (also the layer's l = 0 bias) and dropping the layer at inference is exact.
+    """
+
+    fairchem_plain: str
+    dens_parameter_prefixes = ("force_embedding.",)
+    _dens_data = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.force_embedding = SO3_Linear(1, self.sphere_channels, lmax=self.lmax)
+        # A bound method: the EMA deep copy rebinds it to the copy's own layer.
+        self.edge_degree_embedding.register_forward_pre_hook(self._add_force_encoding)
+
+    def forward(self, data):
+        self._dens_data = data
+        try:
+            return super().forward(data)
+        finally:
+            self._dens_data = None
+
+    def _add_force_encoding(self, module: nn.Module, args: tuple) -> tuple | None:
+        data = self._dens_data
+        if data is None:
+            return None
+        x_message, *rest = args
+        if not is_dens_batch(data):
+            return (x_message + zero_weight(self.force_embedding), *rest) if self.training else None
+        _refuse_graph_parallel()
+        corrupted = corrupted_atoms(data)
+        # float32 whatever the autocast: the harmonics of small forces lose digits in bf16
+        with torch.autocast(device_type=x_message.device.type, enabled=False):
+            coefficients = force_encoding_coefficients(data[ENCODED_FORCES].float(), self.lmax, corrupted)
+            features = self.force_embedding(coefficients.unsqueeze(-1)) * corrupted.view(-1, 1, 1)
+        return (x_message + features.to(x_message.dtype), *rest)
+
+
+@registry.register_model("fairchem_dens_escnmd_backbone")
+class DeNSeSCNMDBackbone(DeNSForceEncoding, eSCNMDBackbone):
+    """fairchem's ``eSCNMDBackbone`` plus the DeNS force encoding (same keywords)."""
+
+    fairchem_plain = "fairchem.core.models.uma.escn_md.eSCNMDBackbone"
+
+
+@registry.register_model("fairchem_dens_escnmd_moe_backbone")
+class DeNSeSCNMDMoeBackbone(DeNSForceEncoding, eSCNMDMoeBackbone):
+    """fairchem's UMA mixture-of-experts backbone plus the DeNS force encoding (same keywords).
+
+    The encoding is added before the expert layers, so it does not change the routing
+    (which reads the composition and the system embedding only).
+    """
+
+    fairchem_plain = "fairchem.core.models.uma.escn_moe.eSCNMDMoeBackbone"
+
+
+def _vectors(layer: SO3_Linear, node_embedding: torch.Tensor) -> torch.Tensor:
+    """``[n, 3]``: the l = 1 output of a one-channel ``SO3_Linear`` on the l <= 1 features."""
+    return layer(node_embedding.narrow(1, 0, 4)).narrow(1, 1, 3).reshape(-1, 3)
+
+
+@registry.register_model("fairchem_dens_linear_force_head")
+class DeNSLinearForceHead(Linear_Force_Head):
+    """fairchem's ``Linear_Force_Head`` plus a noise head of the same shape (``noise_linear``).
+
+    The ``forces`` output holds the normalised noise prediction on corrupted atoms and
+    the force prediction on the others; each block runs on its own atoms only. A batch
+    without corruption runs fairchem's head unchanged.
+    """
+
+    fairchem_plain = "fairchem.core.models.uma.escn_md.Linear_Force_Head"
+    dens_parameter_prefixes = ("noise_linear.",)
+    #: Read by the unit: this head writes the noise prediction into ``forces``.
+    dens_force_head = True
+
+    def __init__(self, backbone: eSCNMDBackbone) -> None:
+        super().__init__(backbone)
+        self.noise_linear = SO3_Linear(backbone.sphere_channels, 1, lmax=1)
+
+    def forward(self, data, emb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not is_dens_batch(data):
+            outputs = super().forward(data, emb)
+            if self.training:
+                outputs[FORCES] = outputs[FORCES] + zero_weight(self.noise_linear)
+            return outputs
+        _refuse_graph_parallel()
+        node_embedding = emb["node_embedding"]
+        corrupted = corrupted_atoms(data).to(node_embedding.device)
+        noisy, clean = corrupted.nonzero().view(-1), (~corrupted).nonzero().view(-1)
+        # An empty block still enters the graph (a zero gradient), as DDP needs.
+        noise = _vectors(self.noise_linear, node_embedding.index_select(0, noisy))
+        forces = _vectors(self.linear, node_embedding.index_select(0, clean))
+        output = noise.new_zeros((node_embedding.shape[0], 3))
+        output = output.index_put((noisy,), noise).index_put((clean,), forces)
+        return {FORCES: output}

@@ -1,0 +1,165 @@
+"""fairchem 2's ``MLIPTrainEvalUnit`` with DeNS: training batches are corrupted before the forward.
+
+Set it as the runner's unit and give it the DeNS settings under ``dens`` (the keys of
+fairchem 1's ``optim`` block, :meth:`fairchem_dens.core.settings.DeNSConfig.from_optim`)::
+
+    runner:
+      train_eval_unit:
+        _target_: fairchem_dens.fairchem2.unit.DeNSTrainEvalUnit
+        dens:
+          use_denoising_pos: True
+          denoising_pos_coefficient: 10
+          denoising_pos_params: {prob: 0.5, fixed_noise_std: True, std: 0.1, corrupt_ratio: 0.5}
+        ...  # every argument of fairchem's MLIPTrainEvalUnit
+
+Each training step draws the corruption with :func:`fairchem_dens.core.batch.corrupt_batch`
+from ``(job.seed, global step, rank)`` (the batch-level decision from rank 0's stream on
+every rank), before the batch reaches the device, the graph is built or positions require
+grad; then fairchem's own step runs, with each task's loss following its DeNS role
+(:mod:`fairchem_dens.fairchem2.loss`). Validation, prediction and the calculator never see a
+corrupted batch. Checkpoints keep the DeNS model for resuming; ``inference_ckpt.pt`` is
+plain fairchem (:mod:`fairchem_dens.fairchem2.export`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fairchem.core.common import distutils, gp_utils
+from fairchem.core.units.mlip_unit.mlip_unit import UNIT_INFERENCE_CHECKPOINT, MLIPTrainEvalUnit
+
+from fairchem_dens.core.batch import corrupt_batch
+from fairchem_dens.core.errors import DeNSConfigError, DeNSSetupError
+from fairchem_dens.core.metrics import aggregate, metric_keys
+from fairchem_dens.core.roles import FORCES, output_roles
+from fairchem_dens.core.settings import DeNSConfig
+from fairchem_dens.core.tally import CorruptionTally
+from fairchem_dens.fairchem2.export import plain_inference_checkpoint
+from fairchem_dens.fairchem2.loss import DeNSStep, DeNSTaskLoss, ranks
+from fairchem_dens.fairchem2.models import ENCODED_FORCES
+
+__all__ = ["DeNSTrainEvalUnit", "original_forces"]
+
+logger = logging.getLogger(__name__)
+
+
+def original_forces(data: Any, force_tasks: list[str]) -> torch.Tensor:
+    """``[N, 3]`` force labels of every atom from whichever force task labels it (0 where none does)."""
+    forces = torch.zeros_like(data.pos)
+    for name in force_tasks:
+        labels = data[name].view(-1, 3)
+        forces = torch.where(torch.isfinite(labels).all(dim=1, keepdim=True), labels.to(forces), forces)
+    return forces
+
+
+class DeNSTrainEvalUnit(MLIPTrainEvalUnit):
+    """fairchem's train-eval unit, corrupting training batches with DeNS.
+
+    Args:
+        dens: the DeNS settings (``use_denoising_pos``, ``denoising_pos_coefficient``,
+            ``denoising_pos_params``), checked before the first step.
+        *args, **kwargs: fairchem's ``MLIPTrainEvalUnit`` arguments.
+    """
+
+    def __init__(self, *args: Any, dens: Mapping[str, Any], model: torch.nn.Module, **kwargs: Any) -> None:
+        if isinstance(dens, DictConfig):
+            dens = OmegaConf.to_container(dens, resolve=True)
+        config = DeNSConfig.from_optim(dict(dens))
+        if config.validate_denoising:
+            raise DeNSConfigError(
+                "optim.denoising_pos_params.validate_denoising is not supported on fairchem 2 yet: "
+                "validation batches are never corrupted here; drop the key."
+            )
+        _check_model(model)
+        if not model.backbone.otf_graph:
+            # Edges built from the clean positions (cpu_graph) would miss the corrupted geometry.
+            logger.info("DeNS: backbone.otf_graph set to True (edges are built from the noisy positions)")
+            model.backbone.otf_graph = True
+        super().__init__(*args, model=model, **kwargs)
+        if gp_utils.initialized():
+            raise DeNSSetupError(
+                "DeNS on fairchem 2 does not support graph parallelism yet: set job.graph_parallel_group_size to 1."
+            )
+        self.dens = config
+        self.roles = output_roles({task.property: {"level": task.level} for task in self.tasks}, config.output_policy)
+        self.force_tasks = [task.name for task in self.tasks if task.property == FORCES]
+        self.dens_step = DeNSStep(config)
+        for task in self.tasks:
+            task.loss_fn = DeNSTaskLoss(task, self.roles[task.property], self.dens_step)
+        self.tally = CorruptionTally()
+        self._unreported_steps = 0
+
+    def _run_fraction(self, state: Any) -> float:
+        """Fraction of the run done, for ``coefficient_schedule: linear_decay``."""
+        train_state = state.train_state
+        if train_state.max_epochs:
+            epoch = self.train_progress.num_epochs_completed + (
+                self.train_progress.num_steps_completed_in_epoch / max(len(train_state.dataloader), 1))
+            return epoch / train_state.max_epochs
+        return self.train_progress.num_steps_completed / max(train_state.max_steps or 1, 1)
+
+    def train_step(self, state: Any, data: Any) -> None:
+        step = self.train_progress.num_steps_completed
+        corrupted = False
+        if self.dens.active_in_epoch(self.train_progress.num_epochs_completed):
+            corrupted = corrupt_batch(self.dens, data, seed=self.job_config.seed, step=step, rank=distutils.get_rank())
+        if corrupted:
+            data[ENCODED_FORCES] = original_forces(data, self.force_tasks)
+            self.dens_step.batch = data  # the same object fairchem moves to the device in place
+            self.dens_step.denoising_coefficient = self.dens.coefficient_at(self._run_fraction(state), 1.0)
+        try:
+            super().train_step(state, data)
+        finally:
+            self.dens_step.batch = None
+        self.tally.add(data)
+        self._unreported_steps += 1
+        if step % self.print_every == 0 and self.dens_step.metrics:
+            logging.info({f"train/{key}": value["metric"] for key, value in self.dens_step.metrics.items()})
+
+    def on_train_epoch_end(self, state: Any) -> None:
+        self._report(self.train_progress.num_epochs_completed - 1)
+
+    def on_train_end(self, state: Any) -> None:
+        if self._unreported_steps:  # a run that stops at max_steps inside an epoch
+            self._report(self.train_progress.num_epochs_completed)
+        super().on_train_end(state)
+
+    def _report(self, epoch: int) -> None:
+        """The epoch's corruption tally and denoising metrics over every rank (all ranks call it)."""
+        line, warning = self.tally.report(epoch, ranks())
+        (logging.warning if warning else logging.info)(line)
+        metrics = aggregate(self.dens_step.metrics, metric_keys(self.roles), ranks())
+        self.dens_step.metrics.clear()
+        self._unreported_steps = 0
+        log = {f"train/{key}": value["metric"] for key, value in metrics.items()}
+        logging.info({"dens_epoch": epoch + 1, **log})
+        if self.logger is not None and log:
+            self.logger.log(log, step=self.train_progress.num_steps_completed, commit=False)
+
+    def save_state(self, checkpoint_location: str) -> None:
+        super().save_state(checkpoint_location)
+        path = os.path.join(checkpoint_location, UNIT_INFERENCE_CHECKPOINT)
+        if distutils.is_master() and os.path.exists(path):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            torch.save(plain_inference_checkpoint(checkpoint), path)
+
+
+def _check_model(model: torch.nn.Module) -> None:
+    """Refuses a model that cannot train DeNS (no force encoding or no DeNS force head)."""
+    backbone = getattr(model, "backbone", None)
+    heads = getattr(model, "output_heads", {})
+    if backbone is None or not hasattr(backbone, "force_embedding"):
+        raise DeNSSetupError(
+            "DeNS needs a backbone with the force encoding: set backbone.model to "
+            "fairchem_dens.fairchem2.models.DeNSeSCNMDBackbone (or DeNSeSCNMDMoeBackbone for UMA)."
+        )
+    if not any(getattr(head, "dens_force_head", False) for head in heads.values()):
+        raise DeNSSetupError(
+            "DeNS needs a force head that predicts the noise: set the forces head's module to "
+            "fairchem_dens.fairchem2.models.DeNSLinearForceHead."
+        )
