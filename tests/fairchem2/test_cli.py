@@ -1,0 +1,92 @@
+"""A real ``fairchem -c`` DeNS run on fairchem 2: training, what the model is fed, checkpoints, 2 ranks."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+import subprocess
+import sys
+
+import torch
+
+from conftest import DIRECT_CONFIG, fairchem_env, run_fairchem
+
+LOG_DICT = re.compile(r"^INFO:root:(\{.*\})$", re.MULTILINE)
+
+
+def _logged_dicts(log: str) -> list[dict]:
+    return [ast.literal_eval(m) for m in LOG_DICT.findall(log) if "train/" in m]
+
+
+def test_cli_training_logs_finite_loss_denoising_metrics_and_writes_checkpoints(direct_run):
+    dicts = _logged_dicts(direct_run["log"])
+    losses = [d["train/loss"] for d in dicts if "train/loss" in d]
+    assert len(losses) == 8 and all(math.isfinite(v) for v in losses)  # 2 epochs x 4 batches
+    epoch_metrics = [d for d in dicts if "dens_epoch" in d]
+    assert [d["dens_epoch"] for d in epoch_metrics] == [1, 2]
+    for d in epoch_metrics:
+        # the noise in Å (std 0.05: a mean |noise component| of 0.04 for a zero prediction)
+        assert 0 < d["train/denoising_pos_mae"] < 0.5
+        assert math.isfinite(d["train/denoising_energy_mae"]) and math.isfinite(d["train/denoising_force_mae"])
+    assert re.search(r"DeNS epoch 1: corrupted \d+/16 structures", direct_run["log"])
+    final = direct_run["dir"] / "checkpoints" / "final"
+    assert (final / "inference_ckpt.pt").is_file() and (final / "resume.yaml").is_file()
+
+
+def test_the_unit_trains_on_the_batch_core_corrupt_batch_makes_and_never_corrupts_eval(direct_run):
+    records = json.loads((direct_run["records"] / "rank0.json").read_text())
+    train = records["train"]
+    assert [r["step"] for r in train] == list(range(8))
+    assert {r["dens"] for r in train} == {True, False}  # seed 2: both kinds of batch
+    for r in train:
+        assert r["dens"] == r["expected_dens"]
+        assert r["pos_equal"], f"step {r['step']}: the model saw other positions than core.corrupt_batch makes"
+        if r["dens"]:  # corrupt_ratio 0.5: some atoms of the batch, not all
+            assert 0 < r["corrupted_atoms"] < r["atoms"]
+    assert records["eval"] and not any(e["dens"] or e["noise_vec"] for e in records["eval"])
+
+
+def test_inference_checkpoint_is_plain_fairchem_and_runs_without_the_plugin(direct_run, tmp_path):
+    path = direct_run["dir"] / "checkpoints" / "final" / "inference_ckpt.pt"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    assert checkpoint.model_config["backbone"]["model"] == "fairchem.core.models.uma.escn_md.eSCNMDBackbone"
+    assert checkpoint.model_config["heads"]["forces"]["module"] == "fairchem.core.models.uma.escn_md.Linear_Force_Head"
+    for state in (checkpoint.model_state_dict, checkpoint.ema_state_dict):
+        assert not [k for k in state if "force_embedding" in k or "noise_linear" in k]
+    script = tmp_path / "predict.py"
+    script.write_text(
+        "import sys\n"
+        "sys.modules['fairchem_dens'] = None  # importing the plugin now fails\n"
+        "import numpy as np\n"
+        "from ase.build import bulk\n"
+        "from fairchem.core.calculate.ase_calculator import FAIRChemCalculator\n"
+        "from fairchem.core.units.mlip_unit import load_predict_unit\n"
+        "unit = load_predict_unit(sys.argv[1], 'batch', device='cpu')\n"
+        "atoms = bulk('Cu', 'fcc', cubic=True)\n"
+        "atoms.rattle(0.05, seed=3)\n"
+        "atoms.calc = FAIRChemCalculator(unit, task_name='emt')\n"
+        "energy, forces = atoms.get_potential_energy(), atoms.get_forces()\n"
+        "assert np.isfinite(energy) and forces.shape == (4, 3) and np.isfinite(forces).all()\n"
+        "print('OK', energy)\n"
+    )
+    result = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True,
+                            env=fairchem_env(), timeout=180)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_two_ranks_take_the_same_batch_decisions(emt_root, tmp_path):
+    overrides = [
+        f"data_root={emt_root}", f"+job.run_dir={tmp_path}", "+job.timestamp_id=t2",
+        "+job.scheduler.ranks_per_node=2", "max_epochs=1", "checkpoint_every=null",
+        "max_atoms=12",  # 2 validation batches for 2 ranks
+        "runner.train_eval_unit._target_=recording_unit.RecordingUnit",
+        f"+runner.train_eval_unit.record_dir={tmp_path}/records",
+    ]
+    run_fairchem(DIRECT_CONFIG, overrides, tmp_path / "fairchem.log")
+    ranks = [json.loads((tmp_path / "records" / f"rank{r}.json").read_text())["train"] for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) >= 2
+    assert [r["dens"] for r in ranks[0]] == [r["dens"] for r in ranks[1]]
+    assert {r["dens"] for r in ranks[0]} == {True, False}
+    assert all(r["pos_equal"] and r["dens"] == r["expected_dens"] for rank in ranks for r in rank)
