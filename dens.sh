@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One entry point that sets everything up, then runs what you ask for:
 #   ./dens.sh quickstart     set up, then train/compare DeNS on the built-in GFN2-xTB ethanol example
-#   ./dens.sh test [ARGS]    set up, then run the test suite (pytest ARGS)
+#   ./dens.sh test [ARGS]    set up, then run the test suite (pytest ARGS): the fairchem-1.10 suite,
+#                            then tests/fairchem2 in the fairchem-2 environment (ARGS naming
+#                            tests/fairchem2 run only that one; other ARGS only the 1.10 suite)
 #   ./dens.sh setup          only set up
 #   ./dens.sh run CMD...     run CMD inside the environment (e.g. fairchem --mode train ...)
+#   ./dens.sh run2 CMD...    run CMD inside the fairchem-2 environment (e.g. fairchem -c CONFIG ...)
 #
 # The environment lives outside the repository (FAIRCHEM_DENS_ENV, default
 # ~/.cache/fairchem-dens/venv) and holds what pyproject.toml lists: torch, then torch-scatter
@@ -14,6 +17,9 @@
 # (https://data.pyg.org/whl/torch-X.Y.0+cpu.html or +cuXXX; override with
 # FAIRCHEM_DENS_PYG_INDEX, skip with FAIRCHEM_DENS_PYG_INDEX=none), else built from source
 # (CPU, ~30-60 min on 2 cores).
+# The fairchem-2 integration gets its own environment (FAIRCHEM_DENS_ENV2, default
+# ~/.cache/fairchem-dens/venv-fairchem2: `pip install -e ".[fairchem2,test]"`, torch 2.13, ~7 min):
+# `./dens.sh test` sets it up for tests/fairchem2, `./dens.sh run2 CMD...` runs CMD inside it.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -29,6 +35,8 @@ fi
 # pyproject.toml is the one list of requirements; the environment gets the plugin with these extras.
 EXTRAS="fairchem1,test,xtb"
 STAMP="$ENV_DIR/.fairchem-dens-complete"
+ENV2_DIR="${FAIRCHEM_DENS_ENV2:-$HOME/.cache/fairchem-dens/venv-fairchem2}"
+EXTRAS2="fairchem2,test"
 PYG_TIMEOUT="${FAIRCHEM_DENS_PYG_TIMEOUT:-10}"
 
 pyproject() {
@@ -125,12 +133,49 @@ install_plugin() {
   fi
 }
 
+setup_env2() {
+  # fairchem-core 2.x and torch 2.13 from PyPI, then this checkout: no torch-scatter to place first.
+  local stamp="$ENV2_DIR/.fairchem-dens-complete"
+  if [[ -x "$ENV2_DIR/bin/python" && -f "$stamp" ]] &&
+      [[ "$(cat "$stamp")" == "$(EXTRAS="$EXTRAS2" pyproject "$ENV2_DIR/bin/python" hash)" ]]; then
+    return 0
+  fi
+  echo ">> setting up the fairchem-2 environment in $ENV2_DIR (first run: ~7 minutes, torch 2.13)"
+  [[ -x "$ENV2_DIR/bin/python" ]] || "$PYTHON" -m venv "$ENV2_DIR"
+  "$ENV2_DIR/bin/python" -m pip install --quiet --upgrade pip
+  "$ENV2_DIR/bin/python" -m pip install -e "$ROOT[$EXTRAS2]"
+  EXTRAS="$EXTRAS2" pyproject "$ENV2_DIR/bin/python" hash > "$stamp"
+}
+
+run_tests() {
+  # Both suites without ARGS; with ARGS the one they name (tests/fairchem2 or the 1.10 suite).
+  local arg fairchem2=0 others=0 status=0
+  for arg in "$@"; do
+    case "$arg" in tests/fairchem2*) fairchem2=1 ;; -*) ;; *) others=1 ;; esac
+  done
+  cd "$ROOT"
+  if [[ $fairchem2 == 0 ]]; then
+    setup_env; install_plugin
+    "$ENV_DIR/bin/python" -m pytest "$@" || status=$?
+  fi
+  if [[ $fairchem2 == 1 || $# == 0 || $others == 0 ]]; then
+    setup_env2
+    if [[ $fairchem2 == 1 ]]; then
+      "$ENV2_DIR/bin/python" -m pytest "$@" || status=$?
+    else
+      "$ENV2_DIR/bin/python" -m pytest "$@" tests/fairchem2 || status=$?
+    fi
+  fi
+  return $status
+}
+
 cmd="${1:-}"
 [[ $# -gt 0 ]] && shift
 case "$cmd" in
   setup) setup_env; install_plugin ;;
   quickstart) setup_env; install_plugin; cd "$ROOT"; exec "$ENV_DIR/bin/fairchem-dens" quickstart "$@" ;;
-  test) setup_env; install_plugin; cd "$ROOT"; exec "$ENV_DIR/bin/python" -m pytest "$@" ;;
+  test) run_tests "$@" ;;
   run) setup_env; install_plugin; export PATH="$ENV_DIR/bin:$PATH"; exec "$@" ;;
-  *) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  run2) setup_env2; export PATH="$ENV2_DIR/bin:$PATH"; exec "$@" ;;
+ *) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
