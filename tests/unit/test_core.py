@@ -20,8 +20,8 @@ from fairchem_dens.core import metrics as dens_metrics
 from fairchem_dens.core.roles import EXCLUDED, ORIGINAL, REPLACED
 from fairchem_dens.testing import batch_from_tensors
 from fairchem_dens.testing.tolerances import LOSS_ULPS, TRAINER_REFERENCE_ULPS, assert_ulps
+from helpers import DATA
 
-DATA = Path(__file__).resolve().parents[1] / "data"
 ORIGINAL_DENS = DATA / "original_dens"
 
 
