@@ -133,10 +133,11 @@ class DeNSTaskLoss(nn.Module):
     @torch.no_grad()
     def _original_metric(self, data: Any, prediction: torch.Tensor, target: torch.Tensor,
                          mult_mask: torch.Tensor) -> None:
-        """``denoising_<property>_mae`` over the corrupted structures this task labels (physical units)."""
+        """``denoising_<property>_mae`` over the structures of a DeNS batch this task labels (physical units),
+        as the fairchem-1 trainer reports it."""
         if self.level != "system":
             return
-        rows = corrupted_structures(data) & mult_mask.view(mult_mask.shape[0], -1).all(dim=1)
+        rows = mult_mask.view(mult_mask.shape[0], -1).all(dim=1)
         prediction = self.normalizer.denorm(prediction.float()).view(rows.shape[0], -1)
         target = self.normalizer.denorm(target.float()).view(rows.shape[0], -1)
         accumulate(self.dens_step.metrics, original_mae(self.property_name), (prediction - target).abs()[rows])

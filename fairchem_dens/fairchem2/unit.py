@@ -31,7 +31,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fairchem.core.common import distutils, gp_utils
-from fairchem.core.units.mlip_unit.mlip_unit import UNIT_INFERENCE_CHECKPOINT, MLIPTrainEvalUnit
+from fairchem.core.units.mlip_unit.mlip_unit import (
+    UNIT_INFERENCE_CHECKPOINT,
+    MLIPTrainEvalUnit,
+    filter_inference_only_tasks,
+)
 
 from fairchem_dens.core.batch import corrupt_batch
 from fairchem_dens.core.errors import DeNSConfigError, DeNSSetupError
@@ -66,7 +70,7 @@ class DeNSTrainEvalUnit(MLIPTrainEvalUnit):
         *args, **kwargs: fairchem's ``MLIPTrainEvalUnit`` arguments.
     """
 
-    def __init__(self, *args: Any, dens: Mapping[str, Any], model: torch.nn.Module, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, dens: Mapping[str, Any], model: torch.nn.Module, tasks: list, **kwargs: Any) -> None:
         if isinstance(dens, DictConfig):
             dens = OmegaConf.to_container(dens, resolve=True)
         config = DeNSConfig.from_optim(dict(dens))
@@ -76,21 +80,23 @@ class DeNSTrainEvalUnit(MLIPTrainEvalUnit):
                 "validation batches are never corrupted here; drop the key."
             )
         _check_model(model)
-        if not model.backbone.otf_graph:
-            # Edges built from the clean positions (cpu_graph) would miss the corrupted geometry.
-            logger.info("DeNS: backbone.otf_graph set to True (edges are built from the noisy positions)")
-            model.backbone.otf_graph = True
-        super().__init__(*args, model=model, **kwargs)
         if gp_utils.initialized():
             raise DeNSSetupError(
                 "DeNS on fairchem 2 does not support graph parallelism yet: set job.graph_parallel_group_size to 1."
             )
-        self.dens = config
-        self.roles = output_roles({task.property: {"level": task.level} for task in self.tasks}, config.output_policy)
-        self.force_tasks = [task.name for task in self.tasks if task.property == FORCES]
-        self.dens_step = DeNSStep(config)
-        for task in self.tasks:
-            task.loss_fn = DeNSTaskLoss(task, self.roles[task.property], self.dens_step)
+        trained = filter_inference_only_tasks(tasks)
+        roles = output_roles({task.property: {"level": task.level} for task in trained}, config.output_policy)
+        step = DeNSStep(config)
+        # The same Task objects serve fairchem's eval unit, where step.batch is always None.
+        for task in trained:
+            task.loss_fn = DeNSTaskLoss(task, roles[task.property], step)
+        if not model.backbone.otf_graph:
+            # Edges built from the clean positions (cpu_graph) would miss the corrupted geometry.
+            logger.info("DeNS: backbone.otf_graph set to True (edges are built from the noisy positions)")
+            model.backbone.otf_graph = True
+        super().__init__(*args, model=model, tasks=tasks, **kwargs)
+        self.dens, self.roles, self.dens_step = config, roles, step
+        self.force_tasks = [task.name for task in trained if task.property == FORCES]
         self.tally = CorruptionTally()
         self._unreported_steps = 0
 

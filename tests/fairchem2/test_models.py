@@ -65,6 +65,8 @@ def batch(count: int = 4, seed: int = 5) -> AtomicData:
     for atoms in emt_structures(count, seed):
         data = AtomicData.from_ase(atoms, task_name="emt")
         data.dataset = "emt"
+        data.dataset_name = "emt.train"  # what fairchem's concat dataset sets (loss masks read it)
+        data.stress = data.stress.reshape(1, 9)  # fairchem's stress_reshape_transform
         items.append(data)
     return atomicdata_list_to_batch(items)
 

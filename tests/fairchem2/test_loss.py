@@ -1,0 +1,119 @@
+"""fairchem 2's compute_loss with the DeNS task losses, in memory, and the unit's refusals before step 1."""
+
+from __future__ import annotations
+
+import hydra
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from fairchem.core.modules.loss import DDPMTLoss, MAELoss
+from fairchem.core.modules.normalization.normalizer import Normalizer
+from fairchem.core.units.mlip_unit.mlip_unit import OutputSpec, Task, compute_loss
+
+from conftest import DIRECT_CONFIG
+from test_models import batch, build
+from fairchem_dens.core.batch import corrupt_batch, corrupted_atoms, corrupted_structures
+from fairchem_dens.core.errors import DeNSConfigError, DeNSSetupError
+from fairchem_dens.core.roles import EXCLUDED, ORIGINAL, REPLACED
+from fairchem_dens.core.settings import DeNSConfig
+from fairchem_dens.fairchem2.loss import DeNSStep, DeNSTaskLoss
+from fairchem_dens.fairchem2.unit import DeNSTrainEvalUnit
+from fairchem_dens.testing.tolerances import LOSS_REL
+
+DENS = {"use_denoising_pos": True, "denoising_pos_coefficient": 5,
+        "denoising_pos_params": {"prob": 0.5, "fixed_noise_std": True, "std": 0.05, "selection": "structure"}}
+
+
+def config_tasks() -> list[Task]:
+    """The shipped config's energy and forces tasks plus a stress task (role excluded)."""
+    tasks = [hydra.utils.instantiate(t) for t in OmegaConf.load(DIRECT_CONFIG)["tasks"]]
+    stress = Task(name="stress", level="system", property="stress", out_spec=OutputSpec([1, 9], "float32"),
+                  normalizer=Normalizer(mean=0.0, rmsd=1.0), datasets=["emt"],
+                  loss_fn=DDPMTLoss(MAELoss(), reduction="mean", coefficient=2.0))
+    return [*tasks, stress]
+
+
+def mixed_dens_batch(config: DeNSConfig):
+    """A batch with corrupted and clean structures (the first step that gives both)."""
+    for step in range(50):
+        data = batch()
+        if corrupt_batch(config, data, seed=0, step=step):
+            structures = corrupted_structures(data)
+            if not bool(structures.all()):
+                return data
+    raise AssertionError("no step with corrupted and clean structures")
+
+
+def predictions(data, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    n, b = data.pos.shape[0], data.natoms.numel()
+    return {"energy": {"energy": torch.randn(b, generator=g, requires_grad=True)},
+            "forces": {"forces": torch.randn(n, 3, generator=g, requires_grad=True)},
+            "stress": {"stress": torch.randn(b, 9, generator=g, requires_grad=True)}}
+
+
+def test_dens_batch_losses_follow_the_roles_and_other_batches_are_fairchems():
+    config = DeNSConfig.from_optim(DENS)
+    tasks = config_tasks()
+    plain = {task.name: compute_loss([task], predictions(batch()), batch())[task.name] for task in tasks}
+    roles = {"energy": ORIGINAL, "forces": REPLACED, "stress": EXCLUDED}
+    step = DeNSStep(config, denoising_coefficient=5.0)
+    fairchem_losses = {task.name: task.loss_fn for task in tasks}
+    for task in tasks:
+        task.loss_fn = DeNSTaskLoss(task, roles[task.name], step)
+    # no DeNS batch in this step: fairchem's losses, bit for bit
+    for task in tasks:
+        assert torch.equal(compute_loss([task], predictions(batch()), batch())[task.name], plain[task.name])
+
+    data = mixed_dens_batch(config)
+    pred = predictions(data)
+    step.batch = data
+    losses = compute_loss(tasks, pred, data)
+    corrupted, structures = corrupted_atoms(data), corrupted_structures(data)
+    free = data.fixed == 0
+    # forces (replaced, loss_form hybrid): one mean over the free atoms, noise / std on corrupted ones
+    target = torch.where(corrupted.view(-1, 1), data.noise_vec / 0.05, data.forces)
+    weights = torch.where(corrupted, 5.0, 10.0)
+    per_atom = weights * (pred["forces"]["forces"] - target).norm(dim=-1)
+    expected = per_atom[free].sum() / free.sum()
+    assert abs(float(losses["forces"].detach() - expected)) <= LOSS_REL * float(expected.detach())
+    # stress (excluded): the clean structures only, in fairchem's sum and in its count
+    clean = ~structures
+    expected = 2.0 * (pred["stress"]["stress"][clean] - data.stress.view(-1, 9)[clean]).abs().mean()
+    assert abs(float(losses["stress"].detach() - expected)) <= LOSS_REL * float(expected.detach())
+    # energy (original): fairchem's loss on the original labels
+    assert torch.equal(losses["energy"], fairchem_losses["energy"](
+        pred["energy"]["energy"].view(-1, 1), data.energy.view(-1, 1), mult_mask=torch.isfinite(data.energy),
+        natoms=data.natoms))
+    assert set(step.metrics) == {"denoising_energy_mae", "denoising_pos_mae", "denoising_force_mae"}
+    assert step.metrics["denoising_energy_mae"]["numel"] == data.natoms.numel()
+    assert step.metrics["denoising_pos_mae"]["numel"] == 3 * int((corrupted & free).sum())
+    assert step.metrics["denoising_force_mae"]["numel"] == 3 * int((~corrupted & free).sum())
+
+
+def _unit_arguments(**overrides):
+    arguments = {"job_config": None, "model": build(True), "optimizer_fn": None, "cosine_lr_scheduler_fn": None,
+                 "tasks": config_tasks(), "dens": DENS}
+    arguments.update(overrides)
+    return arguments
+
+
+def test_unit_refuses_bad_settings_with_the_cores_message():
+    bad = {**DENS, "denoising_pos_params": {**DENS["denoising_pos_params"], "prob": 0}}
+    with pytest.raises(DeNSConfigError) as core:
+        DeNSConfig.from_optim(bad)
+    with pytest.raises(DeNSConfigError) as unit:
+        DeNSTrainEvalUnit(**_unit_arguments(dens=bad))
+    assert str(unit.value) == str(core.value)
+
+
+def test_unit_refuses_a_plain_model_a_per_structure_forces_loss_and_a_config_without_forces():
+    with pytest.raises(DeNSSetupError, match="DeNSeSCNMDBackbone"):
+        DeNSTrainEvalUnit(**_unit_arguments(model=build(False)))
+    tasks = config_tasks()
+    tasks[1].loss_fn.reduction = "per_structure"
+    with pytest.raises(DeNSSetupError, match="reduction: mean"):
+        DeNSTrainEvalUnit(**_unit_arguments(tasks=tasks))
+    with pytest.raises(DeNSConfigError, match="no `forces` output"):
+        DeNSTrainEvalUnit(**_unit_arguments(tasks=[config_tasks()[0]]))
