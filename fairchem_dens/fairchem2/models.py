@@ -13,6 +13,14 @@ model is exactly the plain one. During training such a batch still puts the DeNS
 parameters in the graph with weight 0, because fairchem's DDP runs without a search
 for unused parameters.
 
+Conservative DeNS (energy, forces = -dE/dx and stress, plus a noise head)::
+
+    backbone: {model: fairchem_dens.fairchem2.models.DeNSeSCNMDBackbone, direct_forces: False,
+               regress_stress: True, otf_graph: True, ...}
+    heads:
+      efs: {module: fairchem_dens.fairchem2.models.DeNSMLPEFSHead}
+    pass_through_head_outputs: True
+
 Direct DeNS pre-training::
 
     backbone: {model: fairchem_dens.fairchem2.models.DeNSeSCNMDBackbone, otf_graph: True, ...}
@@ -34,7 +42,7 @@ from torch import nn
 
 from fairchem.core.common import gp_utils
 from fairchem.core.common.registry import registry
-from fairchem.core.models.uma.escn_md import Linear_Force_Head, eSCNMDBackbone
+from fairchem.core.models.uma.escn_md import Linear_Force_Head, MLP_EFS_Head, eSCNMDBackbone
 from fairchem.core.models.uma.escn_moe import eSCNMDMoeBackbone
 from fairchem.core.models.uma.nn.so3_layers import SO3_Linear
 
@@ -43,7 +51,8 @@ from fairchem_dens.core.encoding import force_encoding_coefficients
 from fairchem_dens.core.errors import DeNSSetupError
 from fairchem_dens.core.roles import FORCES
 
-__all__ = ["ENCODED_FORCES", "DeNSeSCNMDBackbone", "DeNSeSCNMDMoeBackbone", "DeNSLinearForceHead", "zero_weight"]
+__all__ = ["ENCODED_FORCES", "DeNSeSCNMDBackbone", "DeNSeSCNMDMoeBackbone", "DeNSLinearForceHead", "DeNSMLPEFSHead",
+           "zero_weight"]
 
 #: The batch key of the forces the encoding reads: the original structure's force labels
 #: of every atom (eV/Å), gathered from all force tasks by the unit.
@@ -163,3 +172,39 @@ class DeNSLinearForceHead(Linear_Force_Head):
         output = noise.new_zeros((node_embedding.shape[0], 3))
         output = output.index_put((noisy,), noise).index_put((clean,), forces)
         return {FORCES: output}
+
+
+@registry.register_model("fairchem_dens_mlp_efs_head")
+class DeNSMLPEFSHead(MLP_EFS_Head):
+    """fairchem's conservative ``MLP_EFS_Head`` plus a noise head (``noise_linear``), EquiformerV3's semantics.
+
+    In a DeNS batch the energy is the original structure's (trained on its label), clean
+    atoms get ``-dE/dx`` (at the corrupted geometry, as in the paper), corrupted atoms the
+    noise head's output, run on those atoms only; stress is fairchem's, and the unit leaves
+    corrupted structures out of its loss (role ``excluded``). Any other batch runs
+    fairchem's head unchanged. Keywords as ``MLP_EFS_Head`` (``prefix``, ``wrap_property``).
+    """
+
+    fairchem_plain = "fairchem.core.models.uma.escn_md.MLP_EFS_Head"
+    dens_parameter_prefixes = ("noise_linear.",)
+    dens_force_head = True
+
+    def __init__(self, backbone: eSCNMDBackbone, **kwargs: Any) -> None:
+        super().__init__(backbone, **kwargs)
+        self.noise_linear = SO3_Linear(backbone.sphere_channels, 1, lmax=1)
+
+    def forward(self, data, emb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        outputs = super().forward(data, emb)
+        key = f"{self.prefix}_{FORCES}" if self.prefix else FORCES
+        forces = outputs[key][FORCES] if self.wrap_property else outputs[key]
+        if not is_dens_batch(data):
+            if not self.training:
+                return outputs
+            forces = forces + zero_weight(self.noise_linear)
+        else:
+            _refuse_graph_parallel()
+            noisy = corrupted_atoms(data).to(forces.device).nonzero().view(-1)
+            noise = _vectors(self.noise_linear, emb["node_embedding"].index_select(0, noisy))
+            forces = forces.index_put((noisy,), noise.to(forces.dtype))
+        outputs[key] = {FORCES: forces} if self.wrap_property else forces
+        return outputs
