@@ -3,10 +3,11 @@
 A backbone is one module under ``fairchem_dens/models/`` that defines its DeNS
 backbone class (where the force encoding enters the base class's unchanged
 ``forward``), its heads (which block predicts forces, which the noise) and an
-``ADAPTER`` (:class:`BackboneAdapter`) saying how its checkpoints are recognised and
-which classes a config names. :data:`BACKBONE_MODULES` is the one place a new
-module is listed; checkpoint conversion, mismatch messages and the trainer's
-model check read the adapters from here.
+``ADAPTER`` (:class:`BackboneAdapter`) saying how its checkpoints are recognised,
+which classes a config names, what its noise block is called and which of fairchem's
+heads give its forces as energy gradients. :data:`BACKBONE_MODULES` is the one place a
+new module is listed; checkpoint conversion, mismatch messages and the trainer's model
+check (``trainers/guards.py``) read the adapters from here and nothing else.
 """
 
 from __future__ import annotations
@@ -16,13 +17,39 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Iterable
 
-__all__ = ["BackboneAdapter", "BACKBONE_MODULES", "adapters", "adapter", "family_of_keys", "is_hydra"]
+__all__ = [
+    "BackboneAdapter",
+    "BACKBONE_MODULES",
+    "DENS_CONSERVATIVE",
+    "OTHER_GRADIENT_FORCE_HEADS",
+    "adapters",
+    "adapter",
+    "backbone_keys",
+    "family_of_keys",
+    "gradient_force_heads",
+    "is_dens_conservative",
+    "is_hydra",
+    "noise_blocks",
+]
 
 #: The adapter modules, in the order their families are tried on a checkpoint.
 BACKBONE_MODULES = (
     "fairchem_dens.models.equiformer_v2",
     "fairchem_dens.models.escn",
     "fairchem_dens.models.esen",
+)
+
+#: The class attribute (set to True) by which a head says it is a conservative DeNS head:
+#: its forces are energy gradients and it also predicts the noise of corrupted atoms.
+DENS_CONSERVATIVE = "dens_conservative"
+
+#: fairchem 1.10 heads whose forces are -dE/dx, of architectures without a DeNS adapter
+#: (registry names), so the model check calls them conservative instead of only
+#: reporting the missing force encoding.
+OTHER_GRADIENT_FORCE_HEADS = (
+    "gemnet_oc_energy_and_grad_force_head",
+    "gemnet_t_energy_and_grad_force_head",
+    "dimenetplusplus_energy_and_force_head",
 )
 
 
@@ -38,8 +65,15 @@ class BackboneAdapter:
         force_head: dotted path of the direct DeNS force head (forces + noise).
         signature: prefixes of backbone state-dict keys (``backbone.`` removed) that
             only this family's checkpoints hold; all must be present.
+        noise_blocks: attribute names of the noise block in this family's DeNS heads
+            (ours and fairchem's own DeNS heads); the model check refuses a force head
+            without one.
         conservative_head: dotted path of the head giving forces (and stress) as
-            energy gradients plus the noise of corrupted atoms, if there is one.
+            energy gradients plus the noise of corrupted atoms, if there is one; the
+            class sets :data:`DENS_CONSERVATIVE` (``dens_conservative = True``).
+        gradient_force_heads: fairchem registry names of this family's heads whose
+            forces are energy gradients; the model check refuses them (no noise path)
+            unless they are DeNS-conservative.
         original_prefixes: ``(original, ours)`` renames of the original
             implementation's monolithic checkpoints, if it had this family.
         original_defaults: backbone keywords the original's ``model_attributes`` omit.
@@ -51,7 +85,9 @@ class BackboneAdapter:
     energy_head: str
     force_head: str
     signature: tuple[str, ...]
+    noise_blocks: tuple[str, ...]
     conservative_head: str | None = None
+    gradient_force_heads: tuple[str, ...] = ()
     original_prefixes: tuple[tuple[str, str], ...] = ()
     original_defaults: dict = field(default_factory=dict)
 
@@ -77,6 +113,22 @@ def adapter(family: str) -> BackboneAdapter:
         if candidate.family == family:
             return candidate
     raise ValueError(f"unknown model family {family!r}; known: {', '.join(a.family for a in adapters())}")
+
+
+def noise_blocks() -> tuple[str, ...]:
+    """Every adapter's noise-block attribute names, each once, in adapter order."""
+    return tuple(dict.fromkeys(name for candidate in adapters() for name in candidate.noise_blocks))
+
+
+def gradient_force_heads() -> tuple[str, ...]:
+    """fairchem registry names of the heads whose forces are energy gradients (adapters' and others)."""
+    names = (name for candidate in adapters() for name in candidate.gradient_force_heads)
+    return tuple(dict.fromkeys((*names, *OTHER_GRADIENT_FORCE_HEADS)))
+
+
+def is_dens_conservative(head: object) -> bool:
+    """Whether a head is a conservative DeNS head (it sets :data:`DENS_CONSERVATIVE`)."""
+    return bool(getattr(head, DENS_CONSERVATIVE, False))
 
 
 def is_hydra(keys: Iterable[str]) -> bool:

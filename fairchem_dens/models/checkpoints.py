@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from fairchem_dens.errors import FairchemDensError
-from fairchem_dens.models.adapters import backbone_keys, family_of_keys, is_hydra, known_families
+from fairchem_dens.models.adapters import backbone_keys, family_of_keys, is_hydra, known_families, noise_blocks
 
 __all__ = [
     "CheckpointMismatchError",
@@ -178,19 +178,21 @@ def _module_of(key: str) -> str:
     return ".".join(parts[:depth])
 
 
-_HINTS = {
-    "noise_schedule_sigma_embedding": "model.backbone.use_noise_schedule_sigma_encoding",
-    "force_embedding": "a DeNS backbone (force encoding); plain fairchem checkpoints have none",
-    "denoising_pos_block": "a DeNS force head (noise head); plain checkpoints have none",
-    "denoising_linear": "a DeNS force head (noise head); plain checkpoints have none",
-    "energy_lin_ref": "model.backbone.use_energy_lin_ref / load_energy_lin_ref",
-}
+def _hints() -> dict[str, str]:
+    """What to check when a module with this word in its name is missing or extra."""
+    noise = dict.fromkeys(noise_blocks(), "a DeNS force head (noise head); plain checkpoints have none")
+    return {
+        "noise_schedule_sigma_embedding": "model.backbone.use_noise_schedule_sigma_encoding",
+        "force_embedding": "a DeNS backbone (force encoding); plain fairchem checkpoints have none",
+        **noise,
+        "energy_lin_ref": "model.backbone.use_energy_lin_ref / load_energy_lin_ref",
+    }
 
 
 def explain_mismatch(model_state: dict[str, torch.Tensor], checkpoint_state: dict[str, torch.Tensor]) -> str:
     """Describes, module by module, why a state dict does not fit a model ('' if it does)."""
     model_keys, ckpt_keys = set(model_state), set(checkpoint_state)
-    lines = []
+    lines, hints = [], _hints()
     model_family, ckpt_family = family_of_keys(model_keys), family_of_keys(ckpt_keys)
     if ckpt_family is not None and model_family is not None and model_family != ckpt_family:
         return (f"the checkpoint holds an {ckpt_family.label} model but the config builds an {model_family.label} "
@@ -198,7 +200,7 @@ def explain_mismatch(model_state: dict[str, torch.Tensor], checkpoint_state: dic
     for label, keys, other in (("missing from the checkpoint", model_keys - ckpt_keys, "config"),
                                ("in the checkpoint but not in the model", ckpt_keys - model_keys, "checkpoint")):
         for module in sorted({_module_of(k) for k in keys}):
-            hint = next((h for word, h in _HINTS.items() if word in module), None)
+            hint = next((h for word, h in hints.items() if word in module), None)
             count = sum(1 for k in keys if _module_of(k) == module)
             lines.append(f"- {module} ({count} tensors) {label}" + (f"; check {hint}" if hint else ""))
     differing: dict[str, list[str]] = {}

@@ -233,6 +233,7 @@ ADAPTER = BackboneAdapter(
     energy_head=f"{__name__}.DeNSEquiformerV2EnergyHead",
     force_head=f"{__name__}.DeNSEquiformerV2ForceHead",
     signature=("blocks.0.ga.",),
+    noise_blocks=("denoising_pos_block",),
     original_prefixes=(
         ("force_block.", "output_heads.forces.vector_block."),
         ("energy_block.", "output_heads.energy.scalar_block."),

@@ -132,6 +132,7 @@ ADAPTER = BackboneAdapter(
     energy_head="fairchem.core.models.escn.escn.eSCNEnergyHead",
     force_head=f"{__name__}.DeNSeSCNForceHead",
     signature=("layer_blocks.",),
+    noise_blocks=("denoising_pos_block",),
     original_prefixes=(
         ("force_block.", "output_heads.forces.force_block."),
         ("energy_block.", "output_heads.energy.energy_block."),

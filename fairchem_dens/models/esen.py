@@ -149,7 +149,7 @@ class DeNSeSENConservativeHead(MLP_EFS_Head):
         backbone: the DeNS eSEN backbone (switched to gradient forces, as fairchem's head does).
     """
 
-    #: Read by the trainer's model check: forces are energy gradients plus a noise path.
+    #: adapters.DENS_CONSERVATIVE: forces are energy gradients plus a noise path (the model check reads it).
     dens_conservative = True
 
     def __init__(self, backbone: eSEN_Backbone) -> None:
@@ -190,4 +190,7 @@ ADAPTER = BackboneAdapter(
     force_head=f"{__name__}.DeNSeSENForceHead",
     conservative_head=f"{__name__}.DeNSeSENConservativeHead",
     signature=("blocks.0.edge_wise.",),
+    noise_blocks=("denoising_linear",),
+    # fairchem's eSEN energy/forces/stress heads: plain, and DeNS (which zeroes DeNS batches' energy)
+    gradient_force_heads=("esen_mlp_efs_head", "esen_mlp_efs_head_dens"),
 )

@@ -15,7 +15,7 @@ from torch import nn
 from fairchem_dens.core.corruption import SKIP_FILTERS, passes_skip_filter, require_md, require_stress
 from fairchem_dens.core.errors import DeNSSetupError
 from fairchem_dens.core.roles import ENERGY, FORCES, GRADIENT_OUTPUTS, STRESS
-from fairchem_dens.models.adapters import adapters
+from fairchem_dens.models.adapters import adapters, gradient_force_heads, is_dens_conservative, noise_blocks
 
 __all__ = ["DeNSSetupError", "check_denoising_splits", "check_gradient_normalizers", "check_loss_functions",
            "check_model", "check_normalizers", "check_skip_filters", "check_training_sample", "check_warmup"]
@@ -27,24 +27,12 @@ def use_instead() -> str:
     return "use " + ", or ".join(candidate.use_instead() for candidate in adapters())
 
 
-#: Attributes of a force head's noise block (ours and fairchem's DeNS heads).
-NOISE_BLOCKS = ("denoising_pos_block", "denoising_linear")
-
-# fairchem 1.10 heads whose forces are -dE/dx (registry names; resolved lazily).
-GRADIENT_FORCE_HEADS = (
-    "esen_mlp_efs_head",
-    "esen_mlp_efs_head_dens",
-    "gemnet_oc_energy_and_grad_force_head",
-    "gemnet_t_energy_and_grad_force_head",
-    "dimenetplusplus_energy_and_force_head",
-)
-
-
 def _gradient_force_classes() -> tuple[type, ...]:
+    """The gradient-force heads the adapters name, those fairchem has registered so far."""
     from fairchem.core.common.registry import registry
 
     classes = []
-    for name in GRADIENT_FORCE_HEADS:
+    for name in gradient_force_heads():
         cls = registry.mapping["model_name_mapping"].get(name)
         if cls is not None:
             classes.append(cls)
@@ -63,9 +51,10 @@ def check_model(model: nn.Module, forces: str = FORCES) -> None:
     """Refuses a model that cannot denoise.
 
     DeNS needs a backbone that encodes the original forces (a ``force_embedding``)
-    and a force head with a noise block (``denoising_pos_block`` / ``denoising_linear``)
-    that writes the noise prediction of corrupted atoms to the ``forces`` output.
-    Gradient-force heads are accepted only when they are conservative DeNS heads
+    and a force head with a noise block (an attribute an adapter lists in
+    ``noise_blocks``) that writes the noise prediction of corrupted atoms to the
+    ``forces`` output. Gradient-force heads (the adapters' ``gradient_force_heads``, or
+    ``direct_forces=False``) are accepted only when they are conservative DeNS heads
     (``dens_conservative``): others have no noise path, and fairchem's eSEN DeNS head
     zeroes the energy of DeNS batches.
 
@@ -84,10 +73,10 @@ def check_model(model: nn.Module, forces: str = FORCES) -> None:
     force_heads = [
         head for name, head in heads.items()
         if name == forces or getattr(head, "output_name", None) == forces
-        or isinstance(head, _gradient_force_classes()) or getattr(head, "dens_conservative", False)
+        or isinstance(head, _gradient_force_classes()) or is_dens_conservative(head)
     ]
     for head in force_heads or heads.values():
-        if not _is_conservative(head, backbone) or getattr(head, "dens_conservative", False):
+        if not _is_conservative(head, backbone) or is_dens_conservative(head):
             continue
         name = f"{type(head).__module__}.{type(head).__name__}"
         if hasattr(head, "denoising_linear"):  # fairchem's esen_mlp_efs_head_dens
@@ -112,11 +101,12 @@ def check_model(model: nn.Module, forces: str = FORCES) -> None:
             f"no head of the model writes the `{forces}` output (heads: {', '.join(heads)}): "
             f"name the force head `{forces}` under model.heads; {use_instead()}."
         )
+    blocks = noise_blocks()
     for head in force_heads:
-        if not any(hasattr(head, block) for block in NOISE_BLOCKS):
+        if not any(hasattr(head, block) for block in blocks):
             raise DeNSSetupError(
                 f"the `{forces}` head is {type(head).__module__}.{type(head).__name__}, which has no "
-                f"noise output ({' / '.join(NOISE_BLOCKS)}): {use_instead()}."
+                f"noise output ({' / '.join(blocks)}): {use_instead()}."
             )
 
 
@@ -155,7 +145,7 @@ def check_normalizers(normalizers: Mapping[str, Any], samples: str) -> None:
 def is_conservative_model(model: nn.Module) -> bool:
     """Whether a hydra model's forces are gradients of its energy (fairchem's or our DeNS heads)."""
     backbone, heads = getattr(model, "backbone", None), getattr(model, "output_heads", None) or {}
-    return any(_is_conservative(head, backbone) or getattr(head, "dens_conservative", False)
+    return any(_is_conservative(head, backbone) or is_dens_conservative(head)
                for head in heads.values())
 
 
