@@ -57,3 +57,17 @@ def direct_run(emt_root, tmp_path_factory):
     ]
     log = run_fairchem(DIRECT_CONFIG, overrides, run_dir / "fairchem.log")
     return {"dir": run_dir / "t1", "log": log, "records": run_dir / "records"}
+
+
+FINETUNE_CONFIG = configs_dir() / "fairchem2" / "dens_escnmd_conservative_finetune.yml"
+
+
+@pytest.fixture(scope="session")
+def finetune_run(direct_run, emt_root, tmp_path_factory):
+    """The shipped conservative DeNS fine-tuning config, from the direct run's inference checkpoint."""
+    run_dir = tmp_path_factory.mktemp("finetune_run")
+    checkpoint = direct_run["dir"] / "checkpoints" / "final" / "inference_ckpt.pt"
+    overrides = [f"data_root={emt_root}", f"checkpoint={checkpoint}", f"+job.run_dir={run_dir}",
+                 "+job.timestamp_id=ft"]
+    log = run_fairchem(FINETUNE_CONFIG, overrides, run_dir / "fairchem.log")
+    return {"dir": run_dir / "ft", "log": log}

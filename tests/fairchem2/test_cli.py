@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import DIRECT_CONFIG, fairchem_env, run_fairchem
@@ -48,32 +49,54 @@ def test_the_unit_trains_on_the_batch_core_corrupt_batch_makes_and_never_corrupt
     assert records["eval"] and not any(e["dens"] or e["noise_vec"] for e in records["eval"])
 
 
-def test_inference_checkpoint_is_plain_fairchem_and_runs_without_the_plugin(direct_run, tmp_path):
-    path = direct_run["dir"] / "checkpoints" / "final" / "inference_ckpt.pt"
+PLAIN = "fairchem.core.models.uma.escn_md."
+PREDICT = """
+import sys
+sys.modules['fairchem_dens'] = None  # importing the plugin now fails
+import numpy as np
+from ase.build import bulk
+from fairchem.core.calculate.ase_calculator import FAIRChemCalculator
+from fairchem.core.units.mlip_unit import load_predict_unit
+unit = load_predict_unit(sys.argv[1], 'batch', device='cpu')
+atoms = bulk('Cu', 'fcc', cubic=True)
+atoms.rattle(0.05, seed=3)
+atoms.calc = FAIRChemCalculator(unit, task_name='emt')
+energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+assert np.isfinite(energy) and forces.shape == (4, 3) and np.isfinite(forces).all()
+if sys.argv[2] == 'stress':
+    assert np.isfinite(atoms.get_stress()).all()
+print('OK', energy)
+"""
+
+
+@pytest.mark.parametrize("run, heads", [
+    ("direct_run", {"energy": PLAIN + "MLP_Energy_Head", "forces": PLAIN + "Linear_Force_Head"}),
+    ("finetune_run", {"energy": PLAIN + "MLP_EFS_Head"}),
+])
+def test_inference_checkpoint_is_plain_fairchem_and_runs_without_the_plugin(run, heads, request, tmp_path):
+    path = request.getfixturevalue(run)["dir"] / "checkpoints" / "final" / "inference_ckpt.pt"
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    assert checkpoint.model_config["backbone"]["model"] == "fairchem.core.models.uma.escn_md.eSCNMDBackbone"
-    assert checkpoint.model_config["heads"]["forces"]["module"] == "fairchem.core.models.uma.escn_md.Linear_Force_Head"
+    assert checkpoint.model_config["backbone"]["model"] == PLAIN + "eSCNMDBackbone"
+    assert {name: head["module"] for name, head in checkpoint.model_config["heads"].items()} == heads
     for state in (checkpoint.model_state_dict, checkpoint.ema_state_dict):
         assert not [k for k in state if "force_embedding" in k or "noise_linear" in k]
     script = tmp_path / "predict.py"
-    script.write_text(
-        "import sys\n"
-        "sys.modules['fairchem_dens'] = None  # importing the plugin now fails\n"
-        "import numpy as np\n"
-        "from ase.build import bulk\n"
-        "from fairchem.core.calculate.ase_calculator import FAIRChemCalculator\n"
-        "from fairchem.core.units.mlip_unit import load_predict_unit\n"
-        "unit = load_predict_unit(sys.argv[1], 'batch', device='cpu')\n"
-        "atoms = bulk('Cu', 'fcc', cubic=True)\n"
-        "atoms.rattle(0.05, seed=3)\n"
-        "atoms.calc = FAIRChemCalculator(unit, task_name='emt')\n"
-        "energy, forces = atoms.get_potential_energy(), atoms.get_forces()\n"
-        "assert np.isfinite(energy) and forces.shape == (4, 3) and np.isfinite(forces).all()\n"
-        "print('OK', energy)\n"
-    )
-    result = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True,
-                            env=fairchem_env(), timeout=180)
+    script.write_text(PREDICT)
+    result = subprocess.run([sys.executable, str(script), str(path), "stress" if run == "finetune_run" else "-"],
+                            capture_output=True, text=True, env=fairchem_env(), timeout=180)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_conservative_finetuning_from_the_direct_checkpoint_trains_with_dens(finetune_run):
+    log = finetune_run["log"]
+    assert "backbone loaded, pretrained weights kept in heads ['energy']" in log
+    dicts = _logged_dicts(log)
+    losses = [d["train/loss"] for d in dicts if "train/loss" in d]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    (epoch,) = [d for d in dicts if "dens_epoch" in d]
+    assert 0 < epoch["train/denoising_pos_mae"] < 0.5
+    assert re.search(r"val/emt\.val,stress,mae: \d", log)
+    assert (finetune_run["dir"] / "checkpoints" / "final" / "resume.yaml").is_file()
 
 
 def test_two_ranks_take_the_same_batch_decisions(emt_root, tmp_path):

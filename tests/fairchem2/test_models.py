@@ -24,19 +24,27 @@ from fairchem_dens.testing.tolerances import ESEN_ROTATION_REL
 
 PLAIN_BACKBONE = "fairchem.core.models.uma.escn_md.eSCNMDBackbone"
 PLAIN_FORCE_HEAD = "fairchem.core.models.uma.escn_md.Linear_Force_Head"
+PLAIN_HEADS = {"fairchem_dens.fairchem2.models.DeNSLinearForceHead": PLAIN_FORCE_HEAD,
+               "fairchem_dens.fairchem2.models.DeNSMLPEFSHead": "fairchem.core.models.uma.escn_md.MLP_EFS_Head"}
 
 
-def model_config(dens: bool) -> dict:
-    """The shipped config's model, or the same with fairchem's plain classes."""
+def model_config(dens: bool, conservative: bool = False) -> dict:
+    """The shipped direct config's model (or its conservative twin, the fine-tuning config's
+    backbone switches and head), with DeNS classes or fairchem's plain ones."""
     config = OmegaConf.to_container(OmegaConf.load(DIRECT_CONFIG), resolve=True)["runner"]["train_eval_unit"]["model"]
+    if conservative:
+        config["backbone"].update(direct_forces=False, regress_stress=True)
+        config["heads"] = {"energy": {"module": "fairchem_dens.fairchem2.models.DeNSMLPEFSHead"}}
+        config["pass_through_head_outputs"] = True
     if not dens:
         config["backbone"]["model"] = PLAIN_BACKBONE
-        config["heads"]["forces"]["module"] = PLAIN_FORCE_HEAD
+        for head in config["heads"].values():
+            head["module"] = PLAIN_HEADS.get(head["module"], head["module"])
     return config
 
 
-def build(dens: bool, seed: int = 0) -> HydraModel:
-    config = model_config(dens)
+def build(dens: bool, seed: int = 0, conservative: bool = False) -> HydraModel:
+    config = model_config(dens, conservative)
     config.pop("_target_")
     torch.manual_seed(seed)
     return HydraModel(**config)
@@ -112,12 +120,13 @@ def test_noise_block_and_encoding_never_run_outside_dens_batches_and_each_block_
     assert calls[dens.backbone.force_embedding] == data.pos.shape[0]
 
 
+@pytest.mark.parametrize("conservative", [False, True])
 @pytest.mark.parametrize("kind", ["partial", "full", "s2ef"])
-def test_every_parameter_gets_a_gradient_in_training(kind):
-    dens = build(True).train()
+def test_every_parameter_gets_a_gradient_in_training(kind, conservative):
+    dens = build(True, conservative=conservative).train()
     data = {"partial": lambda: dens_batch(0.5), "full": lambda: dens_batch(None), "s2ef": batch}[kind]()
-    out = dens(data)
-    (out["energy"]["energy"].sum() + out["forces"]["forces"].square().sum()).backward()
+    out = _outputs(dens(data))
+    (out["energy"].sum() + out["forces"].square().sum()).backward()
     missing = [name for name, p in dens.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
 
@@ -183,3 +192,43 @@ def test_plain_inference_checkpoint_gives_the_dens_models_predictions(use_ema):
     assert torch.equal(actual["energy"]["energy"], expected["energy"]["energy"])
     assert torch.equal(actual["forces"]["forces"], expected["forces"]["forces"])
     assert checkpoint.model_config["backbone"]["model"].startswith("fairchem_dens")  # the input is untouched
+
+
+def _outputs(out: dict) -> dict:
+    """{name: tensor} of a HydraModel output (per-head dicts or pass-through)."""
+    return {k: v[k] for k, v in out.items() if k in ("energy", "forces", "stress")}
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_conservative_dens_model_outside_dens_batches_is_exactly_fairchems(training):
+    plain, dens = build(False, conservative=True), build(True, seed=1, conservative=True)
+    assert sorted(dens.load_state_dict(plain.state_dict(), strict=False).missing_keys) == [
+        "backbone.force_embedding.bias", "backbone.force_embedding.weight",
+        "output_heads.energy.noise_linear.bias", "output_heads.energy.noise_linear.weight"]
+    plain.train(training), dens.train(training)
+    expected, actual = _outputs(run(plain, batch())), _outputs(run(dens, batch()))
+    assert set(actual) == {"energy", "forces", "stress"}
+    for name in actual:
+        assert torch.equal(actual[name], expected[name]), name
+
+
+def test_conservative_dens_terms_each_carry_gradient():
+    """Energy of the original structure, -dE/dx on clean atoms, the noise on corrupted ones."""
+    dens = build(True, conservative=True).train()
+    head = dens.output_heads["energy"]
+    calls = _count_calls(head.noise_linear)
+    data = dens_batch()
+    corrupted = corrupted_atoms(data)
+    out = _outputs(dens(data))
+    assert calls[head.noise_linear] == int(corrupted.sum())
+    parameters = {"backbone": dens.backbone.sphere_embedding.weight, "energy_block": head.energy_block[0].weight,
+                  "noise": head.noise_linear.weight, "encoding": dens.backbone.force_embedding.weight}
+    terms = {"energy": out["energy"].sum(), "clean forces": out["forces"][~corrupted].square().sum(),
+             "noise": out["forces"][corrupted].square().sum()}
+    reaches = {}
+    for term, value in terms.items():
+        grads = torch.autograd.grad(value, list(parameters.values()), retain_graph=True, allow_unused=True)
+        reaches[term] = {name for name, g in zip(parameters, grads) if g is not None and bool(g.abs().sum() > 0)}
+    assert reaches["energy"] == {"backbone", "energy_block", "encoding"}
+    assert reaches["clean forces"] == {"backbone", "energy_block", "encoding"}  # -dE/dx: second order in training
+    assert reaches["noise"] == {"backbone", "noise", "encoding"}
