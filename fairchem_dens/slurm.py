@@ -67,6 +67,8 @@ from submitit.core.utils import FailedJobError
 from submitit.helpers import DelayedSubmission
 from torch.distributed.elastic.utils.distributed import get_free_port
 
+from fairchem_dens.errors import FairchemDensError
+
 __all__ = ["DeNSRunner", "SubmitError", "build_parser", "executor_parameters", "main", "missing_slurm_commands",
            "runs_on_cpu", "submit"]
 
@@ -100,7 +102,7 @@ def executor_parameters(args: argparse.Namespace, config: dict[str, Any]) -> dic
     return parameters
 
 
-class SubmitError(Exception):
+class SubmitError(FairchemDensError):
     """A refused or failed submission: one line for the user, and the exit code."""
 
     def __init__(self, message: str, exit_code: int = 1) -> None:

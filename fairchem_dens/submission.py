@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from fairchem_dens.errors import FairchemDensError
 from fairchem_dens.files import sha256_file, temp_beside
 
 #: Test splits the server expects, in the order they are written.
@@ -72,7 +73,7 @@ _FLOAT16_HINT = (
 )
 
 
-class SubmissionError(ValueError):
+class SubmissionError(FairchemDensError, ValueError):
     """A prediction file or the merged submission would be rejected by the server."""
 
 

@@ -30,6 +30,8 @@ import numpy as np
 from fairchem.core.common.registry import registry
 from fairchem.core.datasets.lmdb_dataset import LmdbDataset
 
+from fairchem_dens.errors import FairchemDensError
+
 __all__ = [
     "DeNSLmdbDataset",
     "LmdbDataError",
@@ -39,7 +41,7 @@ __all__ = [
 ]
 
 
-class LmdbDataError(ValueError):
+class LmdbDataError(FairchemDensError, ValueError):
     """An LMDB file or entry cannot be read."""
 
 

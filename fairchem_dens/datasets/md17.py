@@ -49,6 +49,7 @@ from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from fairchem_dens.datasets.lmdb_io import LMDB_MAP_SIZE, write_lmdb
+from fairchem_dens.errors import FairchemDensError
 from fairchem_dens.files import replace_dir, sha256_file, staging_dir
 
 __all__ = [
@@ -85,7 +86,7 @@ _MAP_FILL = 0.85
 MAX_ENTRIES_PER_LMDB: int | None = None
 
 
-class MD17FormatError(ValueError):
+class MD17FormatError(FairchemDensError, ValueError):
     """An ``.npz`` file is not a usable MD17 / rMD17 file; the message names the file and key."""
 
 

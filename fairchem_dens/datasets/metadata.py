@@ -17,6 +17,7 @@ import ase.io
 import numpy as np
 
 from fairchem_dens.datasets.lmdb_io import write_metadata
+from fairchem_dens.errors import FairchemDensError
 
 __all__ = ["ASE_DB", "MetadataError", "dataset_natoms", "detect_format", "metadata_path", "write_dataset_metadata"]
 
@@ -27,7 +28,7 @@ _ASE_DB_SUFFIXES = {".db", ".aselmdb"}
 _ASE_READ_SUFFIXES = {".extxyz", ".xyz", ".traj"}
 
 
-class MetadataError(ValueError):
+class MetadataError(FairchemDensError, ValueError):
     """The data cannot be given a ``metadata.npz`` (unknown format, shared folder, existing file)."""
 
 

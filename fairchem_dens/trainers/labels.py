@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from fairchem_dens.core.corruption import skip_filter_values
 from fairchem_dens.core.settings import DeNSConfig
+from fairchem_dens.errors import FairchemDensError
 
 __all__ = ["FitRecorder", "NonFiniteLabelError", "check_batch_labels", "non_finite_labels"]
 
@@ -30,7 +31,7 @@ __all__ = ["FitRecorder", "NonFiniteLabelError", "check_batch_labels", "non_fini
 NAMED = 5
 
 
-class NonFiniteLabelError(ValueError):
+class NonFiniteLabelError(FairchemDensError, ValueError):
     """A training label is NaN or infinite; the message names the entries."""
 
 
