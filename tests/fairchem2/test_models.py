@@ -232,3 +232,29 @@ def test_conservative_dens_terms_each_carry_gradient():
     assert reaches["energy"] == {"backbone", "energy_block", "encoding"}
     assert reaches["clean forces"] == {"backbone", "energy_block", "encoding"}  # -dE/dx: second order in training
     assert reaches["noise"] == {"backbone", "noise", "encoding"}
+
+
+def test_uma_mixture_of_experts_backbone_takes_the_same_hook():
+    """eSCNMDMoeBackbone does not override forward: the DeNS twin is plain outside DeNS batches
+    and trains every parameter (experts included) in a DeNS batch."""
+    def moe(dens: bool, seed: int) -> HydraModel:
+        config = model_config(dens)
+        config.pop("_target_")
+        config["backbone"]["model"] = ("fairchem_dens.fairchem2.models.DeNSeSCNMDMoeBackbone" if dens
+                                       else "fairchem.core.models.uma.escn_moe.eSCNMDMoeBackbone")
+        config["backbone"].update(num_experts=2, use_composition_embedding=True)
+        torch.manual_seed(seed)
+        return HydraModel(**config)
+
+    plain, dens = moe(False, 0), moe(True, 1)
+    assert sorted(dens.load_state_dict(plain.state_dict(), strict=False).missing_keys) == [
+        "backbone.force_embedding.bias", "backbone.force_embedding.weight",
+        "output_heads.forces.noise_linear.bias", "output_heads.forces.noise_linear.weight"]
+    plain.eval(), dens.eval()
+    expected, actual = run(plain, batch()), run(dens, batch())
+    assert torch.equal(actual["energy"]["energy"], expected["energy"]["energy"])
+    assert torch.equal(actual["forces"]["forces"], expected["forces"]["forces"])
+    dens.train()
+    out = dens(dens_batch())
+    (out["energy"]["energy"].sum() + out["forces"]["forces"].square().sum()).backward()
+    assert not [name for name, p in dens.named_parameters() if p.requires_grad and p.grad is None]
