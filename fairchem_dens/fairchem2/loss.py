@@ -35,9 +35,15 @@ from fairchem_dens.core.settings import DeNSConfig
 __all__ = ["DeNSStep", "DeNSTaskLoss", "ranks"]
 
 
+def _sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    # NCCL reduces CUDA tensors only: the epoch's metric and tally counts live on the CPU.
+    device = distutils.get_device_for_local_rank()
+    return distutils.all_reduce(tensor.to(device), device=device).to(tensor.device)
+
+
 def ranks() -> Reduction:
     """fairchem's DDP world as the core's :class:`~fairchem_dens.core.loss.Reduction`."""
-    return Reduction(distutils.get_world_size(), lambda tensor: distutils.all_reduce(tensor, device=tensor.device))
+    return Reduction(distutils.get_world_size(), _sum_over_ranks)
 
 
 @dataclass

@@ -113,9 +113,12 @@ class DeNSTrainEvalUnit(MLIPTrainEvalUnit):
         step = self.train_progress.num_steps_completed
         corrupted = False
         if self.dens.active_in_epoch(self.train_progress.num_epochs_completed):
+            forces = original_forces(data, self.force_tasks)
+            if FORCES not in data:  # per-dataset force tasks (oc20_forces, ...): the skip filters read `forces`
+                data[FORCES] = forces
             corrupted = corrupt_batch(self.dens, data, seed=self.job_config.seed, step=step, rank=distutils.get_rank())
         if corrupted:
-            data[ENCODED_FORCES] = original_forces(data, self.force_tasks)
+            data[ENCODED_FORCES] = forces
             self.dens_step.batch = data  # the same object fairchem moves to the device in place
             self.dens_step.denoising_coefficient = self.dens.coefficient_at(self._run_fraction(state), 1.0)
         try:
