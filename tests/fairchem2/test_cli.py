@@ -6,6 +6,7 @@ import ast
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 
@@ -113,3 +114,16 @@ def test_two_ranks_take_the_same_batch_decisions(emt_root, tmp_path):
     assert [r["dens"] for r in ranks[0]] == [r["dens"] for r in ranks[1]]
     assert {r["dens"] for r in ranks[0]} == {True, False}
     assert all(r["pos_equal"] and r["dens"] == r["expected_dens"] for rank in ranks for r in rank)
+
+
+def test_a_run_resumed_from_its_step_0_checkpoint_repeats_the_same_losses(finetune_run, tmp_path):
+    """fairchem's resume.yaml rebuilds the DeNS unit and model; the corruption comes from (seed, step,
+    rank), so the resumed run draws the same noise and gives bit-identical losses."""
+    copy = tmp_path / "ft"
+    shutil.copytree(finetune_run["dir"], copy)
+    resume = copy / "checkpoints" / "step_0" / "resume.yaml"
+    resume.write_text(resume.read_text().replace(str(finetune_run["dir"]), str(copy)))
+    log = run_fairchem(resume, [], tmp_path / "resumed.log")
+    assert f"Done loading checkpoint from {copy}/checkpoints/step_0" in log
+    losses = [[d["train/loss"] for d in _logged_dicts(text) if "train/loss" in d] for text in (finetune_run["log"], log)]
+    assert len(losses[1]) == 4 and losses[1] == losses[0]
