@@ -1,0 +1,132 @@
+"""DeNS step time / plain step time on fairchem 2 (eSCN-MD, direct and conservative).
+
+One training step's model work, forward + fairchem's ``compute_loss`` + backward, on a
+batch of EMT bulk cells: the plain model (fairchem's classes) on the corrupted positions
+(the noise changes the graph, so the clean batch would not compare) against the DeNS
+model on the DeNS batch, which also pays for ``core.corrupt_batch`` (run each step on a
+fresh copy). Both models have the same weights. Runs are interleaved; prints medians.
+
+    /root/.cache/fairchem-dens/fc2/bin/python benchmarks/fairchem2_step_time.py --repeats 20
+    python benchmarks/fairchem2_step_time.py --device cuda --channels 128 --structures 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import hydra
+import torch
+from omegaconf import OmegaConf
+
+from fairchem.core.datasets.atomic_data import AtomicData, atomicdata_list_to_batch
+from fairchem.core.models.base import HydraModel
+from fairchem.core.units.mlip_unit.mlip_unit import compute_loss
+
+from fairchem_dens.core.batch import corrupt_batch
+from fairchem_dens.core.roles import EXCLUDED, ORIGINAL, REPLACED
+from fairchem_dens.core.settings import DeNSConfig
+from fairchem_dens.fairchem2.emt_data import emt_structures
+from fairchem_dens.fairchem2.loss import DeNSStep, DeNSTaskLoss
+from fairchem_dens.fairchem2.models import ENCODED_FORCES
+from fairchem_dens.resources import configs_dir
+
+CONFIG = configs_dir() / "fairchem2" / "dens_escnmd_conservative_finetune.yml"
+DIRECT = configs_dir() / "fairchem2" / "dens_escnmd_direct.yml"
+PLAIN = {"fairchem_dens.fairchem2.models.DeNSeSCNMDBackbone": "fairchem.core.models.uma.escn_md.eSCNMDBackbone",
+         "fairchem_dens.fairchem2.models.DeNSLinearForceHead": "fairchem.core.models.uma.escn_md.Linear_Force_Head",
+         "fairchem_dens.fairchem2.models.DeNSMLPEFSHead": "fairchem.core.models.uma.escn_md.MLP_EFS_Head"}
+
+
+def models(conservative: bool, channels: int, layers: int, device: str) -> tuple[HydraModel, HydraModel]:
+    config = OmegaConf.to_container(OmegaConf.load(DIRECT), resolve=True)["runner"]["train_eval_unit"]["model"]
+    config.pop("_target_")
+    config["backbone"].update(sphere_channels=channels, hidden_channels=channels, edge_channels=channels,
+                              num_layers=layers)
+    if conservative:
+        config["backbone"].update(direct_forces=False, regress_stress=True)
+        config["heads"] = {"energy": {"module": "fairchem_dens.fairchem2.models.DeNSMLPEFSHead"}}
+        config["pass_through_head_outputs"] = True
+    dens = HydraModel(**copy.deepcopy(config))
+    config["backbone"]["model"] = PLAIN[config["backbone"]["model"]]
+    for head in config["heads"].values():
+        head["module"] = PLAIN.get(head["module"], head["module"])
+    plain = HydraModel(**config)
+    plain.load_state_dict({k: v for k, v in dens.state_dict().items() if k in plain.state_dict()})
+    return plain.to(device).train(), dens.to(device).train()
+
+
+def tasks(conservative: bool):
+    config = OmegaConf.load(CONFIG if conservative else DIRECT)
+    return [hydra.utils.instantiate(t) for t in config["tasks"]]
+
+
+def base_batch(structures: int) -> AtomicData:
+    items = []
+    for atoms in emt_structures(structures, seed=7):
+        data = AtomicData.from_ase(atoms, task_name="emt")
+        data.dataset, data.dataset_name = "emt", "emt.train"
+        data.stress = data.stress.reshape(1, 9)
+        items.append(data)
+    return atomicdata_list_to_batch(items)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--structures", type=int, default=8)
+    parser.add_argument("--channels", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--corrupt-ratio", type=float, default=0.5)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    config = DeNSConfig.from_optim({"use_denoising_pos": True, "denoising_pos_coefficient": 5, "denoising_pos_params": {
+        "prob": 1.0, "fixed_noise_std": True, "std": 0.05, "corrupt_ratio": args.corrupt_ratio}})
+    base = base_batch(args.structures)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    for conservative in (False, True):
+        plain, dens = models(conservative, args.channels, args.layers, args.device)
+        plain_tasks, dens_tasks = tasks(conservative), tasks(conservative)
+        step = DeNSStep(config, denoising_coefficient=5.0)
+        roles = {"energy": ORIGINAL, "forces": REPLACED, "stress": EXCLUDED}
+        for task in dens_tasks:
+            task.loss_fn = DeNSTaskLoss(task, roles[task.property], step)
+
+        def dens_step(index: int) -> None:
+            data = base.clone()
+            corrupt_batch(config, data, seed=0, step=index)
+            data[ENCODED_FORCES] = data.forces.clone()
+            data = data.to(args.device)
+            step.batch = data
+            sum(compute_loss(dens_tasks, dens(data), data).values()).backward()
+            step.batch = None
+
+        corrupted = []  # the plain model's batches: the same positions, corrupted before the clock starts
+        for index in range(args.repeats + 2):
+            data = base.clone()
+            corrupt_batch(config, data, seed=0, step=index)
+            corrupted.append(data)
+
+        def plain_step(index: int) -> None:
+            data = corrupted[index].clone().to(args.device)
+            sum(compute_loss(plain_tasks, plain(data), data).values()).backward()
+
+        times = {"plain": [], "dens": []}
+        for index in range(args.repeats + 2):
+            for name, run in (("plain", plain_step), ("dens", dens_step)):
+                sync()
+                start = time.perf_counter()
+                run(index)
+                sync()
+                if index >= 2:  # warm-up
+                    times[name].append(time.perf_counter() - start)
+        medians = {name: statistics.median(values) for name, values in times.items()}
+        kind = "conservative" if conservative else "direct"
+        print(f"{kind:12s} atoms={base.pos.shape[0]} plain {1e3 * medians['plain']:.1f} ms, "
+              f"DeNS {1e3 * medians['dens']:.1f} ms, DeNS/plain {medians['dens'] / medians['plain']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
