@@ -79,6 +79,12 @@ class DeNSTrainEvalUnit(MLIPTrainEvalUnit):
                 "optim.denoising_pos_params.validate_denoising is not supported on fairchem 2 yet: "
                 "validation batches are never corrupted here; drop the key."
             )
+        if config.relaxation_only:
+            raise DeNSConfigError(
+                "optim.denoising_pos_params.relaxation_only needs a per-structure `md` flag in every batch, "
+                "which fairchem 2's datasets (ase_db, AtomicData.from_ase) do not carry yet: drop the key "
+                "or train MD-free data."
+            )
         _check_model(model)
         if gp_utils.initialized():
             raise DeNSSetupError(

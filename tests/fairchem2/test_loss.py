@@ -117,6 +117,25 @@ def test_unit_refuses_a_plain_model_a_per_structure_forces_loss_and_a_config_wit
         DeNSTrainEvalUnit(**_unit_arguments(tasks=tasks))
     with pytest.raises(DeNSConfigError, match="no `forces` output"):
         DeNSTrainEvalUnit(**_unit_arguments(tasks=[config_tasks()[0]]))
+    relaxation = {**DENS, "denoising_pos_params": {**DENS["denoising_pos_params"], "relaxation_only": True}}
+    with pytest.raises(DeNSConfigError, match="relaxation_only needs a per-structure `md` flag"):
+        DeNSTrainEvalUnit(**_unit_arguments(dens=relaxation))
     validating = {**DENS, "denoising_pos_params": {**DENS["denoising_pos_params"], "validate_denoising": True}}
     with pytest.raises(DeNSConfigError, match="validate_denoising is not supported on fairchem 2"):
         DeNSTrainEvalUnit(**_unit_arguments(dens=validating))
+
+
+def test_stress_gradient_reaches_clean_structures_only():
+    """Excluded exactly: the stress loss sends no gradient to corrupted structures' predictions."""
+    config = DeNSConfig.from_optim(DENS)
+    (stress_task,) = [t for t in config_tasks() if t.name == "stress"]
+    step = DeNSStep(config)
+    stress_task.loss_fn = DeNSTaskLoss(stress_task, EXCLUDED, step)
+    data = mixed_dens_batch(config)
+    pred = predictions(data)
+    step.batch = data
+    compute_loss([stress_task], pred, data)["stress"].backward()
+    grad = pred["stress"]["stress"].grad.abs().sum(dim=1)
+    structures = corrupted_structures(data)
+    assert torch.equal(grad[structures], torch.zeros_like(grad[structures]))
+    assert bool((grad[~structures] > 0).all())
