@@ -64,6 +64,13 @@ VARIANTS.update({name: [*flags, f"{_FORCE_RMSD}None"] for name, flags in BASE.it
 CONSERVATIVE_RECIPE = "md17/esen/xtb_small_data_conservative.yml"
 RECIPES = {f"esen_{name}": CONSERVATIVE_RECIPE for name in ("plain", "dens", "dens_no_force_encoding")}
 VARIANTS.update({f"esen_{name}": BASE[name] for name in ("plain", "dens", "dens_no_force_encoding")})
+# Issue 21, question 4: the same recipe (energy-std force normalisation) with a larger energy weight.
+ENERGY_WEIGHT_RECIPES = {weight: Path(__file__).parent / "configs" / f"xtb_small_data_energy{weight}.yml"
+                         for weight in (20, 80)}
+for weight, path in ENERGY_WEIGHT_RECIPES.items():
+    for name in ("plain", "dens"):
+        VARIANTS[f"{name}_e{weight}_enorm"] = VARIANTS[f"{name}_enorm"]
+        RECIPES[f"{name}_e{weight}_enorm"] = path  # absolute: configs_dir() / path is path
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,7 @@ PARTS: dict[str, tuple[list[str], str]] = {
                "dens_coef1", "dens_const_coef", "dens_prob1.0"], "core"),
     "sweep_enorm": ([f"{v}_enorm" for v in ("dens_std0.025", "dens_std0.1", "dens_prob0.5", "dens_prob1.0",
                                             "dens_coef20", "dens_multiscale")], "core"),
+    "energy_weight": (["plain_e20_enorm", "dens_e20_enorm", "plain_e80_enorm", "dens_e80_enorm"], "core"),
 }
 
 
@@ -140,6 +148,9 @@ def baseline(variant: str) -> str:
     """The plain run a variant is compared with: same model family and force normalisation."""
     if variant.startswith("esen_"):
         return "esen_plain"
+    for weight in ENERGY_WEIGHT_RECIPES:
+        if f"_e{weight}_" in variant:
+            return f"plain_e{weight}_enorm"
     return "plain_enorm" if variant.endswith("_enorm") else "plain"
 
 
