@@ -51,6 +51,9 @@ def plain_model_config(model_config: Any) -> tuple[dict, list[str]]:
         head = dict(head)
         head["module"], dropped = _plain(head["module"])
         prefixes += [f"output_heads.{name}.{p}" for p in dropped]
+        if "head_cls" in head:  # UMA's DatasetSpecific*Wrapper builds its inner head as `.head`
+            head["head_cls"], dropped = _plain(head["head_cls"])
+            prefixes += [f"output_heads.{name}.head.{p}" for p in dropped]
         heads[name] = head
     config["heads"] = heads
     return config, prefixes
