@@ -60,6 +60,7 @@ def direct_run(emt_root, tmp_path_factory):
 
 
 FINETUNE_CONFIG = configs_dir() / "fairchem2" / "dens_escnmd_conservative_finetune.yml"
+UMA_CONFIG = configs_dir() / "fairchem2" / "dens_uma_finetune.yml"
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +72,16 @@ def finetune_run(direct_run, emt_root, tmp_path_factory):
                  "+job.timestamp_id=ft"]
     log = run_fairchem(FINETUNE_CONFIG, overrides, run_dir / "fairchem.log")
     return {"dir": run_dir / "ft", "log": log}
+
+
+@pytest.fixture(scope="session")
+def uma_run(emt_root, tmp_path_factory):
+    """The shipped UMA fine-tuning config on a tiny 2-expert UMA-shaped checkpoint in fairchem 2's format."""
+    from test_finetune import uma_shaped
+
+    run_dir = tmp_path_factory.mktemp("uma_run")
+    _, checkpoint = uma_shaped(run_dir)
+    overrides = [f"data_root={emt_root}", f"checkpoint={checkpoint}", "dataset_name=emt", "max_neighbors=20",
+                 f"+job.run_dir={run_dir}", "+job.timestamp_id=uma"]
+    log = run_fairchem(UMA_CONFIG, overrides, run_dir / "fairchem.log")
+    return {"dir": run_dir / "uma", "log": log}

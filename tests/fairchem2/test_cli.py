@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DIRECT_CONFIG, fairchem_env, run_fairchem
+from conftest import DIRECT_CONFIG, UMA_CONFIG, fairchem_env, run_fairchem
 
 LOG_DICT = re.compile(r"^INFO:root:(\{.*\})$", re.MULTILINE)
 
@@ -73,17 +73,19 @@ print('OK', energy)
 @pytest.mark.parametrize("run, heads", [
     ("direct_run", {"energy": PLAIN + "MLP_Energy_Head", "forces": PLAIN + "Linear_Force_Head"}),
     ("finetune_run", {"energy": PLAIN + "MLP_EFS_Head"}),
+    ("uma_run", {"efs": PLAIN + "MLP_EFS_Head"}),
 ])
 def test_inference_checkpoint_is_plain_fairchem_and_runs_without_the_plugin(run, heads, request, tmp_path):
     path = request.getfixturevalue(run)["dir"] / "checkpoints" / "final" / "inference_ckpt.pt"
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    assert checkpoint.model_config["backbone"]["model"] == PLAIN + "eSCNMDBackbone"
+    backbone = "fairchem.core.models.uma.escn_moe.eSCNMDMoeBackbone" if run == "uma_run" else PLAIN + "eSCNMDBackbone"
+    assert checkpoint.model_config["backbone"]["model"] == backbone
     assert {name: head["module"] for name, head in checkpoint.model_config["heads"].items()} == heads
     for state in (checkpoint.model_state_dict, checkpoint.ema_state_dict):
         assert not [k for k in state if "force_embedding" in k or "noise_linear" in k]
     script = tmp_path / "predict.py"
     script.write_text(PREDICT)
-    result = subprocess.run([sys.executable, str(script), str(path), "stress" if run == "finetune_run" else "-"],
+    result = subprocess.run([sys.executable, str(script), str(path), "-" if run == "direct_run" else "stress"],
                             capture_output=True, text=True, env=fairchem_env(), timeout=180)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
 
@@ -127,3 +129,12 @@ def test_a_run_resumed_from_its_step_0_checkpoint_repeats_the_same_losses(finetu
     assert f"Done loading checkpoint from {copy}/checkpoints/step_0" in log
     losses = [[d["train/loss"] for d in _logged_dicts(text) if "train/loss" in d] for text in (finetune_run["log"], log)]
     assert len(losses[1]) == 4 and losses[1] == losses[0]
+
+
+def test_uma_finetuning_config_trains_a_uma_shaped_checkpoint_with_dens(uma_run):
+    losses = [d["train/loss"] for d in _logged_dicts(uma_run["log"]) if "train/loss" in d]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    (epoch,) = [d for d in _logged_dicts(uma_run["log"]) if "dens_epoch" in d]
+    assert 0 < epoch["train/denoising_pos_mae"] < 0.5
+    exported = torch.load(uma_run["dir"] / "checkpoints" / "final" / "inference_ckpt.pt", weights_only=False)
+    assert exported.model_config["model_id"] == "tiny-test-uma"
