@@ -154,13 +154,13 @@ run_tests() {
     case "$arg" in tests/fairchem2*) fairchem2=1 ;; -*) ;; *) others=1 ;; esac
   done
   cd "$ROOT"
-  if [[ $fairchem2 == 0 ]]; then
+  if [[ $fairchem2 -eq 0 ]]; then
     setup_env; install_plugin
     "$ENV_DIR/bin/python" -m pytest "$@" || status=$?
   fi
-  if [[ $fairchem2 == 1 || $# == 0 || $others == 0 ]]; then
+  if [[ $fairchem2 -eq 1 || $# -eq 0 || $others -eq 0 ]]; then
     setup_env2
-    if [[ $fairchem2 == 1 ]]; then
+    if [[ $fairchem2 -eq 1 ]]; then
       "$ENV2_DIR/bin/python" -m pytest "$@" || status=$?
     else
       "$ENV2_DIR/bin/python" -m pytest "$@" tests/fairchem2 || status=$?
