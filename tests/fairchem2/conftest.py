@@ -1,14 +1,12 @@
 """Fixtures of the fairchem-2 integration's tests (run in the fairchem-2 environment).
 
-Tiny EMT ``.aselmdb`` data, and one real ``fairchem -c`` DeNS training run through the
-shipped config, shared by the tests that read its log, records and checkpoints.
+Tiny EMT ``.aselmdb`` data and the real ``fairchem -c`` runs of the shipped configs (direct
+pre-training, conservative fine-tuning from it, UMA fine-tuning), shared by the tests that read
+their logs, records and checkpoints. Helpers that are not fixtures are in fc2_helpers.py.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,29 +14,7 @@ import pytest
 pytest.importorskip("fairchem_dens.fairchem2", exc_type=ImportError)
 
 from fairchem_dens.fairchem2.emt_data import write_emt_aselmdb  # noqa: E402
-from fairchem_dens.resources import configs_dir  # noqa: E402
-
-HERE = Path(__file__).parent
-FAIRCHEM = Path(sys.executable).with_name("fairchem")
-DIRECT_CONFIG = configs_dir() / "fairchem2" / "dens_escnmd_direct.yml"
-
-
-def fairchem_env() -> dict[str, str]:
-    """Environment of a CLI subprocess: this folder importable (recording_unit), one thread per rank."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
-
-def run_fairchem(config: Path, overrides: list[str], log: Path, timeout: int = 240) -> str:
-    """``fairchem -c config overrides...`` in a subprocess; returns its log, fails the test on a non-zero exit."""
-    with open(log, "w") as out:
-        result = subprocess.run([str(FAIRCHEM), "-c", str(config), *overrides], stdout=out,
-                                stderr=subprocess.STDOUT, env=fairchem_env(), timeout=timeout)
-    text = log.read_text()
-    assert result.returncode == 0, f"fairchem exited with {result.returncode}:\n{text[-4000:]}"
-    return text
+from fc2_helpers import DIRECT_CONFIG, FINETUNE_CONFIG, UMA_CONFIG, run_fairchem, uma_shaped  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -59,10 +35,6 @@ def direct_run(emt_root, tmp_path_factory):
     return {"dir": run_dir / "t1", "log": log, "records": run_dir / "records"}
 
 
-FINETUNE_CONFIG = configs_dir() / "fairchem2" / "dens_escnmd_conservative_finetune.yml"
-UMA_CONFIG = configs_dir() / "fairchem2" / "dens_uma_finetune.yml"
-
-
 @pytest.fixture(scope="session")
 def finetune_run(direct_run, emt_root, tmp_path_factory):
     """The shipped conservative DeNS fine-tuning config, from the direct run's inference checkpoint."""
@@ -77,8 +49,6 @@ def finetune_run(direct_run, emt_root, tmp_path_factory):
 @pytest.fixture(scope="session")
 def uma_run(emt_root, tmp_path_factory):
     """The shipped UMA fine-tuning config on a tiny 2-expert UMA-shaped checkpoint in fairchem 2's format."""
-    from test_finetune import uma_shaped
-
     run_dir = tmp_path_factory.mktemp("uma_run")
     _, checkpoint = uma_shaped(run_dir)
     overrides = [f"data_root={emt_root}", f"checkpoint={checkpoint}", "dataset_name=emt", "max_neighbors=20",

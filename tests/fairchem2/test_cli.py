@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DIRECT_CONFIG, UMA_CONFIG, fairchem_env, run_fairchem
+from fc2_helpers import DIRECT_CONFIG, fairchem_env, run_fairchem
 
 LOG_DICT = re.compile(r"^INFO:root:(\{.*\})$", re.MULTILINE)
 

@@ -7,33 +7,9 @@ import torch
 
 from fairchem.core.units.mlip_unit.api.inference import MLIPInferenceCheckpoint
 
-from test_models import batch, build, model_config, run
-from fairchem.core.models.base import HydraModel
+from fc2_helpers import DENS_FORCE_HEAD, DENS_MOE, batch, build, model_config, run, uma_shaped, write_checkpoint
 from fairchem_dens.core.errors import DeNSSetupError
 from fairchem_dens.fairchem2.finetune import dens_finetuning_model
-
-MOE = "fairchem.core.models.uma.escn_moe.eSCNMDMoeBackbone"
-DENS_MOE = "fairchem_dens.fairchem2.models.DeNSeSCNMDMoeBackbone"
-DENS_FORCE_HEAD = {"module": "fairchem_dens.fairchem2.models.DeNSLinearForceHead"}
-
-
-def write_checkpoint(model: HydraModel, config: dict, path) -> str:
-    ema = torch.optim.swa_utils.AveragedModel(model)
-    torch.save(MLIPInferenceCheckpoint(model_config=config, model_state_dict=model.state_dict(),
-                                       ema_state_dict=ema.state_dict(), tasks_config=[]), path)
-    return str(path)
-
-
-def uma_shaped(tmp_path) -> tuple[HydraModel, str]:
-    """A plain UMA-shaped model (2 experts, a model_id as released UMA files carry) and its checkpoint."""
-    config = model_config(dens=False)
-    config["model_id"] = "tiny-test-uma"
-    config["backbone"].update(model=MOE, num_experts=2, use_composition_embedding=True)
-    kwargs = {k: v for k, v in config.items() if k != "_target_"}
-    torch.manual_seed(0)
-    plain = HydraModel(**kwargs)
-    return plain, write_checkpoint(plain, config, tmp_path / "uma.pt")
-
 
 def test_a_uma_checkpoint_becomes_a_dens_model_that_predicts_what_it_predicted(tmp_path):
     plain, path = uma_shaped(tmp_path)
@@ -63,7 +39,7 @@ def test_uma_conservative_heads_inside_fairchems_dataset_wrapper_and_their_plain
     from fairchem.core.units.mlip_unit.utils import load_inference_model
 
     from fairchem_dens.fairchem2.export import plain_inference_checkpoint
-    from test_models import _outputs, dens_batch
+    from fc2_helpers import dens_batch
 
     plain, path = uma_shaped(tmp_path)
     heads = {"efs": {"module": "fairchem.core.models.uma.escn_moe.DatasetSpecificMoEWrapper",

@@ -11,8 +11,7 @@ from fairchem.core.modules.loss import DDPMTLoss, MAELoss
 from fairchem.core.modules.normalization.normalizer import Normalizer
 from fairchem.core.units.mlip_unit.mlip_unit import OutputSpec, Task, compute_loss
 
-from conftest import DIRECT_CONFIG
-from test_models import batch, build
+from fc2_helpers import DIRECT_CONFIG, batch, build
 from fairchem_dens.core.batch import corrupt_batch, corrupted_atoms, corrupted_structures
 from fairchem_dens.core.errors import DeNSConfigError, DeNSSetupError
 from fairchem_dens.core.roles import EXCLUDED, ORIGINAL, REPLACED

@@ -7,47 +7,17 @@ import copy
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from fairchem.core.datasets.atomic_data import AtomicData, atomicdata_list_to_batch
+from fairchem.core.datasets.atomic_data import AtomicData
 from fairchem.core.models.base import HydraModel
 from fairchem.core.units.mlip_unit.api.inference import MLIPInferenceCheckpoint
 from fairchem.core.units.mlip_unit.utils import load_inference_model
 
-from conftest import DIRECT_CONFIG
-from fairchem_dens.core.batch import corrupt_batch, corrupted_atoms
-from fairchem_dens.core.settings import DeNSConfig
-from fairchem_dens.fairchem2.emt_data import emt_structures
+from fairchem_dens.core.batch import corrupted_atoms
 from fairchem_dens.fairchem2.export import plain_inference_checkpoint
 from fairchem_dens.fairchem2.models import ENCODED_FORCES
 from fairchem_dens.testing.tolerances import ESEN_ROTATION_REL
-
-PLAIN_BACKBONE = "fairchem.core.models.uma.escn_md.eSCNMDBackbone"
-PLAIN_FORCE_HEAD = "fairchem.core.models.uma.escn_md.Linear_Force_Head"
-PLAIN_HEADS = {"fairchem_dens.fairchem2.models.DeNSLinearForceHead": PLAIN_FORCE_HEAD,
-               "fairchem_dens.fairchem2.models.DeNSMLPEFSHead": "fairchem.core.models.uma.escn_md.MLP_EFS_Head"}
-
-
-def model_config(dens: bool, conservative: bool = False) -> dict:
-    """The shipped direct config's model (or its conservative twin, the fine-tuning config's
-    backbone switches and head), with DeNS classes or fairchem's plain ones."""
-    config = OmegaConf.to_container(OmegaConf.load(DIRECT_CONFIG), resolve=True)["runner"]["train_eval_unit"]["model"]
-    if conservative:
-        config["backbone"].update(direct_forces=False, regress_stress=True)
-        config["heads"] = {"energy": {"module": "fairchem_dens.fairchem2.models.DeNSMLPEFSHead"}}
-        config["pass_through_head_outputs"] = True
-    if not dens:
-        config["backbone"]["model"] = PLAIN_BACKBONE
-        for head in config["heads"].values():
-            head["module"] = PLAIN_HEADS.get(head["module"], head["module"])
-    return config
-
-
-def build(dens: bool, seed: int = 0, conservative: bool = False) -> HydraModel:
-    config = model_config(dens, conservative)
-    config.pop("_target_")
-    torch.manual_seed(seed)
-    return HydraModel(**config)
+from fc2_helpers import batch, build, dens_batch, model_config, outputs, run
 
 
 @pytest.fixture(scope="module")
@@ -59,34 +29,6 @@ def models():
     assert sorted({k.split(".")[1] if k.startswith("backbone") else k.split(".")[2] for k in result.missing_keys}) == [
         "force_embedding", "noise_linear"]
     return plain, dens
-
-
-def run(model, data):
-    """A forward with the global RNG seeded: eSCN-MD draws a random vector per edge to fix each
-    edge's rotation frame (outputs depend on it only through round-off), so equal runs need equal draws."""
-    torch.manual_seed(0)
-    return model(data)
-
-
-def batch(count: int = 4, seed: int = 5) -> AtomicData:
-    items = []
-    for atoms in emt_structures(count, seed):
-        data = AtomicData.from_ase(atoms, task_name="emt")
-        data.dataset = "emt"
-        data.dataset_name = "emt.train"  # what fairchem's concat dataset sets (loss masks read it)
-        data.stress = data.stress.reshape(1, 9)  # fairchem's stress_reshape_transform
-        items.append(data)
-    return atomicdata_list_to_batch(items)
-
-
-def dens_batch(corrupt_ratio: float | None = 0.5, step: int = 0) -> AtomicData:
-    config = DeNSConfig.from_optim({"use_denoising_pos": True, "denoising_pos_coefficient": 5,
-                                    "denoising_pos_params": {"prob": 1.0, "fixed_noise_std": True, "std": 0.05,
-                                                             "corrupt_ratio": corrupt_ratio}})
-    data = batch()
-    assert corrupt_batch(config, data, seed=0, step=step)
-    data[ENCODED_FORCES] = data.forces.clone()  # what the unit stores (one force task here)
-    return data
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -125,7 +67,7 @@ def test_noise_block_and_encoding_never_run_outside_dens_batches_and_each_block_
 def test_every_parameter_gets_a_gradient_in_training(kind, conservative):
     dens = build(True, conservative=conservative).train()
     data = {"partial": lambda: dens_batch(0.5), "full": lambda: dens_batch(None), "s2ef": batch}[kind]()
-    out = _outputs(dens(data))
+    out = outputs(dens(data))
     (out["energy"].sum() + out["forces"].square().sum()).backward()
     missing = [name for name, p in dens.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
@@ -194,11 +136,6 @@ def test_plain_inference_checkpoint_gives_the_dens_models_predictions(use_ema):
     assert checkpoint.model_config["backbone"]["model"].startswith("fairchem_dens")  # the input is untouched
 
 
-def _outputs(out: dict) -> dict:
-    """{name: tensor} of a HydraModel output (per-head dicts or pass-through)."""
-    return {k: v[k] for k, v in out.items() if k in ("energy", "forces", "stress")}
-
-
 @pytest.mark.parametrize("training", [False, True])
 def test_conservative_dens_model_outside_dens_batches_is_exactly_fairchems(training):
     plain, dens = build(False, conservative=True), build(True, seed=1, conservative=True)
@@ -206,7 +143,7 @@ def test_conservative_dens_model_outside_dens_batches_is_exactly_fairchems(train
         "backbone.force_embedding.bias", "backbone.force_embedding.weight",
         "output_heads.energy.noise_linear.bias", "output_heads.energy.noise_linear.weight"]
     plain.train(training), dens.train(training)
-    expected, actual = _outputs(run(plain, batch())), _outputs(run(dens, batch()))
+    expected, actual = outputs(run(plain, batch())), outputs(run(dens, batch()))
     assert set(actual) == {"energy", "forces", "stress"}
     for name in actual:
         assert torch.equal(actual[name], expected[name]), name
@@ -219,7 +156,7 @@ def test_conservative_dens_terms_each_carry_gradient():
     calls = _count_calls(head.noise_linear)
     data = dens_batch()
     corrupted = corrupted_atoms(data)
-    out = _outputs(dens(data))
+    out = outputs(dens(data))
     assert calls[head.noise_linear] == int(corrupted.sum())
     parameters = {"backbone": dens.backbone.sphere_embedding.weight, "energy_block": head.energy_block[0].weight,
                   "noise": head.noise_linear.weight, "encoding": dens.backbone.force_embedding.weight}
