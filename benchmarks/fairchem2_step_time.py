@@ -4,7 +4,8 @@ One training step's model work, forward + fairchem's ``compute_loss`` + backward
 batch of EMT bulk cells: the plain model (fairchem's classes) on the corrupted positions
 (the noise changes the graph, so the clean batch would not compare) against the DeNS
 model on the DeNS batch, which also pays for ``core.corrupt_batch`` (run each step on a
-fresh copy). Both models have the same weights. Runs are interleaved; prints medians.
+fresh copy). Both models have the same weights. Runs are interleaved; prints medians (and, on
+CUDA, the peak memory of one step of each).
 
     /root/.cache/fairchem-dens/fc2/bin/python benchmarks/fairchem2_step_time.py --repeats 20
     python benchmarks/fairchem2_step_time.py --device cuda --channels 128 --structures 32
@@ -124,8 +125,17 @@ def main() -> None:
                     times[name].append(time.perf_counter() - start)
         medians = {name: statistics.median(values) for name, values in times.items()}
         kind = "conservative" if conservative else "direct"
-        print(f"{kind:12s} atoms={base.pos.shape[0]} plain {1e3 * medians['plain']:.1f} ms, "
-              f"DeNS {1e3 * medians['dens']:.1f} ms, DeNS/plain {medians['dens'] / medians['plain']:.3f}")
+        line = (f"{kind:12s} atoms={base.pos.shape[0]} plain {1e3 * medians['plain']:.1f} ms, "
+                f"DeNS {1e3 * medians['dens']:.1f} ms, DeNS/plain {medians['dens'] / medians['plain']:.3f}")
+        if args.device.startswith("cuda"):  # peak memory of one more step of each
+            peaks = {}
+            for name, run in (("plain", plain_step), ("dens", dens_step)):
+                torch.cuda.reset_peak_memory_stats()
+                run(0)
+                sync()
+                peaks[name] = torch.cuda.max_memory_allocated() / 2**20
+            line += f"; peak MiB plain {peaks['plain']:.0f}, DeNS {peaks['dens']:.0f}"
+        print(line)
 
 
 if __name__ == "__main__":
