@@ -33,10 +33,10 @@ import numpy as np
 from ase import Atoms, units
 from ase.build import bulk
 from ase.calculators.emt import EMT
-from ase.calculators.singlepoint import SinglePointCalculator
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
+from fairchem_dens.emt_labels import emt_labelled
 from fairchem_dens.datasets.emt_data import METALS, atoms_to_data
 from fairchem_dens.datasets.lmdb_io import write_lmdb, write_metadata
 from fairchem_dens.files import publish
@@ -56,19 +56,6 @@ MD_FRICTION = 0.02
 DEFAULT_SPLITS = {"train": 0.7, "val": 0.15, "test": 0.15}
 
 
-def _labelled(atoms: Atoms) -> Atoms:
-    """A copy with EMT's energy, forces and stress frozen in a single-point calculator."""
-    frame = atoms.copy()
-    frame.calc = EMT()
-    results = {
-        "energy": frame.get_potential_energy(),
-        "forces": frame.get_forces(apply_constraint=False),
-        "stress": frame.get_stress(voigt=True),
-    }
-    frame.calc = SinglePointCalculator(frame, **results)
-    return frame
-
-
 def _family(metal: str, repeat: tuple[int, int, int], md_frames: int, rng: np.random.Generator) -> list[Atoms]:
     """A strained, rattled supercell and the MD frames that start from it."""
     atoms = bulk(metal, "fcc", cubic=True).repeat(repeat)
@@ -76,7 +63,7 @@ def _family(metal: str, repeat: tuple[int, int, int], md_frames: int, rng: np.ra
     strain = (strain + strain.T) / 2
     atoms.set_cell(atoms.cell.array @ (np.eye(3) + strain), scale_atoms=True)
     atoms.positions += rng.normal(0.0, RATTLE_STD, size=atoms.positions.shape)
-    frames = [_labelled(atoms)]
+    frames = [emt_labelled(atoms)]
     if md_frames:
         temperature = float(rng.choice(TEMPERATURES_K))
         atoms.calc = EMT()
@@ -86,7 +73,7 @@ def _family(metal: str, repeat: tuple[int, int, int], md_frames: int, rng: np.ra
         )
         for _ in range(md_frames):
             dynamics.run(MD_STEPS_PER_FRAME)
-            frames.append(_labelled(atoms))
+            frames.append(emt_labelled(atoms))
     return frames
 
 

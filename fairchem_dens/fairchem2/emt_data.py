@@ -16,9 +16,9 @@ from pathlib import Path
 import ase.db
 import numpy as np
 from ase.build import bulk
-from ase.calculators.emt import EMT
-from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
+
+from fairchem_dens.emt_labels import emt_labelled
 
 __all__ = ["METALS", "SPLITS", "emt_structures", "write_emt_aselmdb"]
 
@@ -39,14 +39,7 @@ def emt_structures(count: int, seed: int) -> list:
         atoms.positions += rng.normal(0.0, RATTLE_STD, size=atoms.positions.shape)
         if index % 4 == 3:
             atoms.set_constraint(FixAtoms(indices=[0]))
-        atoms.calc = EMT()
-        labels = {
-            "energy": atoms.get_potential_energy(),
-            "forces": atoms.get_forces(apply_constraint=False),
-            "stress": atoms.get_stress(voigt=False),
-        }
-        atoms.calc = SinglePointCalculator(atoms, **labels)
-        structures.append(atoms)
+        structures.append(emt_labelled(atoms, voigt_stress=False))
     return structures
 
 
