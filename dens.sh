@@ -4,7 +4,7 @@
 #   ./dens.sh test [ARGS]    set up, then run the test suite (pytest ARGS): the fairchem-1.10 suite,
 #                            then tests/fairchem2 in the fairchem-2 environment (ARGS naming
 #                            tests/fairchem2 run only that one; other ARGS only the 1.10 suite)
-#   ./dens.sh setup          only set up
+#   ./dens.sh setup          only set up (the fairchem-1.10 environment); setup2: the fairchem-2 one
 #   ./dens.sh run CMD...     run CMD inside the environment (e.g. fairchem --mode train ...)
 #   ./dens.sh run2 CMD...    run CMD inside the fairchem-2 environment (e.g. fairchem -c CONFIG ...)
 #
@@ -173,6 +173,7 @@ cmd="${1:-}"
 [[ $# -gt 0 ]] && shift
 case "$cmd" in
   setup) setup_env; install_plugin ;;
+  setup2) setup_env2 ;;
   quickstart) setup_env; install_plugin; cd "$ROOT"; exec "$ENV_DIR/bin/fairchem-dens" quickstart "$@" ;;
   test) run_tests "$@" ;;
   run) setup_env; install_plugin; export PATH="$ENV_DIR/bin:$PATH"; exec "$@" ;;
