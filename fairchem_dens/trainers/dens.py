@@ -1,8 +1,10 @@
 """The DeNS trainer: fairchem's EquiformerV2 forces trainer plus denoising.
 
-What changes against fairchem's trainer:
+The DeNS rules are the core's (:mod:`fairchem_dens.core`: the corruption, the loss and the
+metrics as functions of tensors); this class maps fairchem 1.10's batches, targets,
+normalisers and collectives onto them. What changes against fairchem's trainer:
 
-* ``_forward`` corrupts the batch when the model is in training mode (the only
+* ``_forward`` corrupts the batch (:func:`fairchem_dens.core.batch.corrupt_batch`) when the model is in training mode (the only
   place fairchem calls it in training mode is ``train()``), so validation,
   prediction and relaxations never see noise;
 * ``_compute_loss`` trains each output by its DeNS role (original / replaced /
@@ -94,7 +96,7 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
     """EquiformerV2/eSCN S2EF training with DeNS as an auxiliary task.
 
     Takes fairchem's trainer arguments unchanged; the DeNS settings come from
-    ``optim`` (see :class:`fairchem_dens.core.corruption.DeNSConfig`) and are validated
+    ``optim`` (see :class:`fairchem_dens.core.settings.DeNSConfig`) and are validated
     before anything is built.
 
     The task name is ``s2ef`` (fairchem would call a trainer given by dotted
