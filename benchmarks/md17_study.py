@@ -71,6 +71,9 @@ for weight, path in ENERGY_WEIGHT_RECIPES.items():
     for name in ("plain", "dens"):
         VARIANTS[f"{name}_e{weight}_enorm"] = VARIANTS[f"{name}_enorm"]
         RECIPES[f"{name}_e{weight}_enorm"] = path  # absolute: configs_dir() / path is path
+# and a diagnostic: the energy alone in the loss
+VARIANTS["plain_energy_only"] = VARIANTS["plain_enorm"]
+RECIPES["plain_energy_only"] = Path(__file__).parent / "configs" / "xtb_small_data_energy_only.yml"
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ PARTS: dict[str, tuple[list[str], str]] = {
     "sweep_enorm": ([f"{v}_enorm" for v in ("dens_std0.025", "dens_std0.1", "dens_prob0.5", "dens_prob1.0",
                                             "dens_coef20", "dens_multiscale")], "core"),
     "energy_weight": (["plain_e20_enorm", "dens_e20_enorm", "plain_e80_enorm", "dens_e80_enorm"], "core"),
+    "energy_only": (["plain_energy_only"], "core"),
 }
 
 
@@ -148,6 +152,8 @@ def baseline(variant: str) -> str:
     """The plain run a variant is compared with: same model family and force normalisation."""
     if variant.startswith("esen_"):
         return "esen_plain"
+    if variant == "plain_energy_only":
+        return "plain_enorm"
     for weight in ENERGY_WEIGHT_RECIPES:
         if f"_e{weight}_" in variant:
             return f"plain_e{weight}_enorm"
