@@ -74,6 +74,8 @@ for weight, path in ENERGY_WEIGHT_RECIPES.items():
 # and a diagnostic: the energy alone in the loss
 VARIANTS["plain_energy_only"] = VARIANTS["plain_enorm"]
 RECIPES["plain_energy_only"] = Path(__file__).parent / "configs" / "xtb_small_data_energy_only.yml"
+VARIANTS["plain_energy_only_lr10x"] = [*VARIANTS["plain_enorm"], "--optim.lr_initial=0.005"]
+RECIPES["plain_energy_only_lr10x"] = RECIPES["plain_energy_only"]
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ PARTS: dict[str, tuple[list[str], str]] = {
     "sweep_enorm": ([f"{v}_enorm" for v in ("dens_std0.025", "dens_std0.1", "dens_prob0.5", "dens_prob1.0",
                                             "dens_coef20", "dens_multiscale")], "core"),
     "energy_weight": (["plain_e20_enorm", "dens_e20_enorm", "plain_e80_enorm", "dens_e80_enorm"], "core"),
-    "energy_only": (["plain_energy_only"], "core"),
+    "energy_only": (["plain_energy_only", "plain_energy_only_lr10x"], "core"),
 }
 
 
@@ -152,7 +154,7 @@ def baseline(variant: str) -> str:
     """The plain run a variant is compared with: same model family and force normalisation."""
     if variant.startswith("esen_"):
         return "esen_plain"
-    if variant == "plain_energy_only":
+    if variant.startswith("plain_energy_only"):
         return "plain_enorm"
     for weight in ENERGY_WEIGHT_RECIPES:
         if f"_e{weight}_" in variant:
