@@ -76,6 +76,12 @@ VARIANTS["plain_energy_only"] = VARIANTS["plain_enorm"]
 RECIPES["plain_energy_only"] = Path(__file__).parent / "configs" / "xtb_small_data_energy_only.yml"
 VARIANTS["plain_energy_only_lr10x"] = [*VARIANTS["plain_enorm"], "--optim.lr_initial=0.005"]
 RECIPES["plain_energy_only_lr10x"] = RECIPES["plain_energy_only"]
+# capacity: 4x the channels, or 2x the layers
+VARIANTS["plain_energy_only_c64"] = [*VARIANTS["plain_enorm"], "--model.backbone.sphere_channels=64",
+                                     "--model.backbone.attn_hidden_channels=64", "--model.backbone.ffn_hidden_channels=128"]
+VARIANTS["plain_energy_only_layers4"] = [*VARIANTS["plain_enorm"], "--model.backbone.num_layers=4"]
+for name in ("plain_energy_only_c64", "plain_energy_only_layers4"):
+    RECIPES[name] = RECIPES["plain_energy_only"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,7 @@ PARTS: dict[str, tuple[list[str], str]] = {
                                             "dens_coef20", "dens_multiscale")], "core"),
     "energy_weight": (["plain_e20_enorm", "dens_e20_enorm", "plain_e80_enorm", "dens_e80_enorm"], "core"),
     "energy_only": (["plain_energy_only", "plain_energy_only_lr10x"], "core"),
+    "energy_capacity": (["plain_energy_only_c64", "plain_energy_only_layers4"], "core"),
 }
 
 
