@@ -49,19 +49,14 @@ from fairchem.core.models.uma.nn.so3_layers import SO3_Linear
 from fairchem_dens.core.batch import corrupted_atoms, is_dens_batch
 from fairchem_dens.core.encoding import force_encoding_coefficients
 from fairchem_dens.core.errors import DeNSSetupError
+from fairchem_dens.core.modules import BatchDuringForward, zero_weight
 from fairchem_dens.core.roles import FORCES
 
-__all__ = ["ENCODED_FORCES", "DeNSeSCNMDBackbone", "DeNSeSCNMDMoeBackbone", "DeNSLinearForceHead", "DeNSMLPEFSHead",
-           "zero_weight"]
+__all__ = ["ENCODED_FORCES", "DeNSeSCNMDBackbone", "DeNSeSCNMDMoeBackbone", "DeNSLinearForceHead", "DeNSMLPEFSHead"]
 
 #: The batch key of the forces the encoding reads: the original structure's force labels
 #: of every atom (eV/Å), gathered from all force tasks by the unit.
 ENCODED_FORCES = "dens_forces"
-
-
-def zero_weight(module: nn.Module) -> torch.Tensor:
-    """0 times one entry of every parameter: puts them in the autograd graph at no cost."""
-    return 0.0 * sum(p.view(-1)[0] for p in module.parameters() if p.requires_grad)
 
 
 def _refuse_graph_parallel() -> None:
@@ -72,7 +67,7 @@ def _refuse_graph_parallel() -> None:
         )
 
 
-class DeNSForceEncoding:
+class DeNSForceEncoding(BatchDuringForward):
     """The force encoding of a fairchem-2 eSCN-MD backbone (put it first in the bases).
 
     ``force_embedding`` (``SO3_Linear``, 1 -> ``sphere_channels``, one weight per degree
@@ -84,20 +79,11 @@ class DeNSForceEncoding:
 
     fairchem_plain: str
     dens_parameter_prefixes = ("force_embedding.",)
-    _dens_data = None
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.force_embedding = SO3_Linear(1, self.sphere_channels, lmax=self.lmax)
         # A bound method: the EMA deep copy rebinds it to the copy's own layer.
         self.edge_degree_embedding.register_forward_pre_hook(self._add_force_encoding)
-
-    def forward(self, data):
-        self._dens_data = data
-        try:
-            return super().forward(data)
-        finally:
-            self._dens_data = None
 
     def _add_force_encoding(self, module: nn.Module, args: tuple) -> tuple | None:
         data = self._dens_data

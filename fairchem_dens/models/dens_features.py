@@ -19,6 +19,7 @@ from fairchem.core.models.equiformer_v2.so3 import SO3_Embedding, SO3_LinearV2
 
 from fairchem_dens.core.batch import corrupted_atoms, is_dens_batch
 from fairchem_dens.core.encoding import force_encoding_coefficients
+from fairchem_dens.core.modules import BatchDuringForward, zero_weight
 
 __all__ = [
     "is_dens_batch",
@@ -27,27 +28,17 @@ __all__ = [
     "dens_force_output",
     "edge_subset_rotations",
     "DeNSBackboneMixin",
-    "zero_weight",
     "fold_force_encoding_bias",
 ]
 
 
-class DeNSBackboneMixin:
-    """What both DeNS backbones add to a fairchem backbone class (put it first in the bases).
+class DeNSBackboneMixin(BatchDuringForward):
+    """What every DeNS backbone adds to a fairchem backbone class (put it first in the bases).
 
     The DeNS features are added by a hook on a submodule of the unchanged base
-    ``forward``; the hook reads the batch from ``self._dens_data``, which this
-    ``forward`` sets for the duration of the call.
+    ``forward``; the hook reads the batch from ``self._dens_data``
+    (:class:`fairchem_dens.core.modules.BatchDuringForward`).
     """
-
-    _dens_data = None
-
-    def forward(self, data):
-        self._dens_data = data
-        try:
-            return super().forward(data)
-        finally:
-            self._dens_data = None
 
     def _require_single_resolution(self) -> None:
         if self.num_resolutions != 1:
@@ -177,11 +168,6 @@ def edge_subset_rotations(rotations: nn.ModuleList, edges: torch.Tensor | None) 
     finally:
         for rotation, (wigner, wigner_inv) in zip(rotations, saved):
             rotation.wigner, rotation.wigner_inv = wigner, wigner_inv
-
-
-def zero_weight(module: nn.Module) -> torch.Tensor:
-    """0 times one entry of every parameter: puts them in the graph at no cost."""
-    return 0.0 * sum(p.view(-1)[0] for p in module.parameters() if p.requires_grad)
 
 
 def fold_force_encoding_bias(state_dict: dict[str, torch.Tensor]) -> OrderedDict:

@@ -43,6 +43,7 @@ from fairchem.core.models.esen.esen import MLP_EFS_Head, eSEN_Backbone
 from fairchem.core.models.esen.nn.so3_layers import SO3_Linear
 
 from fairchem_dens.core.batch import corrupted_atoms
+from fairchem_dens.core.modules import zero_weight
 from fairchem_dens.core.roles import FORCES
 from fairchem_dens.models.adapters import BackboneAdapter
 from fairchem_dens.models.dens_features import (
@@ -50,7 +51,6 @@ from fairchem_dens.models.dens_features import (
     dens_force_output,
     dens_node_features,
     fold_force_encoding_bias,
-    zero_weight,
 )
 
 if TYPE_CHECKING:
