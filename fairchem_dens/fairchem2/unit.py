@@ -46,6 +46,7 @@ from fairchem_dens.core.tally import CorruptionTally
 from fairchem_dens.fairchem2.export import plain_inference_checkpoint
 from fairchem_dens.fairchem2.loss import DeNSStep, DeNSTaskLoss, ranks
 from fairchem_dens.fairchem2.models import ENCODED_FORCES
+from fairchem_dens.files import atomic_write
 
 __all__ = ["DeNSTrainEvalUnit", "original_forces"]
 
@@ -161,7 +162,9 @@ class DeNSTrainEvalUnit(MLIPTrainEvalUnit):
         path = os.path.join(checkpoint_location, UNIT_INFERENCE_CHECKPOINT)
         if distutils.is_master() and os.path.exists(path):
             checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-            torch.save(plain_inference_checkpoint(checkpoint), path)
+            # a job killed while rewriting keeps fairchem's file (the project's one atomic writer)
+            with atomic_write(path) as temp:
+                torch.save(plain_inference_checkpoint(checkpoint), temp)
 
 
 def _check_model(model: torch.nn.Module) -> None:
