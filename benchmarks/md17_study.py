@@ -26,6 +26,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +84,14 @@ VARIANTS["plain_energy_only_c64"] = [*VARIANTS["plain_enorm"], "--model.backbone
 VARIANTS["plain_energy_only_layers4"] = [*VARIANTS["plain_enorm"], "--model.backbone.num_layers=4"]
 for name in ("plain_energy_only_c64", "plain_energy_only_layers4"):
     RECIPES[name] = RECIPES["plain_energy_only"]
+# Issue 21, question 1: the two-step eSEN recipe. Step 1 trains the direct eSEN (with or without
+# DeNS) for half the epochs, `fairchem-dens to-conservative` converts its best checkpoint, step 2
+# fine-tunes it conservatively without DeNS for the other half; the baseline is esen_plain, the
+# conservative eSEN trained from scratch for all the epochs.
+DIRECT_RECIPE = "md17/esen/xtb_small_data_direct.yml"
+STEP2_RECIPE = "md17/esen/xtb_small_data_two_step_conservative.yml"
+TWO_STEP = {"esen2_plain": VARIANTS["plain"], "esen2_dens": VARIANTS["dens"]}
+VARIANTS.update(TWO_STEP)
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,7 @@ PARTS: dict[str, tuple[list[str], str]] = {
     "energy_weight": (["plain_e20_enorm", "dens_e20_enorm", "plain_e80_enorm", "dens_e80_enorm"], "core"),
     "energy_only": (["plain_energy_only", "plain_energy_only_lr10x"], "core"),
     "energy_capacity": (["plain_energy_only_c64", "plain_energy_only_layers4"], "core"),
+    "two_step": (["esen2_plain", "esen2_dens"], "core"),
 }
 
 
@@ -132,12 +143,33 @@ def build_plan(parts: list[str], seeds: list[int], epochs: int, n_core: int, siz
     return points
 
 
+def two_step(point: Point, data: Path, work: Path, eval_every_epochs: int) -> dict:
+    """Step 1 (direct) for half the epochs, to-conservative, step 2 (conservative) for the rest.
+
+    The returned scores are the final conservative model's, with step 1's under ``step1``.
+    """
+    run = work / point.key
+    half = point.epochs // 2
+    step1 = train_and_test(configs_dir() / DIRECT_RECIPE, run / "step1", data, n_train=point.n_train,
+                           seed=point.seed, epochs=half, overrides=TWO_STEP[point.variant],
+                           eval_every_epochs=eval_every_epochs)
+    start = run / "step2_start.pt"
+    subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "to-conservative", step1["checkpoint"], str(start),
+                    "--overwrite"], check=True, capture_output=True)
+    step2 = train_and_test(configs_dir() / STEP2_RECIPE, run / "step2", data, n_train=point.n_train,
+                           seed=point.seed, epochs=point.epochs - half, eval_every_epochs=eval_every_epochs,
+                           start_checkpoint=start)
+    return {**step2, "train_seconds": step1["train_seconds"] + step2["train_seconds"], "step1": step1}
+
+
 def train_and_score(point: Point, data: Path, work: Path, eval_every_epochs: int) -> dict:
     """Trains one point, predicts the test split with its best checkpoint, returns the numbers."""
+    molecule = json.loads((data / "md17_info.json").read_text())["molecule"]
+    if point.variant in TWO_STEP:
+        return {"point": point.__dict__, "molecule": molecule, **two_step(point, data, work, eval_every_epochs)}
     scores = train_and_test(configs_dir() / RECIPES.get(point.variant, RECIPE), work / point.key, data,
                             n_train=point.n_train, seed=point.seed, epochs=point.epochs,
                             overrides=VARIANTS[point.variant], eval_every_epochs=eval_every_epochs)
-    molecule = json.loads((data / "md17_info.json").read_text())["molecule"]
     return {"point": point.__dict__, "molecule": molecule, **scores}
 
 
@@ -159,7 +191,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def baseline(variant: str) -> str:
     """The plain run a variant is compared with: same model family and force normalisation."""
-    if variant.startswith("esen_"):
+    if variant.startswith("esen"):  # esen_* and the two-step esen2_*: the conservative eSEN from scratch
         return "esen_plain"
     if variant.startswith("plain_energy_only"):
         return "plain_enorm"

@@ -131,6 +131,7 @@ def train_and_test(
     eval_every_epochs: int = 5,
     label: str | None = None,
     threads: int | None = None,
+    start_checkpoint: Path | None = None,
 ) -> dict:
     """Trains on the first ``n_train`` training frames, then predicts the test split with the best checkpoint.
 
@@ -149,6 +150,8 @@ def train_and_test(
         eval_every_epochs: validation interval.
         label: echo validation lines under this label (None: silent).
         threads: ``OMP_NUM_THREADS`` of the fairchem processes.
+        start_checkpoint: train from these weights (fairchem's ``--checkpoint``), e.g. the
+            ``to-conservative`` start of a two-step recipe's second step.
 
     Returns:
         ``train_seconds``, ``test_energy_meV``, ``test_force_meV_per_A`` and the curves of
@@ -164,7 +167,8 @@ def train_and_test(
     # test split keeps that cheap, the real test split is predicted once below.
     seconds = run_logged([*fairchem_command(), "--mode", "train", "--timestamp-id", "train", *common,
                     f"--print-every={steps_per_epoch}", f"--optim.eval_every={eval_every_epochs * steps_per_epoch}",
-                    f"--dataset.test.src={data / 'test'}", "--dataset.test.first_n=8"],
+                    f"--dataset.test.src={data / 'test'}", "--dataset.test.first_n=8",
+                    *(["--checkpoint", str(start_checkpoint)] if start_checkpoint else [])],
                    run_dir / "train.log", run_dir, label, threads)
     checkpoint = run_dir / "checkpoints" / "train" / "best_checkpoint.pt"
     if not checkpoint.exists():  # no validation ran (fewer epochs than eval_every_epochs)
