@@ -95,7 +95,7 @@ VARIANTS.update(TWO_STEP)
 # Short budgets (e.g. 950 frames x 20 epochs): `_short` variants scale the recipe's 10 warm-up
 # epochs to a tenth of each training step, so no step is all warm-up.
 SHORT = "_short"
-for name in ("esen_plain", "esen2_plain", "esen2_dens"):
+for name in ("esen_plain", "esen2_plain", "esen2_dens", "plain_enorm", "dens_enorm"):
     VARIANTS[name + SHORT] = VARIANTS[name]
     RECIPES[name + SHORT] = RECIPES.get(name, RECIPE)
 TWO_STEP.update({name + SHORT: TWO_STEP[name] for name in ("esen2_plain", "esen2_dens")})
@@ -142,6 +142,7 @@ PARTS: dict[str, tuple[list[str], str]] = {
     "energy_capacity": (["plain_energy_only_c64", "plain_energy_only_layers4"], "core"),
     "two_step": (["esen2_plain", "esen2_dens"], "core"),
     "two_step_short": (["esen_plain_short", "esen2_plain_short", "esen2_dens_short"], "core"),
+    "direct_short": (["plain_enorm_short", "dens_enorm_short"], "core"),
     "esen_noise": (["esen_dens_std0.01", "esen_dens_early20", "esen_dens_std0.025"], "core"),
 }
 
@@ -213,8 +214,10 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def baseline(variant: str) -> str:
     """The plain run a variant is compared with: same model family and force normalisation."""
+    if variant.endswith(SHORT):
+        return baseline(variant.removesuffix(SHORT)) + SHORT
     if variant.startswith("esen"):  # esen_* and the two-step esen2_*: the conservative eSEN from scratch
-        return "esen_plain_short" if variant.endswith(SHORT) else "esen_plain"
+        return "esen_plain"
     if variant.startswith("plain_energy_only"):
         return "plain_enorm"
     for weight in ENERGY_WEIGHT_RECIPES:
