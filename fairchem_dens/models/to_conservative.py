@@ -74,8 +74,11 @@ def conservative_finetune_checkpoint(checkpoint: dict[str, Any], use_ema: bool =
         "config": config,
         "epoch": 0,
         "step": 0,
+        # A new run: no primary metric, so fairchem starts its best value afresh (1e9 for an
+        # MAE). Keeping step 1's metric name with a None best made fairchem compare the first
+        # validation against None and crash (it did for `checkpoint.pt`, which stores the name).
         "best_val_metric": None,
-        "primary_metric": checkpoint.get("primary_metric"),
+        "primary_metric": None,
         "amp": None,
     }
 

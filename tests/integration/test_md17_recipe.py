@@ -12,6 +12,7 @@ from ase import units
 from ase.build import molecule
 from ase.calculators.emt import EMT
 
+from fairchem_dens.models.checkpoints import read_checkpoint
 from fairchem_dens.quickstart import fairchem_command
 
 from helpers import CONFIGS
@@ -69,3 +70,35 @@ def test_md17_recipe_trains(md17_lmdb, tmp_path, config, tiny):
     assert re.search(r"denoising_force_mae: \d", log)  # ... in batches that also held clean atoms
     assert re.search(r"(?<![a-z_])forces_mae: \d", log)  # and plain S2EF metrics (validation)
     assert "val (meV units): energy_mae:" in log and "meV/Å" in log
+
+
+def test_md17_two_step_recipe(md17_lmdb, tmp_path):
+    """Step 1 (direct eSEN with DeNS) -> to-conservative -> step 2 (conservative, DeNS off), as the headers say."""
+    data = [f"--dataset.train.src={md17_lmdb / 'train'}", f"--dataset.val.src={md17_lmdb / 'val'}",
+            f"--dataset.test.src={md17_lmdb / 'test'}", "--optim.num_workers=0",
+            "--optim.scheduler_params.warmup_epochs=1", "--print-every", "2"]
+
+    def train(config, run_id, *more):
+        result = subprocess.run(
+            [*fairchem_command(), "--mode", "train", "--config-yml", str(CONFIGS / "md17" / "esen" / config), "--cpu",
+             "--run-dir", str(tmp_path), "--timestamp-id", run_id, *data, *more],
+            capture_output=True, text=True, cwd=tmp_path, timeout=900)
+        log = result.stdout + result.stderr
+        assert result.returncode == 0, log[-4000:]
+        return log
+
+    step1 = train("xtb_small_data_direct.yml", "step1", "--optim.max_epochs=2", "--optim.denoising_pos_params.prob=0.5")
+    assert re.search(r"denoising_pos_mae: \d", step1) and "DeNS epoch 1: corrupted" in step1
+    start = tmp_path / "step2_start.pt"
+    converted = subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "to-conservative",
+                                str(tmp_path / "checkpoints" / "step1" / "checkpoint.pt"), str(start)],
+                               capture_output=True, text=True, timeout=300)
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    step2 = train("xtb_small_data_two_step_conservative.yml", "step2", "--optim.max_epochs=1", "--checkpoint", str(start))
+    after_load = step2.split("Loading checkpoint")[-1]
+    assert "DeNS epoch" not in after_load and "denoising_pos_mae" not in after_load
+    assert "val (meV units): energy_mae:" in after_load
+    final = read_checkpoint(tmp_path / "checkpoints" / "step2" / "checkpoint.pt")
+    assert final["config"]["model"]["heads"]["energy"]["module"].endswith("esen.MLP_EFS_Head")
+    assert final["normalizers"]["forces"]["rmsd"].item() == final["normalizers"]["energy"]["rmsd"].item()
+    assert final["step"] > 0
