@@ -92,6 +92,11 @@ DIRECT_RECIPE = "md17/esen/xtb_small_data_direct.yml"
 STEP2_RECIPE = "md17/esen/xtb_small_data_two_step_conservative.yml"
 TWO_STEP = {"esen2_plain": BASE["plain"], "esen2_dens": BASE["dens"]}  # the recipes' own normalisation
 VARIANTS.update(TWO_STEP)
+# Step-2 variants: step 1 of their base variant, reused when it is done, and another step 2.
+STEP2_VARIANTS = {f"{base}_e20": (base, Path(__file__).parent / "configs" / "xtb_small_data_two_step_conservative_e20.yml")
+                  for base in ("esen2_plain", "esen2_dens")}
+TWO_STEP.update({name: TWO_STEP[base] for name, (base, _) in STEP2_VARIANTS.items()})
+VARIANTS.update({name: TWO_STEP[base] for name, (base, _) in STEP2_VARIANTS.items()})
 # Short budgets (e.g. 950 frames x 20 epochs): `_short` variants scale the recipe's 10 warm-up
 # epochs to a tenth of each training step, so no step is all warm-up.
 SHORT = "_short"
@@ -141,6 +146,7 @@ PARTS: dict[str, tuple[list[str], str]] = {
     "energy_only": (["plain_energy_only", "plain_energy_only_lr10x"], "core"),
     "energy_capacity": (["plain_energy_only_c64", "plain_energy_only_layers4"], "core"),
     "two_step": (["esen2_plain", "esen2_dens"], "core"),
+    "two_step_e20": (["esen2_plain_e20", "esen2_dens_e20"], "core"),
     "two_step_short": (["esen_plain_short", "esen2_plain_short", "esen2_dens_short"], "core"),
     "direct_short": (["plain_enorm_short", "dens_enorm_short"], "core"),
     "esen_noise": (["esen_dens_std0.01", "esen_dens_early20", "esen_dens_std0.025"], "core"),
@@ -164,31 +170,37 @@ def build_plan(parts: list[str], seeds: list[int], epochs: int, n_core: int, siz
     return points
 
 
-def two_step(point: Point, data: Path, work: Path, eval_every_epochs: int) -> dict:
+def two_step(point: Point, data: Path, work: Path, results: Path, eval_every_epochs: int) -> dict:
     """Step 1 (direct) for half the epochs, to-conservative, step 2 (conservative) for the rest.
 
-    The returned scores are the final conservative model's, with step 1's under ``step1``.
+    The returned scores are the final conservative model's, with step 1's under ``step1``. A
+    step-2 variant reuses its base variant's finished step 1 (same seed, frames and epochs).
     """
     run = work / point.key
     half = point.epochs // 2
-    step1 = train_and_test(configs_dir() / DIRECT_RECIPE, run / "step1", data, n_train=point.n_train,
-                           seed=point.seed, epochs=half, overrides=[*TWO_STEP[point.variant], *warmup(point.variant, half)],
-                           eval_every_epochs=eval_every_epochs)
+    base, step2_recipe = STEP2_VARIANTS.get(point.variant, (point.variant, configs_dir() / STEP2_RECIPE))
+    done = results / "runs" / f"{Point(base, point.n_train, point.seed, point.epochs).key}.json"
+    if base != point.variant and done.exists():
+        step1 = json.loads(done.read_text())["step1"]
+    else:
+        step1 = train_and_test(configs_dir() / DIRECT_RECIPE, run / "step1", data, n_train=point.n_train,
+                               seed=point.seed, epochs=half, overrides=[*TWO_STEP[point.variant], *warmup(point.variant, half)],
+                               eval_every_epochs=eval_every_epochs)
     start = run / "step2_start.pt"
     subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "to-conservative", step1["checkpoint"], str(start),
                     "--overwrite"], check=True, capture_output=True)
-    step2 = train_and_test(configs_dir() / STEP2_RECIPE, run / "step2", data, n_train=point.n_train,
+    step2 = train_and_test(step2_recipe, run / "step2", data, n_train=point.n_train,
                            seed=point.seed, epochs=point.epochs - half, overrides=warmup(point.variant, point.epochs - half),
                            eval_every_epochs=eval_every_epochs,
                            start_checkpoint=start)
     return {**step2, "train_seconds": step1["train_seconds"] + step2["train_seconds"], "step1": step1}
 
 
-def train_and_score(point: Point, data: Path, work: Path, eval_every_epochs: int) -> dict:
+def train_and_score(point: Point, data: Path, work: Path, results: Path, eval_every_epochs: int) -> dict:
     """Trains one point, predicts the test split with its best checkpoint, returns the numbers."""
     molecule = json.loads((data / "md17_info.json").read_text())["molecule"]
     if point.variant in TWO_STEP:
-        return {"point": point.__dict__, "molecule": molecule, **two_step(point, data, work, eval_every_epochs)}
+        return {"point": point.__dict__, "molecule": molecule, **two_step(point, data, work, results, eval_every_epochs)}
     scores = train_and_test(configs_dir() / RECIPES.get(point.variant, RECIPE), work / point.key, data,
                             n_train=point.n_train, seed=point.seed, epochs=point.epochs,
                             overrides=[*VARIANTS[point.variant], *warmup(point.variant, point.epochs)],
@@ -349,7 +361,7 @@ def main() -> None:
             if target.exists():
                 continue
             print(f"{time.strftime('%H:%M:%S')} running {point.key}", flush=True)
-            scores = train_and_score(point, data, work, args.eval_every_epochs)
+            scores = train_and_score(point, data, work, results, args.eval_every_epochs)
             target.write_text(json.dumps(scores, indent=1))
             print(f"{time.strftime('%H:%M:%S')} {point.key}: test F {scores['test_force_meV_per_A']:.2f} meV/Å, "
                   f"E {scores['test_energy_meV']:.2f} meV, {scores['train_seconds']:.0f} s", flush=True)
