@@ -266,6 +266,43 @@ def summarise(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def two_step_table(runs: list[dict]) -> str:
+    """Question 1's table: each two-step arm against the conservative eSEN from scratch, seed by seed.
+
+    Forces and energies of the final conservative model (and of step 1, the direct eSEN), the
+    ratio of each arm's test force MAE to the from-scratch run of the same seed, and DeNS in
+    step 1 against the plain step 1 with the same step 2.
+    """
+    by_key = {(r["point"]["variant"], r["point"]["n_train"], r["point"]["epochs"], r["point"]["seed"]): r for r in runs}
+    lines = ["| train frames | epochs | arm | F MAE test (meV/Å) | E MAE test (meV) | step 1 (direct) F / E | "
+             "F / from scratch, per seed | F / plain step 1, per seed | seeds |", "|---|---|---|---|---|---|---|---|---|"]
+    settings = sorted({(n, e) for (v, n, e, _) in by_key if v.startswith("esen2")})
+    for n, epochs in settings:
+        for arm in ("esen_plain", "esen2_plain", "esen2_dens", "esen2_plain_e20", "esen2_dens_e20"):
+            suffix = SHORT if any(v.endswith(SHORT) for (v, vn, ve, _) in by_key if (vn, ve) == (n, epochs)) else ""
+            variant = arm + suffix if not arm.endswith("_e20") else arm
+            group = sorted((r for (v, vn, ve, _), r in by_key.items() if (v, vn, ve) == (variant, n, epochs)),
+                           key=lambda r: r["point"]["seed"])
+            if not group:
+                continue
+            force = _mean_std([r["test_force_meV_per_A"] for r in group])
+            energy = _mean_std([r["test_energy_meV"] for r in group])
+            step1 = (f"{statistics.mean(r['step1']['test_force_meV_per_A'] for r in group):.1f} / "
+                     f"{statistics.mean(r['step1']['test_energy_meV'] for r in group):.1f}" if "step1" in group[0] else "–")
+
+            def ratios(other: str) -> str:
+                values = [r["test_force_meV_per_A"] / by_key[key]["test_force_meV_per_A"] for r in group
+                          if (key := (other, n, epochs, r["point"]["seed"])) in by_key]
+                return ", ".join(f"{v:.3f}" for v in values) or "–"
+
+            plain_step1 = variant.replace("esen2_dens", "esen2_plain") if "esen2_dens" in variant else None
+            lines.append(f"| {n} | {epochs} | {variant} | {force[0]:.1f} ± {force[1]:.1f} | {energy[0]:.1f} ± {energy[1]:.1f} "
+                         f"| {step1} | {ratios('esen_plain' + suffix) if arm != 'esen_plain' else '1'} "
+                         f"| {ratios(plain_step1) if plain_step1 else '–'} "
+                         f"| {','.join(str(r['point']['seed']) for r in group)} |")
+    return "\n".join(lines)
+
+
 def _molecule(runs: list[dict]) -> str:
     return " / ".join(sorted({r.get("molecule", "ethanol") for r in runs}))  # the first runs were all ethanol
 
@@ -332,6 +369,9 @@ def report(results: Path) -> None:
     table = summarise(runs)
     (results / "md17_study_table.md").write_text(table + "\n")
     print(table)
+    if any(r["point"]["variant"].startswith("esen2") for r in runs):
+        (results / "md17_two_step_table.md").write_text(two_step_table(runs) + "\n")
+        print(two_step_table(runs))
     for path in plot(runs, results):
         print(f"wrote {path}")
 
