@@ -100,7 +100,7 @@ VARIANTS.update({name: TWO_STEP[base] for name, (base, _) in STEP2_VARIANTS.item
 # Short budgets (e.g. 950 frames x 20 epochs): `_short` variants scale the recipe's 10 warm-up
 # epochs to a tenth of each training step, so no step is all warm-up.
 SHORT = "_short"
-for name in ("esen_plain", "esen2_plain", "esen2_dens", "plain_enorm", "dens_enorm"):
+for name in ("esen_plain", "esen2_plain", "esen2_dens", "plain_enorm", "dens_enorm", "plain", "dens"):
     VARIANTS[name + SHORT] = VARIANTS[name]
     RECIPES[name + SHORT] = RECIPES.get(name, RECIPE)
 TWO_STEP.update({name + SHORT: TWO_STEP[name] for name in ("esen2_plain", "esen2_dens")})
@@ -149,6 +149,7 @@ PARTS: dict[str, tuple[list[str], str]] = {
     "two_step_e20": (["esen2_plain_e20", "esen2_dens_e20"], "core"),
     "two_step_short": (["esen_plain_short", "esen2_plain_short", "esen2_dens_short"], "core"),
     "direct_short": (["plain_enorm_short", "dens_enorm_short"], "core"),
+    "direct_short_rmsd": (["plain_short", "dens_short"], "core"),  # forces divided by their own rmsd
     "esen_noise": (["esen_dens_std0.01", "esen_dens_early20", "esen_dens_std0.025"], "core"),
 }
 
