@@ -239,20 +239,31 @@ def baseline(variant: str) -> str:
     return "plain_enorm" if variant.endswith("_enorm") else "plain"
 
 
+def overfitting(result: dict) -> float:
+    """Test force MAE over the training log's force MAE (mean of its last 5 epochs): >> 1 = overfitting.
+
+    The training log's MAE is over the clean atoms of the epoch's batches, as trained (DeNS
+    batches log their corrupted atoms apart).
+    """
+    last = [value for _, value in result["train_force"][-5:]]
+    return result["test_force_meV_per_A"] / statistics.mean(last)
+
+
 def summarise(runs: list[dict]) -> str:
     """Markdown table: test force/energy MAE mean ± std per variant, size and epochs."""
     groups = _groups(runs)
     plain = {(r["point"]["variant"], r["point"]["n_train"], r["point"]["epochs"], r["point"]["seed"]):
              r["test_force_meV_per_A"] for r in runs if r["point"]["variant"] == baseline(r["point"]["variant"])}
     lines = ["| variant | train frames | epochs | F MAE test (meV/Å) | E MAE test (meV) | F ratio to its plain (same seeds) | "
-             "same-seed ratios | best val F (meV/Å) | min train-log F (meV/Å) | seeds | train min/run |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "same-seed ratios | best val F (meV/Å) | min train-log F (meV/Å) | test / train F | seeds | train min/run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (variant, n, epochs), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         plain_by_seed = {key[1:]: value for key, value in plain.items() if key[0] == baseline(variant)}
         force = _mean_std([r["test_force_meV_per_A"] for r in group])
         energy = _mean_std([r["test_energy_meV"] for r in group])
         best_val = _mean_std([min(v for _, v in r["val_force"]) for r in group if r["val_force"]] or [float("nan")])
         train = _mean_std([min(v for _, v in r["train_force"]) for r in group if r["train_force"]] or [float("nan")])
+        overfit = _mean_std([overfitting(r) for r in group if r["train_force"]] or [float("nan")])
         minutes = statistics.mean(r["train_seconds"] for r in group) / 60
         paired = [r["test_force_meV_per_A"] / plain_by_seed[key] for r in group
                   if (key := (n, epochs, r["point"]["seed"])) in plain_by_seed]
@@ -262,7 +273,7 @@ def summarise(runs: list[dict]) -> str:
         ratio = (f"{statistics.mean(r['test_force_meV_per_A'] for r in common) / statistics.mean(plain_by_seed[(n, epochs, r['point']['seed'])] for r in common):.3f}"
                  if common else "–")
         lines.append(f"| {variant} | {n} | {epochs} | {force[0]:.2f} ± {force[1]:.2f} | {energy[0]:.2f} ± {energy[1]:.2f} "
-                     f"| {ratio} | {paired_text} | {best_val[0]:.1f} ± {best_val[1]:.1f} | {train[0]:.1f} | {len(group)} "
+                     f"| {ratio} | {paired_text} | {best_val[0]:.1f} ± {best_val[1]:.1f} | {train[0]:.1f} | {overfit[0]:.1f} | {len(group)} "
                      f"(seeds {','.join(str(r['point']['seed']) for r in group)}) | {minutes:.1f} |")
     return "\n".join(lines)
 
