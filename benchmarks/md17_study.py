@@ -93,8 +93,9 @@ STEP2_RECIPE = "md17/esen/xtb_small_data_two_step_conservative.yml"
 TWO_STEP = {"esen2_plain": BASE["plain"], "esen2_dens": BASE["dens"]}  # the recipes' own normalisation
 VARIANTS.update(TWO_STEP)
 # Step-2 variants: step 1 of their base variant, reused when it is done, and another step 2.
-STEP2_VARIANTS = {f"{base}_e20": (base, Path(__file__).parent / "configs" / "xtb_small_data_two_step_conservative_e20.yml")
-                  for base in ("esen2_plain", "esen2_dens")}
+STEP2_VARIANTS = {f"{base}_e20": (base, configs_dir() / STEP2_RECIPE) for base in ("esen2_plain", "esen2_dens")}
+# the base variants ran step 2 with the energy weighted 1, the shipped step 2 before it moved to 20
+STEP2_E1 = Path(__file__).parent / "configs" / "xtb_small_data_two_step_conservative_e1.yml"
 TWO_STEP.update({name: TWO_STEP[base] for name, (base, _) in STEP2_VARIANTS.items()})
 VARIANTS.update({name: TWO_STEP[base] for name, (base, _) in STEP2_VARIANTS.items()})
 # Short budgets (e.g. 950 frames x 20 epochs): `_short` variants scale the recipe's 10 warm-up
@@ -179,7 +180,7 @@ def two_step(point: Point, data: Path, work: Path, results: Path, eval_every_epo
     """
     run = work / point.key
     half = point.epochs // 2
-    base, step2_recipe = STEP2_VARIANTS.get(point.variant, (point.variant, configs_dir() / STEP2_RECIPE))
+    base, step2_recipe = STEP2_VARIANTS.get(point.variant, (point.variant, STEP2_E1))
     done = results / "runs" / f"{Point(base, point.n_train, point.seed, point.epochs).key}.json"
     if base != point.variant and done.exists():
         step1 = json.loads(done.read_text())["step1"]
