@@ -113,9 +113,18 @@ for name, flags in {"esen_dens_std0.01": [f"{P}std=0.01"], "esen_dens_std0.025":
     VARIANTS[name], RECIPES[name] = flags, CONSERVATIVE_RECIPE
 
 
+# Issue 21, question 2: the conservative eSEN pre-trained on another data set (--pretrained, a
+# checkpoint path with {seed}), fine-tuned with and without DeNS; warm-up a tenth of the epochs.
+FINETUNE_RECIPE = Path(__file__).parent / "configs" / "xtb_small_data_conservative_finetune.yml"
+for name in ("plain", "dens"):
+    VARIANTS[f"ft_{name}"], RECIPES[f"ft_{name}"] = BASE[name], FINETUNE_RECIPE
+PRETRAINED: list[str] = []  # set by --pretrained
+
+
 def warmup(variant: str, epochs: int) -> list[str]:
     """The warm-up override of a `_short` variant's training step of ``epochs`` epochs."""
-    return [f"--optim.scheduler_params.warmup_epochs={max(1, epochs // 10)}"] if variant.endswith(SHORT) else []
+    return ([f"--optim.scheduler_params.warmup_epochs={max(1, epochs // 10)}"]
+            if variant.endswith(SHORT) or variant.startswith("ft_") else [])
 
 
 @dataclass(frozen=True)
@@ -151,6 +160,7 @@ PARTS: dict[str, tuple[list[str], str]] = {
     "two_step_short": (["esen_plain_short", "esen2_plain_short", "esen2_dens_short"], "core"),
     "direct_short": (["plain_enorm_short", "dens_enorm_short"], "core"),
     "direct_short_rmsd": (["plain_short", "dens_short"], "core"),  # forces divided by their own rmsd
+    "finetune": (["ft_plain", "ft_dens"], "sizes"),
     "esen_noise": (["esen_dens_std0.01", "esen_dens_early20", "esen_dens_std0.025"], "core"),
 }
 
@@ -170,6 +180,18 @@ def build_plan(parts: list[str], seeds: list[int], epochs: int, n_core: int, siz
                     if point not in points:
                         points.append(point)
     return points
+
+
+def pretrained(point: Point) -> list[str]:
+    """The fine-tuning start of a ft_ variant: --pretrained with this point's seed."""
+    if not point.variant.startswith("ft_"):
+        return []
+    if not PRETRAINED:
+        raise SystemExit(f"{point.variant} needs --pretrained (a checkpoint path, {{seed}} for the seed)")
+    path = Path(PRETRAINED[0].format(seed=point.seed))
+    if not path.exists():
+        raise SystemExit(f"--pretrained: {path} does not exist")
+    return [f"--model.finetune_config.starting_checkpoint={path}"]
 
 
 def two_step(point: Point, data: Path, work: Path, results: Path, eval_every_epochs: int) -> dict:
@@ -205,7 +227,8 @@ def train_and_score(point: Point, data: Path, work: Path, results: Path, eval_ev
         return {"point": point.__dict__, "molecule": molecule, **two_step(point, data, work, results, eval_every_epochs)}
     scores = train_and_test(configs_dir() / RECIPES.get(point.variant, RECIPE), work / point.key, data,
                             n_train=point.n_train, seed=point.seed, epochs=point.epochs,
-                            overrides=[*VARIANTS[point.variant], *warmup(point.variant, point.epochs)],
+                            overrides=[*VARIANTS[point.variant], *warmup(point.variant, point.epochs),
+                                       *pretrained(point)],
                             eval_every_epochs=eval_every_epochs)
     return {"point": point.__dict__, "molecule": molecule, **scores}
 
@@ -230,6 +253,8 @@ def baseline(variant: str) -> str:
     """The plain run a variant is compared with: same model family and force normalisation."""
     if variant.endswith(SHORT):
         return baseline(variant.removesuffix(SHORT)) + SHORT
+    if variant.startswith("ft_"):
+        return "ft_plain"
     if variant.startswith("esen"):  # esen_* and the two-step esen2_*: the conservative eSEN from scratch
         return "esen_plain"
     if variant.startswith("plain_energy_only"):
@@ -402,8 +427,11 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None, help="run only these variants of the plan")
     parser.add_argument("--eval-every-epochs", type=int, default=5)
     parser.add_argument("--report", action="store_true", help="only write the table and plots")
+    parser.add_argument("--pretrained", help="finetune part: the pre-trained checkpoint, {seed} for the seed")
     args = parser.parse_args()
     results, work, data = Path(args.results).resolve(), Path(args.work).resolve(), Path(args.data).resolve()
+    if args.pretrained:
+        PRETRAINED.append(str(Path(args.pretrained).resolve()))
     (results / "runs").mkdir(parents=True, exist_ok=True)
     if not args.report:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
