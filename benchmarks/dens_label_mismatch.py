@@ -27,7 +27,7 @@ from ase import Atoms
 from fairchem_dens.core.corruption import sample_corruption
 from fairchem_dens.core.settings import DeNSConfig
 from fairchem_dens.datasets.md17 import KCAL_PER_MOL_IN_EV
-from fairchem_dens.datasets.xtb_md17 import _calculator
+from fairchem_dens.datasets.xtb_md17 import gfn2_xtb_calculator
 
 EV_TO_MEV = 1000.0
 
@@ -44,7 +44,7 @@ def mismatch(npz: dict, frames: list[int], sigma: float, ratio: float, seed: int
                                     "denoising_pos_params": {"prob": 1.0, "fixed_noise_std": True, "std": sigma,
                                                              "corrupt_ratio": ratio, "selection": "structure"}})
     decision, noise_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
-    calculator = _calculator()
+    calculator = gfn2_xtb_calculator()
     energy_errors, clean_force_errors, noise_sizes, corrupted = [], [], [], 0
     for frame in frames:
         numbers, positions = npz["z"], npz["R"][frame]

@@ -18,6 +18,7 @@ import torch
 
 from fairchem_dens.datasets.lmdb_io import read_lmdb
 from fairchem_dens.models.checkpoints import model_from_config, read_checkpoint, strip_ddp_prefix
+from fairchem_dens.trainers.guards import is_conservative_model
 
 
 def energy_sensitivity(checkpoint_path: Path, split: Path, frames: int) -> dict[str, float]:
@@ -27,9 +28,8 @@ def energy_sensitivity(checkpoint_path: Path, split: Path, frames: int) -> dict[
     model = model_from_config(checkpoint["config"]["model"])
     model.load_state_dict(strip_ddp_prefix(checkpoint["state_dict"]))
     model.eval()
-    heads = checkpoint["config"]["model"].get("heads", {})
     # a gradient head differentiates the energy itself (and frees the graph in eval): read its forces
-    conservative = any("EFS" in str(h.get("module", "")) or "Conservative" in str(h.get("module", "")) for h in heads.values())
+    conservative = is_conservative_model(model)
     energy_norm = checkpoint["normalizers"]["energy"]
     mean, rmsd = float(energy_norm["mean"]), float(energy_norm["rmsd"])
     predicted, labels, gradient, forces = [], [], [], []

@@ -26,7 +26,7 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
 from fairchem_dens.files import atomic_write
 
-__all__ = ["MOLECULES", "build_parser", "generate_xtb_trajectory", "write_sgdml_npz", "main"]
+__all__ = ["MOLECULES", "build_parser", "generate_xtb_trajectory", "gfn2_xtb_calculator", "write_sgdml_npz", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ MOLECULES = {
 }
 
 
-def _calculator():
+def gfn2_xtb_calculator():
+    """The GFN2-xTB (tblite) ASE calculator the trajectories are labelled with."""
     try:
         from tblite.ase import TBLite
     except ImportError as error:  # tblite is a requirement of ./dens.sh; a hand-made env may lack it
@@ -79,7 +80,7 @@ def generate_xtb_trajectory(
     if n_frames < 1 or stride < 1 or equilibration_steps < 0:
         raise ValueError("n_frames and stride must be >= 1 and equilibration_steps >= 0")
     atoms: Atoms = molecule(MOLECULES[name])
-    atoms.calc = _calculator()
+    atoms.calc = gfn2_xtb_calculator()
     rng = np.random.default_rng(seed)
     MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
     Stationary(atoms)
