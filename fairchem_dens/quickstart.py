@@ -29,7 +29,7 @@ import numpy as np
 from fairchem_dens.resources import configs_dir, example_trajectory
 
 __all__ = ["QuickstartRun", "run_quickstart", "train_and_test", "run_logged", "fairchem_command",
-           "prediction_errors"]
+           "prediction_errors", "split_frames"]
 
 RECIPE = "md17/xtb_small_data.yml"
 #: Variant -> (label, fairchem overrides of the recipe, which trains with DeNS).
@@ -113,8 +113,11 @@ def run_logged(command: list[str], log_path: Path, cwd: Path, label: str | None 
     return time.perf_counter() - start
 
 
-def _frames(split: Path) -> int:
-    """Frames of an LMDB split folder (fairchem's first_n is copied from train unless a split sets its own)."""
+def split_frames(split: Path) -> int:
+    """Frames of a split folder, from its metadata.npz (LMDB or aselmdb layout).
+
+    Callers pass every split's first_n: fairchem copies the train split's to a split without its own.
+    """
     with np.load(split / "metadata.npz") as metadata:
         return len(metadata["natoms"])
 
@@ -162,7 +165,7 @@ def train_and_test(
     common = ["--config-yml", str(config), "--cpu", "--run-dir", str(run_dir), "--seed", str(seed),
               f"--optim.max_epochs={epochs}", f"--dataset.train.src={data / 'train'}",
               f"--dataset.train.first_n={n_train}", f"--dataset.val.src={data / 'val'}",
-              f"--dataset.val.first_n={_frames(data / 'val')}", *overrides]
+              f"--dataset.val.first_n={split_frames(data / 'val')}", *overrides]
     # fairchem predicts the whole test split at every new best validation score; a one-batch
     # test split keeps that cheap, the real test split is predicted once below.
     seconds = run_logged([*fairchem_command(), "--mode", "train", "--timestamp-id", "train", *common,
@@ -174,7 +177,7 @@ def train_and_test(
     if not checkpoint.exists():  # no validation ran (fewer epochs than eval_every_epochs)
         checkpoint = checkpoint.with_name("checkpoint.pt")
     run_logged([*fairchem_command(), "--mode", "predict", "--timestamp-id", "predict", "--checkpoint", str(checkpoint),
-          *common, f"--dataset.test.src={data / 'test'}", f"--dataset.test.first_n={_frames(data / 'test')}"],
+          *common, f"--dataset.test.src={data / 'test'}", f"--dataset.test.first_n={split_frames(data / 'test')}"],
          run_dir / "predict.log", run_dir, None, threads)
     energy, force = prediction_errors(run_dir / "results" / "predict" / "s2ef_predictions.npz", data / "test")
     return {"train_seconds": seconds, "test_energy_meV": energy, "test_force_meV_per_A": force,
