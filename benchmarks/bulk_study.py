@@ -64,10 +64,23 @@ VARIANTS: dict[str, tuple[Path, list[str], str]] = {
 #: data set name -> its folder of train/val/test splits under --data
 DATA_SETS = {"all": "all", "pretrain": "pretrain", "heldout": "heldout"}
 PRETRAINED_BY = {"ft_direct": "pre_direct", "ft_cons": "pre_cons"}
+# Question 2 on fairchem 2 (run this script with the fairchem-2 environment's python): the direct
+# eSCN-MD pre-trained without DeNS (no stress, as eSEN's stage 1), then fine-tuned conservatively
+# (energy, forces, stress; dens_finetuning_model) with and without DeNS. fairchem 2 keeps no best
+# checkpoint: its evaluation set is the test split and the last epoch's scores count.
+FAIRCHEM2_PRETRAIN = configs_dir() / "fairchem2" / "dens_escnmd_direct.yml"
+FAIRCHEM2_FINETUNE = configs_dir() / "fairchem2" / "dens_escnmd_conservative_finetune.yml"
+FAIRCHEM2_DENS_OFF = "runner.train_eval_unit.dens.use_denoising_pos=False"
+FAIRCHEM2_MAX_ATOMS = 64  # about 7 frames a batch, near the fairchem-1 runs' 8
+FAIRCHEM2 = {"fc2_pre_direct": (FAIRCHEM2_PRETRAIN, [FAIRCHEM2_DENS_OFF]),
+             "fc2_ft_cons_plain": (FAIRCHEM2_FINETUNE, [FAIRCHEM2_DENS_OFF]),
+             "fc2_ft_cons_dens": (FAIRCHEM2_FINETUNE, [])}
 PARTS = {
     "two_step": ["cons_plain", "two_step_plain", "two_step_dens"],
     "pretrain": ["pre_direct", "pre_cons"],
     "finetune": ["ft_direct_plain", "ft_direct_dens", "ft_cons_plain", "ft_cons_dens"],
+    "fairchem2_pretrain": ["fc2_pre_direct"],
+    "fairchem2_finetune": ["fc2_ft_cons_plain", "fc2_ft_cons_dens"],
 }
 METRICS = {"energy_per_atom_mae": ("E/atom", "meV/atom"), "forces_mae": ("F", "meV/Å"),
            "stress_mae": ("stress", "meV/Å³")}
@@ -172,7 +185,53 @@ def train(config: Path, overrides: list[str], data: Path, n_train: int, seed: in
     return {"train_seconds": seconds, "test": test, "train": fit, "checkpoint": str(checkpoint)}
 
 
+def fairchem2_subset(data: Path, n_train: int) -> Path:
+    """The held-out metal's first ``n_train`` training frames, with its test split as ``val``."""
+    import ase.db  # the .aselmdb backend registers itself with ASE (no fairchem-1 import here)
+
+    out = data / f"heldout_fairchem2_n{n_train}"
+    for split, source, n in (("train", "train", n_train), ("val", "test", None)):
+        path = out / split / "data.aselmdb"
+        if path.exists():
+            continue
+        with ase.db.connect(str(data / "heldout" / source / "data.aselmdb"), readonly=True) as database:
+            atoms = [row.toatoms() for row in database.select()][:n]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with ase.db.connect(str(path.with_suffix(".part.aselmdb"))) as database:
+            for frame in atoms:
+                database.write(frame)
+        path.with_suffix(".part.aselmdb").rename(path)
+    return out
+
+
+def fairchem2_train(point: Point, data: Path, work: Path, results: Path) -> dict:
+    """One fairchem-2 run (``fairchem -c``); the scores of its last evaluation."""
+    config, overrides = FAIRCHEM2[point.variant]
+    run_dir = work / point.key
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if point.variant == "fc2_pre_direct":
+        data_root = data / "pretrain"
+    else:
+        pretrained = results / "runs" / f"{Point('fc2_pre_direct', 0, point.seed, PRETRAIN['epochs']).key}.json"
+        if not pretrained.exists():
+            raise SystemExit(f"{point.key} needs {pretrained.name}: run --plan fairchem2_pretrain first")
+        overrides = [*overrides, f"checkpoint={json.loads(pretrained.read_text())['checkpoint']}"]
+        data_root = fairchem2_subset(data, point.n_train)
+    log = run_dir / "train.log"
+    seconds = run_logged([*fairchem_command(), "-c", str(config), f"data_root={data_root}", f"max_epochs={point.epochs}",
+                          f"max_atoms={FAIRCHEM2_MAX_ATOMS}", f"job.seed={point.seed}", f"+job.run_dir={run_dir}",
+                          "+job.timestamp_id=run", *overrides], log, run_dir)
+    text = log.read_text()
+    names = {"energy_per_atom_mae": "energy,per_atom_mae", "forces_mae": "forces,mae", "stress_mae": "stress,mae"}
+    test = {metric: float(found[-1]) * 1e3 for metric, name in names.items()
+            if (found := re.findall(rf"val/emt\.val,{name}: ([0-9.eE+-]+)", text))}
+    return {"train_seconds": seconds, "test": test,
+            "checkpoint": str(run_dir / "run" / "checkpoints" / "final" / "inference_ckpt.pt")}
+
+
 def run_point(point: Point, data: Path, work: Path, results: Path) -> dict:
+    if point.variant in FAIRCHEM2:
+        return fairchem2_train(point, data, work, results)
     config, overrides, data_set = VARIANTS[point.variant]
     data = data / DATA_SETS[data_set]
     run_dir = work / point.key
@@ -207,10 +266,11 @@ def build_plan(parts: list[str], seeds: list[int], n_train: int, epochs: int, pr
     for part in parts:
         for seed in seeds:
             for variant in PARTS[part]:
-                if part == "finetune":
+                if part.endswith("finetune"):
                     points += [Point(variant, n, seed, finetune_epochs) for n in sizes]
                 else:
-                    points.append(Point(variant, n_train, seed, pretrain_epochs if part == "pretrain" else epochs))
+                    n = 0 if part == "fairchem2_pretrain" else n_train  # fairchem 2 has no first_n: all frames
+                    points.append(Point(variant, n, seed, pretrain_epochs if part.endswith("pretrain") else epochs))
     return points
 
 
@@ -226,7 +286,7 @@ def report(results: Path) -> str:
     for run in runs:
         p = run["point"]
         groups.setdefault((p["variant"], p["n_train"], p["epochs"]), {})[p["seed"]] = run
-    baseline = {"two_step_plain": "cons_plain", "two_step_dens": "two_step_plain", "ft_direct_dens": "ft_direct_plain",
+    baseline = {"fc2_ft_cons_dens": "fc2_ft_cons_plain", "two_step_plain": "cons_plain", "two_step_dens": "two_step_plain", "ft_direct_dens": "ft_direct_plain",
                 "ft_cons_dens": "ft_cons_plain"}
     lines = ["| variant | train frames | epochs | seeds | " + " | ".join(f"test {m} ({u})" for m, u in METRICS.values())
              + " | test / train F | F ratio to | F ratio per seed | train time (s) |",
@@ -237,7 +297,8 @@ def report(results: Path) -> str:
         for metric in METRICS:
             values = [by_seed[s]["test"].get(metric) for s in seeds]
             cells.append(_mean_std(values) if None not in values else "—")
-        overfit = [by_seed[s]["test"]["forces_mae"] / by_seed[s]["train"]["forces_mae"] for s in seeds]
+        overfit = [by_seed[s]["test"]["forces_mae"] / by_seed[s]["train"]["forces_mae"] for s in seeds
+                   if "train" in by_seed[s]] or [float("nan")]
         ratio_to, ratios = baseline.get(variant), "—"
         other = groups.get((ratio_to, n, epochs), {})
         shared = [s for s in seeds if s in other]
@@ -271,7 +332,8 @@ def main() -> None:
     if not args.report:
         if args.data is None or args.work is None:
             parser.error("--data and --work are needed to train")
-        prepare_data(args.data, args.heldout, args.families_per_metal, args.md_frames)
+        if not (args.data / "heldout" / "metal.txt").exists():  # made with the fairchem-1 environment
+            prepare_data(args.data, args.heldout, args.families_per_metal, args.md_frames)
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         for point in build_plan(args.plan, args.seeds, args.n_train, args.epochs, args.pretrain_epochs,
                                 args.finetune_epochs, args.sizes):
@@ -285,6 +347,12 @@ def main() -> None:
             out.write_text(json.dumps(result, indent=1))
             print(point.key, {k: result[k] for k in ("test", "train_seconds")}, flush=True)
     table = report(args.results)
+    if args.data is not None:  # what a model that learned no energy scores (the same test frames)
+        baselines = [f"{name} {n or 'all'} frames {energy_baseline(args.data / DATA_SETS[name], n):.1f}"
+                     for name, n in (("all", args.n_train), ("pretrain", args.n_train),
+                                     *(("heldout", n) for n in args.sizes))]
+        table += ("\n\nTest E/atom MAE of per-element reference energies fitted on the training frames "
+                  "(no energy learned), meV/atom: " + "; ".join(baselines) + ".")
     (args.results / "bulk_study_table.md").write_text(table + "\n")
     print(table)
 
