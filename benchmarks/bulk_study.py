@@ -1,9 +1,10 @@
 """EMT bulk study (issue 21): the two-step eSEN recipe with stress, and fine-tuning on a held-out metal.
 
 Data: ``generate_bulk_dataset`` (the ``make-emt-data --bulk`` generator) at a larger size, written to
-``DATA/all`` (seven fcc metals, split by structure family); from it ``DATA/pretrain`` (the other six
-metals) and ``DATA/heldout`` (one metal, ``--heldout``; its train split shuffled, so fairchem's
-``first_n`` frames are a random subset of all its training families).
+``DATA/generated`` (seven fcc metals, split by structure family); from it ``DATA/all`` (every frame),
+``DATA/pretrain`` (the six metals other than ``--heldout``) and ``DATA/heldout`` (that metal), every
+split shuffled, so fairchem's ``first_n`` frames are a random subset of all its families. The data are
+made with the fairchem-1 environment.
 
 Parts (``--plan``), every run through ``fairchem --mode train`` and scored with ``--mode validate``
 on the test split and on its own training frames, with the best checkpoint on the validation split:
@@ -16,6 +17,9 @@ on the test split and on its own training frames, with the best checkpoint on th
   (``pre_direct``) and the conservative eSEN (``pre_cons``), both without DeNS.
 * ``finetune`` (question 2, on ``heldout``, ``--sizes`` frames): each pre-trained model of the same
   seed fine-tuned through fairchem's ``model.finetune_config`` with and without DeNS.
+* ``fairchem2_pretrain`` / ``fairchem2_finetune`` (question 2 on fairchem 2; run the script with the
+  fairchem-2 environment's python): the direct eSCN-MD pre-trained on ``pretrain``, then fine-tuned
+  conservatively on the held-out metal with and without DeNS, scored on its test split.
 
 Resumable: ``RESULTS/runs/<key>.json`` is written when a run is done and skipped when present.
 
@@ -61,9 +65,8 @@ VARIANTS: dict[str, tuple[Path, list[str], str]] = {
     "ft_cons_plain": (CONSERVATIVE, DENS_OFF, "heldout"),
     "ft_cons_dens": (CONSERVATIVE, [], "heldout"),
 }
-#: data set name -> its folder of train/val/test splits under --data
-DATA_SETS = {"all": "all", "pretrain": "pretrain", "heldout": "heldout"}
 PRETRAINED_BY = {"ft_direct": "pre_direct", "ft_cons": "pre_cons"}
+PRETRAIN: dict[str, int] = {}  # n_train and epochs of the runs fine-tuning starts from: set by main
 # Question 2 on fairchem 2 (run this script with the fairchem-2 environment's python): the direct
 # eSCN-MD pre-trained without DeNS (no stress, as eSEN's stage 1), then fine-tuned conservatively
 # (energy, forces, stress; dens_finetuning_model) with and without DeNS. fairchem 2 keeps no best
@@ -105,14 +108,20 @@ class Point:
         return f"{self.variant}-n{self.n_train or 'all'}-e{self.epochs}-seed{self.seed}"
 
 
+def read_frames(path: Path) -> list:
+    """The frames of an .aselmdb file, each with its stored labels as a SinglePointCalculator."""
+    from ase_db_backends.aselmdb import LMDBDatabase
+
+    with LMDBDatabase(path, readonly=True) as database:
+        return [row.toatoms() for row in database.select()]
+
+
 def prepare_data(data: Path, heldout: str, families_per_metal: int, md_frames: int) -> None:
     """``all`` (the generator's splits), ``pretrain`` and ``heldout`` (filtered by metal), every split shuffled.
 
     The generator writes frames family by family, metal by metal: shuffled (seed 0), fairchem's
     ``first_n`` frames of a split are a random subset of it, not its first metals.
     """
-    from ase_db_backends.aselmdb import LMDBDatabase
-
     from fairchem_dens.datasets.emt_bulk import generate_bulk_dataset, write_aselmdb
 
     source = data / "generated"
@@ -121,8 +130,7 @@ def prepare_data(data: Path, heldout: str, families_per_metal: int, md_frames: i
     if (data / "heldout" / "metal.txt").exists():
         return
     for split in ("train", "val", "test"):
-        with LMDBDatabase(source / "aselmdb" / split / "data.aselmdb", readonly=True) as database:
-            atoms = [row.toatoms() for row in database.select()]  # with the stored labels as their calculator
+        atoms = read_frames(source / "aselmdb" / split / "data.aselmdb")
         atoms = [atoms[i] for i in np.random.default_rng(0).permutation(len(atoms))]
         subsets = {"all": atoms, "heldout": [a for a in atoms if set(a.get_chemical_symbols()) == {heldout}],
                    "pretrain": [a for a in atoms if heldout not in a.get_chemical_symbols()]}
@@ -135,14 +143,12 @@ def prepare_data(data: Path, heldout: str, families_per_metal: int, md_frames: i
 def _energies(split: Path) -> tuple[np.ndarray, np.ndarray]:
     """Element counts (frames x elements) and total energies (eV) of a split."""
     from ase.data import atomic_numbers
-    from ase_db_backends.aselmdb import LMDBDatabase
 
-    with LMDBDatabase(split / "data.aselmdb", readonly=True) as database:
-        rows = [(row.numbers, row.energy) for row in database.select()]
-    counts = np.zeros((len(rows), max(atomic_numbers.values()) + 1))
-    for i, (numbers, _) in enumerate(rows):
-        np.add.at(counts[i], numbers, 1)
-    return counts, np.array([energy for _, energy in rows])
+    frames = read_frames(split / "data.aselmdb")
+    counts = np.zeros((len(frames), max(atomic_numbers.values()) + 1))
+    for i, atoms in enumerate(frames):
+        np.add.at(counts[i], atoms.numbers, 1)
+    return counts, np.array([atoms.get_potential_energy() for atoms in frames])
 
 
 def energy_baseline(data: Path, n_train: int = 0) -> float:
@@ -194,15 +200,14 @@ def train(config: Path, overrides: list[str], data: Path, n_train: int, seed: in
 
 def fairchem2_subset(data: Path, n_train: int) -> Path:
     """The held-out metal's first ``n_train`` training frames, with its test split as ``val``."""
-    import ase.db  # the .aselmdb backend registers itself with ASE (no fairchem-1 import here)
+    import ase.db  # the .aselmdb backend registers itself with ASE (fairchem_dens.datasets is fairchem-1 only)
 
     out = data / f"heldout_fairchem2_n{n_train}"
     for split, source, n in (("train", "train", n_train), ("val", "test", None)):
         path = out / split / "data.aselmdb"
         if path.exists():
             continue
-        with ase.db.connect(str(data / "heldout" / source / "data.aselmdb"), readonly=True) as database:
-            atoms = [row.toatoms() for row in database.select()][:n]
+        atoms = read_frames(data / "heldout" / source / "data.aselmdb")[:n]
         path.parent.mkdir(parents=True, exist_ok=True)
         with ase.db.connect(str(path.with_suffix(".part.aselmdb"))) as database:
             for frame in atoms:
@@ -240,7 +245,7 @@ def run_point(point: Point, data: Path, work: Path, results: Path) -> dict:
     if point.variant in FAIRCHEM2:
         return fairchem2_train(point, data, work, results)
     config, overrides, data_set = VARIANTS[point.variant]
-    data = data / DATA_SETS[data_set]
+    data = data / data_set
     run_dir = work / point.key
     if point.variant.startswith("two_step"):
         half = point.epochs // 2
@@ -262,9 +267,6 @@ def run_point(point: Point, data: Path, work: Path, results: Path) -> dict:
         overrides = [*overrides, f"--model.finetune_config.starting_checkpoint={checkpoint}", "--model.backbone=None",
                      "--model.heads=None", "--optim.lr_initial=0.0005"]
     return train(config, overrides, data, point.n_train, point.seed, point.epochs, run_dir)
-
-
-PRETRAIN: dict[str, int] = {}  # the pre-training runs fine-tuning starts from: set by main
 
 
 def build_plan(parts: list[str], seeds: list[int], n_train: int, epochs: int, pretrain_epochs: int,
@@ -293,8 +295,9 @@ def report(results: Path) -> str:
     for run in runs:
         p = run["point"]
         groups.setdefault((p["variant"], p["n_train"], p["epochs"]), {})[p["seed"]] = run
-    baseline = {"fc2_ft_cons_dens": "fc2_ft_cons_plain", "fc2_ft_cons_dens_lr5e-4": "fc2_ft_cons_plain_lr5e-4", "two_step_plain": "cons_plain", "two_step_dens": "two_step_plain", "ft_direct_dens": "ft_direct_plain",
-                "ft_cons_dens": "ft_cons_plain"}
+    baseline = {"two_step_plain": "cons_plain", "two_step_dens": "two_step_plain", "ft_direct_dens": "ft_direct_plain",
+                "ft_cons_dens": "ft_cons_plain", "fc2_ft_cons_dens": "fc2_ft_cons_plain",
+                "fc2_ft_cons_dens_lr5e-4": "fc2_ft_cons_plain_lr5e-4"}
     lines = ["| variant | train frames | epochs | seeds | " + " | ".join(f"test {m} ({u})" for m, u in METRICS.values())
              + " | test / train F | F ratio to | F ratio per seed | train time (s) |",
              "|---|---|---|---|" + "---|" * (len(METRICS) + 4)]
@@ -356,7 +359,7 @@ def main() -> None:
             print(point.key, {k: result[k] for k in ("test", "train_seconds")}, flush=True)
     table = report(args.results)
     if args.data is not None:  # what a model that learned no energy scores (the same test frames)
-        baselines = [f"{name} {n or 'all'} frames {energy_baseline(args.data / DATA_SETS[name], n):.1f}"
+        baselines = [f"{name} {n or 'all'} frames {energy_baseline(args.data / name, n):.1f}"
                      for name, n in (("all", args.n_train), ("pretrain", args.n_train),
                                      *(("heldout", n) for n in args.sizes))]
         table += ("\n\nTest E/atom MAE of per-element reference energies fitted on the training frames "

@@ -5,8 +5,8 @@ not displaced, the forces F(x), while the model sees the corrupted positions x +
 x + noise the true labels differ by about the Hessian times the noise. This script draws the
 corruption of the MD17 recipe (the core's ``sample_corruption``: 25 % of a structure's atoms,
 fixed sigma) for each sigma, relabels x + noise with the same GFN2-xTB (tblite) the data were
-made with (or, with ``--emt``, the EMT bulk data with ASE's EMT), and prints the mean absolute difference between the kept labels and the true ones:
-energy (meV), forces of the atoms that were not displaced (meV/Å, per component, the quantity
+made with (or, with ``--emt``, .aselmdb frames such as the EMT bulk data with ASE's EMT), and
+prints the mean absolute difference between the kept labels and the true ones: energy (meV), forces of the atoms that were not displaced (meV/Å, per component, the quantity
 a DeNS batch still trains on), and the noise itself. Compare them with a model's test errors:
 where the label error exceeds the model's, the DeNS batches feed it labels worse than what it
 already knows.
