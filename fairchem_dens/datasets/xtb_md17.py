@@ -38,7 +38,21 @@ MOLECULES = {
     "methylamine": "CH3NH2",
     "formic_acid": "HCOOH",
     "benzene": "C6H6",
+    "malonaldehyde": "malonaldehyde",  # one of the paper's MD17 molecules; not in G2: _MALONALDEHYDE
 }
+
+#: Enol malonaldehyde (C3H4O2, planar, the O-H...O bridge closing a six-ring), a rough start
+#: geometry in Å that the GFN2-xTB equilibration relaxes: ASE's G2 collection has no malonaldehyde.
+_MALONALDEHYDE = Atoms("C3O2H4", positions=[
+    (-1.17, -0.675, 0.0), (0.0, -1.35, 0.0), (1.17, -0.675, 0.0),   # C1 C2 C3
+    (-1.17, 0.675, 0.0), (1.17, 0.675, 0.0),                         # O1 (C=O) O2 (O-H)
+    (-2.105, -1.215, 0.0), (0.0, -2.43, 0.0), (2.105, -1.215, 0.0),  # H on C1 C2 C3
+    (0.35, 1.25, 0.0),                                               # the bridging H, on O2
+])
+
+
+def _start_geometry(name: str) -> Atoms:
+    return _MALONALDEHYDE.copy() if name == "malonaldehyde" else molecule(MOLECULES[name])
 
 
 def gfn2_xtb_calculator():
@@ -79,7 +93,7 @@ def generate_xtb_trajectory(
         raise ValueError(f"unknown molecule {name!r}; choose one of {', '.join(MOLECULES)}")
     if n_frames < 1 or stride < 1 or equilibration_steps < 0:
         raise ValueError("n_frames and stride must be >= 1 and equilibration_steps >= 0")
-    atoms: Atoms = molecule(MOLECULES[name])
+    atoms = _start_geometry(name)
     atoms.calc = gfn2_xtb_calculator()
     rng = np.random.default_rng(seed)
     MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)

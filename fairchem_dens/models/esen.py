@@ -52,6 +52,7 @@ from fairchem_dens.models.dens_features import (
     dens_node_features,
     fold_force_encoding_bias,
 )
+from fairchem_dens.models.esen_noise_block import check_noise_head, eSENNoiseBlock, l1_vectors
 
 if TYPE_CHECKING:
     from torch_geometric.data import Batch
@@ -99,11 +100,42 @@ class DeNSeSENBackbone(DeNSBackboneMixin, eSEN_Backbone):
 
 def _vectors(layer: SO3_Linear, emb: dict[str, Any]) -> torch.Tensor:
     """``[N, 3]``: the l = 1 output of a one-channel ``SO3_Linear`` on the l <= 1 node features."""
-    return layer(emb["node_embedding"].narrow(1, 0, 4)).narrow(1, 1, 3).reshape(-1, 3)
+    return l1_vectors(layer, emb["node_embedding"])
+
+
+class _NoiseHeadChoice:
+    """The ``noise_head`` keyword of the eSEN DeNS heads (put it before the head's base class).
+
+    ``linear`` (default): ``denoising_linear``, fairchem's one-channel ``SO3_Linear`` (the
+    names of fairchem's eSEN DeNS heads, so their checkpoints load). ``block``:
+    ``denoising_block``, an :class:`~fairchem_dens.models.esen_noise_block.eSENNoiseBlock`
+    run on the corrupted atoms' incoming edges only.
+    """
+
+    def _make_noise_head(self, backbone: eSEN_Backbone, noise_head: str) -> None:
+        self.noise_head = check_noise_head(noise_head)
+        if noise_head == "block":
+            self.denoising_block = eSENNoiseBlock(backbone)
+        else:
+            self.denoising_linear = SO3_Linear(backbone.sphere_channels, 1, lmax=1)
+
+    @property
+    def noise_module(self) -> nn.Module:
+        return self.denoising_block if self.noise_head == "block" else self.denoising_linear
+
+    def _noise(self, data: Batch, emb: dict[str, Any], atoms: torch.Tensor | None) -> torch.Tensor:
+        """``[N, 3]``, the noise prediction, correct on the rows of ``atoms`` (None: every atom)."""
+        if self.noise_head == "linear":
+            return _vectors(self.denoising_linear, emb)  # per atom and nearly free: every atom
+        node_embedding = emb["node_embedding"]
+        if atoms is None:
+            atoms = torch.ones(node_embedding.shape[0], dtype=torch.bool, device=node_embedding.device)
+        rows = self.denoising_block(data, emb, atoms)
+        return rows.new_zeros((node_embedding.shape[0], 3)).index_put((atoms.nonzero().view(-1),), rows)
 
 
 @registry.register_model("fairchem_dens_esen_force_head")
-class DeNSeSENForceHead(nn.Module, HeadInterface):
+class DeNSeSENForceHead(_NoiseHeadChoice, nn.Module, HeadInterface):
     """Direct forces of uncorrupted atoms and normalised noise of corrupted ones (eSEN).
 
     Two one-channel ``SO3_Linear`` layers on the l <= 1 node features, as fairchem's
@@ -114,28 +146,30 @@ class DeNSeSENForceHead(nn.Module, HeadInterface):
     Args:
         backbone: the DeNS eSEN backbone.
         output_name: name of the output.
+        noise_head: ``linear`` (``denoising_linear``) or ``block`` (``denoising_block``, a
+            message-passing block on the corrupted atoms only).
     """
 
-    def __init__(self, backbone: eSEN_Backbone, output_name: str = FORCES) -> None:
+    def __init__(self, backbone: eSEN_Backbone, output_name: str = FORCES, noise_head: str = "linear") -> None:
         super().__init__()
         self.output_name = output_name
         self.linear = SO3_Linear(backbone.sphere_channels, 1, lmax=1)
-        self.denoising_linear = SO3_Linear(backbone.sphere_channels, 1, lmax=1)
+        self._make_noise_head(backbone, noise_head)
 
     def forward(self, data: Batch, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
         forces = dens_force_output(
             data,
             lambda atoms: _vectors(self.linear, emb),
-            lambda atoms: _vectors(self.denoising_linear, emb),
+            lambda atoms: self._noise(data, emb, atoms),
             self.linear,
-            self.denoising_linear,
+            self.noise_module,
             self.training,
         )
         return {self.output_name: forces}
 
 
 @registry.register_model("fairchem_dens_esen_conservative_head")
-class DeNSeSENConservativeHead(MLP_EFS_Head):
+class DeNSeSENConservativeHead(_NoiseHeadChoice, MLP_EFS_Head):
     """Conservative eSEN with DeNS: fairchem's energy/force/stress head plus a noise head.
 
     fairchem's ``MLP_EFS_Head`` gives the energy and, as its gradients, forces (and
@@ -147,23 +181,26 @@ class DeNSeSENConservativeHead(MLP_EFS_Head):
 
     Args:
         backbone: the DeNS eSEN backbone (switched to gradient forces, as fairchem's head does).
+        noise_head: ``linear`` (``denoising_linear``) or ``block`` (``denoising_block``, a
+            message-passing block on the corrupted atoms only: the paper's MD17 model has a
+            whole GraphAttention block as its noise head).
     """
 
     #: adapters.DENS_CONSERVATIVE: forces are energy gradients plus a noise path (the model check reads it).
     dens_conservative = True
 
-    def __init__(self, backbone: eSEN_Backbone) -> None:
+    def __init__(self, backbone: eSEN_Backbone, noise_head: str = "linear") -> None:
         super().__init__(backbone)
-        self.denoising_linear = SO3_Linear(backbone.sphere_channels, 1, lmax=1)
+        self._make_noise_head(backbone, noise_head)
 
     def forward(self, data: Batch, emb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         outputs = super().forward(data, emb)
         corrupted = corrupted_atoms(data)
         if bool(corrupted.any()):  # never in S2EF batches
-            noise = _vectors(self.denoising_linear, emb)
+            noise = self._noise(data, emb, corrupted)
             outputs[FORCES] = torch.where(corrupted.view(-1, 1), noise, outputs[FORCES])
         elif self.training:
-            outputs[FORCES] = outputs[FORCES] + zero_weight(self.denoising_linear)
+            outputs[FORCES] = outputs[FORCES] + zero_weight(self.noise_module)
         return outputs
 
 
@@ -190,7 +227,7 @@ ADAPTER = BackboneAdapter(
     force_head=f"{__name__}.DeNSeSENForceHead",
     conservative_head=f"{__name__}.DeNSeSENConservativeHead",
     signature=("blocks.0.edge_wise.",),
-    noise_blocks=("denoising_linear",),
+    noise_blocks=("denoising_linear", "denoising_block"),
     # fairchem's eSEN energy/forces/stress heads: plain, and DeNS (which zeroes DeNS batches' energy)
     gradient_force_heads=("esen_mlp_efs_head", "esen_mlp_efs_head_dens"),
 )

@@ -155,3 +155,45 @@ class BackboneSuite:
             assert len(predictions["ids"]) > 0
             assert np.isfinite(predictions["energy"]).all()
             assert all(np.isfinite(f).all() for f in predictions["forces"])
+
+
+class BlockNoiseHeadSuite:
+    """What a ``noise_head: block`` head adds to :class:`BackboneSuite` (mix it in before the suite).
+
+    The block must give the corrupted atoms what it gives them on the whole graph, while running on
+    their incoming edges only. Subclasses define ``backbone_embeddings(model, batch)`` (the backbone's
+    ``emb`` dict) besides the suite's hooks.
+    """
+
+    def backbone_embeddings(self, model: torch.nn.Module, batch) -> dict:
+        return model.backbone(batch)
+
+    def test_block_noise_head_on_the_corrupted_atoms_equals_the_block_on_every_atom(self, fixture_batch):
+        model = self.model().eval()
+        batch = dens_mode_batch(fixture_batch, "partial")
+        noisy = batch.noise_mask.view(-1).bool()
+        assert 0 < int(noisy.sum()) < noisy.numel()
+        block = self.block(model, self.noise_block)
+        seen = []
+        block.block.register_forward_hook(lambda module, args, out: seen.append((args[0].shape[0], args[3].shape[1])))
+        torch.manual_seed(3)
+        with torch.enable_grad():  # gradient-force backbones need grad on the positions
+            emb = self.backbone_embeddings(model, batch.clone())
+            everywhere = block(batch, emb, torch.ones_like(noisy))[noisy]
+            corrupted_only = block(batch, emb, noisy)
+        # the same edges and nodes in another order and other edge frames about each edge's
+        # axis (SO(2) convolutions do not depend on them): rounding only
+        assert_ulps(corrupted_only, everywhere, GRADIENT_ULPS, what="noise of corrupted atoms")
+        edge_index = emb["edge_index"]
+        incoming = int(noisy[edge_index[1]].sum())
+        nodes = noisy.clone()
+        nodes[edge_index[0, noisy[edge_index[1]]]] = True
+        assert seen[-1] == (int(nodes.sum()), incoming)  # the subgraph, not the batch
+        assert seen[0] == (noisy.numel(), edge_index.shape[1])
+        # negative control: a message-passing block reads the clean neighbours too (a per-atom
+        # head would pass the checks above); moving one's features moves the noise
+        neighbour = int(edge_index[0, noisy[edge_index[1]] & ~noisy[edge_index[0]]][0])
+        moved = dict(emb, node_embedding=emb["node_embedding"].clone())
+        moved["node_embedding"][neighbour] += 1.0
+        with torch.enable_grad():
+            assert not torch.allclose(block(batch, moved, noisy), corrupted_only)

@@ -164,7 +164,7 @@ TINY_ESEN_BACKBONE: dict[str, Any] = {
 
 
 def esen_dens_model_config(
-    flavour: str = "ours", backbone: dict[str, Any] | None = None, **dens: Any
+    flavour: str = "ours", backbone: dict[str, Any] | None = None, noise_head: str | None = None, **dens: Any
 ) -> dict[str, Any]:
     """A hydra model config for eSEN.
 
@@ -173,9 +173,11 @@ def esen_dens_model_config(
             stress + noise head), ``fairchem`` / ``fairchem_conservative`` (fairchem 1.10's
             ``esen_*_dens`` classes), ``plain`` / ``plain_conservative`` (fairchem's eSEN).
         backbone: backbone keywords (default :data:`TINY_ESEN_BACKBONE`).
+        noise_head: the ``noise_head`` keyword of our DeNS head (``linear`` / ``block``; None: its default).
         **dens: DeNS backbone keywords (``use_force_encoding``).
     """
     kwargs = copy.deepcopy(backbone or TINY_ESEN_BACKBONE)
+    choice = {} if noise_head is None or not flavour.startswith("ours") else {"noise_head": noise_head}
     esen, port, ours = "fairchem.core.models.esen.esen", "fairchem.core.models.esen.esen_dens", "fairchem_dens.models.esen"
     conservative = flavour.endswith("_conservative")
     base = flavour.removesuffix("_conservative")
@@ -188,10 +190,10 @@ def esen_dens_model_config(
         kwargs.setdefault("regress_stress", True)
         head = {"ours": f"{ours}.DeNSeSENConservativeHead", "fairchem": f"{port}.MLP_EFS_Head",
                 "plain": f"{esen}.MLP_EFS_Head"}[base]
-        return _hydra(kwargs, {"energy": {"module": head}})
+        return _hydra(kwargs, {"energy": {"module": head, **choice}})
     forces = {"ours": f"{ours}.DeNSeSENForceHead", "fairchem": f"{port}.Linear_Force_Head_DeNS",
               "plain": f"{esen}.Linear_Force_Head"}[base]
-    return _hydra(kwargs, {"energy": {"module": f"{esen}.MLP_Energy_Head"}, "forces": {"module": forces}})
+    return _hydra(kwargs, {"energy": {"module": f"{esen}.MLP_Energy_Head"}, "forces": {"module": forces, **choice}})
 
 
 def _hydra(backbone: dict[str, Any], heads: dict[str, Any]) -> dict[str, Any]:

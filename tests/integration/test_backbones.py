@@ -15,7 +15,7 @@ from fairchem_dens.testing import (
     esen_dens_model_config,
 )
 
-from fairchem_dens.testing.backbone_suite import BackboneSuite
+from fairchem_dens.testing.backbone_suite import BackboneSuite, BlockNoiseHeadSuite
 from fairchem_dens.testing.tolerances import ESCN_ROTATION_REL, ESEN_CONSERVATIVE_ROTATION_REL, ESEN_ROTATION_REL, EQV2_ROTATION_REL
 
 from helpers import QUICKSTART, data_overrides
@@ -109,3 +109,30 @@ class TestESENConservative(TestESEN):
 
     def plain_state_dict(self, ours):
         return plain_esen_state_dict(ours.state_dict())  # the to-conservative conversion itself
+
+
+class TestESENBlockNoiseHead(BlockNoiseHeadSuite, TestESEN):
+    """``noise_head: block``: an eSEN message-passing block as the noise head, direct forces."""
+
+    noise_block = ("forces", "denoising_block")
+
+    def model_config(self, flavour="ours", backbone=None, **dens):
+        return esen_dens_model_config(flavour, backbone=backbone, noise_head="block", **dens)
+
+    def plain_state_dict(self, ours):
+        return {k: v for k, v in _fold_encoding_bias(ours).items() if "denoising_block" not in k}
+
+    def cli_data(self, request):
+        return [*super().cli_data(request), "--model.heads.forces.noise_head=block"]
+
+
+class TestESENConservativeBlockNoiseHead(BlockNoiseHeadSuite, TestESENConservative):
+    """``noise_head: block`` on the conservative head (the paper's MD17 model: gradient forces, a block noise head)."""
+
+    noise_block = ("energy", "denoising_block")
+
+    def model_config(self, flavour="ours", backbone=None, **dens):
+        return esen_dens_model_config(f"{flavour}_conservative", backbone=backbone, noise_head="block", **dens)
+
+    def cli_data(self, request):
+        return [*super().cli_data(request), "--model.heads.energy.noise_head=block"]

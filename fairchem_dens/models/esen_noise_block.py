@@ -1,0 +1,85 @@
+"""``noise_head: block`` for eSEN: a noise head of eSEN's own kind, one message-passing block.
+
+The linear noise head (``denoising_linear``, fairchem's) reads the noise off the final node
+features with one ``SO3_Linear``. The block noise head gives the noise its own capacity, as
+the GraphAttention noise head of the paper's MD17 model does: a fresh ``eSEN_Block``
+(edge-wise SO(2) convolution + atom-wise MLP, the backbone's hyperparameters) on the final
+node features, then a one-channel ``SO3_Linear`` read on l = 1, one vector per atom. It runs
+on the corrupted atoms' incoming edges only (:mod:`fairchem_dens.core.subgraph`) and never
+outside a DeNS batch, so inference and S2EF batches cost what the plain model costs.
+
+The edge inputs are the backbone's: its distance expansion and atom-pair embeddings (shared
+weights, as the backbone's own blocks share them) and its edge frames, made for these edges.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fairchem.core.models.esen.esen import eSEN_Backbone
+from fairchem.core.models.esen.esen_block import eSEN_Block
+from fairchem.core.models.esen.nn.so3_layers import SO3_Linear
+
+from fairchem_dens.core.errors import DeNSSetupError
+from fairchem_dens.core.subgraph import incoming_subgraph
+
+__all__ = ["NOISE_HEADS", "eSENNoiseBlock", "check_noise_head"]
+
+#: The values of a DeNS eSEN head's ``noise_head`` keyword.
+NOISE_HEADS = ("linear", "block")
+
+
+def check_noise_head(noise_head: Any) -> str:
+    """Refuses a ``noise_head`` other than ``linear`` or ``block``, naming the key."""
+    if noise_head not in NOISE_HEADS:
+        raise DeNSSetupError(
+            f"model.heads.<head>.noise_head must be 'linear' (one SO3_Linear, the default) or "
+            f"'block' (a message-passing block of the backbone's kind), got {noise_head!r}"
+        )
+    return noise_head
+
+
+def l1_vectors(layer: SO3_Linear, node_embedding: torch.Tensor) -> torch.Tensor:
+    """``[n, 3]``: the l = 1 output of a one-channel ``SO3_Linear`` on the l <= 1 node features."""
+    return layer(node_embedding.narrow(1, 0, 4)).narrow(1, 1, 3).reshape(-1, 3)
+
+
+class eSENNoiseBlock(nn.Module):
+    """One ``eSEN_Block`` and a one-channel ``SO3_Linear``: the noise of the given atoms.
+
+    Args:
+        backbone: the DeNS eSEN backbone; read at every call (edge embeddings, edge frames),
+            not owned: its parameters stay the backbone's.
+    """
+
+    def __init__(self, backbone: eSEN_Backbone) -> None:
+        super().__init__()
+        self.block = eSEN_Block(
+            backbone.sphere_channels, backbone.hidden_channels, backbone.lmax, backbone.mmax,
+            backbone.mappingReduced, backbone.SO3_grid, backbone.edge_channels_list, backbone.cutoff,
+            backbone.norm_type, backbone.act_type, backbone.mlp_type, backbone.use_envelope,
+        )
+        self.output = SO3_Linear(backbone.sphere_channels, 1, lmax=1)
+        self._backbone = (backbone,)  # a tuple: not a submodule, so no second copy of its weights
+
+    def forward(self, data: Any, emb: dict[str, Any], atoms: torch.Tensor) -> torch.Tensor:
+        """``[n, 3]``: the noise prediction of the atoms of the bool mask ``atoms``, in atom order."""
+        if emb.get("node_offset", 0) != 0:
+            raise DeNSSetupError(
+                "noise_head: block does not support graph parallelism (its subgraph needs every "
+                "atom's features): use noise_head: linear, or gp_gpus: null."
+            )
+        backbone = self._backbone[0]
+        graph = incoming_subgraph(emb["edge_index"], atoms)
+        edge_index = emb["edge_index"][:, graph.edges]
+        distance = emb["edge_distance"][graph.edges]
+        numbers = data.atomic_numbers.long()
+        x_edge = torch.cat((backbone.distance_expansion(distance),
+                            backbone.source_embedding(numbers[edge_index[0]]),
+                            backbone.target_embedding(numbers[edge_index[1]])), dim=1)
+        _, wigner, wigner_inv = backbone.get_rotmat_and_wigner(emb["edge_distance_vec"][graph.edges])
+        x = self.block(emb["node_embedding"][graph.nodes], x_edge, distance, graph.edge_index, wigner, wigner_inv)
+        return l1_vectors(self.output, x[graph.wanted])
