@@ -19,8 +19,9 @@ normalisers and collectives onto them. What changes against fairchem's trainer:
   fit reads (:mod:`fairchem_dens.trainers.labels`);
 * every training batch is checked for non-finite labels before it is corrupted, and
   each epoch logs the fraction of structures and atoms it corrupted;
-* checkpoints are written atomically, and a final ``checkpoint.pt`` is always
-  written when training ends.
+* checkpoints are written atomically, a final ``checkpoint.pt`` is always
+  written when training ends, and ``optim.keep_checkpoint_epochs`` keeps copies at
+  chosen epochs (:mod:`fairchem_dens.trainers.kept_checkpoints`).
 
 Everything else (data loading, DDP, EMA, AMP, clipping, schedulers, prediction
 files) is fairchem's.
@@ -32,6 +33,7 @@ import copy
 import dataclasses
 import logging
 import os
+import shutil
 from typing import Any
 
 import numpy as np
@@ -62,6 +64,7 @@ from fairchem_dens.core.roles import EXCLUDED, FORCES, ORIGINAL, STRESS, output_
 from fairchem_dens.core.settings import DeNSConfig
 from fairchem_dens.core.tally import CorruptionTally
 from fairchem_dens.files import replace_durably
+from fairchem_dens.trainers.kept_checkpoints import kept_epochs, kept_name
 from fairchem_dens.models.checkpoints import (
     CheckpointMismatchError,
     checkpoint_family,
@@ -137,6 +140,7 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         optim = self.config["optim"]
         if self.train_loader is not None and optim.get("scheduler") == "LambdaLR":
             check_warmup(optim.get("scheduler_params", {}), len(self.train_loader))
+        self._kept_epochs = kept_epochs(optim, len(self.train_loader)) if self.train_loader is not None else frozenset()
         evaluated = {split: (getattr(self, f"{split}_dataset", None), self.config.get(f"{split}_dataset", {}).get("src"))
                      for split in ("val", "test")}
         check_denoising_splits(self.dens, {split: (dataset[0], source) for split, (dataset, source)
@@ -266,6 +270,11 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         replace_durably(path, final)
         if training_state and checkpoint_file == "checkpoint.pt":
             self._saved_step = self.step
+            epoch, within = divmod(self.step, len(self.train_loader))
+            if within == 0 and epoch in getattr(self, "_kept_epochs", ()):
+                kept = os.path.join(os.path.dirname(final), kept_name(epoch))
+                shutil.copyfile(final, kept + ".partial")
+                replace_durably(kept + ".partial", kept)
         return final
 
     def train(self, disable_eval_tqdm: bool = False) -> None:

@@ -69,4 +69,4 @@ def test_gradient_force_heads_are_fairchem_registry_names():
 
 def test_the_noise_blocks_are_listed_once_in_adapter_order():
     # the model check's message lists them in this order
-    assert noise_blocks() == ("denoising_pos_block", "denoising_linear")
+    assert noise_blocks() == ("denoising_pos_block", "denoising_linear", "denoising_block")

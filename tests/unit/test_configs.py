@@ -147,8 +147,10 @@ MD17_TABLE = {  # docs/algorithm.md#md17-recipe: lr, epochs, batch, w_E, w_F for
 }
 
 
-# the published per-molecule recipes (the xtb_* small-data recipes are ours, tested in test_md17_recipe)
-MD17_RECIPES = sorted(p for p in CONFIGS.glob("md17/*/**/*.yml") if "model" not in p.stem and not p.stem.startswith("xtb_"))
+# the published per-molecule recipes (the xtb_* small-data recipes and paper_md17_conservative, sized
+# for a CPU, are ours: tested in test_md17_recipe and below)
+MD17_RECIPES = sorted(p for p in CONFIGS.glob("md17/*/**/*.yml")
+                      if "model" not in p.stem and not p.stem.startswith(("xtb_", "paper_")))
 
 
 def test_every_md17_recipe_is_checked():
@@ -179,6 +181,26 @@ def test_md17_recipes(path):
     assert backbone.get("drop_path_rate", 0.0) == 0.0 and backbone.get("alpha_drop", 0.0) == 0.0
     assert config["dataset"]["train"]["src"].endswith(f"{molecule}/train")
     # forces divided by the training-set energy std, as the MD17 code does
+    assert config["dataset"]["train"]["transforms"]["normalizer"]["fit"]["targets"]["forces"] == {"mean": 0.0, "rmsd": "energy"}
+
+
+def test_paper_md17_conservative_recipe_has_the_md17_dens_settings_on_a_conservative_block_head():
+    config = full_config(CONFIGS / "md17" / "esen" / "paper_md17_conservative.yml")
+    optim, model = config["optim"], config["model"]
+    dens = DeNSConfig.from_optim(optim)
+    # the ethanol row of the published MD17 table (docs/algorithm.md#md17-recipe), L_max 2
+    lr, _epochs, batch, w_e, w_f = MD17_TABLE[2]["ethanol"]
+    assert (dens.selection, dens.coefficient_schedule, dens.loss_form) == ("structure", "linear_decay", "separate_means")
+    assert (dens.prob, dens.std, dens.corrupt_ratio, dens.coefficient, dens.fixed_noise_std) == (0.25, 0.05, 0.25, 5.0, True)
+    assert (optim["lr_initial"], optim["batch_size"], optim["optimizer"]) == (lr, batch, "AdamW")
+    assert optim["optimizer_params"]["weight_decay"] == 1e-6 and "ema_decay" not in optim and "clip_grad_norm" not in optim
+    assert optim["scheduler_params"]["warmup_epochs"] == 10
+    assert optim["scheduler_params"]["lr_min_factor"] * lr == pytest.approx(1e-6, rel=F64_REL)
+    losses = {list(entry)[0]: list(entry.values())[0] for entry in config["loss_functions"]}
+    assert (losses["energy"]["coefficient"], losses["forces"]["coefficient"]) == (w_e, w_f)
+    # conservative, with a whole block as the noise head and the force encoding on
+    assert model["heads"]["energy"]["module"].endswith("DeNSeSENConservativeHead")
+    assert model["heads"]["energy"]["noise_head"] == "block" and model["backbone"]["use_force_encoding"] is True
     assert config["dataset"]["train"]["transforms"]["normalizer"]["fit"]["targets"]["forces"] == {"mean": 0.0, "rmsd": "energy"}
 
 
