@@ -8,7 +8,8 @@ variant; ``optim.keep_checkpoint_epochs`` keeps the weights after each epoch of 
 and each of those checkpoints predicts the test split (and, for plain runs, the training
 split: the test / train ratio says whether the model overfits). The warm-up is a tenth of
 the run (the paper: 10 of 1500 epochs). The ablations (``--plan ablation``) train the
-block-vs-linear noise head and sigma 0.025 against 0.05 at the curve's last length.
+block-vs-linear noise head and sigma 0.025 against 0.05, each a run of ``--ablation-epochs``
+beside a DeNS run of the same length (the same schedule).
 
 Resumable: a run writes ``<results>/runs/<key>.json`` when done and is skipped when it
 exists; its checkpoints and logs go to ``--work`` (outside the repository). ``--jobs``
@@ -47,7 +48,10 @@ VARIANTS = {
     "dens_linear": ["--model.heads.energy.noise_head=linear"],
     "dens_std0.025": [f"{P}std=0.025"],
 }
-PLANS = {"curve": ["plain", "dens"], "ablation": ["dens_linear", "dens_std0.025"]}
+#: plan part -> variants; the ablation trains its own plain and DeNS (block, sigma 0.05) comparators at its length
+PLANS = {"curve": ["plain", "dens"], "ablation": ["plain", "dens", "dens_linear", "dens_std0.025"]}
+#: the run each variant's same-seed ratio divides by
+COMPARATOR = {"dens": "plain", "dens_linear": "dens", "dens_std0.025": "dens"}
 #: the published per-molecule loss weights (w_E, w_F) where they differ from the recipe's ethanol 1 / 80
 WEIGHTS = {"malonaldehyde": (1, 100), "naphthalene": (2, 20), "uracil": (1, 20)}
 
@@ -145,7 +149,7 @@ def report(results: Path, data_root: Path) -> str:
         lines += [f"### {molecule}", "",
                   f"Test split: mean predictor {base['mean_predictor_energy_meV']:.1f} meV, "
                   f"mean |F| component {base['mean_abs_force_meV_per_A']:.1f} meV/Å (the zero predictor's force MAE).", "",
-                  "| variant | run epochs | at epoch | test F MAE (meV/Å) | test E MAE (meV) | F DeNS / plain, same seed | "
+                  "| variant | run epochs | at epoch | test F MAE (meV/Å) | test E MAE (meV) | F ratio to its comparator, same seed | "
                   "mean ratio | plain test / train F | seeds |", "|---|---|---|---|---|---|---|---|---|"]
         keys = sorted({(v, e) for (m, v, e, _) in by if m == molecule}, key=lambda k: (k[1], list(VARIANTS).index(k[0])))
         for variant, run_epochs in keys:
@@ -158,8 +162,9 @@ def report(results: Path, data_root: Path) -> str:
                 points = [at(variant, s) for s in seeds]
                 force = [p["test_force_meV_per_A"] for p in points if p]
                 energy = [p["test_energy_meV"] for p in points if p]
-                pairs = [(at(variant, s)["test_force_meV_per_A"], at("plain", s)["test_force_meV_per_A"])
-                         for s in seeds if at(variant, s) and at("plain", s)]
+                other = COMPARATOR.get(variant)
+                pairs = [(at(variant, s)["test_force_meV_per_A"], at(other, s)["test_force_meV_per_A"])
+                         for s in seeds if other and at(variant, s) and at(other, s)]
                 ratios = [a / b for a, b in pairs]
                 ratio_text = f"{min(ratios):.3f}–{max(ratios):.3f}" if ratios and variant != "plain" else "–"
                 mean_ratio = (f"{statistics.mean(a for a, _ in pairs) / statistics.mean(b for _, b in pairs):.3f}"
@@ -170,7 +175,7 @@ def report(results: Path, data_root: Path) -> str:
         # the paper's training-efficiency claim: epochs to reach plain's best validation force MAE
         reach = []
         for (m, v, e, s), run in sorted(by.items()):
-            if m != molecule or v == "plain" or (m, "plain", e, s) not in by:
+            if m != molecule or v != "dens" or (m, "plain", e, s) not in by:
                 continue
             plain_best = min(value for _, value in by[(m, "plain", e, s)]["val_force"])
             plain_epoch = epochs_to_reach(by[(m, "plain", e, s)]["val_force"], plain_best)
@@ -196,13 +201,17 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20, help="length of every run")
     parser.add_argument("--curve", type=int, nargs="+", default=[5, 10, 15, 20], help="epochs read along each run")
     parser.add_argument("--ablation-molecules", nargs="+", default=["ethanol"])
+    parser.add_argument("--ablation-epochs", type=int, default=10)
+    parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--report", action="store_true", help="only write the tables")
     args = parser.parse_args()
     results, work, data = Path(args.results).resolve(), Path(args.work).resolve(), Path(args.data).resolve()
     (results / "runs").mkdir(parents=True, exist_ok=True)
-    plan = [Run(m, v, s, args.epochs) for part in args.plan for s in args.seeds
-            for m in (args.molecules if part == "curve" else args.ablation_molecules) for v in PLANS[part]]
+    curve = [Run(m, v, s, args.epochs) for s in args.seeds for m in args.molecules for v in PLANS["curve"]]
+    ablation = [Run(m, v, s, args.ablation_epochs) for s in args.ablation_seeds for m in args.ablation_molecules
+                for v in PLANS["ablation"]]
+    plan = [run for part in args.plan for run in {"curve": curve, "ablation": ablation}[part]]
     todo = [run for run in plan if not (results / "runs" / f"{run.key}.json").exists()]
 
     def one(run: Run) -> None:

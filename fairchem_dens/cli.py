@@ -153,11 +153,13 @@ def _make_submission(args: argparse.Namespace) -> int:
 
 def _md17_to_lmdb(args: argparse.Namespace) -> int:
     from fairchem_dens.datasets.md17 import MD17FormatError, convert_md17
+    from fairchem_dens.versions import FairchemVersionError
 
     try:
         folders = convert_md17(Path(args.input), Path(args.out), n_train=args.train, n_val=args.val,
-                               seed=args.seed, molecule=args.molecule, overwrite=args.overwrite)
-    except (MD17FormatError, FileExistsError, FileNotFoundError) as error:
+                               seed=args.seed, molecule=args.molecule, overwrite=args.overwrite,
+                               aselmdb=args.aselmdb)
+    except (MD17FormatError, FileExistsError, FileNotFoundError, FairchemVersionError) as error:
         raise SystemExit(f"md17-to-lmdb: {error}") from error
     for split, folder in folders.items():
         print(f"{split}: {folder}")
@@ -280,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     md17.add_argument("--seed", type=int, default=1, help="numpy default_rng seed of the split (default: %(default)s)")
     md17.add_argument("--molecule", default=None)
     md17.add_argument("--overwrite", action="store_true")
+    md17.add_argument("--aselmdb", action="store_true",
+                      help="write each split as data.aselmdb (fairchem 2's ase_db format) instead of fairchem 1 LMDBs")
     md17.set_defaults(func=_md17_to_lmdb)
     xtb = commands.add_parser(
         "make-xtb-md17", add_help=False,

@@ -23,6 +23,10 @@ from pathlib import Path
 
 import ase.db
 
+from fairchem_dens.versions import require_fairchem
+
+require_fairchem("fairchem1", "fairchem_dens.datasets (the fairchem-1.10 integration)")
+
 from fairchem.core.common.registry import registry
 from fairchem.core.datasets.ase_datasets import AseDBDataset
 

@@ -27,6 +27,10 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
+from fairchem_dens.versions import require_fairchem
+
+require_fairchem("fairchem1", "fairchem_dens.datasets (the fairchem-1.10 integration)")
+
 from fairchem.core.common.registry import registry
 from fairchem.core.datasets.lmdb_dataset import LmdbDataset
 

@@ -268,8 +268,8 @@ def _converter():
     return AtomsToGraphs(r_energy=True, r_forces=True, r_fixed=True, r_edges=False, r_pbc=True)
 
 
-def frame_to_data(converter, frames: MD17Frames, index: int):
-    """One LMDB entry (eV, eV/Å) for frame ``index`` of ``frames``."""
+def frame_atoms(frames: MD17Frames, index: int) -> Atoms:
+    """Frame ``index`` as labelled ASE atoms (eV, eV/Å) in the nominal molecule box, pbc off."""
     atoms = Atoms(
         numbers=frames.numbers,
         positions=frames.positions[index],
@@ -280,6 +280,14 @@ def frame_to_data(converter, frames: MD17Frames, index: int):
     energy = float(frames.energies[index]) * KCAL_PER_MOL_IN_EV
     forces = np.asarray(frames.forces[index], dtype=np.float64) * KCAL_PER_MOL_IN_EV
     atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+    atoms.info["sid"] = int(index)  # the frame in the source file
+    return atoms
+
+
+def frame_to_data(converter, frames: MD17Frames, index: int):
+    """One LMDB entry (eV, eV/Å) for frame ``index`` of ``frames``."""
+    atoms = frame_atoms(frames, index)
+    energy, forces = atoms.get_potential_energy(), atoms.get_forces()
     data = converter.convert(atoms)
     data.energy = energy  # a Python float, as in fairchem's S2EF LMDBs
     data.forces = torch.tensor(forces, dtype=torch.float32)
@@ -307,9 +315,17 @@ def _entries_per_lmdb(frames: MD17Frames) -> int:
     return max(1, int(LMDB_MAP_SIZE * _MAP_FILL // per_entry))
 
 
-def _write_split(folder: Path, frames: MD17Frames, indices: np.ndarray, per_file: int) -> list[str]:
-    """Writes one split's LMDB file(s) and ``metadata.npz``; returns the file names."""
+def _write_split(folder: Path, frames: MD17Frames, indices: np.ndarray, per_file: int | None) -> list[str]:
+    """Writes one split's LMDB file(s) and ``metadata.npz``; returns the file names.
+
+    ``per_file`` None: one ``data.aselmdb`` (fairchem 2's ``ase_db`` format) instead.
+    """
     folder.mkdir()
+    if per_file is None:
+        from fairchem_dens.datasets.emt_bulk import write_aselmdb
+
+        write_aselmdb([frame_atoms(frames, int(index)) for index in indices], folder / "data.aselmdb")
+        return ["data.aselmdb"]
     if len(indices) <= per_file:
         write_lmdb(_entries(frames, indices), folder / "data.lmdb", metadata=True)
         return ["data.lmdb"]
@@ -380,6 +396,7 @@ def convert_md17(
     seed: int = 1,
     molecule: str | None = None,
     overwrite: bool = False,
+    aselmdb: bool = False,
 ) -> dict[str, Path]:
     """Converts an MD17 / rMD17 ``.npz`` file into fairchem LMDBs with a seeded split.
 
@@ -395,6 +412,8 @@ def convert_md17(
         molecule: name recorded in ``md17_info.json`` (default: the file's
             ``name`` entry, else the file name without extension).
         overwrite: replace an existing ``out_dir``.
+        aselmdb: write each split as one ``data.aselmdb`` (an ASE database on LMDB, fairchem 2's
+            ``ase_db`` format) instead of fairchem 1's LMDB entries.
 
     Returns:
         ``{"train": folder, "val": folder, "test": folder}``, the split folders
@@ -408,6 +427,10 @@ def convert_md17(
         ValueError: invalid ``n_train`` / ``n_val`` / ``seed``.
     """
     path, out_dir = Path(npz_path), Path(out_dir)
+    if not aselmdb:
+        from fairchem_dens.versions import require_fairchem
+
+        require_fairchem("fairchem1", "md17-to-lmdb's fairchem-1 LMDB entries (pass --aselmdb for fairchem 2's format)")
     if (out_dir.exists() or out_dir.is_symlink()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
     _check_arguments(n_train, n_val, seed)
@@ -422,7 +445,7 @@ def convert_md17(
         )
     splits = split_indices(frames.n_frames, n_train, n_val, seed)
     molecule = molecule or frames.name or path.stem
-    per_file = _entries_per_lmdb(frames)
+    per_file = None if aselmdb else _entries_per_lmdb(frames)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_dir(out_dir)

@@ -21,6 +21,10 @@ from fairchem.core.common.registry import registry
 __all__ = ["plain_inference_checkpoint", "plain_model_config"]
 
 
+#: Keywords of our heads that fairchem's plain classes do not take.
+DENS_HEAD_KEYWORDS = ("noise_head",)
+
+
 def _plain(name: str) -> tuple[str, tuple[str, ...]]:
     """The plain class name for a model/head name, and the parameter prefixes to drop."""
     cls = registry.get_model_class(name)
@@ -48,7 +52,7 @@ def plain_model_config(model_config: Any) -> tuple[dict, list[str]]:
     config["backbone"] = backbone
     heads = {}
     for name, head in dict(config.get("heads") or {}).items():
-        head = dict(head)
+        head = {key: value for key, value in dict(head).items() if key not in DENS_HEAD_KEYWORDS}
         head["module"], dropped = _plain(head["module"])
         prefixes += [f"output_heads.{name}.{p}" for p in dropped]
         if "head_cls" in head:  # UMA's DatasetSpecific*Wrapper builds its inner head as `.head`

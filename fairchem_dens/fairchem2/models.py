@@ -49,8 +49,9 @@ from fairchem.core.models.uma.nn.so3_layers import SO3_Linear
 from fairchem_dens.core.batch import corrupted_atoms, is_dens_batch
 from fairchem_dens.core.encoding import force_encoding_coefficients
 from fairchem_dens.core.errors import DeNSSetupError
-from fairchem_dens.core.modules import BatchDuringForward, zero_weight
+from fairchem_dens.core.modules import BatchDuringForward, check_noise_head, l1_vectors, zero_weight
 from fairchem_dens.core.roles import FORCES
+from fairchem_dens.fairchem2.noise_block import eSCNMDNoiseBlock
 
 __all__ = ["ENCODED_FORCES", "DeNSeSCNMDBackbone", "DeNSeSCNMDMoeBackbone", "DeNSLinearForceHead", "DeNSMLPEFSHead"]
 
@@ -84,6 +85,16 @@ class DeNSForceEncoding(BatchDuringForward):
         self.force_embedding = SO3_Linear(1, self.sphere_channels, lmax=self.lmax)
         # A bound method: the EMA deep copy rebinds it to the copy's own layer.
         self.edge_degree_embedding.register_forward_pre_hook(self._add_force_encoding)
+
+    #: The graph of the current DeNS batch (edges, distances, atomic numbers), kept for a block
+    #: noise head (:mod:`fairchem_dens.fairchem2.noise_block`); None after any other batch.
+    dens_graph: dict[str, Any] | None = None
+
+    def _generate_graph(self, data_dict):
+        graph = super()._generate_graph(data_dict)
+        dens = self._dens_data is not None and is_dens_batch(self._dens_data)
+        self.dens_graph = {**graph, "atomic_numbers": data_dict["atomic_numbers_full"]} if dens else None
+        return graph
 
     def _add_force_encoding(self, module: nn.Module, args: tuple) -> tuple | None:
         data = self._dens_data
@@ -119,14 +130,43 @@ class DeNSeSCNMDMoeBackbone(DeNSForceEncoding, eSCNMDMoeBackbone):
     fairchem_plain = "fairchem.core.models.uma.escn_moe.eSCNMDMoeBackbone"
 
 
-def _vectors(layer: SO3_Linear, node_embedding: torch.Tensor) -> torch.Tensor:
-    """``[n, 3]``: the l = 1 output of a one-channel ``SO3_Linear`` on the l <= 1 features."""
-    return layer(node_embedding.narrow(1, 0, 4)).narrow(1, 1, 3).reshape(-1, 3)
+class _NoiseHead:
+    """The ``noise_head`` keyword of the fairchem-2 DeNS heads (put it before the head's base class).
+
+    ``linear`` (default): ``noise_linear``, one-channel ``SO3_Linear`` on the l <= 1 features.
+    ``block``: ``noise_block``, an :class:`~fairchem_dens.fairchem2.noise_block.eSCNMDNoiseBlock`
+    on the corrupted atoms' incoming edges. Either runs on corrupted atoms only, and the plain
+    inference checkpoint drops it.
+    """
+
+    dens_parameter_prefixes = ("noise_linear.", "noise_block.")
+    #: Read by the unit: this head writes the noise prediction into ``forces``.
+    dens_force_head = True
+
+    def _make_noise_head(self, backbone: eSCNMDBackbone, noise_head: str) -> None:
+        self.noise_head = check_noise_head(noise_head)
+        if noise_head == "block":
+            self.noise_block = eSCNMDNoiseBlock(backbone)
+        else:
+            self.noise_linear = SO3_Linear(backbone.sphere_channels, 1, lmax=1)
+
+    @property
+    def noise_module(self) -> nn.Module:
+        return self.noise_block if self.noise_head == "block" else self.noise_linear
+
+    def _noise(self, node_embedding: torch.Tensor, corrupted: torch.Tensor) -> torch.Tensor:
+        """``[n, 3]``: the noise prediction of the corrupted atoms (bool mask), in atom order."""
+        if self.noise_head == "linear" or not bool(corrupted.any()):
+            # An empty block still enters the graph (a zero gradient), as DDP needs.
+            layer = self.noise_linear if self.noise_head == "linear" else self.noise_block.output
+            noise = l1_vectors(layer, node_embedding.index_select(0, corrupted.nonzero().view(-1)))
+            return noise if self.noise_head == "linear" else noise + zero_weight(self.noise_block)
+        return self.noise_block(node_embedding, corrupted)
 
 
 @registry.register_model("fairchem_dens_linear_force_head")
-class DeNSLinearForceHead(Linear_Force_Head):
-    """fairchem's ``Linear_Force_Head`` plus a noise head of the same shape (``noise_linear``).
+class DeNSLinearForceHead(_NoiseHead, Linear_Force_Head):
+    """fairchem's ``Linear_Force_Head`` plus a noise head (``noise_head``: linear or block).
 
     The ``forces`` output holds the normalised noise prediction on corrupted atoms and
     the force prediction on the others; each block runs on its own atoms only. A batch
@@ -134,35 +174,31 @@ class DeNSLinearForceHead(Linear_Force_Head):
     """
 
     fairchem_plain = "fairchem.core.models.uma.escn_md.Linear_Force_Head"
-    dens_parameter_prefixes = ("noise_linear.",)
-    #: Read by the unit: this head writes the noise prediction into ``forces``.
-    dens_force_head = True
 
-    def __init__(self, backbone: eSCNMDBackbone) -> None:
+    def __init__(self, backbone: eSCNMDBackbone, noise_head: str = "linear") -> None:
         super().__init__(backbone)
-        self.noise_linear = SO3_Linear(backbone.sphere_channels, 1, lmax=1)
+        self._make_noise_head(backbone, noise_head)
 
     def forward(self, data, emb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not is_dens_batch(data):
             outputs = super().forward(data, emb)
             if self.training:
-                outputs[FORCES] = outputs[FORCES] + zero_weight(self.noise_linear)
+                outputs[FORCES] = outputs[FORCES] + zero_weight(self.noise_module)
             return outputs
         _refuse_graph_parallel()
         node_embedding = emb["node_embedding"]
         corrupted = corrupted_atoms(data).to(node_embedding.device)
         noisy, clean = corrupted.nonzero().view(-1), (~corrupted).nonzero().view(-1)
-        # An empty block still enters the graph (a zero gradient), as DDP needs.
-        noise = _vectors(self.noise_linear, node_embedding.index_select(0, noisy))
-        forces = _vectors(self.linear, node_embedding.index_select(0, clean))
+        noise = self._noise(node_embedding, corrupted)
+        forces = l1_vectors(self.linear, node_embedding.index_select(0, clean))
         output = noise.new_zeros((node_embedding.shape[0], 3))
         output = output.index_put((noisy,), noise).index_put((clean,), forces)
         return {FORCES: output}
 
 
 @registry.register_model("fairchem_dens_mlp_efs_head")
-class DeNSMLPEFSHead(MLP_EFS_Head):
-    """fairchem's conservative ``MLP_EFS_Head`` plus a noise head (``noise_linear``), EquiformerV3's semantics.
+class DeNSMLPEFSHead(_NoiseHead, MLP_EFS_Head):
+    """fairchem's conservative ``MLP_EFS_Head`` plus a noise head (``noise_head``: linear or block), EquiformerV3's semantics.
 
     In a DeNS batch the energy is the original structure's (trained on its label), clean
     atoms get ``-dE/dx`` (at the corrupted geometry, as in the paper), corrupted atoms the
@@ -172,12 +208,10 @@ class DeNSMLPEFSHead(MLP_EFS_Head):
     """
 
     fairchem_plain = "fairchem.core.models.uma.escn_md.MLP_EFS_Head"
-    dens_parameter_prefixes = ("noise_linear.",)
-    dens_force_head = True
 
-    def __init__(self, backbone: eSCNMDBackbone, **kwargs: Any) -> None:
+    def __init__(self, backbone: eSCNMDBackbone, noise_head: str = "linear", **kwargs: Any) -> None:
         super().__init__(backbone, **kwargs)
-        self.noise_linear = SO3_Linear(backbone.sphere_channels, 1, lmax=1)
+        self._make_noise_head(backbone, noise_head)
 
     def forward(self, data, emb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         outputs = super().forward(data, emb)
@@ -186,11 +220,11 @@ class DeNSMLPEFSHead(MLP_EFS_Head):
         if not is_dens_batch(data):
             if not self.training:
                 return outputs
-            forces = forces + zero_weight(self.noise_linear)
+            forces = forces + zero_weight(self.noise_module)
         else:
             _refuse_graph_parallel()
-            noisy = corrupted_atoms(data).to(forces.device).nonzero().view(-1)
-            noise = _vectors(self.noise_linear, emb["node_embedding"].index_select(0, noisy))
-            forces = forces.index_put((noisy,), noise.to(forces.dtype))
+            corrupted = corrupted_atoms(data).to(forces.device)
+            noise = self._noise(emb["node_embedding"], corrupted)
+            forces = forces.index_put((corrupted.nonzero().view(-1),), noise.to(forces.dtype))
         outputs[key] = {FORCES: forces} if self.wrap_property else forces
         return outputs

@@ -43,7 +43,7 @@ from fairchem.core.models.esen.esen import MLP_EFS_Head, eSEN_Backbone
 from fairchem.core.models.esen.nn.so3_layers import SO3_Linear
 
 from fairchem_dens.core.batch import corrupted_atoms
-from fairchem_dens.core.modules import zero_weight
+from fairchem_dens.core.modules import check_noise_head, l1_vectors, zero_weight
 from fairchem_dens.core.roles import FORCES
 from fairchem_dens.models.adapters import BackboneAdapter
 from fairchem_dens.models.dens_features import (
@@ -52,7 +52,7 @@ from fairchem_dens.models.dens_features import (
     dens_node_features,
     fold_force_encoding_bias,
 )
-from fairchem_dens.models.esen_noise_block import check_noise_head, eSENNoiseBlock, l1_vectors
+from fairchem_dens.models.esen_noise_block import eSENNoiseBlock
 
 if TYPE_CHECKING:
     from torch_geometric.data import Batch

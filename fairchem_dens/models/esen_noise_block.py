@@ -24,28 +24,10 @@ from fairchem.core.models.esen.esen_block import eSEN_Block
 from fairchem.core.models.esen.nn.so3_layers import SO3_Linear
 
 from fairchem_dens.core.errors import DeNSSetupError
+from fairchem_dens.core.modules import l1_vectors
 from fairchem_dens.core.subgraph import incoming_subgraph
 
-__all__ = ["NOISE_HEADS", "eSENNoiseBlock", "check_noise_head"]
-
-#: The values of a DeNS eSEN head's ``noise_head`` keyword.
-NOISE_HEADS = ("linear", "block")
-
-
-def check_noise_head(noise_head: Any) -> str:
-    """Refuses a ``noise_head`` other than ``linear`` or ``block``, naming the key."""
-    if noise_head not in NOISE_HEADS:
-        raise DeNSSetupError(
-            f"model.heads.<head>.noise_head must be 'linear' (one SO3_Linear, the default) or "
-            f"'block' (a message-passing block of the backbone's kind), got {noise_head!r}"
-        )
-    return noise_head
-
-
-def l1_vectors(layer: SO3_Linear, node_embedding: torch.Tensor) -> torch.Tensor:
-    """``[n, 3]``: the l = 1 output of a one-channel ``SO3_Linear`` on the l <= 1 node features."""
-    return layer(node_embedding.narrow(1, 0, 4)).narrow(1, 1, 3).reshape(-1, 3)
-
+__all__ = ["eSENNoiseBlock"]
 
 class eSENNoiseBlock(nn.Module):
     """One ``eSEN_Block`` and a one-channel ``SO3_Linear``: the noise of the given atoms.

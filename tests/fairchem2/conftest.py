@@ -7,14 +7,19 @@ their logs, records and checkpoints. Helpers that are not fixtures are in fc2_he
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 
 pytest.importorskip("fairchem_dens.fairchem2", exc_type=ImportError)
 
 from fairchem_dens.fairchem2.emt_data import write_emt_aselmdb  # noqa: E402
-from fc2_helpers import DIRECT_CONFIG, FINETUNE_CONFIG, UMA_CONFIG, run_fairchem, uma_shaped  # noqa: E402
+from fc2_helpers import DIRECT_CONFIG, FINETUNE_CONFIG, MD17_CONFIG, UMA_CONFIG, run_fairchem, uma_shaped  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +60,33 @@ def uma_run(emt_root, tmp_path_factory):
                  f"+job.run_dir={run_dir}", "+job.timestamp_id=uma"]
     log = run_fairchem(UMA_CONFIG, overrides, run_dir / "fairchem.log")
     return {"dir": run_dir / "uma", "log": log}
+
+
+@pytest.fixture(scope="session")
+def md17_run(tmp_path_factory):
+    """The shipped MD17 recipe (conservative, block noise head) by the CLI on .aselmdb data that
+    ``fairchem-dens md17-to-lmdb --aselmdb`` made from a small MD17-format file (EMT methanol)."""
+    from ase import units
+    from ase.build import molecule
+    from ase.calculators.emt import EMT
+
+    folder = tmp_path_factory.mktemp("md17_run")
+    rng = np.random.default_rng(0)
+    atoms = molecule("CH3OH")
+    atoms.calc = EMT()
+    positions = atoms.positions + rng.normal(0.0, 0.04, size=(60, len(atoms), 3))
+    energies, forces = np.empty(60), np.empty((60, len(atoms), 3))
+    for i, pos in enumerate(positions):
+        atoms.positions = pos
+        energies[i], forces[i] = atoms.get_potential_energy(), atoms.get_forces()
+    kcal = units.kcal / units.mol
+    np.savez(folder / "methanol.npz", z=atoms.numbers, R=positions, E=energies / kcal, F=forces / kcal)
+    subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "md17-to-lmdb", str(folder / "methanol.npz"),
+                    str(folder / "data"), "--train", "40", "--val", "8", "--aselmdb"], check=True, capture_output=True)
+    statistics = json.loads((folder / "data" / "md17_info.json").read_text())["train_statistics"]
+    overrides = [f"data_root={folder / 'data'}", f"energy_mean={statistics['energy_mean']}",
+                 f"energy_std={statistics['energy_std']}", "max_epochs=2", "max_atoms=48",
+                 "runner.train_eval_unit.dens.denoising_pos_params.prob=0.5",
+                 f"+job.run_dir={folder}", "+job.timestamp_id=md17"]
+    log = run_fairchem(MD17_CONFIG, overrides, folder / "fairchem.log")
+    return {"dir": folder / "md17", "log": log}

@@ -29,6 +29,7 @@ FAIRCHEM = Path(sys.executable).with_name("fairchem")
 DIRECT_CONFIG = configs_dir() / "fairchem2" / "dens_escnmd_direct.yml"
 FINETUNE_CONFIG = configs_dir() / "fairchem2" / "dens_escnmd_conservative_finetune.yml"
 UMA_CONFIG = configs_dir() / "fairchem2" / "dens_uma_finetune.yml"
+MD17_CONFIG = configs_dir() / "fairchem2" / "dens_md17_conservative.yml"
 
 
 def fairchem_env() -> dict[str, str]:
@@ -55,14 +56,19 @@ PLAIN_HEADS = {"fairchem_dens.fairchem2.models.DeNSLinearForceHead": PLAIN_FORCE
                "fairchem_dens.fairchem2.models.DeNSMLPEFSHead": "fairchem.core.models.uma.escn_md.MLP_EFS_Head"}
 
 
-def model_config(dens: bool, conservative: bool = False) -> dict:
+def model_config(dens: bool, conservative: bool = False, noise_head: str | None = None) -> dict:
     """The shipped direct config's model (or its conservative twin, the fine-tuning config's
-    backbone switches and head), with DeNS classes or fairchem's plain ones."""
+    backbone switches and head), with DeNS classes or fairchem's plain ones; ``noise_head``
+    sets the DeNS head's noise head (None: the config's default, linear)."""
     config = OmegaConf.to_container(OmegaConf.load(DIRECT_CONFIG), resolve=True)["runner"]["train_eval_unit"]["model"]
     if conservative:
         config["backbone"].update(direct_forces=False, regress_stress=True)
         config["heads"] = {"energy": {"module": "fairchem_dens.fairchem2.models.DeNSMLPEFSHead"}}
         config["pass_through_head_outputs"] = True
+    if noise_head is not None:
+        for head in config["heads"].values():
+            if head["module"] in PLAIN_HEADS:
+                head["noise_head"] = noise_head
     if not dens:
         config["backbone"]["model"] = PLAIN_BACKBONE
         for head in config["heads"].values():
@@ -70,8 +76,8 @@ def model_config(dens: bool, conservative: bool = False) -> dict:
     return config
 
 
-def build(dens: bool, seed: int = 0, conservative: bool = False) -> HydraModel:
-    config = model_config(dens, conservative)
+def build(dens: bool, seed: int = 0, conservative: bool = False, noise_head: str | None = None) -> HydraModel:
+    config = model_config(dens, conservative, noise_head)
     config.pop("_target_")
     torch.manual_seed(seed)
     return HydraModel(**config)

@@ -55,15 +55,18 @@ PREDICT = """
 import sys
 sys.modules['fairchem_dens'] = None  # importing the plugin now fails
 import numpy as np
-from ase.build import bulk
+from ase.build import bulk, molecule
 from fairchem.core.calculate.ase_calculator import FAIRChemCalculator
 from fairchem.core.units.mlip_unit import load_predict_unit
 unit = load_predict_unit(sys.argv[1], 'batch', device='cpu')
-atoms = bulk('Cu', 'fcc', cubic=True)
+if sys.argv[2] == 'molecule':  # the MD17 recipe's data: a molecule in a 50 A box, pbc off
+    atoms, task = molecule('CH3OH', cell=[50, 50, 50], pbc=False), 'md17'
+else:
+    atoms, task = bulk('Cu', 'fcc', cubic=True), 'emt'
 atoms.rattle(0.05, seed=3)
-atoms.calc = FAIRChemCalculator(unit, task_name='emt')
+atoms.calc = FAIRChemCalculator(unit, task_name=task)
 energy, forces = atoms.get_potential_energy(), atoms.get_forces()
-assert np.isfinite(energy) and forces.shape == (4, 3) and np.isfinite(forces).all()
+assert np.isfinite(energy) and forces.shape == (len(atoms), 3) and np.isfinite(forces).all()
 if sys.argv[2] == 'stress':
     assert np.isfinite(atoms.get_stress()).all()
 print('OK', energy)
@@ -74,6 +77,7 @@ print('OK', energy)
     ("direct_run", {"energy": PLAIN + "MLP_Energy_Head", "forces": PLAIN + "Linear_Force_Head"}),
     ("finetune_run", {"energy": PLAIN + "MLP_EFS_Head"}),
     ("uma_run", {"efs": PLAIN + "MLP_EFS_Head"}),
+    ("md17_run", {"energy": PLAIN + "MLP_EFS_Head"}),
 ])
 def test_inference_checkpoint_is_plain_fairchem_and_runs_without_the_plugin(run, heads, request, tmp_path):
     path = request.getfixturevalue(run)["dir"] / "checkpoints" / "final" / "inference_ckpt.pt"
@@ -82,10 +86,11 @@ def test_inference_checkpoint_is_plain_fairchem_and_runs_without_the_plugin(run,
     assert checkpoint.model_config["backbone"]["model"] == backbone
     assert {name: head["module"] for name, head in checkpoint.model_config["heads"].items()} == heads
     for state in (checkpoint.model_state_dict, checkpoint.ema_state_dict):
-        assert not [k for k in state if "force_embedding" in k or "noise_linear" in k]
+        assert not [k for k in state if "force_embedding" in k or "noise_linear" in k or "noise_block" in k]
+    assert all("noise_head" not in head for head in checkpoint.model_config["heads"].values())
     script = tmp_path / "predict.py"
     script.write_text(PREDICT)
-    result = subprocess.run([sys.executable, str(script), str(path), "-" if run == "direct_run" else "stress"],
+    result = subprocess.run([sys.executable, str(script), str(path), {"direct_run": "-", "md17_run": "molecule"}.get(run, "stress")],
                             capture_output=True, text=True, env=fairchem_env(), timeout=180)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
 
@@ -138,3 +143,16 @@ def test_uma_finetuning_config_trains_a_uma_shaped_checkpoint_with_dens(uma_run)
     assert 0 < epoch["train/denoising_pos_mae"] < 0.5
     exported = torch.load(uma_run["dir"] / "checkpoints" / "final" / "inference_ckpt.pt", weights_only=False)
     assert exported.model_config["model_id"] == "tiny-test-uma"
+
+
+def test_md17_recipe_trains_conservatively_with_the_block_noise_head_by_structure(md17_run):
+    log = md17_run["log"]
+    dicts = _logged_dicts(log)
+    losses = [d["train/loss"] for d in dicts if "train/loss" in d]
+    assert losses and all(math.isfinite(v) for v in losses)
+    epochs = [d for d in dicts if "dens_epoch" in d]
+    assert len(epochs) == 2 and all(0 < e["train/denoising_pos_mae"] < 0.5 for e in epochs)
+    # per-structure selection: a corrupted structure has 25 % of its 6 atoms noised, at least one
+    (line,) = re.findall(r"DeNS epoch 1: corrupted (\d+)/(\d+) structures .*?, (\d+)/(\d+) atoms", log)[:1]
+    structures, atoms = int(line[0]), int(line[2])
+    assert 0 < structures and structures <= atoms <= 2 * structures

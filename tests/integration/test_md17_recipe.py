@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from ase import units
 from ase.build import molecule
 from ase.calculators.emt import EMT
@@ -54,6 +55,7 @@ def md17_lmdb(tmp_path_factory):
     ("equiformer_v2/lmax3/toluene.yml", TINY_EQV2),
     ("escn/uracil.yml", TINY_ESCN),
     ("esen/xtb_small_data_conservative.yml", []),  # gradient forces + noise head, already tiny
+    ("esen/paper_md17_conservative.yml", []),  # the same with a whole eSEN block as its noise head
 ])
 def test_md17_recipe_trains(md17_lmdb, tmp_path, config, tiny):
     result = subprocess.run(
@@ -102,3 +104,33 @@ def test_md17_two_step_recipe(md17_lmdb, tmp_path):
     assert final["config"]["model"]["heads"]["energy"]["module"].endswith("esen.MLP_EFS_Head")
     assert final["normalizers"]["forces"]["rmsd"].item() == final["normalizers"]["energy"]["rmsd"].item()
     assert final["step"] > 0
+
+
+def _train(md17_lmdb, run_dir, *overrides):
+    return subprocess.run(
+        [*fairchem_command(), "--mode", "train", "--config-yml", str(CONFIGS / "md17" / "esen" / "paper_md17_conservative.yml"),
+         "--cpu", "--run-dir", str(run_dir), "--timestamp-id", "kept", f"--dataset.train.src={md17_lmdb / 'train'}",
+         f"--dataset.val.src={md17_lmdb / 'val'}", f"--dataset.test.src={md17_lmdb / 'test'}", "--optim.max_epochs=3",
+         "--optim.num_workers=0", "--optim.scheduler_params.warmup_epochs=1", "--optim.eval_every=5", *overrides],
+        capture_output=True, text=True, cwd=run_dir, timeout=900,
+    )
+
+
+def test_keep_checkpoint_epochs_keeps_the_weights_of_those_epochs(md17_lmdb, tmp_path):
+    # 40 frames, batch 8: 5 steps an epoch, a checkpoint every epoch
+    result = _train(md17_lmdb, tmp_path, "--optim.checkpoint_every=5", "--optim.keep_checkpoint_epochs=[1,3]")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    folder = tmp_path / "checkpoints" / "kept"
+    kept = sorted(p.name for p in folder.glob("checkpoint_epoch_*.pt"))
+    assert kept == ["checkpoint_epoch_1.pt", "checkpoint_epoch_3.pt"]
+    first, last, final = (read_checkpoint(folder / name) for name in (*kept, "checkpoint.pt"))
+    assert (first["epoch"], first["step"], last["step"]) == (1, 5, 15)
+    assert all(torch.equal(last["state_dict"][k], final["state_dict"][k]) for k in final["state_dict"])
+    assert any(not torch.equal(first["state_dict"][k], final["state_dict"][k]) for k in final["state_dict"])
+
+
+def test_keep_checkpoint_epochs_where_no_checkpoint_is_saved_is_refused_before_training(md17_lmdb, tmp_path):
+    result = _train(md17_lmdb, tmp_path, "--optim.checkpoint_every=10", "--optim.keep_checkpoint_epochs=[1,3]")
+    assert result.returncode != 0
+    assert "keep_checkpoint_epochs: epoch 1 ends at step 5, where no checkpoint is saved" in result.stderr + result.stdout
+    assert not list(tmp_path.rglob("*.pt"))

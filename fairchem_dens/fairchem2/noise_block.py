@@ -1,0 +1,85 @@
+"""``noise_head: block`` on fairchem 2: one eSCN-MD message-passing block as the noise head.
+
+The linear noise head (``noise_linear``) reads the noise off the final node features with one
+``SO3_Linear``. The block noise head gives the noise its own capacity, as the GraphAttention
+noise head of the paper's MD17 model does: a fresh ``eSCNMD_Block`` (edge-wise SO(2)
+convolution and atom-wise MLP, the backbone's hyperparameters and execution backend) on the
+backbone's final node features, then a one-channel ``SO3_Linear`` read on l = 1, one vector
+per atom. It runs on the corrupted atoms' incoming edges only
+(:mod:`fairchem_dens.core.subgraph`) and never outside a DeNS batch, so inference costs what
+the plain model costs, and the plain inference checkpoint drops it (``noise_block.``).
+
+The edge inputs are the backbone's own: its graph of this batch (kept by the DeNS backbone
+for DeNS batches), distance expansion, atom-pair embeddings and envelope (shared weights, as
+the backbone's blocks share them), and Wigner matrices made for these edges.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fairchem.core.models.uma.escn_md import eSCNMDBackbone
+from fairchem.core.models.uma.escn_md_block import eSCNMD_Block
+from fairchem.core.models.uma.nn.execution_backends import ExecutionBackend
+from fairchem.core.models.uma.nn.so3_layers import SO3_Linear
+
+from fairchem_dens.core.errors import DeNSSetupError
+from fairchem_dens.core.modules import l1_vectors
+from fairchem_dens.core.subgraph import incoming_subgraph
+
+__all__ = ["eSCNMDNoiseBlock"]
+
+
+class eSCNMDNoiseBlock(nn.Module):
+    """One ``eSCNMD_Block`` and a one-channel ``SO3_Linear``: the noise of the given atoms.
+
+    Args:
+        backbone: the DeNS eSCN-MD (or UMA) backbone; read at every call (its graph of the
+            batch, edge embeddings), not owned: its parameters stay the backbone's.
+    """
+
+    def __init__(self, backbone: eSCNMDBackbone) -> None:
+        super().__init__()
+        # Fast backends precompute every block's radial functions inside the backbone's forward;
+        # only the general backend lets a block outside it compute its own.
+        if type(backbone.backend).get_layer_radial_emb is not ExecutionBackend.get_layer_radial_emb:
+            raise DeNSSetupError(
+                f"noise_head: block needs eSCN-MD's general execution backend, this backbone uses "
+                f"{type(backbone.backend).__name__}: set the backbone's execution_mode to general for "
+                "training, or use noise_head: linear."
+            )
+        self.block = eSCNMD_Block(
+            backbone.sphere_channels, backbone.hidden_channels, backbone.lmax, backbone.mmax,
+            backbone.mappingReduced, backbone.SO3_grid, backbone.edge_channels_list, backbone.cutoff,
+            backbone.norm_type, backbone.act_type, backbone.ff_type,
+            activation_checkpoint_chunk_size=None, backend=backbone.backend,
+        )
+        self.output = SO3_Linear(backbone.sphere_channels, 1, lmax=1)
+        self._backbone = (backbone,)  # a tuple: not a submodule, so no second copy of its weights
+
+    def forward(self, node_embedding: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
+        """``[n, 3]``: the noise prediction of the atoms of the bool mask ``atoms``, in atom order."""
+        backbone = self._backbone[0]
+        graph: dict[str, Any] | None = backbone.dens_graph
+        if graph is None:
+            raise RuntimeError("the DeNS backbone kept no graph for this batch (is it a DeNS backbone?)")
+        sub = incoming_subgraph(graph["edge_index"], atoms)
+        edge_index = graph["edge_index"][:, sub.edges]
+        distance = graph["edge_distance"][sub.edges]
+        numbers = graph["atomic_numbers"]
+        wigner, wigner_inv = backbone._get_rotmat_and_wigner(graph["edge_distance_vec"][sub.edges])
+        wigner, wigner_inv = backbone.backend.prepare_wigner(
+            wigner, wigner_inv, backbone.mappingReduced,
+            backbone.coefficient_index if backbone.mmax != backbone.lmax else None)
+        envelope = backbone.envelope(distance / backbone.cutoff).reshape(-1, 1)
+        if wigner_inv.ndim == 3:
+            envelope = envelope.unsqueeze(-1)
+        x_edge = torch.cat((backbone.distance_expansion(distance),
+                            backbone.source_embedding(numbers[edge_index[0]]),
+                            backbone.target_embedding(numbers[edge_index[1]])), dim=1)
+        x = self.block(node_embedding[sub.nodes], x_edge, sub.edge_index, wigner, wigner_inv * envelope,
+                       total_atoms_across_gp_ranks=int(sub.nodes.sum()), scatter_target=sub.edge_index[1])
+        return l1_vectors(self.output, x[sub.wanted])
