@@ -33,10 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from fairchem_dens.datasets.lmdb_io import read_lmdb
-from fairchem_dens.quickstart import BATCH_SIZE, fairchem_command, parse_curves, prediction_errors, run_logged, split_frames
+from fairchem_dens.quickstart import (BATCH_SIZE, fairchem_command, null_model_errors, parse_curves, prediction_errors,
+                                      run_logged, split_frames, warmup_override)
 from fairchem_dens.resources import configs_dir
 
 RECIPE = configs_dir() / "md17" / "esen" / "paper_md17_conservative.yml"
@@ -91,7 +89,7 @@ def train_run(run: Run, data: Path, work: Path, curve: list[int]) -> dict:
     if not all((checkpoints / f"checkpoint_epoch_{e}.pt").exists() for e in kept):
         seconds = run_logged(
             [*fairchem_command(), "--mode", "train", "--timestamp-id", "train", *common,
-             f"--optim.scheduler_params.warmup_epochs={max(1, run.epochs // 10)}",
+             *warmup_override(run.epochs),
              f"--optim.eval_every={per_epoch}", f"--optim.checkpoint_every={per_epoch}",
              f"--print-every={per_epoch}", f"--optim.keep_checkpoint_epochs=[{','.join(map(str, kept))}]",
              f"--dataset.test.src={data / 'test'}", "--dataset.test.first_n=8"],
@@ -121,14 +119,6 @@ def train_run(run: Run, data: Path, work: Path, curve: list[int]) -> dict:
     return {"run": run.__dict__, "train_seconds": seconds, "curve": points, **curves}
 
 
-def baselines(data: Path) -> dict[str, float]:
-    """The mean predictor's test energy MAE and the zero predictor's force MAE (meV, meV/Å)."""
-    train_energy = np.mean([float(d.energy) for d in read_lmdb(data / "train")])
-    test = list(read_lmdb(data / "test"))
-    return {"mean_predictor_energy_meV": 1000 * float(np.mean([abs(float(d.energy) - train_energy) for d in test])),
-            "mean_abs_force_meV_per_A": 1000 * float(np.mean(np.concatenate([d.forces.numpy().ravel() for d in test]).__abs__()))}
-
-
 def mean_std(values: list[float]) -> str:
     if not values:
         return "–"
@@ -145,10 +135,10 @@ def report(results: Path, data_root: Path) -> str:
     by = {(r["run"]["molecule"], r["run"]["variant"], r["run"]["epochs"], r["run"]["seed"]): r for r in runs}
     lines = []
     for molecule in sorted({r["run"]["molecule"] for r in runs}):
-        base = baselines(data_root / molecule)
+        null = null_model_errors(data_root / molecule)
         lines += [f"### {molecule}", "",
-                  f"Test split: mean predictor {base['mean_predictor_energy_meV']:.1f} meV, "
-                  f"mean |F| component {base['mean_abs_force_meV_per_A']:.1f} meV/Å (the zero predictor's force MAE).", "",
+                  f"Test split: mean predictor {null['energy_meV']:.1f} meV, "
+                  f"mean |F| component {null['force_meV_per_A']:.1f} meV/Å (the zero predictor's force MAE).", "",
                   "| variant | run epochs | at epoch | test F MAE (meV/Å) | test E MAE (meV) | F ratio to its comparator, same seed | "
                   "mean ratio | plain test / train F | seeds |", "|---|---|---|---|---|---|---|---|---|"]
         keys = sorted({(v, e) for (m, v, e, _) in by if m == molecule}, key=lambda k: (k[1], list(VARIANTS).index(k[0])))
@@ -198,8 +188,8 @@ def main() -> None:
     parser.add_argument("--results", default=str(Path(__file__).parent / "results" / "paper_regime_study"))
     parser.add_argument("--plan", nargs="*", default=[], help=f"parts to run: {', '.join(PLANS)}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=20, help="length of every run")
-    parser.add_argument("--curve", type=int, nargs="+", default=[5, 10, 15, 20], help="epochs read along each run")
+    parser.add_argument("--epochs", type=int, default=25, help="length of every run")
+    parser.add_argument("--curve", type=int, nargs="+", default=[5, 10, 15, 20, 25], help="epochs read along each run")
     parser.add_argument("--ablation-molecules", nargs="+", default=["ethanol"])
     parser.add_argument("--ablation-epochs", type=int, default=10)
     parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1])

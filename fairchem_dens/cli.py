@@ -185,11 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     quick = commands.add_parser(
         "quickstart",
-        help="train a tiny EquiformerV2 with and without DeNS on the built-in GFN2-xTB ethanol data and compare",
+        help="train a small conservative eSEN with and without DeNS (the paper's MD17 settings) on the built-in "
+             "GFN2-xTB ethanol data and compare",
     )
     quick.add_argument("--workdir", default="quickstart_output", help="output folder (default: %(default)s)")
-    quick.add_argument("--epochs", type=int, default=None, help="override optim.max_epochs of the recipe (100)")
-    quick.add_argument("--frames", type=int, default=50, help="training frames (default: %(default)s, at most 950)")
+    quick.add_argument("--epochs", type=int, default=10, help="training epochs (default: %(default)s)")
+    quick.add_argument("--frames", type=int, default=950, help="training frames (default and at most: %(default)s)")
     quick.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (default: 0 1)")
     quick.add_argument("--jobs", type=int, default=None, help="runs at a time (default: 2 on 2+ cores)")
     quick.set_defaults(func=_quickstart)

@@ -96,7 +96,8 @@ def test_quickstart_command_at_tiny_size(tmp_path):
     )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
-    assert re.search(r"DeNS / plain = \d\.\d{3} \(per seed \d\.\d{3}\)", out)
+    assert re.search(r"DeNS / plain = \d\.\d{3} \(per seed \d\.\d{3}\); energy DeNS / plain = \d\.\d{3}", out)
+    assert re.search(r"learned nothing +\d+\.\d +\d+\.\d", out)  # the null model's errors, for scale
     assert re.search(r"\[dens seed 0 +\d+s\] epoch +5\.0 +validation F MAE", out)  # progress is echoed
     summary = json.loads((tmp_path / "qs" / "quickstart_results.json").read_text())
     for variant in ("plain", "dens"):
@@ -110,6 +111,8 @@ def test_quickstart_command_at_tiny_size(tmp_path):
     info = json.loads((tmp_path / "qs" / "data" / "md17_info.json").read_text())
     assert info["split_sizes"] == {"train": 950, "val": 50, "test": 500}
     assert (tmp_path / "qs" / "validation_curves.png").stat().st_size > 0
+    # the null model: zero forces score the mean |F| of the 500 test frames, a few hundred meV/Å here
+    assert 100 < summary["learned_nothing"]["force_meV_per_A"] < 5000 and summary["learned_nothing"]["energy_meV"] > 0
 
 
 def test_quickstart_refuses_sizes_the_example_does_not_hold(tmp_path):
