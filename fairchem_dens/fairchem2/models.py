@@ -85,16 +85,18 @@ class DeNSForceEncoding(BatchDuringForward):
         self.force_embedding = SO3_Linear(1, self.sphere_channels, lmax=self.lmax)
         # A bound method: the EMA deep copy rebinds it to the copy's own layer.
         self.edge_degree_embedding.register_forward_pre_hook(self._add_force_encoding)
+        self.blocks[0].register_forward_pre_hook(self._keep_edge_inputs)
 
-    #: The graph of the current DeNS batch (edges, distances, atomic numbers), kept for a block
-    #: noise head (:mod:`fairchem_dens.fairchem2.noise_block`); None after any other batch.
-    dens_graph: dict[str, Any] | None = None
+    #: The per-edge inputs of the backbone's blocks in the current DeNS batch (``edge_index``,
+    #: ``x_edge``, ``wigner``, ``wigner_inv_envelope``), kept for a block noise head
+    #: (:mod:`fairchem_dens.fairchem2.noise_block`); None after any other batch.
+    dens_edge_inputs: tuple[torch.Tensor, ...] | None = None
 
-    def _generate_graph(self, data_dict):
-        graph = super()._generate_graph(data_dict)
-        dens = self._dens_data is not None and is_dens_batch(self._dens_data)
-        self.dens_graph = {**graph, "atomic_numbers": data_dict["atomic_numbers_full"]} if dens else None
-        return graph
+    def _keep_edge_inputs(self, module: nn.Module, args: tuple) -> None:
+        # eSCNMD_Block(x, x_edge, edge_index, wigner, wigner_inv_envelope, ...)
+        data = self._dens_data
+        dens = data is not None and is_dens_batch(data)
+        self.dens_edge_inputs = (args[2], args[1], args[3], args[4]) if dens else None
 
     def _add_force_encoding(self, module: nn.Module, args: tuple) -> tuple | None:
         data = self._dens_data

@@ -9,14 +9,11 @@ per atom. It runs on the corrupted atoms' incoming edges only
 (:mod:`fairchem_dens.core.subgraph`) and never outside a DeNS batch, so inference costs what
 the plain model costs, and the plain inference checkpoint drops it (``noise_block.``).
 
-The edge inputs are the backbone's own: its graph of this batch (kept by the DeNS backbone
-for DeNS batches), distance expansion, atom-pair embeddings and envelope (shared weights, as
-the backbone's blocks share them), and Wigner matrices made for these edges.
+The edge inputs are the backbone's own, those its blocks received in this batch (edges, edge
+embeddings, Wigner matrices with the envelope, kept by the DeNS backbone), read on these edges.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import nn
@@ -62,24 +59,12 @@ class eSCNMDNoiseBlock(nn.Module):
 
     def forward(self, node_embedding: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
         """``[n, 3]``: the noise prediction of the atoms of the bool mask ``atoms``, in atom order."""
-        backbone = self._backbone[0]
-        graph: dict[str, Any] | None = backbone.dens_graph
-        if graph is None:
-            raise RuntimeError("the DeNS backbone kept no graph for this batch (is it a DeNS backbone?)")
-        sub = incoming_subgraph(graph["edge_index"], atoms)
-        edge_index = graph["edge_index"][:, sub.edges]
-        distance = graph["edge_distance"][sub.edges]
-        numbers = graph["atomic_numbers"]
-        wigner, wigner_inv = backbone._get_rotmat_and_wigner(graph["edge_distance_vec"][sub.edges])
-        wigner, wigner_inv = backbone.backend.prepare_wigner(
-            wigner, wigner_inv, backbone.mappingReduced,
-            backbone.coefficient_index if backbone.mmax != backbone.lmax else None)
-        envelope = backbone.envelope(distance / backbone.cutoff).reshape(-1, 1)
-        if wigner_inv.ndim == 3:
-            envelope = envelope.unsqueeze(-1)
-        x_edge = torch.cat((backbone.distance_expansion(distance),
-                            backbone.source_embedding(numbers[edge_index[0]]),
-                            backbone.target_embedding(numbers[edge_index[1]])), dim=1)
-        x = self.block(node_embedding[sub.nodes], x_edge, sub.edge_index, wigner, wigner_inv * envelope,
+        inputs = self._backbone[0].dens_edge_inputs
+        if inputs is None:
+            raise RuntimeError("the DeNS backbone kept no edge inputs for this batch (is it a DeNS backbone?)")
+        edge_index, *per_edge = inputs
+        sub = incoming_subgraph(edge_index, atoms)
+        x_edge, wigner, wigner_inv_envelope = (value[sub.edges] for value in per_edge)
+        x = self.block(node_embedding[sub.nodes], x_edge, sub.edge_index, wigner, wigner_inv_envelope,
                        total_atoms_across_gp_ranks=int(sub.nodes.sum()), scatter_target=sub.edge_index[1])
         return l1_vectors(self.output, x[sub.wanted])

@@ -88,6 +88,18 @@ class DeNSeSENBackbone(DeNSBackboneMixin, eSEN_Backbone):
         self.use_force_encoding = use_force_encoding
         self.force_embedding = SO3_Linear(1, self.sphere_channels, lmax=self.lmax)
         self.edge_degree_embedding.register_forward_pre_hook(self._add_dens_encoding)
+        if self.blocks:
+            self.blocks[0].register_forward_pre_hook(self._keep_edge_inputs)
+
+    #: The per-edge inputs of the backbone's blocks in the current DeNS batch (``x_edge``,
+    #: ``wigner``, ``wigner_inv``), for a block noise head; None after any other batch.
+    dens_edge_inputs: tuple[torch.Tensor, ...] | None = None
+
+    def _keep_edge_inputs(self, module, args):
+        # eSEN_Block(x, x_edge, edge_distance, edge_index, wigner, wigner_inv, node_offset)
+        data = self._dens_data
+        dens = data is not None and bool(corrupted_atoms(data).any())
+        self.dens_edge_inputs = (args[1], args[4], args[5]) if dens else None
 
     def _add_dens_encoding(self, module, args):
         data = self._dens_data

@@ -8,8 +8,8 @@ node features, then a one-channel ``SO3_Linear`` read on l = 1, one vector per a
 on the corrupted atoms' incoming edges only (:mod:`fairchem_dens.core.subgraph`) and never
 outside a DeNS batch, so inference and S2EF batches cost what the plain model costs.
 
-The edge inputs are the backbone's: its distance expansion and atom-pair embeddings (shared
-weights, as the backbone's own blocks share them) and its edge frames, made for these edges.
+The edge inputs are the backbone's own, those its blocks received in this batch (edge
+embeddings and Wigner matrices, kept by the DeNS backbone), read on these edges.
 """
 
 from __future__ import annotations
@@ -54,14 +54,11 @@ class eSENNoiseBlock(nn.Module):
                 "noise_head: block does not support graph parallelism (its subgraph needs every "
                 "atom's features): use noise_head: linear, or gp_gpus: null."
             )
-        backbone = self._backbone[0]
+        inputs = self._backbone[0].dens_edge_inputs
+        if inputs is None:
+            raise RuntimeError("the DeNS backbone kept no edge inputs for this batch (is it a DeNS eSEN backbone?)")
         graph = incoming_subgraph(emb["edge_index"], atoms)
-        edge_index = emb["edge_index"][:, graph.edges]
-        distance = emb["edge_distance"][graph.edges]
-        numbers = data.atomic_numbers.long()
-        x_edge = torch.cat((backbone.distance_expansion(distance),
-                            backbone.source_embedding(numbers[edge_index[0]]),
-                            backbone.target_embedding(numbers[edge_index[1]])), dim=1)
-        _, wigner, wigner_inv = backbone.get_rotmat_and_wigner(emb["edge_distance_vec"][graph.edges])
-        x = self.block(emb["node_embedding"][graph.nodes], x_edge, distance, graph.edge_index, wigner, wigner_inv)
+        x_edge, wigner, wigner_inv = (value[graph.edges] for value in inputs)
+        x = self.block(emb["node_embedding"][graph.nodes], x_edge, emb["edge_distance"][graph.edges],
+                       graph.edge_index, wigner, wigner_inv)
         return l1_vectors(self.output, x[graph.wanted])

@@ -53,12 +53,12 @@ def test_the_block_runs_on_the_corrupted_atoms_subgraph_and_equals_the_whole_gra
     corrupted = corrupted_atoms(data)
     torch.manual_seed(0)
     forces = outputs(dens(copy.deepcopy(data)))["forces"]
-    graph = dens.backbone.dens_graph
-    incoming = corrupted[graph["edge_index"][1]]
-    assert seen["edges"] == int(incoming.sum()) < graph["edge_index"].shape[1]
+    edge_index = dens.backbone.dens_edge_inputs[0]
+    incoming = corrupted[edge_index[1]]
+    assert seen["edges"] == int(incoming.sum()) < edge_index.shape[1]
     # its nodes: the corrupted atoms and the sources of their edges (in these dense cells, often all)
     assert seen["nodes"] == int(torch.unique(torch.cat((corrupted.nonzero().view(-1),
-                                                        graph["edge_index"][0, incoming]))).numel())
+                                                        edge_index[0, incoming]))).numel())
     # the same block on the whole graph, read on the corrupted atoms
     everything = torch.ones_like(corrupted)
     torch.manual_seed(0)
