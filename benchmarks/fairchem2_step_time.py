@@ -4,8 +4,9 @@ One training step's model work, forward + fairchem's ``compute_loss`` + backward
 batch of EMT bulk cells: the plain model (fairchem's classes) on the corrupted positions
 (the noise changes the graph, so the clean batch would not compare) against the DeNS
 model on the DeNS batch, which also pays for ``core.corrupt_batch`` (run each step on a
-fresh copy). Both models have the same weights. Runs are interleaved; prints medians (and, on
-CUDA, the peak memory of one step of each).
+fresh copy), with the linear noise head and with the block one (``noise_head: block``). The
+models share their weights. Runs are interleaved; prints medians, DeNS / plain and block /
+linear (and, on CUDA, the peak memory of one step of each).
 
     /root/.cache/fairchem-dens/fc2/bin/python benchmarks/fairchem2_step_time.py --repeats 20
     python benchmarks/fairchem2_step_time.py --device cuda --channels 128 --structures 32
@@ -41,7 +42,7 @@ PLAIN = {"fairchem_dens.fairchem2.models.DeNSeSCNMDBackbone": "fairchem.core.mod
          "fairchem_dens.fairchem2.models.DeNSMLPEFSHead": "fairchem.core.models.uma.escn_md.MLP_EFS_Head"}
 
 
-def models(conservative: bool, channels: int, layers: int, device: str) -> tuple[HydraModel, HydraModel]:
+def models(conservative: bool, channels: int, layers: int, device: str) -> tuple[HydraModel, HydraModel, HydraModel]:
     config = OmegaConf.to_container(OmegaConf.load(DIRECT), resolve=True)["runner"]["train_eval_unit"]["model"]
     config.pop("_target_")
     config["backbone"].update(sphere_channels=channels, hidden_channels=channels, edge_channels=channels,
@@ -51,12 +52,18 @@ def models(conservative: bool, channels: int, layers: int, device: str) -> tuple
         config["heads"] = {"energy": {"module": "fairchem_dens.fairchem2.models.DeNSMLPEFSHead"}}
         config["pass_through_head_outputs"] = True
     dens = HydraModel(**copy.deepcopy(config))
+    block_config = copy.deepcopy(config)
+    for head in block_config["heads"].values():
+        if head["module"] in PLAIN:
+            head["noise_head"] = "block"
+    block = HydraModel(**block_config)
+    block.load_state_dict(dens.state_dict(), strict=False)  # the same weights but the noise head
     config["backbone"]["model"] = PLAIN[config["backbone"]["model"]]
     for head in config["heads"].values():
         head["module"] = PLAIN.get(head["module"], head["module"])
     plain = HydraModel(**config)
     plain.load_state_dict({k: v for k, v in dens.state_dict().items() if k in plain.state_dict()})
-    return plain.to(device).train(), dens.to(device).train()
+    return plain.to(device).train(), dens.to(device).train(), block.to(device).train()
 
 
 def tasks(conservative: bool):
@@ -88,21 +95,24 @@ def main() -> None:
     base = base_batch(args.structures)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     for conservative in (False, True):
-        plain, dens = models(conservative, args.channels, args.layers, args.device)
+        plain, dens, block = models(conservative, args.channels, args.layers, args.device)
         plain_tasks, dens_tasks = tasks(conservative), tasks(conservative)
         step = DeNSStep(config, denoising_coefficient=5.0)
         roles = {"energy": ORIGINAL, "forces": REPLACED, "stress": EXCLUDED}
         for task in dens_tasks:
             task.loss_fn = DeNSTaskLoss(task, roles[task.property], step)
 
-        def dens_step(index: int) -> None:
+        def dens_step(index: int, model: HydraModel = dens) -> None:
             data = base.clone()
             corrupt_batch(config, data, seed=0, step=index)
             data[ENCODED_FORCES] = data.forces.clone()
             data = data.to(args.device)
             step.batch = data
-            sum(compute_loss(dens_tasks, dens(data), data).values()).backward()
+            sum(compute_loss(dens_tasks, model(data), data).values()).backward()
             step.batch = None
+
+        def block_step(index: int) -> None:
+            dens_step(index, block)
 
         corrupted = []  # the plain model's batches: the same positions, corrupted before the clock starts
         for index in range(args.repeats + 2):
@@ -114,9 +124,10 @@ def main() -> None:
             data = corrupted[index].clone().to(args.device)
             sum(compute_loss(plain_tasks, plain(data), data).values()).backward()
 
-        times = {"plain": [], "dens": []}
+        steps = (("plain", plain_step), ("dens", dens_step), ("block", block_step))
+        times = {name: [] for name, _ in steps}
         for index in range(args.repeats + 2):
-            for name, run in (("plain", plain_step), ("dens", dens_step)):
+            for name, run in steps:
                 sync()
                 start = time.perf_counter()
                 run(index)
@@ -126,15 +137,16 @@ def main() -> None:
         medians = {name: statistics.median(values) for name, values in times.items()}
         kind = "conservative" if conservative else "direct"
         line = (f"{kind:12s} atoms={base.pos.shape[0]} plain {1e3 * medians['plain']:.1f} ms, "
-                f"DeNS {1e3 * medians['dens']:.1f} ms, DeNS/plain {medians['dens'] / medians['plain']:.3f}")
+                f"DeNS {1e3 * medians['dens']:.1f} ms, DeNS/plain {medians['dens'] / medians['plain']:.3f}; "
+                f"block noise head {1e3 * medians['block']:.1f} ms, block/linear {medians['block'] / medians['dens']:.3f}")
         if args.device.startswith("cuda"):  # peak memory of one more step of each
             peaks = {}
-            for name, run in (("plain", plain_step), ("dens", dens_step)):
+            for name, run in steps:
                 torch.cuda.reset_peak_memory_stats()
                 run(0)
                 sync()
                 peaks[name] = torch.cuda.max_memory_allocated() / 2**20
-            line += f"; peak MiB plain {peaks['plain']:.0f}, DeNS {peaks['dens']:.0f}"
+            line += f"; peak MiB plain {peaks['plain']:.0f}, DeNS {peaks['dens']:.0f}, block {peaks['block']:.0f}"
         print(line)
 
 
