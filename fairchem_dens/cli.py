@@ -298,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
              "fairchem-dens submit --mode train --config-yml CFG [--cpu] [--num-gpus N] [--slurm-*]",
     )
     sub.add_argument("fairchem_args", nargs=argparse.REMAINDER)
+    predict = commands.add_parser(
+        "predict-s2ef", add_help=False,
+        help="fairchem 2: S2EF predictions of an inference checkpoint on an ASE database, in the file "
+             "layout make-submission reads (CHECKPOINT SRC --out FILE --task-name TASK)",
+    )
+    predict.add_argument("predict_argv", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -309,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         return submit_main(argv[1:])
     if argv[:1] == ["make-xtb-md17"]:  # its own parser (argparse.REMAINDER would reject a leading --option)
         return _make_xtb_md17(argv[1:])
+    if argv[:1] == ["predict-s2ef"]:  # the fairchem-2 integration's own parser
+        from fairchem_dens.fairchem2.predict import main as predict_main
+
+        return predict_main(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     return args.func(args)

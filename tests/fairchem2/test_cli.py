@@ -156,3 +156,54 @@ def test_md17_recipe_trains_conservatively_with_the_block_noise_head_by_structur
     (line,) = re.findall(r"DeNS epoch 1: corrupted (\d+)/(\d+) structures .*?, (\d+)/(\d+) atoms", log)[:1]
     structures, atoms = int(line[0]), int(line[2])
     assert 0 < structures and structures <= atoms <= 2 * structures
+
+
+def test_predictions_of_a_fairchem2_model_become_a_checked_submission(direct_run, emt_root, tmp_path):
+    """predict-s2ef (fairchem 2's predict unit) -> make-submission: the archive of the 1.10 side."""
+    import numpy as np
+    from ase.constraints import FixAtoms
+
+    from fairchem.core.calculate.ase_calculator import FAIRChemCalculator
+    from fairchem.core.units.mlip_unit import load_predict_unit
+
+    from fairchem_dens.fairchem2.predict import read_structures
+
+    checkpoint = direct_run["dir"] / "checkpoints" / "final" / "inference_ckpt.pt"
+    predictions = tmp_path / "s2ef_predictions.npz"
+    result = subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "predict-s2ef", str(checkpoint),
+                             str(emt_root / "val"), "--out", str(predictions), "--task-name", "emt", "--batch-size", "3"],
+                            capture_output=True, text=True, env=fairchem_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    structures = list(read_structures(emt_root / "val"))
+    with np.load(predictions) as npz:
+        ids, energy, forces, chunks = npz["ids"], npz["energy"], npz["forces"], npz["chunk_idx"]
+    assert ids.tolist() == [name for name, _ in structures] == [f"{i}_0" for i in range(len(structures))]
+    # each structure's prediction is what fairchem's own calculator gives, fixed atoms left out
+    unit = load_predict_unit(str(checkpoint), "batch", device="cpu")
+    for (name, atoms), e, f in zip(structures, energy, np.split(forces, chunks)):
+        free = np.ones(len(atoms), dtype=bool)
+        for constraint in atoms.constraints:
+            if isinstance(constraint, FixAtoms):
+                free[constraint.index] = False
+        atoms.calc = FAIRChemCalculator(unit, task_name="emt")
+        # a batch of 3 against one structure: the same float32 arithmetic summed in another order
+        # (edge scatters, the energy sum) through two layers and a gradient; 1e-4 of the values'
+        # scale is ~800 ulps, far above that round-off and far below any real difference
+        scale = max(1.0, float(np.abs(atoms.get_forces()).max()))
+        assert abs(e - atoms.get_potential_energy()) <= 1e-4 * max(1.0, abs(e)), name
+        assert np.abs(f - atoms.get_forces()[free]).max() <= 1e-4 * scale, name
+    assert any(len(a) != int(n) for (_, a), n in zip(structures, np.diff(np.r_[0, chunks, len(forces)])))
+    # the submission builder takes it like a fairchem-1 prediction file
+    out = tmp_path / "submission.npz"
+    args = [f"--{split}={predictions}" for split in ("id", "ood-ads", "ood-cat", "ood-both")]
+    result = subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "make-submission", "s2ef", "--dataset", "oc20", *args,
+                             "--out", str(out)], capture_output=True, text=True, env=fairchem_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(out) as archive:
+        assert sorted(archive.files) == sorted(f"{split}_{key}" for split in ("id", "ood_ads", "ood_cat", "ood_both")
+                                               for key in ("ids", "energy", "forces", "chunk_idx"))
+    # a second run refuses to overwrite, naming the file
+    again = subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "predict-s2ef", str(checkpoint),
+                            str(emt_root / "val"), "--out", str(predictions), "--task-name", "emt"],
+                           capture_output=True, text=True, env=fairchem_env(), timeout=300)
+    assert again.returncode != 0 and f"{predictions} exists" in again.stderr
