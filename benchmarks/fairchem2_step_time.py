@@ -81,6 +81,43 @@ def base_batch(structures: int) -> AtomicData:
     return atomicdata_list_to_batch(items)
 
 
+def step_functions(conservative: bool, structures: int, channels: int, layers: int, corrupt_ratio: float,
+                   device: str, steps: int) -> dict:
+    """name -> ``step(index)``: one training step's model work of ``plain``, ``dens`` (linear noise
+    head) and ``block`` (block noise head) on the ``index``-th batch (``steps`` batches made)."""
+    config = DeNSConfig.from_optim({"use_denoising_pos": True, "denoising_pos_coefficient": 5, "denoising_pos_params": {
+        "prob": 1.0, "fixed_noise_std": True, "std": 0.05, "corrupt_ratio": corrupt_ratio}})
+    base = base_batch(structures)
+    plain, dens, block = models(conservative, channels, layers, device)
+    plain_tasks, dens_tasks = tasks(conservative), tasks(conservative)
+    step = DeNSStep(config, denoising_coefficient=5.0)
+    roles = {"energy": ORIGINAL, "forces": REPLACED, "stress": EXCLUDED}
+    for task in dens_tasks:
+        task.loss_fn = DeNSTaskLoss(task, roles[task.property], step)
+
+    def dens_step(index: int, model: HydraModel = dens) -> None:
+        data = base.clone()
+        corrupt_batch(config, data, seed=0, step=index)
+        data[ENCODED_FORCES] = data.forces.clone()
+        data = data.to(device)
+        step.batch = data
+        sum(compute_loss(dens_tasks, model(data), data).values()).backward()
+        step.batch = None
+
+    corrupted = []  # the plain model's batches: the same positions, corrupted before the clock starts
+    for index in range(steps):
+        data = base.clone()
+        corrupt_batch(config, data, seed=0, step=index)
+        corrupted.append(data)
+
+    def plain_step(index: int) -> None:
+        data = corrupted[index].clone().to(device)
+        sum(compute_loss(plain_tasks, plain(data), data).values()).backward()
+
+    return {"plain": plain_step, "dens": dens_step, "block": lambda index: dens_step(index, block),
+            "atoms": base.pos.shape[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
@@ -90,41 +127,12 @@ def main() -> None:
     parser.add_argument("--corrupt-ratio", type=float, default=0.5)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    config = DeNSConfig.from_optim({"use_denoising_pos": True, "denoising_pos_coefficient": 5, "denoising_pos_params": {
-        "prob": 1.0, "fixed_noise_std": True, "std": 0.05, "corrupt_ratio": args.corrupt_ratio}})
-    base = base_batch(args.structures)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     for conservative in (False, True):
-        plain, dens, block = models(conservative, args.channels, args.layers, args.device)
-        plain_tasks, dens_tasks = tasks(conservative), tasks(conservative)
-        step = DeNSStep(config, denoising_coefficient=5.0)
-        roles = {"energy": ORIGINAL, "forces": REPLACED, "stress": EXCLUDED}
-        for task in dens_tasks:
-            task.loss_fn = DeNSTaskLoss(task, roles[task.property], step)
-
-        def dens_step(index: int, model: HydraModel = dens) -> None:
-            data = base.clone()
-            corrupt_batch(config, data, seed=0, step=index)
-            data[ENCODED_FORCES] = data.forces.clone()
-            data = data.to(args.device)
-            step.batch = data
-            sum(compute_loss(dens_tasks, model(data), data).values()).backward()
-            step.batch = None
-
-        def block_step(index: int) -> None:
-            dens_step(index, block)
-
-        corrupted = []  # the plain model's batches: the same positions, corrupted before the clock starts
-        for index in range(args.repeats + 2):
-            data = base.clone()
-            corrupt_batch(config, data, seed=0, step=index)
-            corrupted.append(data)
-
-        def plain_step(index: int) -> None:
-            data = corrupted[index].clone().to(args.device)
-            sum(compute_loss(plain_tasks, plain(data), data).values()).backward()
-
-        steps = (("plain", plain_step), ("dens", dens_step), ("block", block_step))
+        functions = step_functions(conservative, args.structures, args.channels, args.layers, args.corrupt_ratio,
+                                   args.device, args.repeats + 2)
+        atoms = functions.pop("atoms")
+        steps = tuple(functions.items())
         times = {name: [] for name, _ in steps}
         for index in range(args.repeats + 2):
             for name, run in steps:
@@ -136,7 +144,7 @@ def main() -> None:
                     times[name].append(time.perf_counter() - start)
         medians = {name: statistics.median(values) for name, values in times.items()}
         kind = "conservative" if conservative else "direct"
-        line = (f"{kind:12s} atoms={base.pos.shape[0]} plain {1e3 * medians['plain']:.1f} ms, "
+        line = (f"{kind:12s} atoms={atoms} plain {1e3 * medians['plain']:.1f} ms, "
                 f"DeNS {1e3 * medians['dens']:.1f} ms, DeNS/plain {medians['dens'] / medians['plain']:.3f}; "
                 f"block noise head {1e3 * medians['block']:.1f} ms, block/linear {medians['block'] / medians['dens']:.3f}")
         if args.device.startswith("cuda"):  # peak memory of one more step of each

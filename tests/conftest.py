@@ -18,6 +18,16 @@ if metadata.version("fairchem-core").split(".")[0] != "2":
     collect_ignore = ["fairchem2"]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run where a CUDA GPU is, and are skipped (saying why) elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none here)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture()
 def fixture_batch():
     """4 OC20-like EMT structures (64 atoms, fixed bottom layers) as a PyG batch."""

@@ -2,7 +2,8 @@
 
 * :class:`BatchDuringForward`: the DeNS features enter through a hook on a submodule of a
   backbone's unchanged ``forward``; the hook reads the batch from ``self._dens_data``,
-  which this mixin's ``forward`` sets for the duration of the call.
+  which this mixin's ``forward`` sets for the duration of the call, and may hand tensors
+  to the heads through ``self._dens_outputs``, which it adds to the backbone's output.
 * :func:`zero_weight`: DDP runs without a search for unused parameters, so a block that
   did not run in a batch still puts its parameters in the autograd graph, with weight 0.
 * :func:`l1_vectors`: the vector (l = 1) read-out of force and noise heads.
@@ -21,16 +22,22 @@ __all__ = ["NOISE_HEADS", "BatchDuringForward", "check_noise_head", "l1_vectors"
 
 
 class BatchDuringForward:
-    """Keeps the batch at hand for hooks during ``forward`` (put it before the backbone class)."""
+    """Keeps the batch at hand for hooks during ``forward`` (put it before the backbone class).
+
+    Hooks put what the heads need in ``self._dens_outputs`` (name -> value); the forward adds
+    it to the backbone's output dict and keeps nothing, so no tensor of a batch stays on the
+    module (a deep copy, an EMA copy, stays possible at any time).
+    """
 
     _dens_data = None
+    _dens_outputs: dict = {}
 
     def forward(self, data):
-        self._dens_data = data
+        self._dens_data, self._dens_outputs = data, {}
         try:
-            return super().forward(data)
+            return {**super().forward(data), **self._dens_outputs}
         finally:
-            self._dens_data = None
+            self._dens_data, self._dens_outputs = None, {}
 
 
 def zero_weight(module: nn.Module) -> torch.Tensor:

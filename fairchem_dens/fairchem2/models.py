@@ -51,7 +51,7 @@ from fairchem_dens.core.encoding import force_encoding_coefficients
 from fairchem_dens.core.errors import DeNSSetupError
 from fairchem_dens.core.modules import BatchDuringForward, check_noise_head, l1_vectors, zero_weight
 from fairchem_dens.core.roles import FORCES
-from fairchem_dens.fairchem2.noise_block import eSCNMDNoiseBlock
+from fairchem_dens.fairchem2.noise_block import EDGE_INPUTS, eSCNMDNoiseBlock
 
 __all__ = ["ENCODED_FORCES", "DeNSeSCNMDBackbone", "DeNSeSCNMDMoeBackbone", "DeNSLinearForceHead", "DeNSMLPEFSHead"]
 
@@ -87,16 +87,12 @@ class DeNSForceEncoding(BatchDuringForward):
         self.edge_degree_embedding.register_forward_pre_hook(self._add_force_encoding)
         self.blocks[0].register_forward_pre_hook(self._keep_edge_inputs)
 
-    #: The per-edge inputs of the backbone's blocks in the current DeNS batch (``edge_index``,
-    #: ``x_edge``, ``wigner``, ``wigner_inv_envelope``), kept for a block noise head
-    #: (:mod:`fairchem_dens.fairchem2.noise_block`); None after any other batch.
-    dens_edge_inputs: tuple[torch.Tensor, ...] | None = None
-
     def _keep_edge_inputs(self, module: nn.Module, args: tuple) -> None:
-        # eSCNMD_Block(x, x_edge, edge_index, wigner, wigner_inv_envelope, ...)
+        # eSCNMD_Block(x, x_edge, edge_index, wigner, wigner_inv_envelope, ...): in a DeNS batch the
+        # per-edge inputs go to the heads as emb[EDGE_INPUTS] (:mod:`fairchem_dens.fairchem2.noise_block`)
         data = self._dens_data
-        dens = data is not None and is_dens_batch(data)
-        self.dens_edge_inputs = (args[2], args[1], args[3], args[4]) if dens else None
+        if data is not None and is_dens_batch(data):
+            self._dens_outputs[EDGE_INPUTS] = (args[2], args[1], args[3], args[4])
 
     def _add_force_encoding(self, module: nn.Module, args: tuple) -> tuple | None:
         data = self._dens_data
@@ -156,14 +152,15 @@ class _NoiseHead:
     def noise_module(self) -> nn.Module:
         return self.noise_block if self.noise_head == "block" else self.noise_linear
 
-    def _noise(self, node_embedding: torch.Tensor, corrupted: torch.Tensor) -> torch.Tensor:
+    def _noise(self, emb: dict[str, Any], corrupted: torch.Tensor) -> torch.Tensor:
         """``[n, 3]``: the noise prediction of the corrupted atoms (bool mask), in atom order."""
+        node_embedding = emb["node_embedding"]
         if self.noise_head == "linear" or not bool(corrupted.any()):
             # An empty block still enters the graph (a zero gradient), as DDP needs.
             layer = self.noise_linear if self.noise_head == "linear" else self.noise_block.output
             noise = l1_vectors(layer, node_embedding.index_select(0, corrupted.nonzero().view(-1)))
             return noise if self.noise_head == "linear" else noise + zero_weight(self.noise_block)
-        return self.noise_block(node_embedding, corrupted)
+        return self.noise_block(node_embedding, emb[EDGE_INPUTS], corrupted)
 
 
 @registry.register_model("fairchem_dens_linear_force_head")
@@ -191,7 +188,7 @@ class DeNSLinearForceHead(_NoiseHead, Linear_Force_Head):
         node_embedding = emb["node_embedding"]
         corrupted = corrupted_atoms(data).to(node_embedding.device)
         noisy, clean = corrupted.nonzero().view(-1), (~corrupted).nonzero().view(-1)
-        noise = self._noise(node_embedding, corrupted)
+        noise = self._noise(emb, corrupted)
         forces = l1_vectors(self.linear, node_embedding.index_select(0, clean))
         output = noise.new_zeros((node_embedding.shape[0], 3))
         output = output.index_put((noisy,), noise).index_put((clean,), forces)
@@ -226,7 +223,7 @@ class DeNSMLPEFSHead(_NoiseHead, MLP_EFS_Head):
         else:
             _refuse_graph_parallel()
             corrupted = corrupted_atoms(data).to(forces.device)
-            noise = self._noise(emb["node_embedding"], corrupted)
+            noise = self._noise(emb, corrupted)
             forces = forces.index_put((corrupted.nonzero().view(-1),), noise.to(forces.dtype))
         outputs[key] = {FORCES: forces} if self.wrap_property else forces
         return outputs

@@ -27,15 +27,19 @@ from fairchem_dens.core.errors import DeNSSetupError
 from fairchem_dens.core.modules import l1_vectors
 from fairchem_dens.core.subgraph import incoming_subgraph
 
-__all__ = ["eSCNMDNoiseBlock"]
+__all__ = ["EDGE_INPUTS", "eSCNMDNoiseBlock"]
+
+#: The key of the backbone's output holding its blocks' per-edge inputs in a DeNS batch
+#: (``edge_index``, ``x_edge``, ``wigner``, ``wigner_inv_envelope``).
+EDGE_INPUTS = "dens_edge_inputs"
 
 
 class eSCNMDNoiseBlock(nn.Module):
     """One ``eSCNMD_Block`` and a one-channel ``SO3_Linear``: the noise of the given atoms.
 
     Args:
-        backbone: the DeNS eSCN-MD (or UMA) backbone; read at every call (its graph of the
-            batch, edge embeddings), not owned: its parameters stay the backbone's.
+        backbone: the DeNS eSCN-MD (or UMA) backbone, whose sizes and execution backend the
+            block takes; its per-edge inputs of a batch come with each call.
     """
 
     def __init__(self, backbone: eSCNMDBackbone) -> None:
@@ -55,16 +59,18 @@ class eSCNMDNoiseBlock(nn.Module):
             activation_checkpoint_chunk_size=None, backend=backbone.backend,
         )
         self.output = SO3_Linear(backbone.sphere_channels, 1, lmax=1)
-        self._backbone = (backbone,)  # a tuple: not a submodule, so no second copy of its weights
 
-    def forward(self, node_embedding: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
-        """``[n, 3]``: the noise prediction of the atoms of the bool mask ``atoms``, in atom order."""
-        inputs = self._backbone[0].dens_edge_inputs
-        if inputs is None:
-            raise RuntimeError("the DeNS backbone kept no edge inputs for this batch (is it a DeNS backbone?)")
-        edge_index, *per_edge = inputs
+    def forward(self, node_embedding: torch.Tensor, edge_inputs: tuple[torch.Tensor, ...],
+                atoms: torch.Tensor) -> torch.Tensor:
+        """``[n, 3]``: the noise prediction of the atoms of the bool mask ``atoms``, in atom order.
+
+        ``edge_inputs``: the backbone's ``emb[EDGE_INPUTS]`` of this batch.
+        """
+        edge_index, *per_edge = edge_inputs
         sub = incoming_subgraph(edge_index, atoms)
-        x_edge, wigner, wigner_inv_envelope = (value[sub.edges] for value in per_edge)
+        # fairchem runs heads outside autocast (use_amp False): the backbone's bf16 Wigner matrices
+        # of an AMP run are brought to the heads' precision, the node features'
+        x_edge, wigner, wigner_inv_envelope = (value[sub.edges].to(node_embedding.dtype) for value in per_edge)
         x = self.block(node_embedding[sub.nodes], x_edge, sub.edge_index, wigner, wigner_inv_envelope,
                        total_atoms_across_gp_ranks=int(sub.nodes.sum()), scatter_target=sub.edge_index[1])
         return l1_vectors(self.output, x[sub.wanted])

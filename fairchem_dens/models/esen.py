@@ -52,7 +52,7 @@ from fairchem_dens.models.dens_features import (
     dens_node_features,
     fold_force_encoding_bias,
 )
-from fairchem_dens.models.esen_noise_block import eSENNoiseBlock
+from fairchem_dens.models.esen_noise_block import EDGE_INPUTS, eSENNoiseBlock
 
 if TYPE_CHECKING:
     from torch_geometric.data import Batch
@@ -91,15 +91,12 @@ class DeNSeSENBackbone(DeNSBackboneMixin, eSEN_Backbone):
         if self.blocks:
             self.blocks[0].register_forward_pre_hook(self._keep_edge_inputs)
 
-    #: The per-edge inputs of the backbone's blocks in the current DeNS batch (``x_edge``,
-    #: ``wigner``, ``wigner_inv``), for a block noise head; None after any other batch.
-    dens_edge_inputs: tuple[torch.Tensor, ...] | None = None
-
     def _keep_edge_inputs(self, module, args):
-        # eSEN_Block(x, x_edge, edge_distance, edge_index, wigner, wigner_inv, node_offset)
+        # eSEN_Block(x, x_edge, edge_distance, edge_index, wigner, wigner_inv, node_offset): in a
+        # DeNS batch, the per-edge inputs go to the heads as emb[EDGE_INPUTS] (a block noise head's)
         data = self._dens_data
-        dens = data is not None and bool(corrupted_atoms(data).any())
-        self.dens_edge_inputs = (args[1], args[4], args[5]) if dens else None
+        if data is not None and bool(corrupted_atoms(data).any()):
+            self._dens_outputs[EDGE_INPUTS] = (args[1], args[4], args[5])
 
     def _add_dens_encoding(self, module, args):
         data = self._dens_data

@@ -27,14 +27,18 @@ from fairchem_dens.core.errors import DeNSSetupError
 from fairchem_dens.core.modules import l1_vectors
 from fairchem_dens.core.subgraph import incoming_subgraph
 
-__all__ = ["eSENNoiseBlock"]
+__all__ = ["EDGE_INPUTS", "eSENNoiseBlock"]
+
+#: The key of the backbone's output holding its blocks' per-edge inputs in a DeNS batch
+#: (``x_edge``, ``wigner``, ``wigner_inv``; :class:`~fairchem_dens.models.esen.DeNSeSENBackbone`).
+EDGE_INPUTS = "dens_edge_inputs"
 
 class eSENNoiseBlock(nn.Module):
     """One ``eSEN_Block`` and a one-channel ``SO3_Linear``: the noise of the given atoms.
 
     Args:
-        backbone: the DeNS eSEN backbone; read at every call (edge embeddings, edge frames),
-            not owned: its parameters stay the backbone's.
+        backbone: the DeNS eSEN backbone, whose sizes the block takes; its per-edge inputs of
+            a batch come with each call (``emb[EDGE_INPUTS]``).
     """
 
     def __init__(self, backbone: eSEN_Backbone) -> None:
@@ -45,7 +49,6 @@ class eSENNoiseBlock(nn.Module):
             backbone.norm_type, backbone.act_type, backbone.mlp_type, backbone.use_envelope,
         )
         self.output = SO3_Linear(backbone.sphere_channels, 1, lmax=1)
-        self._backbone = (backbone,)  # a tuple: not a submodule, so no second copy of its weights
 
     def forward(self, data: Any, emb: dict[str, Any], atoms: torch.Tensor) -> torch.Tensor:
         """``[n, 3]``: the noise prediction of the atoms of the bool mask ``atoms``, in atom order."""
@@ -54,11 +57,14 @@ class eSENNoiseBlock(nn.Module):
                 "noise_head: block does not support graph parallelism (its subgraph needs every "
                 "atom's features): use noise_head: linear, or gp_gpus: null."
             )
-        inputs = self._backbone[0].dens_edge_inputs
+        inputs = emb.get(EDGE_INPUTS)
         if inputs is None:
-            raise RuntimeError("the DeNS backbone kept no edge inputs for this batch (is it a DeNS eSEN backbone?)")
+            raise RuntimeError("the backbone gave no edge inputs for this batch (is it the DeNS eSEN backbone?)")
         graph = incoming_subgraph(emb["edge_index"], atoms)
-        x_edge, wigner, wigner_inv = (value[graph.edges] for value in inputs)
+        # fairchem runs heads outside autocast (use_amp False): the backbone's reduced-precision
+        # inputs of an AMP run are brought to the heads' precision, the node features'
+        dtype = emb["node_embedding"].dtype
+        x_edge, wigner, wigner_inv = (value[graph.edges].to(dtype) for value in inputs)
         x = self.block(emb["node_embedding"][graph.nodes], x_edge, emb["edge_distance"][graph.edges],
                        graph.edge_index, wigner, wigner_inv)
         return l1_vectors(self.output, x[graph.wanted])

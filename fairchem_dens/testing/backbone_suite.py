@@ -105,6 +105,14 @@ class BackboneSuite:
             for name in self.outputs:  # no dropout in the tiny models: training computes what inference does
                 assert_ulps(outputs[0][name], outputs[1][name], REORDERED_ULPS, what=f"{mode} {name}")
 
+    def test_no_tensor_of_a_batch_stays_on_the_model_so_it_deep_copies_after_a_forward(self, fixture_batch):
+        import copy
+
+        model = self.model().train()
+        for mode in MODES:  # what an EMA copy or a checkpoint of a model in training does
+            self.loss(forward_seeded(model, dens_mode_batch(fixture_batch, mode))).backward()
+            copy.deepcopy(model)
+
     def test_every_parameter_gets_a_gradient_in_every_batch_kind(self, fixture_batch):
         model = self.model().train()
         for mode in MODES:

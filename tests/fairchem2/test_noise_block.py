@@ -18,6 +18,7 @@ from fairchem_dens.core.errors import DeNSSetupError
 from fairchem_dens.core.modules import l1_vectors
 from fairchem_dens.fairchem2.export import plain_inference_checkpoint
 from fairchem_dens.fairchem2.models import ENCODED_FORCES
+from fairchem_dens.fairchem2.noise_block import EDGE_INPUTS
 from fairchem_dens.testing.tolerances import ESEN_ROTATION_REL
 from fc2_helpers import batch, build, dens_batch, model_config, outputs, run
 
@@ -53,7 +54,9 @@ def test_the_block_runs_on_the_corrupted_atoms_subgraph_and_equals_the_whole_gra
     corrupted = corrupted_atoms(data)
     torch.manual_seed(0)
     forces = outputs(dens(copy.deepcopy(data)))["forces"]
-    edge_index = dens.backbone.dens_edge_inputs[0]
+    torch.manual_seed(0)
+    emb = dens.backbone(copy.deepcopy(data))
+    edge_index = emb[EDGE_INPUTS][0]
     incoming = corrupted[edge_index[1]]
     assert seen["edges"] == int(incoming.sum()) < edge_index.shape[1]
     # its nodes: the corrupted atoms and the sources of their edges (in these dense cells, often all)
@@ -61,9 +64,7 @@ def test_the_block_runs_on_the_corrupted_atoms_subgraph_and_equals_the_whole_gra
                                                         edge_index[0, incoming]))).numel())
     # the same block on the whole graph, read on the corrupted atoms
     everything = torch.ones_like(corrupted)
-    torch.manual_seed(0)
-    emb = dens.backbone(copy.deepcopy(data))
-    whole = block(emb["node_embedding"], everything).detach()
+    whole = block(emb["node_embedding"], emb[EDGE_INPUTS], everything).detach()
     scale = float(whole[corrupted].abs().max())
     # the same edges in the same order into each wanted atom: equal up to the round-off of the
     # scatter's summation (a few float32 ulps of the largest value)
@@ -130,3 +131,23 @@ def test_l1_vectors_reads_the_l1_coefficients_of_a_one_channel_layer():
     # the shared read-out: with an identity-like layer it returns the l = 1 coefficients
     features = torch.arange(2 * 9 * 1, dtype=torch.float32).reshape(2, 9, 1)
     assert torch.equal(l1_vectors(lambda x: x, features), features[:, 1:4, 0])
+
+
+@pytest.mark.parametrize("conservative", [False, True])
+def test_the_block_trains_under_bf16_autocast_as_fairchems_amp_runs_it(conservative):
+    """fairchem runs heads outside autocast: the backbone's bf16 edge inputs reach the block in float32."""
+    dens = build(True, conservative=conservative, noise_head="block").train()
+    data = dens_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = outputs(dens(data))
+    noise = out["forces"][corrupted_atoms(data)]
+    assert noise.dtype == torch.float32 and bool(torch.isfinite(noise).all())
+    (out["energy"].float().sum() + out["forces"].square().sum()).backward()
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all())
+               for p in _noise_block(dens, conservative).parameters())
+
+
+def test_no_tensor_of_a_batch_stays_on_the_model_so_it_deep_copies_after_a_forward():
+    dens = build(True, conservative=True, noise_head="block").train()
+    dens(dens_batch())
+    copy.deepcopy(dens)  # what an EMA copy or a checkpoint of a trained model does
