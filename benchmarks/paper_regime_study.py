@@ -120,10 +120,12 @@ def train_run(run: Run, data: Path, work: Path, curve: list[int]) -> dict:
     return {"run": run.__dict__, "train_seconds": seconds, "curve": points, **curves}
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], digits: int = 1) -> str:
     if not values:
         return "–"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def epochs_to_reach(val_curve: list[list[float]], target: float) -> float | None:
@@ -141,7 +143,7 @@ def report(results: Path, data_root: Path) -> str:
                   f"Test split: mean predictor {null['energy_meV']:.1f} meV, "
                   f"mean |F| component {null['force_meV_per_A']:.1f} meV/Å (the zero predictor's force MAE).", "",
                   "| variant | run epochs | at epoch | test F MAE (meV/Å) | test E MAE (meV) | F ratio to its comparator, same seed | "
-                  "mean ratio | plain test / train F | seeds |", "|---|---|---|---|---|---|---|---|---|"]
+                  "F ratio of means | E ratio of means | plain test / train F | seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
         keys = sorted({(v, e) for (m, v, e, _) in by if m == molecule}, key=lambda k: (k[1], list(VARIANTS).index(k[0])))
         for variant, run_epochs in keys:
             seeds = sorted(s for (m, v, e, s) in by if (m, v, e) == (molecule, variant, run_epochs))
@@ -156,13 +158,17 @@ def report(results: Path, data_root: Path) -> str:
                 other = COMPARATOR.get(variant)
                 pairs = [(at(variant, s)["test_force_meV_per_A"], at(other, s)["test_force_meV_per_A"])
                          for s in seeds if other and at(variant, s) and at(other, s)]
+                energy_pairs = [(at(variant, s)["test_energy_meV"], at(other, s)["test_energy_meV"])
+                                for s in seeds if other and at(variant, s) and at(other, s)]
+                energy_ratio = (f"{statistics.mean(a for a, _ in energy_pairs) / statistics.mean(b for _, b in energy_pairs):.2f}"
+                                if energy_pairs else "–")
                 ratios = [a / b for a, b in pairs]
                 ratio_text = f"{min(ratios):.3f}–{max(ratios):.3f}" if ratios and variant != "plain" else "–"
                 mean_ratio = (f"{statistics.mean(a for a, _ in pairs) / statistics.mean(b for _, b in pairs):.3f}"
                               if pairs and variant != "plain" else "–")
                 overfit = [p["test_force_meV_per_A"] / p["train_force_meV_per_A"] for p in points if p and "train_force_meV_per_A" in p]
                 lines.append(f"| {variant} | {run_epochs} | {epoch} | {mean_std(force)} | {mean_std(energy)} | {ratio_text} | "
-                             f"{mean_ratio} | {mean_std(overfit) if overfit else '–'} | {len(force)} |")
+                             f"{mean_ratio} | {energy_ratio} | {mean_std(overfit, 2) if overfit else '–'} | {len(force)} |")
         # the paper's training-efficiency claim: epochs to reach plain's best validation force MAE
         reach = []
         for (m, v, e, s), run in sorted(by.items()):
