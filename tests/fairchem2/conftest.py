@@ -48,7 +48,7 @@ def finetune_run(direct_run, emt_root, tmp_path_factory):
     overrides = [f"data_root={emt_root}", f"checkpoint={checkpoint}", f"+job.run_dir={run_dir}",
                  "+job.timestamp_id=ft"]
     log = run_fairchem(FINETUNE_CONFIG, overrides, run_dir / "fairchem.log")
-    return {"dir": run_dir / "ft", "log": log}
+    return {"dir": run_dir / "ft", "log": log, "checkpoint": checkpoint}
 
 
 @pytest.fixture(scope="session")
