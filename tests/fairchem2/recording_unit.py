@@ -58,6 +58,9 @@ class RecordingUnit(DeNSTrainEvalUnit):
             "corrupted_atoms": int(corrupted_atoms(expected).sum()) if expected_dens else 0,
             "atoms": int(expected.pos.shape[0]),
             "loss": float(self.last_loss),
+            "epoch": self.train_progress.num_epochs_completed,
+            "steps_in_epoch": len(state.train_state.dataloader),
+            "coefficient": float(self.dens_step.denoising_coefficient),
         })
 
     def on_train_end(self, state):

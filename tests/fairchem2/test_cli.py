@@ -227,3 +227,21 @@ def test_a_run_resumed_mid_epoch_repeats_the_rest_of_the_epoch(finetune_run, emt
         assert resumed == pytest.approx(expected, rel=LOSS_REL, abs=0)
     # negative control: the steps' own losses are far apart at this tolerance
     assert losses[0][2] != pytest.approx(losses[0][3], rel=LOSS_REL, abs=0)
+
+
+def test_a_decaying_denoising_weight_and_early_epochs_in_a_real_run(emt_root, tmp_path):
+    """coefficient_schedule linear_decay: lambda_D(t) = 5 (1 - t), t the fraction of the run done at
+    the step; early_epochs 1: no DeNS batch in the second of the two epochs."""
+    params = "runner.train_eval_unit.dens.denoising_pos_params"
+    overrides = [f"data_root={emt_root}", f"+job.run_dir={tmp_path}", "+job.timestamp_id=t1",
+                 "runner.train_eval_unit._target_=recording_unit.RecordingUnit",
+                 f"+runner.train_eval_unit.record_dir={tmp_path}/records", f"{params}.prob=1.0",
+                 f"+{params}.coefficient_schedule=linear_decay", f"+{params}.early_epochs=1"]
+    run_fairchem(DIRECT_CONFIG, overrides, tmp_path / "fairchem.log")
+    records = json.loads((tmp_path / "records" / "rank0.json").read_text())["train"]
+    first = [r for r in records if r["epoch"] == 0]
+    assert first and all(r["dens"] for r in first) and not any(r["dens"] for r in records if r["epoch"] == 1)
+    for record in first:
+        fraction = record["step"] / (2 * record["steps_in_epoch"])  # 2 epochs; steps counted before this one
+        assert record["coefficient"] == pytest.approx(5.0 * (1.0 - fraction), rel=1e-12)
+    assert first[0]["coefficient"] > first[-1]["coefficient"]
