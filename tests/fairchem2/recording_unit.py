@@ -61,6 +61,11 @@ class RecordingUnit(DeNSTrainEvalUnit):
             "epoch": self.train_progress.num_epochs_completed,
             "steps_in_epoch": len(state.train_state.dataloader),
             "coefficient": float(self.dens_step.denoising_coefficient),
+            # per structure: the largest |F_i| of its labels, and whether the core corrupted it
+            "max_force": [float(expected.forces[expected.batch == b].norm(dim=1).max())
+                          for b in range(int(expected.natoms.numel()))],
+            "corrupted": [bool(corrupted_atoms(expected)[expected.batch == b].any()) if expected_dens else False
+                          for b in range(int(expected.natoms.numel()))],
         })
 
     def on_train_end(self, state):

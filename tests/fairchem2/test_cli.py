@@ -245,3 +245,19 @@ def test_a_decaying_denoising_weight_and_early_epochs_in_a_real_run(emt_root, tm
         fraction = record["step"] / (2 * record["steps_in_epoch"])  # 2 epochs; steps counted before this one
         assert record["coefficient"] == pytest.approx(5.0 * (1.0 - fraction), rel=1e-12)
     assert first[0]["coefficient"] > first[-1]["coefficient"]
+
+
+def test_a_skip_filter_in_a_real_run_keeps_high_force_structures_clean(emt_root, tmp_path):
+    params = "runner.train_eval_unit.dens.denoising_pos_params"
+    limit = 2.0  # eV/Å: the rattled EMT cells hold |F_i| on both sides of it
+    overrides = [f"data_root={emt_root}", f"+job.run_dir={tmp_path}", "+job.timestamp_id=t1",
+                 "runner.train_eval_unit._target_=recording_unit.RecordingUnit",
+                 f"+runner.train_eval_unit.record_dir={tmp_path}/records", f"{params}.prob=1.0",
+                 f"+{params}.max_force_norm={limit}"]
+    run_fairchem(DIRECT_CONFIG, overrides, tmp_path / "fairchem.log")
+    records = json.loads((tmp_path / "records" / "rank0.json").read_text())["train"]
+    structures = [(force, corrupted) for r in records for force, corrupted in zip(r["max_force"], r["corrupted"])]
+    assert all(force <= limit for force, corrupted in structures if corrupted)
+    assert any(corrupted for _, corrupted in structures)  # the filter left DeNS on
+    assert any(force > limit for force, _ in structures)  # and had something to filter
+    assert all(r["pos_equal"] and r["dens"] == r["expected_dens"] for r in records)
