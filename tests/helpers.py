@@ -151,3 +151,28 @@ def config_for(name, data_folder, path):
     }
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def emt_md17_frames(formula: str, count: int, std: float, seed: int = 0) -> dict[str, np.ndarray]:
+    """``count`` frames of ASE's ``formula`` molecule rattled by ``std`` Å, labelled by EMT (which
+    knows H, C, N, O): ``z``, ``R`` (Å), ``E`` (eV), ``F`` (eV/Å)."""
+    from ase.build import molecule
+    from ase.calculators.emt import EMT
+
+    atoms = molecule(formula)
+    atoms.calc = EMT()
+    positions = atoms.positions + np.random.default_rng(seed).normal(0.0, std, size=(count, len(atoms), 3))
+    energies, forces = np.empty(count), np.empty((count, len(atoms), 3))
+    for i, pos in enumerate(positions):
+        atoms.positions = pos
+        energies[i], forces[i] = atoms.get_potential_energy(), atoms.get_forces()
+    return {"z": atoms.numbers.astype(np.uint8), "R": positions, "E": energies, "F": forces}
+
+
+def write_md17_npz(path: Path, frames: dict[str, np.ndarray]) -> Path:
+    """``frames`` (eV, eV/Å) as an sGDML MD17 file, in its kcal/mol and kcal/mol/Å."""
+    from ase import units
+
+    kcal = units.kcal / units.mol
+    np.savez(path, z=frames["z"], R=frames["R"], E=frames["E"] / kcal, F=frames["F"] / kcal)
+    return path

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 
 import pytest
 
@@ -66,21 +65,10 @@ def uma_run(emt_root, tmp_path_factory):
 def md17_run(tmp_path_factory):
     """The shipped MD17 recipe (conservative, block noise head) by the CLI on .aselmdb data that
     ``fairchem-dens md17-to-lmdb --aselmdb`` made from a small MD17-format file (EMT methanol)."""
-    from ase import units
-    from ase.build import molecule
-    from ase.calculators.emt import EMT
+    from helpers import emt_md17_frames, write_md17_npz
 
     folder = tmp_path_factory.mktemp("md17_run")
-    rng = np.random.default_rng(0)
-    atoms = molecule("CH3OH")
-    atoms.calc = EMT()
-    positions = atoms.positions + rng.normal(0.0, 0.04, size=(60, len(atoms), 3))
-    energies, forces = np.empty(60), np.empty((60, len(atoms), 3))
-    for i, pos in enumerate(positions):
-        atoms.positions = pos
-        energies[i], forces[i] = atoms.get_potential_energy(), atoms.get_forces()
-    kcal = units.kcal / units.mol
-    np.savez(folder / "methanol.npz", z=atoms.numbers, R=positions, E=energies / kcal, F=forces / kcal)
+    write_md17_npz(folder / "methanol.npz", emt_md17_frames("CH3OH", 60, 0.04))
     subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "md17-to-lmdb", str(folder / "methanol.npz"),
                     str(folder / "data"), "--train", "40", "--val", "8", "--aselmdb"], check=True, capture_output=True)
     statistics = json.loads((folder / "data" / "md17_info.json").read_text())["train_statistics"]

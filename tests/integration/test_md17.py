@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 import torch
 from ase import units
-from ase.build import molecule
-from ase.calculators.emt import EMT
 
 from fairchem.core.common.data_parallel import data_list_collater
 
@@ -24,22 +22,16 @@ from fairchem_dens.datasets.md17 import KCAL_PER_MOL_IN_EV, MD17FormatError, con
 from fairchem_dens.testing import read_lmdb
 from fairchem_dens.testing.tolerances import F32_STORAGE_ULPS, F64_REL, F64_STATISTICS_REL, assert_ulps
 
+from helpers import emt_md17_frames
+
 KCAL = units.kcal / units.mol
 
 
 @pytest.fixture(scope="module")
 def frames():
     """1005 EMT-labelled methane frames in eV / eV/Å (computed once, sliced by the tests)."""
-    rng = np.random.default_rng(0)
-    atoms = molecule("CH4")
-    atoms.calc = EMT()
-    positions = atoms.positions + rng.normal(0.0, 0.05, size=(1005, len(atoms), 3))
-    energies, forces = np.empty(1005), np.empty((1005, len(atoms), 3))
-    for i, pos in enumerate(positions):
-        atoms.positions = pos
-        energies[i] = atoms.get_potential_energy()
-        forces[i] = atoms.get_forces()
-    return {"z": atoms.numbers.astype(np.uint8), "R": positions, "E_eV": energies, "F_eV": forces}
+    frames = emt_md17_frames("CH4", 1005, 0.05)
+    return {"z": frames["z"], "R": frames["R"], "E_eV": frames["E"], "F_eV": frames["F"]}
 
 
 def write_npz(path, frames, n=40, layout="sgdml", drop=(), **changes):

@@ -6,19 +6,14 @@ import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from ase import units
-from ase.build import molecule
-from ase.calculators.emt import EMT
 
 from fairchem_dens.models.checkpoints import read_checkpoint
 from fairchem_dens.quickstart import fairchem_command
 
-from helpers import CONFIGS
+from helpers import CONFIGS, emt_md17_frames, write_md17_npz
 
-KCAL = units.kcal / units.mol
 TINY_EQV2 = ["--model.backbone.num_layers=2", "--model.backbone.sphere_channels=16",
              "--model.backbone.attn_hidden_channels=16", "--model.backbone.num_heads=2",
              "--model.backbone.attn_alpha_channels=8", "--model.backbone.attn_value_channels=4",
@@ -33,17 +28,7 @@ TINY_ESCN = ["--model.backbone.num_layers=2", "--model.backbone.sphere_channels=
 def md17_lmdb(tmp_path_factory):
     """A small MD17-format file (ethanol-like C2H6O... EMT knows H, C, N, O) converted by the CLI."""
     folder = tmp_path_factory.mktemp("md17")
-    rng = np.random.default_rng(0)
-    atoms = molecule("CH3OH")
-    atoms.calc = EMT()
-    frames = 60
-    positions = atoms.positions + rng.normal(0.0, 0.04, size=(frames, len(atoms), 3))
-    energies, forces = np.empty(frames), np.empty((frames, len(atoms), 3))
-    for i, pos in enumerate(positions):
-        atoms.positions = pos
-        energies[i], forces[i] = atoms.get_potential_energy(), atoms.get_forces()
-    source = folder / "methanol.npz"
-    np.savez(source, z=atoms.numbers, R=positions, E=energies / KCAL, F=forces / KCAL)  # MD17 units
+    source = write_md17_npz(folder / "methanol.npz", emt_md17_frames("CH3OH", 60, 0.04))
     result = subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "md17-to-lmdb", str(source),
                              str(folder / "lmdb"), "--train", "40", "--val", "8"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
