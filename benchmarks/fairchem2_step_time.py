@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import hydra
-import torch
 from omegaconf import OmegaConf
 
 from fairchem.core.datasets.atomic_data import AtomicData, atomicdata_list_to_batch
@@ -34,6 +31,7 @@ from fairchem_dens.fairchem2.emt_data import emt_structures
 from fairchem_dens.fairchem2.loss import DeNSStep, DeNSTaskLoss
 from fairchem_dens.fairchem2.models import ENCODED_FORCES
 from fairchem_dens.resources import configs_dir
+from timing import cuda_peaks, interleaved_medians
 
 CONFIG = configs_dir() / "fairchem2" / "dens_escnmd_conservative_finetune.yml"
 DIRECT = configs_dir() / "fairchem2" / "dens_escnmd_direct.yml"
@@ -127,33 +125,17 @@ def main() -> None:
     parser.add_argument("--corrupt-ratio", type=float, default=0.5)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     for conservative in (False, True):
-        functions = step_functions(conservative, args.structures, args.channels, args.layers, args.corrupt_ratio,
-                                   args.device, args.repeats + 2)
-        atoms = functions.pop("atoms")
-        steps = tuple(functions.items())
-        times = {name: [] for name, _ in steps}
-        for index in range(args.repeats + 2):
-            for name, run in steps:
-                sync()
-                start = time.perf_counter()
-                run(index)
-                sync()
-                if index >= 2:  # warm-up
-                    times[name].append(time.perf_counter() - start)
-        medians = {name: statistics.median(values) for name, values in times.items()}
+        steps = step_functions(conservative, args.structures, args.channels, args.layers, args.corrupt_ratio,
+                               args.device, args.repeats + 2)
+        atoms = steps.pop("atoms")
+        medians = interleaved_medians(steps, args.repeats, args.device)
         kind = "conservative" if conservative else "direct"
         line = (f"{kind:12s} atoms={atoms} plain {1e3 * medians['plain']:.1f} ms, "
                 f"DeNS {1e3 * medians['dens']:.1f} ms, DeNS/plain {medians['dens'] / medians['plain']:.3f}; "
                 f"block noise head {1e3 * medians['block']:.1f} ms, block/linear {medians['block'] / medians['dens']:.3f}")
         if args.device.startswith("cuda"):  # peak memory of one more step of each
-            peaks = {}
-            for name, run in steps:
-                torch.cuda.reset_peak_memory_stats()
-                run(0)
-                sync()
-                peaks[name] = torch.cuda.max_memory_allocated() / 2**20
+            peaks = cuda_peaks(steps)
             line += f"; peak MiB plain {peaks['plain']:.0f}, DeNS {peaks['dens']:.0f}, block {peaks['block']:.0f}"
         print(line)
 

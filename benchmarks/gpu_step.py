@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import platform
-import statistics
 import sys
 import time
 from importlib import metadata
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the step scripts beside this one
+from timing import cuda_peaks, interleaved_medians  # noqa: E402
 
 
 def autocast(device: str, precision: str):
@@ -72,31 +72,15 @@ def main() -> None:
     fairchem = metadata.version("fairchem-core")
     make_steps = fairchem1_steps if fairchem.startswith("1.") else fairchem2_steps
     cuda = args.device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     card = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
     print(f"# {time.strftime('%Y-%m-%d')} {card}, torch {torch.__version__}, fairchem-core {fairchem}, "
           f"{args.layers} layers x {args.channels} channels, medians of {args.repeats}")
     for conservative in (False, True):
         for precision in args.precisions:
             steps = make_steps(conservative, args)
-            times = {name: [] for name in steps}
             with autocast(args.device, precision):
-                for index in range(args.repeats + 2):
-                    for name, run in steps.items():
-                        sync()
-                        start = time.perf_counter()
-                        run(index)
-                        sync()
-                        if index >= 2:  # warm-up
-                            times[name].append(time.perf_counter() - start)
-                peaks = {}
-                if cuda:
-                    for name, run in steps.items():
-                        torch.cuda.reset_peak_memory_stats()
-                        run(0)
-                        sync()
-                        peaks[name] = torch.cuda.max_memory_allocated() / 2**20
-            medians = {name: statistics.median(values) for name, values in times.items()}
+                medians = interleaved_medians(steps, args.repeats, args.device)
+                peaks = cuda_peaks(steps) if cuda else {}
             cells = ", ".join(f"{name} {1e3 * value:.1f} ms" + (f" / {peaks[name]:.0f} MiB" if cuda else "")
                               for name, value in medians.items())
             ratios = ", ".join(f"{name}/plain {value / medians['plain']:.3f}" for name, value in medians.items()
