@@ -18,7 +18,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["NOISE_HEADS", "BatchDuringForward", "check_noise_head", "l1_vectors", "zero_weight"]
+__all__ = ["EDGE_INPUTS", "NOISE_HEADS", "BatchDuringForward", "check_noise_head", "l1_vectors", "zero_weight"]
+
+#: The key of a DeNS backbone's output holding the per-edge inputs its blocks received in a
+#: DeNS batch, for a block noise head (put there by a hook through ``_dens_outputs``).
+EDGE_INPUTS = "dens_edge_inputs"
 
 
 class BatchDuringForward:

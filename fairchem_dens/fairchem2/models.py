@@ -49,9 +49,9 @@ from fairchem.core.models.uma.nn.so3_layers import SO3_Linear
 from fairchem_dens.core.batch import corrupted_atoms, is_dens_batch
 from fairchem_dens.core.encoding import force_encoding_coefficients
 from fairchem_dens.core.errors import DeNSSetupError
-from fairchem_dens.core.modules import BatchDuringForward, check_noise_head, l1_vectors, zero_weight
+from fairchem_dens.core.modules import EDGE_INPUTS, BatchDuringForward, check_noise_head, l1_vectors, zero_weight
 from fairchem_dens.core.roles import FORCES
-from fairchem_dens.fairchem2.noise_block import EDGE_INPUTS, eSCNMDNoiseBlock
+from fairchem_dens.fairchem2.noise_block import eSCNMDNoiseBlock
 
 __all__ = ["ENCODED_FORCES", "DeNSeSCNMDBackbone", "DeNSeSCNMDMoeBackbone", "DeNSLinearForceHead", "DeNSMLPEFSHead"]
 

@@ -27,11 +27,7 @@ from fairchem_dens.core.errors import DeNSSetupError
 from fairchem_dens.core.modules import l1_vectors
 from fairchem_dens.core.subgraph import incoming_subgraph
 
-__all__ = ["EDGE_INPUTS", "eSCNMDNoiseBlock"]
-
-#: The key of the backbone's output holding its blocks' per-edge inputs in a DeNS batch
-#: (``edge_index``, ``x_edge``, ``wigner``, ``wigner_inv_envelope``).
-EDGE_INPUTS = "dens_edge_inputs"
+__all__ = ["eSCNMDNoiseBlock"]
 
 
 class eSCNMDNoiseBlock(nn.Module):

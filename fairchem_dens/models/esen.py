@@ -42,8 +42,8 @@ from fairchem.core.models.base import HeadInterface
 from fairchem.core.models.esen.esen import MLP_EFS_Head, eSEN_Backbone
 from fairchem.core.models.esen.nn.so3_layers import SO3_Linear
 
-from fairchem_dens.core.batch import corrupted_atoms
-from fairchem_dens.core.modules import check_noise_head, l1_vectors, zero_weight
+from fairchem_dens.core.batch import corrupted_atoms, is_dens_batch
+from fairchem_dens.core.modules import EDGE_INPUTS, check_noise_head, l1_vectors, zero_weight
 from fairchem_dens.core.roles import FORCES
 from fairchem_dens.models.adapters import BackboneAdapter
 from fairchem_dens.models.dens_features import (
@@ -52,7 +52,7 @@ from fairchem_dens.models.dens_features import (
     dens_node_features,
     fold_force_encoding_bias,
 )
-from fairchem_dens.models.esen_noise_block import EDGE_INPUTS, eSENNoiseBlock
+from fairchem_dens.models.esen_noise_block import eSENNoiseBlock
 
 if TYPE_CHECKING:
     from torch_geometric.data import Batch
@@ -95,7 +95,7 @@ class DeNSeSENBackbone(DeNSBackboneMixin, eSEN_Backbone):
         # eSEN_Block(x, x_edge, edge_distance, edge_index, wigner, wigner_inv, node_offset): in a
         # DeNS batch, the per-edge inputs go to the heads as emb[EDGE_INPUTS] (a block noise head's)
         data = self._dens_data
-        if data is not None and bool(corrupted_atoms(data).any()):
+        if data is not None and is_dens_batch(data):
             self._dens_outputs[EDGE_INPUTS] = (args[1], args[4], args[5])
 
     def _add_dens_encoding(self, module, args):

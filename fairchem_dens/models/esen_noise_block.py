@@ -24,14 +24,11 @@ from fairchem.core.models.esen.esen_block import eSEN_Block
 from fairchem.core.models.esen.nn.so3_layers import SO3_Linear
 
 from fairchem_dens.core.errors import DeNSSetupError
-from fairchem_dens.core.modules import l1_vectors
+from fairchem_dens.core.modules import EDGE_INPUTS, l1_vectors
 from fairchem_dens.core.subgraph import incoming_subgraph
 
-__all__ = ["EDGE_INPUTS", "eSENNoiseBlock"]
+__all__ = ["eSENNoiseBlock"]
 
-#: The key of the backbone's output holding its blocks' per-edge inputs in a DeNS batch
-#: (``x_edge``, ``wigner``, ``wigner_inv``; :class:`~fairchem_dens.models.esen.DeNSeSENBackbone`).
-EDGE_INPUTS = "dens_edge_inputs"
 
 class eSENNoiseBlock(nn.Module):
     """One ``eSEN_Block`` and a one-channel ``SO3_Linear``: the noise of the given atoms.

@@ -15,10 +15,9 @@ from fairchem.core.units.mlip_unit.utils import load_inference_model
 
 from fairchem_dens.core.batch import corrupted_atoms
 from fairchem_dens.core.errors import DeNSSetupError
-from fairchem_dens.core.modules import l1_vectors
 from fairchem_dens.fairchem2.export import plain_inference_checkpoint
 from fairchem_dens.fairchem2.models import ENCODED_FORCES
-from fairchem_dens.fairchem2.noise_block import EDGE_INPUTS
+from fairchem_dens.core.modules import EDGE_INPUTS, l1_vectors
 from fairchem_dens.testing.tolerances import ESEN_ROTATION_REL
 from fc2_helpers import batch, build, dens_batch, model_config, outputs, run
 
