@@ -44,11 +44,15 @@ def _make_emt_data(args: argparse.Namespace) -> int:
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not args.overwrite:
         raise SystemExit(f"make-emt-data: {out} exists and is not empty; pass --overwrite to replace its data")
     if args.bulk:
-        from fairchem_dens.datasets.emt_bulk import generate_bulk_dataset
+        from fairchem_dens.datasets.emt_bulk import LAYOUTS, generate_bulk_dataset
 
-        layouts = generate_bulk_dataset(
-            out, families_per_metal=args.families, md_frames=args.md_frames, seed=args.seed
-        )
+        try:
+            layouts = generate_bulk_dataset(
+                out, families_per_metal=args.families, md_frames=args.md_frames, seed=args.seed,
+                layouts=tuple(args.layout or LAYOUTS),
+            )
+        except ValueError as error:
+            raise SystemExit(f"make-emt-data: {error}") from error
         for layout, folders in layouts.items():
             for split, folder in folders.items():
                 print(f"{layout} {split}: {folder}")
@@ -212,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bulk fcc metals with energy, forces and stress instead (aselmdb/ and lmdb/ layouts)")
     emt.add_argument("--families", type=int, default=6, help="--bulk: strained supercells per metal")
     emt.add_argument("--md-frames", type=int, default=4, help="--bulk: MD frames per supercell")
+    emt.add_argument("--layout", action="append", choices=("aselmdb", "lmdb"), default=None,
+                     help="--bulk: write only this layout (repeatable; default both; lmdb needs fairchem 1.x)")
     emt.add_argument("--overwrite", action="store_true", help="replace the data set in a non-empty OUT")
     emt.set_defaults(func=_make_emt_data)
     convert = commands.add_parser(
@@ -304,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
              "layout make-submission reads (CHECKPOINT SRC --out FILE --task-name TASK)",
     )
     predict.add_argument("predict_argv", nargs=argparse.REMAINDER)
+    fit = commands.add_parser(
+        "fit-normalizers", add_help=False,
+        help="fairchem 2: the element references and force / stress scales of a training split, printed as "
+             "the overrides the bulk recipes take (SPLIT)",
+    )
+    fit.add_argument("fit_argv", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -319,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
         from fairchem_dens.fairchem2.predict import main as predict_main
 
         return predict_main(argv[1:])
+    if argv[:1] == ["fit-normalizers"]:
+        from fairchem_dens.fairchem2.normalizers import main as fit_main
+
+        return fit_main(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     return args.func(args)

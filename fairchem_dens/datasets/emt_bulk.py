@@ -54,6 +54,7 @@ MD_TIMESTEP_FS = 2.0
 MD_STEPS_PER_FRAME = 5
 MD_FRICTION = 0.02
 DEFAULT_SPLITS = {"train": 0.7, "val": 0.15, "test": 0.15}
+LAYOUTS = ("aselmdb", "lmdb")
 
 
 def _family(metal: str, repeat: tuple[int, int, int], md_frames: int, rng: np.random.Generator) -> list[Atoms]:
@@ -90,7 +91,18 @@ def write_aselmdb(frames: list[Atoms], path: str | Path) -> None:
     write_metadata(path.parent, (len(atoms) for atoms in frames))
 
 
-def _check_arguments(families_per_metal: int, md_frames: int, splits: dict[str, float]) -> None:
+def _check_arguments(families_per_metal: int, md_frames: int, splits: dict[str, float], layouts: tuple) -> None:
+    unknown = [layout for layout in layouts if layout not in LAYOUTS]
+    if not layouts or unknown:
+        raise ValueError(f"layouts must be some of {LAYOUTS}, got {tuple(layouts)}")
+    if "lmdb" in layouts:
+        try:  # the LMDB entries are fairchem 1's Data objects, made by its AtomsToGraphs
+            import fairchem.core.preprocessing  # noqa: F401
+        except ImportError as error:
+            raise ValueError(
+                "the lmdb layout needs fairchem-core 1.x (fairchem.core.preprocessing); with fairchem 2 "
+                "write only the aselmdb layout (make-emt-data --bulk --layout aselmdb)"
+            ) from error
     if families_per_metal < 1:
         raise ValueError(f"families_per_metal must be positive, got {families_per_metal}")
     if md_frames < 0:
@@ -109,6 +121,7 @@ def generate_bulk_dataset(
     md_frames: int = 4,
     seed: int = 0,
     splits: dict[str, float] | None = None,
+    layouts: tuple[str, ...] = LAYOUTS,
 ) -> dict[str, dict[str, Path]]:
     """Generates the bulk data set in both layouts.
 
@@ -118,15 +131,17 @@ def generate_bulk_dataset(
         md_frames: Langevin MD frames after the strained start of each family.
         seed: seed of every draw.
         splits: fractions of families per split (default 0.7/0.15/0.15); each split gets one at least.
+        layouts: which of :data:`LAYOUTS` to write (``lmdb`` needs fairchem-core 1.x).
 
     Returns:
-        ``{"aselmdb": {split: folder}, "lmdb": {split: folder}}``.
+        ``{layout: {split: folder}}`` for each written layout.
 
     The folders appear only when complete (written in a temporary folder, then renamed).
     """
     out_dir = Path(out_dir)
     splits = dict(DEFAULT_SPLITS if splits is None else splits)
-    _check_arguments(families_per_metal, md_frames, splits)
+    layouts = tuple(layouts)
+    _check_arguments(families_per_metal, md_frames, splits, layouts)
     rng = np.random.default_rng(seed)
     families = [(metal, SUPERCELLS[i % len(SUPERCELLS)]) for metal in METALS for i in range(families_per_metal)]
     order = rng.permutation(len(families))
@@ -147,11 +162,13 @@ def generate_bulk_dataset(
     try:
         for split, members in assignment.items():
             frames = [(fid, i, atoms) for fid in sorted(members) for i, atoms in enumerate(frames_of[fid])]
-            (staging / "aselmdb" / split).mkdir(parents=True)
-            (staging / "lmdb" / split).mkdir(parents=True)
-            write_aselmdb([atoms for _, _, atoms in frames], staging / "aselmdb" / split / "data.aselmdb")
-            entries = [atoms_to_data(atoms, fid, i, md=int(i > 0), stress=True) for fid, i, atoms in frames]
-            write_lmdb(entries, staging / "lmdb" / split / "data.lmdb")
+            if "aselmdb" in layouts:
+                (staging / "aselmdb" / split).mkdir(parents=True)
+                write_aselmdb([atoms for _, _, atoms in frames], staging / "aselmdb" / split / "data.aselmdb")
+            if "lmdb" in layouts:
+                (staging / "lmdb" / split).mkdir(parents=True)
+                entries = [atoms_to_data(atoms, fid, i, md=int(i > 0), stress=True) for fid, i, atoms in frames]
+                write_lmdb(entries, staging / "lmdb" / split / "data.lmdb")
             summary[split] = {"families": sorted(members), "frames": len(frames),
                               "atoms": int(sum(len(a) for _, _, a in frames))}
         description = {
@@ -165,8 +182,8 @@ def generate_bulk_dataset(
             "splits": summary,
         }
         (staging / "dataset.json").write_text(json.dumps(description, indent=2, ensure_ascii=False))
-        publish(staging, out_dir, ["aselmdb", "lmdb", "dataset.json"])
+        publish(staging, out_dir, [*layouts, "dataset.json"])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("EMT bulk data written to %s", out_dir)
-    return {layout: {split: out_dir / layout / split for split in assignment} for layout in ("aselmdb", "lmdb")}
+    return {layout: {split: out_dir / layout / split for split in assignment} for layout in layouts}
