@@ -8,13 +8,32 @@ and both integrations read them through :meth:`DeNSConfig.from_optim`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from fairchem_dens.core.errors import DeNSConfigError
 
-__all__ = ["DeNSConfig", "DeNSConfigError"]
+__all__ = ["DENS_KEYS", "DeNSConfig", "DeNSConfigError"]
+
+#: The DeNS keys at the top of ``optim`` (fairchem 1.x) or of the unit's ``dens`` block (fairchem 2).
+DENS_KEYS = ("use_denoising_pos", "denoising_pos_coefficient", "denoising_pos_params")
+#: Keys of a fairchem ``optim`` block that look meant for DeNS: they must be one of :data:`DENS_KEYS`.
+_LOOKS_LIKE_DENS = re.compile(r"^(use_)?denois|^dens_")
+
+
+def _nearest(key: str, known: tuple[str, ...]) -> str:
+    return difflib.get_close_matches(key, known, n=1, cutoff=0.0)[0]
+
+
+def _refuse_unknown_keys(keys: list[str], known: tuple[str, ...], section: str) -> None:
+    for key in sorted(keys):
+        raise DeNSConfigError(
+            f"unknown DeNS key {section}.{key} (nearest known key: {section}.{_nearest(key, known)}); "
+            f"known keys there: {', '.join(known)}. A misspelt key would leave its setting at the default."
+        )
 
 
 def _none_if_null(value: Any) -> Any:
@@ -98,18 +117,35 @@ class DeNSConfig:
 
 
     @classmethod
-    def from_optim(cls, optim: dict[str, Any]) -> DeNSConfig:
+    def from_optim(cls, optim: dict[str, Any], section: str = "optim", only_dens_keys: bool = False) -> DeNSConfig:
         """Reads and validates the DeNS keys of a fairchem ``optim`` block.
 
         Args:
-            optim: the ``optim`` section of a fairchem config.
+            optim: the ``optim`` section of a fairchem config (or a block of DeNS keys only).
+            section: where the keys sit in the user's config, for the messages
+                (``runner.train_eval_unit.dens`` on fairchem 2).
+            only_dens_keys: every key must be one of :data:`DENS_KEYS` (fairchem 2's ``dens``
+                block); otherwise only keys that look meant for DeNS are checked, since ``optim``
+                also holds fairchem's own keys.
 
         Returns:
             The validated settings.
 
         Raises:
-            DeNSConfigError: naming the offending key.
+            DeNSConfigError: naming the offending key where the user wrote it.
         """
+        try:
+            return cls._from_optim(optim, only_dens_keys)
+        except DeNSConfigError as error:
+            if section == "optim":
+                raise
+            # the checks name keys as fairchem 1 places them; say where this config holds them
+            raise DeNSConfigError(re.sub(r"\boptim\.", f"{section}.", str(error))) from None
+
+    @classmethod
+    def _from_optim(cls, optim: dict[str, Any], only_dens_keys: bool) -> DeNSConfig:
+        unknown = [key for key in optim if key not in DENS_KEYS and (only_dens_keys or _LOOKS_LIKE_DENS.search(key))]
+        _refuse_unknown_keys(unknown, DENS_KEYS, "optim")
         if "use_denoising_pos" not in optim:
             raise DeNSConfigError(
                 "optim.use_denoising_pos is missing: set it to true to train with "
@@ -133,12 +169,8 @@ class DeNSConfig:
                 f"optim.denoising_pos_params must be a mapping, got {type(params).__name__}"
             )
         params = {k: _none_if_null(v) for k, v in params.items()}
-        unknown = sorted(set(params) - set(param_keys()) - {"denoising_pos_coefficient"})
-        if unknown:
-            raise DeNSConfigError(
-                f"unknown key(s) in optim.denoising_pos_params: {', '.join(unknown)}; "
-                f"allowed: {', '.join(param_keys())}"
-            )
+        _refuse_unknown_keys([k for k in params if k not in (*param_keys(), "denoising_pos_coefficient")],
+                             param_keys(), "optim.denoising_pos_params")
         # The sibling key wins over a same-named field inside the params (as in both peers).
         coefficient = optim.get(
             "denoising_pos_coefficient", params.pop("denoising_pos_coefficient", None)

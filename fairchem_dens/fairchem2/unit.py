@@ -52,6 +52,9 @@ __all__ = ["DeNSTrainEvalUnit", "original_forces"]
 
 logger = logging.getLogger(__name__)
 
+#: Where the DeNS keys sit in a fairchem-2 config, for the messages.
+DENS_SECTION = "runner.train_eval_unit.dens"
+
 
 def original_forces(data: Any, force_tasks: list[str]) -> torch.Tensor:
     """``[N, 3]`` force labels of every atom from whichever force task labels it (0 where none does)."""
@@ -74,15 +77,15 @@ class DeNSTrainEvalUnit(MLIPTrainEvalUnit):
     def __init__(self, *args: Any, dens: Mapping[str, Any], model: torch.nn.Module, tasks: list, **kwargs: Any) -> None:
         if isinstance(dens, DictConfig):
             dens = OmegaConf.to_container(dens, resolve=True)
-        config = DeNSConfig.from_optim(dict(dens))
+        config = DeNSConfig.from_optim(dict(dens), section=DENS_SECTION, only_dens_keys=True)
         if config.validate_denoising:
             raise DeNSConfigError(
-                "optim.denoising_pos_params.validate_denoising is not supported on fairchem 2 yet: "
+                f"{DENS_SECTION}.denoising_pos_params.validate_denoising is not supported on fairchem 2 yet: "
                 "validation batches are never corrupted here; drop the key."
             )
         if config.relaxation_only:
             raise DeNSConfigError(
-                "optim.denoising_pos_params.relaxation_only needs a per-structure `md` flag in every batch, "
+                f"{DENS_SECTION}.denoising_pos_params.relaxation_only needs a per-structure `md` flag in every batch, "
                 "which fairchem 2's datasets (ase_db, AtomicData.from_ase) do not carry yet: drop the key "
                 "or train MD-free data."
             )

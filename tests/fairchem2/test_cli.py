@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -261,3 +262,26 @@ def test_a_skip_filter_in_a_real_run_keeps_high_force_structures_clean(emt_root,
     assert any(corrupted for _, corrupted in structures)  # the filter left DeNS on
     assert any(force > limit for force, _ in structures)  # and had something to filter
     assert all(r["pos_equal"] and r["dens"] == r["expected_dens"] for r in records)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    # a misspelt key inside the unit's own `dens:` block would otherwise train with the recipe's values
+    ("+runner.train_eval_unit.dens.denoising_pos_parmas.prob=0.5",
+     "unknown DeNS key runner.train_eval_unit.dens.denoising_pos_parmas (nearest known key: "
+     "runner.train_eval_unit.dens.denoising_pos_params)"),
+    ("+runner.train_eval_unit.dens.denoising_pos_params.corupt_ratio=0.5",
+     "unknown DeNS key runner.train_eval_unit.dens.denoising_pos_params.corupt_ratio (nearest known key: "
+     "runner.train_eval_unit.dens.denoising_pos_params.corrupt_ratio)"),
+    # values are named where the user wrote them, not where fairchem 1 keeps them
+    ("runner.train_eval_unit.dens.denoising_pos_params.prob=1.5",
+     "runner.train_eval_unit.dens.denoising_pos_params.prob must be a probability in [0, 1], got 1.5"),
+])
+def test_a_misspelt_or_bad_dens_key_is_refused_before_anything_is_written(emt_root, tmp_path, override, message):
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("fairchem")), "-c", str(DIRECT_CONFIG), f"data_root={emt_root}",
+         f"+job.run_dir={tmp_path}/run", "+job.timestamp_id=t1", override],
+        capture_output=True, text=True, env=fairchem_env(), timeout=240,
+    )
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert not (tmp_path / "run" / "t1" / "checkpoints").exists()

@@ -104,7 +104,9 @@ def test_unit_refuses_bad_settings_with_the_cores_message():
         DeNSConfig.from_optim(bad)
     with pytest.raises(DeNSConfigError) as unit:
         DeNSTrainEvalUnit(**_unit_arguments(dens=bad))
-    assert str(unit.value) == str(core.value)
+    # the same check, naming the key where a fairchem-2 config holds it
+    assert str(unit.value) == str(core.value).replace("optim.", "runner.train_eval_unit.dens.")
+    assert str(unit.value).startswith("runner.train_eval_unit.dens.denoising_pos_params.prob is 0")
 
 
 def test_unit_refuses_a_plain_model_a_per_structure_forces_loss_and_a_config_without_forces():

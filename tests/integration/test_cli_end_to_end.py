@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from fairchem.core.datasets import LmdbDataset
@@ -67,15 +68,23 @@ def test_train_then_predict(emt_data, tmp_path):
     assert (tmp_path / "submission.npz.json").exists()
 
 
-def test_bad_dens_config_fails_before_training(emt_data, tmp_path):
+@pytest.mark.parametrize(("override", "message"), [
+    ("--optim.denoising_pos_params.prob=1.5", "optim.denoising_pos_params.prob must be a probability in [0, 1], got 1.5"),
+    # a misspelt DeNS key would otherwise train to the end with the recipe's values
+    ("--optim.denoising_pos_parmas.prob=0.5",
+     "unknown DeNS key optim.denoising_pos_parmas (nearest known key: optim.denoising_pos_params)"),
+    ("--optim.denoising_pos_params.corupt_ratio=0.5",
+     "unknown DeNS key optim.denoising_pos_params.corupt_ratio (nearest known key: "
+     "optim.denoising_pos_params.corrupt_ratio)"),
+])
+def test_bad_dens_config_fails_before_training(emt_data, tmp_path, override, message):
     result = subprocess.run(
         [*fairchem_command(), "--mode", "train", "--config-yml", str(QUICKSTART / "eqv2_dens_tiny.yml"),
-         "--cpu", "--run-dir", str(tmp_path), "--timestamp-id", "bad", *data_overrides(emt_data),
-         "--optim.denoising_pos_params.prob=1.5"],
+         "--cpu", "--run-dir", str(tmp_path), "--timestamp-id", "bad", *data_overrides(emt_data), override],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )
     assert result.returncode != 0
-    assert "optim.denoising_pos_params.prob must be a probability in [0, 1], got 1.5" in result.stdout + result.stderr
+    assert message in result.stdout + result.stderr
     assert not (tmp_path / "checkpoints" / "bad").exists()
 
 

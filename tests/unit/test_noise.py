@@ -160,7 +160,8 @@ def test_yaml_capitalised_none_is_null():
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"probability": 0.5}, "unknown key.*probability"),
+        ({"probability": 0.5}, r"unknown DeNS key optim.denoising_pos_params.probability \(nearest known key: "
+                               r"optim.denoising_pos_params.prob\)"),
         ({"prob": 1.5}, r"prob must be a probability in \[0, 1\]"),
         ({"prob": -0.1}, r"prob must be a probability"),
         ({"corrupt_ratio": 2.0}, r"corrupt_ratio must be a probability"),
@@ -179,6 +180,23 @@ def test_yaml_capitalised_none_is_null():
 def test_invalid_params_name_the_key(params, message):
     with pytest.raises(DeNSConfigError, match=message):
         config(**params)
+
+
+@pytest.mark.parametrize("key", ["denoising_pos_parmas", "use_denoising", "denoising_coefficient", "dens_params"])
+def test_an_optim_key_meant_for_dens_but_misspelt_is_refused_naming_the_nearest(key):
+    with pytest.raises(DeNSConfigError, match=rf"unknown DeNS key optim\.{key} \(nearest known key: optim\."):
+        DeNSConfig.from_optim({**optim(), key: 1})
+
+
+def test_fairchems_own_optim_keys_pass_and_a_dens_block_holds_only_dens_keys():
+    fairchem_keys = {"batch_size": 4, "lr_initial": 1e-3, "max_epochs": 2, "eval_every": 10}
+    assert DeNSConfig.from_optim({**optim(), **fairchem_keys}).enabled
+    section = "runner.train_eval_unit.dens"
+    with pytest.raises(DeNSConfigError, match=rf"unknown DeNS key {section}\.batch_size"):
+        DeNSConfig.from_optim({**optim(), "batch_size": 4}, section=section, only_dens_keys=True)
+    # every message names the key where that config holds it
+    with pytest.raises(DeNSConfigError, match=rf"^{section}\.denoising_pos_params\.prob must be a probability"):
+        DeNSConfig.from_optim(optim(prob=1.5), section=section, only_dens_keys=True)
 
 
 def test_missing_fixed_noise_std_is_an_error():
