@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One entry point that sets everything up, then runs what you ask for:
 #   ./dens.sh quickstart     set up, then train/compare DeNS on the built-in GFN2-xTB ethanol example
+#   ./dens.sh quickstart2    set up the fairchem-2 environment, then train/compare DeNS on EMT bulk metals
+#                            through fairchem 2's `fairchem -c` (bulk_direct.yml; --head conservative)
 #   ./dens.sh test [ARGS]    set up, then run the test suite (pytest ARGS): the fairchem-1.10 suite,
 #                            then tests/fairchem2 in the fairchem-2 environment (ARGS naming
 #                            tests/fairchem2 run only that one; other ARGS only the 1.10 suite)
@@ -125,11 +127,12 @@ setup_env() {
 }
 
 install_plugin() {
-  # Editable install of this checkout; redone only when the checkout moved.
-  local where
-  where="$(cd / && "$ENV_DIR/bin/python" -c 'import fairchem_dens, os; print(os.path.dirname(os.path.dirname(fairchem_dens.__file__)))' 2>/dev/null || true)"
+  # Editable install of this checkout into ENV (default the fairchem-1.10 one); redone only when the
+  # checkout moved (a fresh clone beside an environment made by another one).
+  local env="${1:-$ENV_DIR}" where
+  where="$(cd / && "$env/bin/python" -c 'import fairchem_dens, os; print(os.path.dirname(os.path.dirname(fairchem_dens.__file__)))' 2>/dev/null || true)"
   if [[ "$where" != "$ROOT" ]]; then
-    "$ENV_DIR/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$ROOT"
+    "$env/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$ROOT"
   fi
 }
 
@@ -159,7 +162,7 @@ run_tests() {
     "$ENV_DIR/bin/python" -m pytest "$@" || status=$?
   fi
   if [[ $fairchem2 -eq 1 || $# -eq 0 || $others -eq 0 ]]; then
-    setup_env2
+    setup_env2; install_plugin "$ENV2_DIR"
     if [[ $fairchem2 -eq 1 ]]; then
       "$ENV2_DIR/bin/python" -m pytest "$@" || status=$?
     else
@@ -173,10 +176,11 @@ cmd="${1:-}"
 [[ $# -gt 0 ]] && shift
 case "$cmd" in
   setup) setup_env; install_plugin ;;
-  setup2) setup_env2 ;;
+  setup2) setup_env2; install_plugin "$ENV2_DIR" ;;
   quickstart) setup_env; install_plugin; cd "$ROOT"; exec "$ENV_DIR/bin/fairchem-dens" quickstart "$@" ;;
+  quickstart2) setup_env2; install_plugin "$ENV2_DIR"; cd "$ROOT"; exec "$ENV2_DIR/bin/fairchem-dens" quickstart2 "$@" ;;
   test) run_tests "$@" ;;
   run) setup_env; install_plugin; export PATH="$ENV_DIR/bin:$PATH"; exec "$@" ;;
-  run2) setup_env2; export PATH="$ENV2_DIR/bin:$PATH"; exec "$@" ;;
- *) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  run2) setup_env2; install_plugin "$ENV2_DIR"; export PATH="$ENV2_DIR/bin:$PATH"; exec "$@" ;;
+ *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -24,6 +24,18 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quickstart2(args: argparse.Namespace) -> int:
+    from fairchem_dens.fairchem2.quickstart import run_quickstart2
+
+    try:
+        run_quickstart2(Path(args.workdir), head=args.head, seeds=tuple(args.seeds), epochs=args.epochs,
+                        jobs=args.jobs)
+    except ValueError as error:
+        print(f"fairchem-dens quickstart2: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _configs(args: argparse.Namespace) -> int:
     from fairchem_dens.resources import configs_dir, copy_configs
 
@@ -198,6 +210,19 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (default: 0 1)")
     quick.add_argument("--jobs", type=int, default=None, help="runs at a time (default: 2 on 2+ cores)")
     quick.set_defaults(func=_quickstart)
+
+    quick2 = commands.add_parser(
+        "quickstart2",
+        help="fairchem 2: train an eSCN-MD with and without DeNS on EMT bulk metals (energy, forces, stress) "
+             "through `fairchem -c` and compare",
+    )
+    quick2.add_argument("--workdir", default="quickstart2_output", help="output folder (default: %(default)s)")
+    quick2.add_argument("--head", choices=("direct", "conservative"), default="direct",
+                        help="bulk_direct.yml or bulk_conservative.yml (default: %(default)s)")
+    quick2.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's)")
+    quick2.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (default: 0 1)")
+    quick2.add_argument("--jobs", type=int, default=None, help="runs at a time (default: 2 on 2+ cores)")
+    quick2.set_defaults(func=_quickstart2)
 
     configs = commands.add_parser(
         "configs", help="print where the shipped configs are, or copy them (--copy DIR) to run or edit them"

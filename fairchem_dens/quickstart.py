@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,14 +92,31 @@ _PRINT_LOCK = threading.Lock()
 _READ_LOCK = threading.Lock()
 
 
+class _Fairchem1Progress:
+    """The validation lines of a fairchem-1 training log (each follows an `Evaluating on val` line)."""
+
+    def __init__(self) -> None:
+        self.after_eval = False
+
+    def __call__(self, line: str) -> str | None:
+        summary = None
+        if self.after_eval and (point := _validation_point(line)):
+            summary = f"epoch {point[0]:5.1f}  validation F MAE {point[1]:6.1f} meV/Å"
+        self.after_eval = "Evaluating on val" in line or (self.after_eval and summary is None)
+        return summary
+
+
 def run_logged(command: list[str], log_path: Path, cwd: Path, label: str | None = None,
-         threads: int | None = None) -> float:
-    """Runs a command into a log; with a label, echoes its validation lines and errors."""
+               threads: int | None = None, progress: Callable[[str], str | None] | None = None) -> float:
+    """Runs a command into a log; with a label, echoes its validation lines and errors.
+
+    ``progress`` turns a log line into the summary to echo, or None (default: fairchem 1's validation lines).
+    """
     start = time.perf_counter()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    after_eval = False
+    progress = progress or _Fairchem1Progress()
     with open(log_path, "w") as log, subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env
     ) as process:
@@ -107,12 +124,9 @@ def run_logged(command: list[str], log_path: Path, cwd: Path, label: str | None 
             log.write(line)
             if label is None:
                 continue
-            summary = None
-            if after_eval and (point := _validation_point(line)):
-                summary = f"epoch {point[0]:5.1f}  validation F MAE {point[1]:6.1f} meV/Å"
-            elif "Traceback" in line or "Error" in line:
+            summary = progress(line)
+            if summary is None and ("Traceback" in line or "Error" in line):
                 summary = line.strip()[-200:]
-            after_eval = "Evaluating on val" in line or (after_eval and summary is None)
             if summary:
                 with _PRINT_LOCK:
                     print(f"  [{label} {time.perf_counter() - start:4.0f}s] {summary}", flush=True)

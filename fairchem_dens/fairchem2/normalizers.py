@@ -3,12 +3,14 @@
 * ``elem_refs``: linear per-element energy references (eV, indexed by atomic number, 100
   entries), fitted by least squares with fairchem's own ``compute_lin_ref``, the fit its
   fine-tuning data script makes; the model then learns the energy left after them.
+* ``energy_rmsd``: the root mean square of the energy per atom left after the references
+  (eV/atom), the scale of what the energy head learns.
 * ``force_rmsd``: the root mean square of the free atoms' force components (eV/Å).
 * ``stress_rmsd``: the root mean square of the stress components (eV/Å³).
 
 ::
 
-    fairchem-dens fit-normalizers DATA/train      # prints: 'elem_refs=[...]' force_rmsd=... stress_rmsd=...
+    fairchem-dens fit-normalizers DATA/train      # prints: 'elem_refs=[...]' energy_rmsd=... force_rmsd=... stress_rmsd=...
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def _database_files(split: Path) -> list[Path]:
 
 
 def fit_normalizers(split: str | Path) -> dict:
-    """``{"elem_refs": [...], "force_rmsd": float, "stress_rmsd": float}`` of a training split."""
+    """``{"elem_refs": [...], "energy_rmsd", "force_rmsd", "stress_rmsd"}`` of a training split."""
     import ase.db
     from ase.constraints import FixAtoms
     from fairchem.core.scripts.create_finetune_dataset import compute_lin_ref
@@ -51,19 +53,22 @@ def fit_normalizers(split: str | Path) -> dict:
                     stresses.append(np.asarray(row.stress))
     if not energies:
         raise ValueError(f"{split}: the database holds no structures")
-    rmsd = {"force_rmsd": float(np.sqrt(np.mean(np.square(np.concatenate(free_forces)))))}
+    refs = np.asarray(compute_lin_ref(numbers, energies))
+    residual_per_atom = [(energy - refs[z].sum()) / len(z) for z, energy in zip(numbers, energies)]
+    rmsd = {"energy_rmsd": float(np.sqrt(np.mean(np.square(residual_per_atom)))),
+            "force_rmsd": float(np.sqrt(np.mean(np.square(np.concatenate(free_forces)))))}
     # a split without stress gets 1.0: the recipes' stress normalizer must still be a number
     rmsd["stress_rmsd"] = float(np.sqrt(np.mean(np.square(np.concatenate(stresses))))) if stresses else 1.0
     for name, value in rmsd.items():
         if not value > 0:
             raise ValueError(f"{split}: {name} is {value}; the recipes divide by it")
-    return {"elem_refs": [float(c) for c in compute_lin_ref(numbers, energies)], **rmsd}
+    return {"elem_refs": [float(c) for c in refs], **rmsd}
 
 
 def overrides(fitted: dict) -> list[str]:
     """The fitted numbers as ``fairchem -c`` command-line overrides."""
     refs = ",".join(f"{value:.10g}" for value in fitted["elem_refs"])
-    return [f"elem_refs=[{refs}]", f"force_rmsd={fitted['force_rmsd']:.6g}", f"stress_rmsd={fitted['stress_rmsd']:.6g}"]
+    return [f"elem_refs=[{refs}]", *(f"{key}={fitted[key]:.6g}" for key in ("energy_rmsd", "force_rmsd", "stress_rmsd"))]
 
 
 def main(argv: list[str] | None = None) -> int:

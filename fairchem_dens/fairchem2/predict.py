@@ -31,7 +31,7 @@ from ase.constraints import FixAtoms
 from fairchem_dens.errors import FairchemDensError
 from fairchem_dens.files import atomic_write
 
-__all__ = ["PredictionError", "predict_s2ef", "read_structures"]
+__all__ = ["PredictionError", "predict_s2ef", "predict_structures", "read_structures"]
 
 DATABASE_SUFFIXES = (".aselmdb", ".db")
 
@@ -85,6 +85,32 @@ def _free_atoms(atoms: Atoms) -> np.ndarray:
     return free
 
 
+def predict_structures(checkpoint: str | Path, structures: list[Atoms], *, task_name: str, batch_size: int = 16,
+                       device: str = "cpu") -> list[dict[str, np.ndarray]]:
+    """Each structure's predictions (``energy``, ``forces``, and ``stress`` 3×3 where the model has it).
+
+    Runs the inference checkpoint through fairchem 2's own ``load_predict_unit``, in batches.
+    """
+    from fairchem.core.datasets.atomic_data import AtomicData, atomicdata_list_to_batch
+    from fairchem.core.units.mlip_unit import load_predict_unit
+
+    unit = load_predict_unit(str(checkpoint), "batch", device=device)
+    if task_name not in unit.dataset_to_tasks:
+        raise PredictionError(f"--task-name {task_name!r}: the model knows {sorted(unit.dataset_to_tasks)}")
+    results = []
+    for start in range(0, len(structures), batch_size):
+        chunk = structures[start:start + batch_size]
+        batch = atomicdata_list_to_batch([AtomicData.from_ase(atoms, task_name=task_name) for atoms in chunk])
+        predicted = {key: value.detach().cpu() for key, value in unit.predict(batch.to(device)).items()}
+        per_atom = torch.split(predicted["forces"], [len(atoms) for atoms in chunk])
+        for index, forces in enumerate(per_atom):
+            result = {"energy": float(predicted["energy"].view(-1)[index]), "forces": forces.numpy()}
+            if "stress" in predicted:
+                result["stress"] = predicted["stress"].view(len(chunk), 3, 3)[index].numpy()
+            results.append(result)
+    return results
+
+
 def predict_s2ef(checkpoint: str | Path, src: str | Path, out: str | Path, *, task_name: str,
                  batch_size: int = 16, device: str = "cpu") -> Path:
     """Writes ``out`` (an S2EF prediction file) from the predictions of ``checkpoint`` on ``src``.
@@ -97,9 +123,6 @@ def predict_s2ef(checkpoint: str | Path, src: str | Path, out: str | Path, *, ta
         batch_size: structures per forward.
         device: ``cpu`` or ``cuda``.
     """
-    from fairchem.core.datasets.atomic_data import AtomicData, atomicdata_list_to_batch
-    from fairchem.core.units.mlip_unit import load_predict_unit
-
     out = Path(out)
     if out.exists():
         raise PredictionError(f"{out} exists: choose another --out or move it away")
@@ -108,22 +131,15 @@ def predict_s2ef(checkpoint: str | Path, src: str | Path, out: str | Path, *, ta
     structures = list(read_structures(src))
     if not structures:
         raise PredictionError(f"{src}: the database holds no structures")
-    unit = load_predict_unit(str(checkpoint), "batch", device=device)
-    if task_name not in unit.dataset_to_tasks:
-        raise PredictionError(f"--task-name {task_name!r}: the model knows {sorted(unit.dataset_to_tasks)}")
     ids, energies, forces, counts = [], [], [], []
-    for start in range(0, len(structures), batch_size):
-        chunk = structures[start:start + batch_size]
-        batch = atomicdata_list_to_batch([AtomicData.from_ase(atoms, task_name=task_name) for _, atoms in chunk])
-        predicted = unit.predict(batch.to(device))
-        energy = predicted["energy"].detach().cpu().view(-1).numpy()
-        per_atom = torch.split(predicted["forces"].detach().cpu(), [len(atoms) for _, atoms in chunk])
-        for (name, atoms), e, f in zip(chunk, energy, per_atom):
-            free = _free_atoms(atoms)
-            ids.append(name)
-            energies.append(e)
-            forces.append(f.numpy()[free])
-            counts.append(int(free.sum()))
+    atoms_list = [atoms for _, atoms in structures]
+    for (name, atoms), predicted in zip(structures, predict_structures(checkpoint, atoms_list, task_name=task_name,
+                                                                        batch_size=batch_size, device=device)):
+        free = _free_atoms(atoms)
+        ids.append(name)
+        energies.append(predicted["energy"])
+        forces.append(predicted["forces"][free])
+        counts.append(int(free.sum()))
     with atomic_write(out) as temp:
         with open(temp, "wb") as file:
             np.savez_compressed(file, ids=np.array(ids), energy=np.array(energies, dtype=np.float32),
