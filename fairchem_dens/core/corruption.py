@@ -108,8 +108,9 @@ def require_md(config: DeNSConfig, md: Any, where: str) -> None:
     """Refuses ``relaxation_only`` without MD flags; ``where`` names the data ("the batch", a dataset)."""
     if config.relaxation_only and md is None:
         raise DeNSConfigError(
-            f"optim.denoising_pos_params.relaxation_only is set but {where} gives no `md` flag: use "
-            "fairchem_dens.datasets.lmdb_dataset.DeNSLmdbDataset or store `md` in the entries."
+            f"optim.denoising_pos_params.relaxation_only is set but {where} gives no `md` flag: on fairchem "
+            "1.10 use fairchem_dens.datasets.lmdb_dataset.DeNSLmdbDataset or store `md` in the entries; on "
+            "fairchem 2 set the dataset's format to fairchem_dens.fairchem2.datasets.DeNSAseDBDataset."
         )
 
 

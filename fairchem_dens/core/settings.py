@@ -24,6 +24,14 @@ DENS_KEYS = ("use_denoising_pos", "denoising_pos_coefficient", "denoising_pos_pa
 _LOOKS_LIKE_DENS = re.compile(r"^(use_)?denois|^dens_")
 
 
+def located(error: DeNSConfigError, section: str) -> DeNSConfigError:
+    """``error`` naming the DeNS keys under ``section``: every check names them as fairchem 1 places them
+    (``optim.<key>``), fairchem 2 holds them under ``runner.train_eval_unit.dens``."""
+    if section == "optim":
+        return error
+    return DeNSConfigError(re.sub(r"\boptim\.", f"{section}.", str(error)))
+
+
 def _nearest(key: str, known: tuple[str, ...]) -> str:
     return difflib.get_close_matches(key, known, n=1, cutoff=0.0)[0]
 
@@ -137,10 +145,7 @@ class DeNSConfig:
         try:
             return cls._from_optim(optim, only_dens_keys)
         except DeNSConfigError as error:
-            if section == "optim":
-                raise
-            # the checks name keys as fairchem 1 places them; say where this config holds them
-            raise DeNSConfigError(re.sub(r"\boptim\.", f"{section}.", str(error))) from None
+            raise located(error, section) from None
 
     @classmethod
     def _from_optim(cls, optim: dict[str, Any], only_dens_keys: bool) -> DeNSConfig:

@@ -11,7 +11,8 @@ Written twice, in the layouts materials users hold:
 
 * ``<out>/aselmdb/<split>/data.aselmdb`` — fairchem's ``ase_db`` layout (the format
   of MPtrj and OMat24), read with ``a2g_args: {r_energy, r_forces, r_stress}``
-  through :class:`fairchem_dens.datasets.ase_db.DeNSAseDBDataset`;
+  through :class:`fairchem_dens.datasets.ase_db.DeNSAseDBDataset` (fairchem 1.10) or
+  fairchem 2's ``ase_db`` format; each row's data holds its ``md`` flag;
 * ``<out>/lmdb/<split>/data.lmdb`` — fairchem LMDB entries with ``stress`` (1, 3, 3) and
   ``md`` (0 for the strained starting frame of a family, 1 for its MD frames).
 
@@ -78,15 +79,19 @@ def _family(metal: str, repeat: tuple[int, int, int], md_frames: int, rng: np.ra
     return frames
 
 
-def write_aselmdb(frames: list[Atoms], path: str | Path) -> None:
-    """Writes labelled frames to an ``.aselmdb`` file (ASE database on LMDB) and ``metadata.npz``."""
+def write_aselmdb(frames: list[Atoms], path: str | Path, md: list[int] | None = None) -> None:
+    """Writes labelled frames to an ``.aselmdb`` file (ASE database on LMDB) and ``metadata.npz``.
+
+    ``md``: each frame's MD flag, stored in the row's data (fairchem 2's ASE datasets put a row's
+    data into ``atoms.info``, where :class:`fairchem_dens.fairchem2.datasets.DeNSAseDBDataset` reads it).
+    """
     from ase_db_backends.aselmdb import LMDBDatabase
 
     path = Path(path)
     path.unlink(missing_ok=True)
     with LMDBDatabase(path, use_lock_file=False) as database:
-        for atoms in frames:
-            database.write(atoms)
+        for index, atoms in enumerate(frames):
+            database.write(atoms, data=None if md is None else {"md": int(md[index])})
     Path(str(path) + "-lock").unlink(missing_ok=True)
     write_metadata(path.parent, (len(atoms) for atoms in frames))
 
@@ -164,7 +169,8 @@ def generate_bulk_dataset(
             frames = [(fid, i, atoms) for fid in sorted(members) for i, atoms in enumerate(frames_of[fid])]
             if "aselmdb" in layouts:
                 (staging / "aselmdb" / split).mkdir(parents=True)
-                write_aselmdb([atoms for _, _, atoms in frames], staging / "aselmdb" / split / "data.aselmdb")
+                write_aselmdb([atoms for _, _, atoms in frames], staging / "aselmdb" / split / "data.aselmdb",
+                              md=[int(i > 0) for _, i, _ in frames])
             if "lmdb" in layouts:
                 (staging / "lmdb" / split).mkdir(parents=True)
                 entries = [atoms_to_data(atoms, fid, i, md=int(i > 0), stress=True) for fid, i, atoms in frames]

@@ -2,7 +2,8 @@
 
 Rattled fcc cells (4 and 8 atoms) of metals ASE's EMT calculator knows, each with
 EMT's energy, forces and stress in a single-point calculator; one cell in four holds
-its first atom fixed (``FixAtoms``), so the fixed-atom rules are exercised.
+its first atom fixed (``FixAtoms``), so the fixed-atom rules are exercised, and one in three is
+flagged as an MD frame (``md`` 1 in the row's data, for ``relaxation_only``).
 fairchem 2 reads the files with ``format: ase_db`` (``AseDBDataset``)::
 
     python -m fairchem_dens.fairchem2.emt_data OUT      # OUT/train/data.aselmdb, OUT/val/data.aselmdb
@@ -52,8 +53,8 @@ def write_emt_aselmdb(root: str | Path, splits: dict[str, int] | None = None, se
             raise FileExistsError(f"{path} exists: pick an empty folder for the EMT data")
         path.parent.mkdir(parents=True, exist_ok=True)
         with ase.db.connect(str(path)) as db:
-            for atoms in emt_structures(count, seed + 1000 * offset):
-                db.write(atoms)
+            for index, atoms in enumerate(emt_structures(count, seed + 1000 * offset)):
+                db.write(atoms, data={"md": int(index % 3 == 1)})
     return root
 
 

@@ -41,8 +41,10 @@ from fairchem_dens.core.batch import corrupt_batch
 from fairchem_dens.core.errors import DeNSConfigError, DeNSSetupError
 from fairchem_dens.core.metrics import aggregate, metric_keys
 from fairchem_dens.core.roles import FORCES, output_roles
-from fairchem_dens.core.settings import DeNSConfig
+from fairchem_dens.core.corruption import require_md
+from fairchem_dens.core.settings import DeNSConfig, located
 from fairchem_dens.core.tally import CorruptionTally
+from fairchem_dens.fairchem2.datasets import MD_FLAG
 from fairchem_dens.fairchem2.export import plain_inference_checkpoint
 from fairchem_dens.fairchem2.loss import DeNSStep, DeNSTaskLoss, ranks
 from fairchem_dens.fairchem2.models import ENCODED_FORCES
@@ -83,12 +85,6 @@ class DeNSTrainEvalUnit(MLIPTrainEvalUnit):
                 f"{DENS_SECTION}.denoising_pos_params.validate_denoising is not supported on fairchem 2 yet: "
                 "validation batches are never corrupted here; drop the key."
             )
-        if config.relaxation_only:
-            raise DeNSConfigError(
-                f"{DENS_SECTION}.denoising_pos_params.relaxation_only needs a per-structure `md` flag in every batch, "
-                "which fairchem 2's datasets (ase_db, AtomicData.from_ase) do not carry yet: drop the key "
-                "or train MD-free data."
-            )
         _check_model(model)
         if gp_utils.initialized():
             raise DeNSSetupError(
@@ -109,6 +105,16 @@ class DeNSTrainEvalUnit(MLIPTrainEvalUnit):
         self.force_tasks = [task.name for task in trained if task.property == FORCES]
         self.tally = CorruptionTally()
         self._unreported_steps = 0
+
+    def on_train_start(self, state: Any) -> None:
+        if self.dens.enabled and self.dens.relaxation_only:
+            # refused before the first step, not at the first batch: one structure tells
+            first = state.train_state.dataloader.dataset[0]
+            try:
+                require_md(self.dens, first[MD_FLAG] if MD_FLAG in first.keys() else None, "the training dataset")
+            except DeNSConfigError as error:
+                raise located(error, DENS_SECTION) from None
+        super().on_train_start(state)
 
     def _run_fraction(self, state: Any) -> float:
         """Fraction of the run done, for ``coefficient_schedule: linear_decay``."""

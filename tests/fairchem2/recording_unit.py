@@ -66,6 +66,7 @@ class RecordingUnit(DeNSTrainEvalUnit):
                           for b in range(int(expected.natoms.numel()))],
             "corrupted": [bool(corrupted_atoms(expected)[expected.batch == b].any()) if expected_dens else False
                           for b in range(int(expected.natoms.numel()))],
+            "md": expected["md"].tolist() if "md" in expected.keys() else None,
         })
 
     def on_train_end(self, state):

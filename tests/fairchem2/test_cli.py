@@ -285,3 +285,32 @@ def test_a_misspelt_or_bad_dens_key_is_refused_before_anything_is_written(emt_ro
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
     assert not (tmp_path / "run" / "t1" / "checkpoints").exists()
+
+
+def test_relaxation_only_reads_the_md_flag_of_each_row_and_never_corrupts_md_frames(emt_root, tmp_path):
+    params = "runner.train_eval_unit.dens.denoising_pos_params"
+    overrides = [f"data_root={emt_root}", f"+job.run_dir={tmp_path}", "+job.timestamp_id=t1",
+                 "runner.train_eval_unit._target_=recording_unit.RecordingUnit",
+                 f"+runner.train_eval_unit.record_dir={tmp_path}/records", f"{params}.prob=1.0",
+                 f"+{params}.relaxation_only=True", "dataset.format=fairchem_dens.fairchem2.datasets.DeNSAseDBDataset"]
+    run_fairchem(DIRECT_CONFIG, overrides, tmp_path / "fairchem.log")
+    records = json.loads((tmp_path / "records" / "rank0.json").read_text())["train"]
+    structures = [(md, corrupted) for r in records for md, corrupted in zip(r["md"], r["corrupted"])]
+    assert all(md == 0 for md, corrupted in structures if corrupted)
+    assert any(corrupted for _, corrupted in structures)  # relaxation frames were still corrupted
+    assert any(md == 1 for md, _ in structures)  # and MD frames were there to keep clean
+    assert all(r["pos_equal"] and r["dens"] == r["expected_dens"] for r in records)
+
+
+def test_relaxation_only_on_a_dataset_without_md_flags_is_refused_before_the_first_step(emt_root, tmp_path):
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("fairchem")), "-c", str(DIRECT_CONFIG), f"data_root={emt_root}",
+         f"+job.run_dir={tmp_path}", "+job.timestamp_id=t1",
+         "+runner.train_eval_unit.dens.denoising_pos_params.relaxation_only=True"],
+        capture_output=True, text=True, env=fairchem_env(), timeout=240,
+    )
+    assert result.returncode != 0
+    assert ("runner.train_eval_unit.dens.denoising_pos_params.relaxation_only is set but the training dataset "
+            "gives no `md` flag") in result.stdout + result.stderr
+    assert "fairchem_dens.fairchem2.datasets.DeNSAseDBDataset" in result.stdout + result.stderr
+    assert not list(tmp_path.glob("t1/checkpoints/*/inference_ckpt.pt"))

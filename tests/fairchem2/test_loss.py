@@ -118,9 +118,6 @@ def test_unit_refuses_a_plain_model_a_per_structure_forces_loss_and_a_config_wit
         DeNSTrainEvalUnit(**_unit_arguments(tasks=tasks))
     with pytest.raises(DeNSConfigError, match="no `forces` output"):
         DeNSTrainEvalUnit(**_unit_arguments(tasks=[config_tasks()[0]]))
-    relaxation = {**DENS, "denoising_pos_params": {**DENS["denoising_pos_params"], "relaxation_only": True}}
-    with pytest.raises(DeNSConfigError, match="relaxation_only needs a per-structure `md` flag"):
-        DeNSTrainEvalUnit(**_unit_arguments(dens=relaxation))
     validating = {**DENS, "denoising_pos_params": {**DENS["denoising_pos_params"], "validate_denoising": True}}
     with pytest.raises(DeNSConfigError, match="validate_denoising is not supported on fairchem 2"):
         DeNSTrainEvalUnit(**_unit_arguments(dens=validating))
