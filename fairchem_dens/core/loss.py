@@ -15,6 +15,9 @@ plain one):
 * ``excluded`` outputs (stress, any other property) leave out the rows of corrupted
   structures exactly; clean structures of the same batch are trained as usual.
 
+A ``per_structure`` reduction (fairchem 2's) averages the counted rows of each structure first,
+then takes the mean over the structures that have any.
+
 Means are DDP-global: the row count is summed over ranks through an injected
 :class:`Reduction`, so this module needs no framework and every rank makes the same
 collective calls whatever its batch holds.
@@ -29,7 +32,7 @@ import torch
 
 from fairchem_dens.core.roles import EXCLUDED, REPLACED
 
-__all__ = ["LOCAL", "Reduction", "counted_rows", "global_mean", "output_loss", "structure_rows"]
+__all__ = ["LOCAL", "Reduction", "counted_rows", "global_mean", "output_loss", "per_structure_mean", "structure_rows"]
 
 
 def _same(values: torch.Tensor) -> torch.Tensor:
@@ -107,6 +110,31 @@ def global_mean(weighted: torch.Tensor, reduction: Literal["mean", "sum"] = "mea
     return total * ranks.world_size / count
 
 
+def per_structure_mean(weighted: torch.Tensor, structure: torch.Tensor, num_structures: int,
+                       ranks: Reduction = LOCAL) -> torch.Tensor:
+    """The mean over structures of each structure's mean row, over every rank.
+
+    Args:
+        weighted: already weighted rows ``[n, ...]`` (a row's trailing values are summed).
+        structure: ``[n]`` the structure of each row.
+        num_structures: structures in the batch.
+        ranks: how the structure count becomes global.
+
+    Structures without a row are left out of the count; none on every rank gives a zero that keeps
+    the autograd graph.
+    """
+    per_row = weighted.reshape(weighted.shape[0], -1).sum(dim=1)
+    structure = structure.to(per_row.device)
+    sums = torch.zeros(num_structures, dtype=per_row.dtype, device=per_row.device).index_add(0, structure, per_row)
+    counts = torch.bincount(structure, minlength=num_structures)
+    present = counts > 0
+    total = (sums[present] / counts[present]).sum()
+    count = int(ranks.sum_over_ranks(torch.tensor(int(present.sum()), device=per_row.device)))
+    if count == 0:
+        return 0.0 * weighted.sum()
+    return total * ranks.world_size / count
+
+
 def output_loss(
     elementwise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     prediction: torch.Tensor,
@@ -120,8 +148,10 @@ def output_loss(
     noise_target: torch.Tensor | None = None,
     denoising_coefficient: float = 0.0,
     loss_form: Literal["hybrid", "separate_means"] = "hybrid",
-    reduction: Literal["mean", "sum"] = "mean",
+    reduction: Literal["mean", "sum", "per_structure"] = "mean",
     ranks: Reduction = LOCAL,
+    structure: torch.Tensor | None = None,
+    num_structures: int | None = None,
 ) -> torch.Tensor:
     """One output's loss term in any batch, by its DeNS role.
 
@@ -138,8 +168,11 @@ def output_loss(
         noise_target: ``[N, 3]`` normalised noise (``replaced`` in a DeNS batch).
         denoising_coefficient: lambda_D at this step.
         loss_form: ``hybrid`` or ``separate_means`` (forces only).
-        reduction: the loss function's reduction, ``mean`` or ``sum``.
+        reduction: the loss function's reduction, ``mean``, ``sum`` or ``per_structure`` (a mean
+            per structure, then over structures; atom-level outputs only, needs ``structure``).
         ranks: how sums become global (:data:`LOCAL` on one process).
+        structure: ``[N]`` the structure of each atom row (``per_structure`` only).
+        num_structures: structures in the batch (``per_structure`` only).
     """
     prediction = prediction.float()  # half-precision predictions (AMP) are reduced in float32
     target = target.float()
@@ -154,8 +187,16 @@ def output_loss(
         rows = rows & ~corrupted_rows
     values = elementwise(prediction, target)
     weighted = weights.view(-1, *[1] * (values.dim() - 1)) * values
+    if reduction == "per_structure":
+        if structure is None or num_structures is None:
+            raise ValueError("reduction per_structure needs each row's structure and the number of structures")
+
+        def reduce(mask: torch.Tensor) -> torch.Tensor:
+            return per_structure_mean(weighted[mask], structure.to(device)[mask], num_structures, ranks)
+    else:
+        def reduce(mask: torch.Tensor) -> torch.Tensor:
+            return global_mean(weighted[mask], reduction, ranks)
     if role == REPLACED and loss_form == "separate_means":
         # Split in S2EF batches too, so every rank makes the same collectives whatever its batch.
-        return (global_mean(weighted[rows & corrupted], reduction, ranks)
-                + global_mean(weighted[rows & ~corrupted], reduction, ranks))
-    return global_mean(weighted[rows], reduction, ranks)
+        return reduce(rows & corrupted) + reduce(rows & ~corrupted)
+    return reduce(rows)

@@ -80,11 +80,10 @@ class DeNSTaskLoss(nn.Module):
         self.task_name, self.level, self.property_name = task.name, task.level, task.property
         self.train_on_free_atoms = task.train_on_free_atoms
         self.normalizer = task.normalizer
-        if role == REPLACED and self.fairchem_loss.reduction not in ("mean", "sum"):
+        if role == REPLACED and self.fairchem_loss.reduction not in ("mean", "sum", "per_structure"):
             raise DeNSSetupError(
-                f"task {task.name}: DeNS trains the forces with one mean over atoms (loss_form hybrid or "
-                f"separate_means), so its DDPMTLoss needs reduction: mean (or sum), got "
-                f"{self.fairchem_loss.reduction!r}"
+                f"task {task.name}: DeNS reduces the forces-and-noise loss by mean, sum or per_structure, "
+                f"got reduction {self.fairchem_loss.reduction!r}"
             )
 
     @property
@@ -120,6 +119,7 @@ class DeNSTaskLoss(nn.Module):
             corrupted_rows=structure_rows(corrupted_structures(data), data.batch, "atom"),
             noise_target=data.denoising_target, denoising_coefficient=self.dens_step.denoising_coefficient,
             loss_form=config.loss_form, reduction=self.reduction, ranks=ranks(),
+            structure=data.batch, num_structures=natoms.numel(),
         )
         if not bool(torch.isfinite(loss)):
             raise NonFiniteLossError(

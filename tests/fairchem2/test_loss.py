@@ -91,6 +91,37 @@ def test_dens_batch_losses_follow_the_roles_and_other_batches_are_fairchems():
     assert step.metrics["denoising_force_mae"]["numel"] == 3 * int((~corrupted & free).sum())
 
 
+@pytest.mark.parametrize("loss_form", ["hybrid", "separate_means"])
+def test_a_per_structure_force_reduction_is_fairchems_on_the_dens_targets(loss_form):
+    """In a DeNS batch the per_structure loss is fairchem's own per_structure reduction of the per-atom
+    terms (noise on corrupted atoms, forces on the others, each with its weight); separate_means takes it
+    over the corrupted and over the clean atoms apart."""
+    config = DeNSConfig.from_optim({**DENS, "denoising_pos_params": {**DENS["denoising_pos_params"],
+                                                                     "loss_form": loss_form}})
+    task = config_tasks()[1]
+    task.loss_fn.reduction = "per_structure"
+    fairchem_loss = task.loss_fn
+    step = DeNSStep(config, denoising_coefficient=5.0)
+    task.loss_fn = DeNSTaskLoss(task, REPLACED, step)
+    data = mixed_dens_batch(config)
+    step.batch = data
+    prediction = predictions(data)["forces"]["forces"]
+    loss = task.loss_fn(prediction, data.forces, mult_mask=torch.isfinite(data.forces).all(dim=-1),
+                        natoms=data.natoms)
+    corrupted, free = corrupted_atoms(data), data.fixed == 0
+    target = torch.where(corrupted.view(-1, 1), data.noise_vec / 0.05, data.forces)
+    # fairchem's L2 norm loss times lambda_D / lambda_F; the coefficient is applied per atom above
+    weights = torch.where(corrupted, 5.0, 10.0).view(-1, 1) / fairchem_loss.coefficient
+    groups = [corrupted & free, ~corrupted & free] if loss_form == "separate_means" else [free]
+    expected = sum(fairchem_loss(weights * prediction, weights * target, mult_mask=group,
+                                 natoms=data.natoms) for group in groups)
+    assert abs(float((loss - expected).detach())) <= LOSS_REL * float(expected.detach())
+    # negative control: the plain mean over atoms is another number here
+    mean_over_atoms = (weights.view(-1) * fairchem_loss.coefficient
+                       * (prediction - target).norm(dim=-1))[free].sum() / free.sum()
+    assert abs(float((loss - mean_over_atoms).detach())) > 100 * LOSS_REL * float(expected.detach())
+
+
 def _unit_arguments(**overrides):
     arguments = {"job_config": None, "model": build(True), "optimizer_fn": None, "cosine_lr_scheduler_fn": None,
                  "tasks": config_tasks(), "dens": DENS}
@@ -109,12 +140,12 @@ def test_unit_refuses_bad_settings_with_the_cores_message():
     assert str(unit.value).startswith("runner.train_eval_unit.dens.denoising_pos_params.prob is 0")
 
 
-def test_unit_refuses_a_plain_model_a_per_structure_forces_loss_and_a_config_without_forces():
+def test_unit_refuses_a_plain_model_an_unknown_forces_reduction_and_a_config_without_forces():
     with pytest.raises(DeNSSetupError, match="DeNSeSCNMDBackbone"):
         DeNSTrainEvalUnit(**_unit_arguments(model=build(False)))
     tasks = config_tasks()
-    tasks[1].loss_fn.reduction = "per_structure"
-    with pytest.raises(DeNSSetupError, match="reduction: mean"):
+    tasks[1].loss_fn.reduction = "per_atom"
+    with pytest.raises(DeNSSetupError, match="reduces the forces-and-noise loss by mean, sum or per_structure"):
         DeNSTrainEvalUnit(**_unit_arguments(tasks=tasks))
     with pytest.raises(DeNSConfigError, match="no `forces` output"):
         DeNSTrainEvalUnit(**_unit_arguments(tasks=[config_tasks()[0]]))
