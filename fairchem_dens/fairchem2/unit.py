@@ -23,6 +23,7 @@ plain fairchem (:mod:`fairchem_dens.fairchem2.export`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any, Mapping
@@ -34,6 +35,7 @@ from fairchem.core.common import distutils, gp_utils
 from fairchem.core.units.mlip_unit.mlip_unit import (
     UNIT_INFERENCE_CHECKPOINT,
     MLIPTrainEvalUnit,
+    compute_loss,
     filter_inference_only_tasks,
 )
 
@@ -41,7 +43,7 @@ from fairchem_dens.core.batch import corrupt_batch
 from fairchem_dens.core.errors import DeNSConfigError, DeNSSetupError
 from fairchem_dens.core.metrics import aggregate, metric_keys
 from fairchem_dens.core.roles import FORCES, output_roles
-from fairchem_dens.core.corruption import require_md
+from fairchem_dens.core.corruption import VALIDATION_STREAMS, require_md
 from fairchem_dens.core.settings import DeNSConfig, located
 from fairchem_dens.core.tally import CorruptionTally
 from fairchem_dens.fairchem2.datasets import MD_FLAG
@@ -80,11 +82,6 @@ class DeNSTrainEvalUnit(MLIPTrainEvalUnit):
         if isinstance(dens, DictConfig):
             dens = OmegaConf.to_container(dens, resolve=True)
         config = DeNSConfig.from_optim(dict(dens), section=DENS_SECTION, only_dens_keys=True)
-        if config.validate_denoising:
-            raise DeNSConfigError(
-                f"{DENS_SECTION}.denoising_pos_params.validate_denoising is not supported on fairchem 2 yet: "
-                "validation batches are never corrupted here; drop the key."
-            )
         _check_model(model)
         if gp_utils.initialized():
             raise DeNSSetupError(
@@ -105,6 +102,8 @@ class DeNSTrainEvalUnit(MLIPTrainEvalUnit):
         self.force_tasks = [task.name for task in trained if task.property == FORCES]
         self.tally = CorruptionTally()
         self._unreported_steps = 0
+        self._validation_batches = 0
+        self._validation_metrics: dict[str, Any] = {}
 
     def on_train_start(self, state: Any) -> None:
         if self.dens.enabled and self.dens.relaxation_only:
@@ -165,6 +164,50 @@ class DeNSTrainEvalUnit(MLIPTrainEvalUnit):
         logging.info({"dens_epoch": epoch + 1, **log})
         if self.logger is not None and log:
             self.logger.log(log, step=self.train_progress.num_steps_completed, commit=False)
+
+    # ------------------------------------------------------------ validate_denoising
+    def on_eval_epoch_start(self, state: Any) -> None:
+        super().on_eval_epoch_start(state)
+        self._validation_batches = 0
+        self._validation_metrics = {}
+
+    def eval_step(self, state: Any, data: Any) -> None:
+        if self.dens.enabled and self.dens.validate_denoising:
+            # a corrupted copy: fairchem's own evaluation below sees the clean batch
+            self._validate_denoising(data.clone(), self._validation_batches)
+        self._validation_batches += 1
+        super().eval_step(state, data)
+
+    def _validate_denoising(self, data: Any, index: int) -> None:
+        """Denoising metrics of one validation batch, every structure corrupted from ``validation_seed``,
+        as the fairchem-1 trainer reports them: the same batches give the same corruption in every run."""
+        always = dataclasses.replace(self.dens, prob=1.0, selection="structure")
+        forces = original_forces(data, self.force_tasks)
+        if FORCES not in data:
+            data[FORCES] = forces
+        if not corrupt_batch(always, data, seed=self.dens.validation_seed, step=index, rank=distutils.get_rank(),
+                             streams=VALIDATION_STREAMS):
+            return  # skip filters left every structure clean
+        data[ENCODED_FORCES] = forces
+        data = data.to(distutils.get_device_for_local_rank())
+        train_metrics, self.dens_step.metrics = self.dens_step.metrics, self._validation_metrics
+        self.dens_step.batch, self.dens_step.denoising_coefficient = data, self.dens.coefficient
+        try:
+            with torch.autocast(device_type=distutils.get_device_for_local_rank(),
+                                enabled=self.eval_unit.autocast_enabled, dtype=self.eval_unit.autocast_dtype):
+                predictions = self.eval_unit.model(data)
+            compute_loss(self.tasks, predictions, data)  # the task losses record the denoising metrics
+        finally:
+            self.dens_step.batch, self.dens_step.metrics = None, train_metrics
+
+    def on_eval_epoch_end(self, state: Any) -> None:
+        super().on_eval_epoch_end(state)
+        if self.dens.enabled and self.dens.validate_denoising:
+            metrics = aggregate(self._validation_metrics, metric_keys(self.roles), ranks())
+            log = {f"val/{key}": value["metric"] for key, value in metrics.items()}
+            logging.info(log)
+            if self.logger is not None and log:
+                self.logger.log(log, step=self.train_progress.num_steps_completed, commit=False)
 
     def save_state(self, checkpoint_location: str) -> None:
         super().save_state(checkpoint_location)

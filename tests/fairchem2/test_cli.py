@@ -314,3 +314,28 @@ def test_relaxation_only_on_a_dataset_without_md_flags_is_refused_before_the_fir
             "gives no `md` flag") in result.stdout + result.stderr
     assert "fairchem_dens.fairchem2.datasets.DeNSAseDBDataset" in result.stdout + result.stderr
     assert not list(tmp_path.glob("t1/checkpoints/*/inference_ckpt.pt"))
+
+
+def _validation_lines(log: str) -> list[str]:
+    return re.findall(r"^\s+val/emt\.val,\w+,\w+: .*$", log, re.MULTILINE)
+
+
+def test_validate_denoising_reports_denoising_metrics_and_leaves_fairchems_validation_alone(direct_run, emt_root,
+                                                                                          tmp_path):
+    params = "runner.train_eval_unit.dens.denoising_pos_params"
+    base = [f"data_root={emt_root}", "runner.train_eval_unit._target_=recording_unit.RecordingUnit",
+            f"+{params}.validate_denoising=True"]
+    logs = [run_fairchem(DIRECT_CONFIG, [*base, f"+job.run_dir={tmp_path}/{name}", "+job.timestamp_id=t1",
+                                         f"+runner.train_eval_unit.record_dir={tmp_path}/{name}/records"],
+                         tmp_path / f"{name}.log") for name in ("a", "b")]
+    denoising = [[ast.literal_eval(m) for m in re.findall(r"^INFO:root:(\{'val/denoising.*\})$", log, re.MULTILINE)]
+                 for log in logs]
+    assert len(denoising[0]) == 2  # one line per validation (2 epochs)
+    for line in denoising[0]:
+        assert set(line) == {"val/denoising_pos_mae", "val/denoising_energy_mae", "val/denoising_force_mae"}
+        assert all(math.isfinite(value) and value > 0 for value in line.values())
+    # the corruption comes from validation_seed and the batch index: two runs report the same numbers
+    assert denoising[0] == denoising[1]
+    # fairchem's own validation still sees the clean batches: its metrics equal the run without the key
+    assert _validation_lines(logs[0]) == _validation_lines(direct_run["log"])
+    assert _validation_lines(logs[0])  # and there are some

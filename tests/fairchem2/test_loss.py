@@ -149,9 +149,6 @@ def test_unit_refuses_a_plain_model_an_unknown_forces_reduction_and_a_config_wit
         DeNSTrainEvalUnit(**_unit_arguments(tasks=tasks))
     with pytest.raises(DeNSConfigError, match="no `forces` output"):
         DeNSTrainEvalUnit(**_unit_arguments(tasks=[config_tasks()[0]]))
-    validating = {**DENS, "denoising_pos_params": {**DENS["denoising_pos_params"], "validate_denoising": True}}
-    with pytest.raises(DeNSConfigError, match="validate_denoising is not supported on fairchem 2"):
-        DeNSTrainEvalUnit(**_unit_arguments(dens=validating))
 
 
 def test_stress_gradient_reaches_clean_structures_only():
