@@ -60,11 +60,14 @@ __all__ = ["ENCODED_FORCES", "DeNSeSCNMDBackbone", "DeNSeSCNMDMoeBackbone", "DeN
 ENCODED_FORCES = "dens_forces"
 
 
-def _refuse_graph_parallel() -> None:
+def refuse_graph_parallel() -> None:
+    """Refuses graph parallelism, whose ranks each embed only their share of a batch's atoms."""
     if gp_utils.initialized():
         raise DeNSSetupError(
-            "DeNS on fairchem 2 does not support graph parallelism yet (the force encoding and "
-            "the noise head see every atom): set job.graph_parallel_group_size to 1."
+            "DeNS on fairchem 2 does not support graph parallelism: there each rank embeds only its share "
+            "of a structure's atoms, while the force encoding and the noise head index the corrupted atoms "
+            "and their edges over the whole batch. Set job.graph_parallel_group_size to 1 (plain data "
+            "parallelism works)."
         )
 
 
@@ -101,7 +104,7 @@ class DeNSForceEncoding(BatchDuringForward):
         x_message, *rest = args
         if not is_dens_batch(data):
             return (x_message + zero_weight(self.force_embedding), *rest) if self.training else None
-        _refuse_graph_parallel()
+        refuse_graph_parallel()
         corrupted = corrupted_atoms(data)
         # float32 whatever the autocast: the harmonics of small forces lose digits in bf16
         with torch.autocast(device_type=x_message.device.type, enabled=False):
@@ -184,7 +187,7 @@ class DeNSLinearForceHead(_NoiseHead, Linear_Force_Head):
             if self.training:
                 outputs[FORCES] = outputs[FORCES] + zero_weight(self.noise_module)
             return outputs
-        _refuse_graph_parallel()
+        refuse_graph_parallel()
         node_embedding = emb["node_embedding"]
         corrupted = corrupted_atoms(data).to(node_embedding.device)
         noisy, clean = corrupted.nonzero().view(-1), (~corrupted).nonzero().view(-1)
@@ -221,7 +224,7 @@ class DeNSMLPEFSHead(_NoiseHead, MLP_EFS_Head):
                 return outputs
             forces = forces + zero_weight(self.noise_module)
         else:
-            _refuse_graph_parallel()
+            refuse_graph_parallel()
             corrupted = corrupted_atoms(data).to(forces.device)
             noise = self._noise(emb, corrupted)
             forces = forces.index_put((corrupted.nonzero().view(-1),), noise.to(forces.dtype))

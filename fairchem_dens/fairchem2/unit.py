@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fairchem.core.common import distutils, gp_utils
+from fairchem.core.common import distutils
 from fairchem.core.units.mlip_unit.mlip_unit import (
     UNIT_INFERENCE_CHECKPOINT,
     MLIPTrainEvalUnit,
@@ -49,7 +49,7 @@ from fairchem_dens.core.tally import CorruptionTally
 from fairchem_dens.fairchem2.datasets import MD_FLAG
 from fairchem_dens.fairchem2.export import plain_inference_checkpoint
 from fairchem_dens.fairchem2.loss import DeNSStep, DeNSTaskLoss, ranks
-from fairchem_dens.fairchem2.models import ENCODED_FORCES
+from fairchem_dens.fairchem2.models import ENCODED_FORCES, refuse_graph_parallel
 from fairchem_dens.files import atomic_write
 
 __all__ = ["DeNSTrainEvalUnit", "original_forces"]
@@ -83,10 +83,7 @@ class DeNSTrainEvalUnit(MLIPTrainEvalUnit):
             dens = OmegaConf.to_container(dens, resolve=True)
         config = DeNSConfig.from_optim(dict(dens), section=DENS_SECTION, only_dens_keys=True)
         _check_model(model)
-        if gp_utils.initialized():
-            raise DeNSSetupError(
-                "DeNS on fairchem 2 does not support graph parallelism yet: set job.graph_parallel_group_size to 1."
-            )
+        refuse_graph_parallel()
         trained = filter_inference_only_tasks(tasks)
         roles = output_roles({task.property: {"level": task.level} for task in trained}, config.output_policy)
         step = DeNSStep(config)

@@ -339,3 +339,16 @@ def test_validate_denoising_reports_denoising_metrics_and_leaves_fairchems_valid
     # fairchem's own validation still sees the clean batches: its metrics equal the run without the key
     assert _validation_lines(logs[0]) == _validation_lines(direct_run["log"])
     assert _validation_lines(logs[0])  # and there are some
+
+
+def test_graph_parallelism_is_refused_in_a_real_two_rank_run_saying_why(emt_root, tmp_path):
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("fairchem")), "-c", str(DIRECT_CONFIG), f"data_root={emt_root}",
+         f"+job.run_dir={tmp_path}", "+job.timestamp_id=t1", "+job.scheduler.ranks_per_node=2",
+         "+job.graph_parallel_group_size=2", "+loader.batch_sampler_fn.min_atoms=2"],
+        capture_output=True, text=True, env=fairchem_env(), timeout=240,
+    )
+    assert result.returncode != 0
+    assert ("DeNS on fairchem 2 does not support graph parallelism: there each rank embeds only its share of a "
+            "structure's atoms") in result.stdout + result.stderr
+    assert not list(tmp_path.glob("t1/checkpoints/*/inference_ckpt.pt"))
