@@ -341,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
              "the overrides the bulk recipes take (SPLIT)",
     )
     fit.add_argument("fit_argv", nargs=argparse.REMAINDER)
+    finetune = commands.add_parser(
+        "finetune-config", add_help=False,
+        help="fairchem 2: write a DeNS fine-tuning config for a UMA / eSEN checkpoint and folders of ASE databases "
+             "(--checkpoint CKPT --train DIR --val DIR --head direct|conservative [--dataset-name N] --out DIR)",
+    )
+    finetune.add_argument("finetune_argv", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -356,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
         from fairchem_dens.fairchem2.predict import main as predict_main
 
         return predict_main(argv[1:])
+    if argv[:1] == ["finetune-config"]:
+        from fairchem_dens.fairchem2.finetune_config import main as finetune_main
+
+        return finetune_main(argv[1:])
     if argv[:1] == ["fit-normalizers"]:
         from fairchem_dens.fairchem2.normalizers import main as fit_main
 

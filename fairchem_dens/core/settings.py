@@ -24,12 +24,15 @@ DENS_KEYS = ("use_denoising_pos", "denoising_pos_coefficient", "denoising_pos_pa
 _LOOKS_LIKE_DENS = re.compile(r"^(use_)?denois|^dens_")
 
 
-def located(error: DeNSConfigError, section: str) -> DeNSConfigError:
-    """``error`` naming the DeNS keys under ``section``: every check names them as fairchem 1 places them
+def in_section(text: str, section: str) -> str:
+    """``text`` naming the DeNS keys under ``section``: every check names them as fairchem 1 places them
     (``optim.<key>``), fairchem 2 holds them under ``runner.train_eval_unit.dens``."""
-    if section == "optim":
-        return error
-    return DeNSConfigError(re.sub(r"\boptim\.", f"{section}.", str(error)))
+    return text if section == "optim" else re.sub(r"\boptim\.", f"{section}.", text)
+
+
+def located(error: DeNSConfigError, section: str) -> DeNSConfigError:
+    """``error`` with its message :func:`in_section`."""
+    return error if section == "optim" else DeNSConfigError(in_section(str(error), section))
 
 
 def _nearest(key: str, known: tuple[str, ...]) -> str:

@@ -58,7 +58,8 @@ def dens_finetuning_model(
 
     Raises:
         DeNSSetupError: a backbone weight of the new model (other than DeNS's) is not in the
-            checkpoint, or has another shape there.
+            checkpoint, or has another shape there; or a head of the new model holds a weight
+            of another shape than the checkpoint's head of the same name.
     """
     checkpoint = torch.load(checkpoint_location, map_location="cpu", weights_only=False)
     apply_uma_compat_fixups(checkpoint, checkpoint_location=checkpoint_location)
@@ -69,7 +70,18 @@ def dens_finetuning_model(
     model = hydra.utils.instantiate(config)
 
     own = model.state_dict()
-    loaded = {k: v for k, v in checkpoint.model_state_dict.items() if k in own and own[k].shape == v.shape}
+    stored = checkpoint.model_state_dict
+    clashes = sorted({k.split(".")[1] for k, v in stored.items()
+                      if k.startswith("output_heads.") and k in own and own[k].shape != v.shape})
+    if clashes:
+        details = [f"{k}: {tuple(stored[k].shape)} there, {tuple(own[k].shape)} here" for k in sorted(stored)
+                   if k.startswith("output_heads.") and k in own and own[k].shape != stored[k].shape]
+        raise DeNSSetupError(
+            f"the new model's head(s) {', '.join(clashes)} do not fit the heads of the same name in "
+            f"{checkpoint_location} ({'; '.join(details[:4])}{' ...' if len(details) > 4 else ''}). Give the "
+            "head the checkpoint's settings (e.g. the same dataset_names), or another name to start it fresh."
+        )
+    loaded = {k: v for k, v in stored.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(loaded, strict=False)
     dens_prefixes = tuple(f"backbone.{p}" for p in getattr(model.backbone, "dens_parameter_prefixes", ()))
     missing = [k for k in own if k.startswith("backbone.") and k not in loaded and not k.startswith(dens_prefixes)]

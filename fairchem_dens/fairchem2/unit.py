@@ -44,7 +44,7 @@ from fairchem_dens.core.errors import DeNSConfigError, DeNSSetupError
 from fairchem_dens.core.metrics import aggregate, metric_keys
 from fairchem_dens.core.roles import FORCES, output_roles
 from fairchem_dens.core.corruption import VALIDATION_STREAMS, require_md
-from fairchem_dens.core.settings import DeNSConfig, located
+from fairchem_dens.core.settings import DeNSConfig, in_section, located
 from fairchem_dens.core.tally import CorruptionTally
 from fairchem_dens.fairchem2.datasets import MD_FLAG
 from fairchem_dens.fairchem2.export import plain_inference_checkpoint
@@ -153,7 +153,7 @@ class DeNSTrainEvalUnit(MLIPTrainEvalUnit):
     def _report(self, epoch: int) -> None:
         """The epoch's corruption tally and denoising metrics over every rank (all ranks call it)."""
         line, warning = self.tally.report(epoch, ranks())
-        (logging.warning if warning else logging.info)(line)
+        (logging.warning if warning else logging.info)(in_section(line, DENS_SECTION))
         metrics = aggregate(self.dens_step.metrics, metric_keys(self.roles), ranks())
         self.dens_step.metrics.clear()
         self._unreported_steps = 0
