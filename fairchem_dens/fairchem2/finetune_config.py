@@ -133,8 +133,6 @@ def finetune_config(checkpoint: str | Path, train: str | Path, val: str | Path, 
     config.update(fitted)
     config.update(dataset_name=dataset_name, max_epochs=max_epochs)
     config.pop("data_root")  # the splits name their files; fairchem refuses a key nothing reads
-    if "stress_rmsd" in config and not any(task["name"] == "stress" for task in config["tasks"]):
-        config.pop("stress_rmsd")
     runner = config["runner"]
     for loader, split, files in (("train_dataloader", "train", train_files), ("eval_dataloader", "val", val_files)):
         (recipe_dataset,) = runner[loader]["dataset"]["dataset_configs"].values()

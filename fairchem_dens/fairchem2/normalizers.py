@@ -3,14 +3,13 @@
 * ``elem_refs``: linear per-element energy references (eV, indexed by atomic number, 100
   entries), fitted by least squares with fairchem's own ``compute_lin_ref``, the fit its
   fine-tuning data script makes; the model then learns the energy left after them.
-* ``energy_rmsd``: the root mean square of the energy per atom left after the references
-  (eV/atom), the scale of what the energy head learns.
-* ``force_rmsd``: the root mean square of the free atoms' force components (eV/Å).
-* ``stress_rmsd``: the root mean square of the stress components (eV/Å³).
+* ``normalizer_rmsd``: the root mean square of the free atoms' force components (eV/Å), the one
+  scale of energy, forces and stress (fairchem's fine-tuning template's; a conservative model's
+  forces and stress are derivatives of its energy, so the three share it).
 
 ::
 
-    fairchem-dens fit-normalizers DATA/train      # prints: 'elem_refs=[...]' energy_rmsd=... force_rmsd=... stress_rmsd=...
+    fairchem-dens fit-normalizers DATA/train      # prints: 'elem_refs=[...]' normalizer_rmsd=...
 """
 
 from __future__ import annotations
@@ -32,12 +31,12 @@ def _database_files(split: Path) -> list[Path]:
 
 
 def fit_normalizers(split: str | Path) -> dict:
-    """``{"elem_refs": [...], "energy_rmsd", "force_rmsd", "stress_rmsd"}`` of a training split."""
+    """``{"elem_refs": [...], "normalizer_rmsd": float}`` of a training split."""
     import ase.db
     from ase.constraints import FixAtoms
     from fairchem.core.scripts.create_finetune_dataset import compute_lin_ref
 
-    numbers, energies, free_forces, stresses = [], [], [], []
+    numbers, energies, free_forces = [], [], []
     for path in _database_files(Path(split)):
         with ase.db.connect(str(path)) as database:
             for row in database.select():
@@ -49,26 +48,18 @@ def fit_normalizers(split: str | Path) -> dict:
                 numbers.append(atoms.numbers)
                 energies.append(atoms.get_potential_energy())
                 free_forces.append(atoms.get_forces()[~fixed])
-                if "stress" in row:
-                    stresses.append(np.asarray(row.stress))
     if not energies:
         raise ValueError(f"{split}: the database holds no structures")
-    refs = np.asarray(compute_lin_ref(numbers, energies))
-    residual_per_atom = [(energy - refs[z].sum()) / len(z) for z, energy in zip(numbers, energies)]
-    rmsd = {"energy_rmsd": float(np.sqrt(np.mean(np.square(residual_per_atom)))),
-            "force_rmsd": float(np.sqrt(np.mean(np.square(np.concatenate(free_forces)))))}
-    # a split without stress gets 1.0: the recipes' stress normalizer must still be a number
-    rmsd["stress_rmsd"] = float(np.sqrt(np.mean(np.square(np.concatenate(stresses))))) if stresses else 1.0
-    for name, value in rmsd.items():
-        if not value > 0:
-            raise ValueError(f"{split}: {name} is {value}; the recipes divide by it")
-    return {"elem_refs": [float(c) for c in refs], **rmsd}
+    rmsd = float(np.sqrt(np.mean(np.square(np.concatenate(free_forces)))))
+    if not rmsd > 0:
+        raise ValueError(f"{split}: the forces' root mean square is {rmsd}; the recipes divide by it")
+    return {"elem_refs": [float(c) for c in compute_lin_ref(numbers, energies)], "normalizer_rmsd": rmsd}
 
 
 def overrides(fitted: dict) -> list[str]:
     """The fitted numbers as ``fairchem -c`` command-line overrides."""
     refs = ",".join(f"{value:.10g}" for value in fitted["elem_refs"])
-    return [f"elem_refs=[{refs}]", *(f"{key}={fitted[key]:.6g}" for key in ("energy_rmsd", "force_rmsd", "stress_rmsd"))]
+    return [f"elem_refs=[{refs}]", f"normalizer_rmsd={fitted['normalizer_rmsd']:.6g}"]
 
 
 def main(argv: list[str] | None = None) -> int:
