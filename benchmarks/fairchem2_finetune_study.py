@@ -39,8 +39,8 @@ from fairchem_dens.resources import configs_dir
 
 RESULTS = Path(__file__).parent / "results" / "fairchem2_finetune_study"
 DIRECT = configs_dir() / "fairchem2" / "bulk_direct.yml"
-#: fine-tuning epochs per training-set size: about 250 optimiser steps each (64 atoms a batch)
-FINETUNE_EPOCHS = {25: 80, 100: 30}
+#: fine-tuning epochs per training-set size: 150 to 200 optimiser steps (64 atoms a batch)
+FINETUNE_EPOCHS = {25: 40, 100: 15}
 DENS_OFF = "runner.train_eval_unit.dens.use_denoising_pos=False"
 
 
