@@ -9,8 +9,9 @@ Run with the fairchem-2 environment's python. Everything goes through what a use
 * fine-tuning: ``fairchem-dens finetune-config --head direct|conservative`` from that seed's
   ``inference_ckpt.pt`` on ``n`` held-out frames, then ``fairchem -c`` with DeNS or without
   (``runner.train_eval_unit.dens.use_denoising_pos=False``), the same seed;
-* scoring: the final ``inference_ckpt.pt`` through fairchem 2's predict unit on the held-out test
-  split (energy per atom, forces, stress), beside the element-references-only baseline.
+* scoring: the final ``inference_ckpt.pt`` (no choice by validation) through fairchem 2's predict
+  unit on the held-out metal's validation and test frames together (40 frames of four structure
+  families: energy per atom, forces, stress), beside the element-references-only baseline.
 
 Resumable: ``RESULTS/runs/<key>.json`` is written when a run is done and skipped when present.
 Two runs at a time (one per core), each with one thread.
@@ -62,6 +63,9 @@ def prepare(work: Path, heldout: str) -> Path:
         for name, subset in subsets.items():
             (data / name / split).mkdir(parents=True, exist_ok=True)
             write_aselmdb(subset, data / name / split / "data.aselmdb")
+    scored = [atoms for split in ("val", "test") for _, atoms in read_structures(data / "heldout" / split)]
+    (data / "heldout" / "scored").mkdir(parents=True, exist_ok=True)
+    write_aselmdb(scored, data / "heldout" / "scored" / "data.aselmdb")
     (data / "heldout" / "metal.txt").write_text(heldout + "\n")
     return data
 
@@ -109,8 +113,8 @@ def finetune(data: Path, work: Path, head: str, n: int, dens: bool, seed: int) -
                           "+job.timestamp_id=run", *([] if dens else [DENS_OFF])],
                          run_dir / "train.log", run_dir, threads=1)
     refs = fit_normalizers(folder / "train")["elem_refs"]
-    scores = test_errors(run_dir / "run" / "checkpoints" / "final" / "inference_ckpt.pt", data / "heldout" / "test",
-                         refs)
+    scores = test_errors(run_dir / "run" / "checkpoints" / "final" / "inference_ckpt.pt",
+                         data / "heldout" / "scored", refs)
     result = {"key": key, "head": head, "n_train": n, "dens": dens, "seed": seed, "train_seconds": seconds,
               "epochs": FINETUNE_EPOCHS[n], **scores}
     result_file.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +155,7 @@ def report() -> None:
         null = runs[0]
         lines.append(f"\nElement references only (zero forces and stress), held-out test: F "
                      f"{null['null_force_meV_per_A']:.1f} meV/Å, E {null['null_energy_meV_per_atom']:.1f} meV/atom, "
-                     f"stress {null['null_stress_meV_per_A3']:.1f} meV/Å³ (references of the 25-frame set; see each run)")
+                     f"stress {null['null_stress_meV_per_A3']:.1f} meV/Å³ (references fitted on {null['n_train']} frames)")
     text = "\n".join(lines)
     print(text)
     (RESULTS / "report.md").write_text(text + "\n")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
 
 from fairchem_dens.core.errors import DeNSConfigError
 from fairchem_dens.testing import fairchem_trainer, write_variant
