@@ -7,6 +7,7 @@ with a DeNS config; these commands cover what fairchem has no command for.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -195,6 +196,21 @@ def _make_xtb_md17(argv: list[str]) -> int:
     return subprocess.run([sys.executable, "-c", code, *argv]).returncode
 
 
+#: The fairchem-2 commands with a parser of their own: name -> (module with ``main(argv)``, help).
+OWN_PARSERS = {
+    "predict-s2ef": ("fairchem_dens.fairchem2.predict",
+                     "fairchem 2: S2EF predictions of an inference checkpoint on an ASE database, in the file "
+                     "layout make-submission reads (CHECKPOINT SRC --out FILE --task-name TASK)"),
+    "fit-normalizers": ("fairchem_dens.fairchem2.normalizers",
+                        "fairchem 2: the element references and target scale of a training split, printed as "
+                        "the overrides the bulk recipes take (SPLIT)"),
+    "finetune-config": ("fairchem_dens.fairchem2.finetune_config",
+                        "fairchem 2: write a DeNS fine-tuning config for a UMA / eSEN checkpoint and folders of ASE "
+                        "databases (--checkpoint CKPT --train DIR --val DIR --head direct|conservative "
+                        "[--dataset-name N] --out DIR)"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fairchem-dens", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -329,24 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
              "fairchem-dens submit --mode train --config-yml CFG [--cpu] [--num-gpus N] [--slurm-*]",
     )
     sub.add_argument("fairchem_args", nargs=argparse.REMAINDER)
-    predict = commands.add_parser(
-        "predict-s2ef", add_help=False,
-        help="fairchem 2: S2EF predictions of an inference checkpoint on an ASE database, in the file "
-             "layout make-submission reads (CHECKPOINT SRC --out FILE --task-name TASK)",
-    )
-    predict.add_argument("predict_argv", nargs=argparse.REMAINDER)
-    fit = commands.add_parser(
-        "fit-normalizers", add_help=False,
-        help="fairchem 2: the element references and force / stress scales of a training split, printed as "
-             "the overrides the bulk recipes take (SPLIT)",
-    )
-    fit.add_argument("fit_argv", nargs=argparse.REMAINDER)
-    finetune = commands.add_parser(
-        "finetune-config", add_help=False,
-        help="fairchem 2: write a DeNS fine-tuning config for a UMA / eSEN checkpoint and folders of ASE databases "
-             "(--checkpoint CKPT --train DIR --val DIR --head direct|conservative [--dataset-name N] --out DIR)",
-    )
-    finetune.add_argument("finetune_argv", nargs=argparse.REMAINDER)
+    for name, (_, usage) in OWN_PARSERS.items():
+        commands.add_parser(name, add_help=False, help=usage).add_argument("own_argv", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -358,18 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         return submit_main(argv[1:])
     if argv[:1] == ["make-xtb-md17"]:  # its own parser (argparse.REMAINDER would reject a leading --option)
         return _make_xtb_md17(argv[1:])
-    if argv[:1] == ["predict-s2ef"]:  # the fairchem-2 integration's own parser
-        from fairchem_dens.fairchem2.predict import main as predict_main
-
-        return predict_main(argv[1:])
-    if argv[:1] == ["finetune-config"]:
-        from fairchem_dens.fairchem2.finetune_config import main as finetune_main
-
-        return finetune_main(argv[1:])
-    if argv[:1] == ["fit-normalizers"]:
-        from fairchem_dens.fairchem2.normalizers import main as fit_main
-
-        return fit_main(argv[1:])
+    if argv[:1] and argv[0] in OWN_PARSERS:
+        module, _ = OWN_PARSERS[argv[0]]
+        return importlib.import_module(module).main(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     return args.func(args)

@@ -32,7 +32,7 @@ import numpy as np
 from fairchem_dens.resources import configs_dir, example_trajectory
 
 __all__ = ["QuickstartRun", "run_quickstart", "train_and_test", "run_logged", "fairchem_command",
-           "prediction_errors", "split_frames", "null_model_errors", "warmup_override"]
+           "prediction_errors", "split_frames", "null_model_errors", "warmup_override", "plot_validation_curves"]
 
 RECIPE = "md17/esen/paper_md17_conservative.yml"
 #: Variant -> (label, fairchem overrides of the recipe, which trains with DeNS).
@@ -324,7 +324,10 @@ def run_quickstart(
     return runs
 
 
-def _plot(runs: list[QuickstartRun], path: Path) -> Path | None:
+def plot_validation_curves(curves: list[tuple[str, int, str, list]], path: Path, *, ylabel: str,
+                           title: str) -> Path | None:
+    """A log-scale plot of validation curves, one line per ``(variant, seed, label, [(epoch, value)])``:
+    DeNS runs orange, plain ones blue, one line style per seed. None where matplotlib is missing."""
     try:
         import matplotlib
 
@@ -334,17 +337,16 @@ def _plot(runs: list[QuickstartRun], path: Path) -> Path | None:
         print("matplotlib is not installed: no validation-curve plot")
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    seeds = sorted({run.seed for run in runs})
-    for run in runs:
-        if run.scores["val_force"]:
-            epochs, values = zip(*run.scores["val_force"])
-            ax.plot(epochs, values, color="C1" if run.variant == "dens" else "C0", alpha=0.8,
-                    linestyle=("-", "--", ":", "-.")[seeds.index(run.seed) % 4],
-                    label=f"{VARIANTS[run.variant][0]}, seed {run.seed}")
+    seeds = sorted({seed for _, seed, _, _ in curves})
+    for variant, seed, label, points in curves:
+        if points:
+            epochs, values = zip(*points)
+            ax.plot(epochs, values, color="C1" if variant == "dens" else "C0", alpha=0.8,
+                    linestyle=("-", "--", ":", "-.")[seeds.index(seed) % 4], label=label)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("validation force MAE (meV/Å, 50 frames)")
+    ax.set_ylabel(ylabel)
     ax.set_yscale("log")
-    ax.set_title("GFN2-xTB ethanol, conservative eSEN")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -377,7 +379,11 @@ def _report(runs: list[QuickstartRun], workdir: Path, n_train: int, epochs: int,
                  f"{', '.join(f'{r:.3f}' for r in ratios)}); energy DeNS / plain = "
                  f"{energies['dens'] / energies['plain']:.3f}")
     table = "\n".join(lines)
-    plot = _plot(runs, workdir / "validation_curves.png")
+    plot = plot_validation_curves(
+        [(run.variant, run.seed, f"{VARIANTS[run.variant][0]}, seed {run.seed}", run.scores["val_force"])
+         for run in runs],
+        workdir / "validation_curves.png", ylabel="validation force MAE (meV/Å, 50 frames)",
+        title="GFN2-xTB ethanol, conservative eSEN")
     print("\n" + table)
     print(f"test: 500 held-out frames of the same trajectory; training on {n_train} frames for {epochs} epochs. "
           "The learning curves behind it: BENCHMARKS.md, \"The paper's MD17 regime\".")

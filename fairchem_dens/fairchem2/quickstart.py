@@ -25,7 +25,7 @@ import numpy as np
 
 from fairchem_dens.fairchem2.normalizers import fit_normalizers, overrides as normalizer_overrides
 from fairchem_dens.fairchem2.predict import predict_structures, read_structures
-from fairchem_dens.quickstart import fairchem_command, run_logged
+from fairchem_dens.quickstart import fairchem_command, plot_validation_curves, run_logged
 from fairchem_dens.resources import configs_dir
 
 __all__ = ["DATA_SIZE", "RECIPES", "run_quickstart2", "test_errors"]
@@ -169,35 +169,6 @@ def run_quickstart2(workdir: Path, *, head: str = "direct", seeds: tuple[int, ..
     return runs
 
 
-def _plot(runs: list[Quickstart2Run], path: Path, head: str) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no validation-curve plot")
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    seeds = sorted({run.seed for run in runs})
-    for run in runs:
-        if run.scores["val_force"]:
-            epochs, values = zip(*run.scores["val_force"])
-            ax.plot(epochs, values, color="C1" if run.variant == "dens" else "C0", alpha=0.8,
-                    linestyle=("-", "--", ":", "-.")[seeds.index(run.seed) % 4],
-                    label=f"{'DeNS' if run.variant == 'dens' else 'plain'}, seed {run.seed}")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation force MAE (meV/Å)")
-    ax.set_yscale("log")
-    ax.set_title(f"EMT bulk metals, {head} eSCN-MD (fairchem 2)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def _report(runs: list[Quickstart2Run], workdir: Path, head: str) -> None:
     by_key = {(run.variant, run.seed): run for run in runs}
     seeds = sorted({run.seed for run in runs})
@@ -225,7 +196,11 @@ def _report(runs: list[Quickstart2Run], workdir: Path, head: str) -> None:
                   f"{means['dens'][force] / means['plain'][force]:.3f} (per seed {', '.join(f'{r:.3f}' for r in ratios)}); "
                   f"energy DeNS / plain = {means['dens'][energy] / means['plain'][energy]:.3f}"]
     table = "\n".join(lines)
-    plot = _plot(runs, workdir / "validation_curves.png", head)
+    plot = plot_validation_curves(
+        [(run.variant, run.seed, f"{'DeNS' if run.variant == 'dens' else 'plain'}, seed {run.seed}",
+          run.scores["val_force"]) for run in runs],
+        workdir / "validation_curves.png", ylabel="validation force MAE (meV/Å)",
+        title=f"EMT bulk metals, {head} eSCN-MD (fairchem 2)")
     print("\n" + table)
     print("test: held-out structure families of the same seven metals (170 frames).")
     if plot:
