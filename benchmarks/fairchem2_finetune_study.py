@@ -98,10 +98,14 @@ def pretrain(data: Path, work: Path, seed: int) -> Path:
 def finetune(data: Path, work: Path, head: str, n: int, dens: bool, seed: int) -> dict:
     key = f"{head}-n{n}-{'dens' if dens else 'plain'}-seed{seed}"
     result_file = RESULTS / "runs" / f"{key}.json"
-    if result_file.exists():
-        return json.loads(result_file.read_text())
-    checkpoint = pretrain(data, work, seed)
     run_dir = work / "runs" / key
+    if result_file.exists():
+        result = json.loads(result_file.read_text())
+        if "train_force_meV_per_A" not in result:  # runs scored before the train error was recorded
+            result.update(_train_errors(run_dir, subset(data, n)))
+            result_file.write_text(json.dumps(result, indent=2))
+        return result
+    checkpoint = pretrain(data, work, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     folder = subset(data, n)
     config = run_dir / "finetune.yml"
@@ -116,12 +120,19 @@ def finetune(data: Path, work: Path, head: str, n: int, dens: bool, seed: int) -
     scores = test_errors(run_dir / "run" / "checkpoints" / "final" / "inference_ckpt.pt",
                          data / "heldout" / "scored", refs)
     result = {"key": key, "head": head, "n_train": n, "dens": dens, "seed": seed, "train_seconds": seconds,
-              "epochs": FINETUNE_EPOCHS[n], **scores}
+              "epochs": FINETUNE_EPOCHS[n], **scores, **_train_errors(run_dir, folder)}
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(result, indent=2))
     print(f"{key}: F {scores['model_force_meV_per_A']:.1f} meV/Å, E {scores['model_energy_meV_per_atom']:.1f} "
           f"meV/atom ({seconds:.0f} s)", flush=True)
     return result
+
+
+def _train_errors(run_dir: Path, folder: Path) -> dict:
+    """The model's force error on its own training frames (test / train tells whether it overfits)."""
+    scores = test_errors(run_dir / "run" / "checkpoints" / "final" / "inference_ckpt.pt", folder / "train",
+                         fit_normalizers(folder / "train")["elem_refs"])
+    return {"train_force_meV_per_A": scores["model_force_meV_per_A"]}
 
 
 def report() -> None:
@@ -131,16 +142,19 @@ def report() -> None:
         groups.setdefault((run["head"], run["n_train"], run["dens"]), {})[run["seed"]] = run
     columns = (("force_meV_per_A", "F (meV/Å)"), ("energy_meV_per_atom", "E (meV/atom)"),
                ("stress_meV_per_A3", "stress (meV/Å³)"))
-    lines = ["| head | frames | | " + " | ".join(title for _, title in columns) + " | seeds |",
-             "|---|---|---|" + "---|" * len(columns) + "---|"]
+    lines = ["| head | frames | | " + " | ".join(title for _, title in columns) + " | test / train F | seeds |",
+             "|---|---|---|" + "---|" * len(columns) + "---|---|"]
     for (head, n, dens), by_seed in sorted(groups.items()):
         cells = []
         for key, _ in columns:
             values = [run[f"model_{key}"] for run in by_seed.values()]
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.1f} ± {spread:.1f}")
+        overfit = [run["model_force_meV_per_A"] / run["train_force_meV_per_A"] for run in by_seed.values()
+                   if "train_force_meV_per_A" in run]
+        spread = f"{min(overfit):.2f}–{max(overfit):.2f}" if overfit else "n/a"
         lines.append(f"| {head} | {n} | {'DeNS' if dens else 'plain'} | " + " | ".join(cells)
-                     + f" | {', '.join(map(str, sorted(by_seed)))} |")
+                     + f" | {spread} | {', '.join(map(str, sorted(by_seed)))} |")
     lines += ["", "DeNS / plain, same seed (test force MAE; energy per atom):"]
     for (head, n, dens), by_seed in sorted(groups.items()):
         plain = groups.get((head, n, False), {})
