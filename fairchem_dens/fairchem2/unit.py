@@ -85,7 +85,10 @@ class DeNSTrainEvalUnit(MLIPTrainEvalUnit):
         _check_model(model)
         refuse_graph_parallel()
         trained = filter_inference_only_tasks(tasks)
-        roles = output_roles({task.property: {"level": task.level} for task in trained}, config.output_policy)
+        try:
+            roles = output_roles({task.property: {"level": task.level} for task in trained}, config.output_policy)
+        except DeNSConfigError as error:
+            raise located(error, DENS_SECTION) from None
         step = DeNSStep(config)
         # The same Task objects serve fairchem's eval unit, where step.batch is always None.
         for task in trained:
