@@ -71,6 +71,16 @@ def dens_finetuning_model(
 
     own = model.state_dict()
     stored = checkpoint.model_state_dict
+    loaded = {k: v for k, v in stored.items() if k in own and own[k].shape == v.shape}
+    dens_prefixes = tuple(f"backbone.{p}" for p in getattr(model.backbone, "dens_parameter_prefixes", ()))
+    missing = [k for k in own if k.startswith("backbone.") and k not in loaded and not k.startswith(dens_prefixes)]
+    if missing:
+        raise DeNSSetupError(
+            f"{checkpoint_location} does not hold these backbone weights of the new model (or holds other "
+            f"shapes): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}. Change only the backbone's "
+            "class (its DeNS twin), otf_graph and the force/stress switches, not its sizes."
+        )
+    # after the backbone check: a backbone of other sizes resizes its heads too, and is the cause to name
     clashes = sorted({k.split(".")[1] for k, v in stored.items()
                       if k.startswith("output_heads.") and k in own and own[k].shape != v.shape})
     if clashes:
@@ -81,16 +91,7 @@ def dens_finetuning_model(
             f"{checkpoint_location} ({'; '.join(details[:4])}{' ...' if len(details) > 4 else ''}). Give the "
             "head the checkpoint's settings (e.g. the same dataset_names), or another name to start it fresh."
         )
-    loaded = {k: v for k, v in stored.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(loaded, strict=False)
-    dens_prefixes = tuple(f"backbone.{p}" for p in getattr(model.backbone, "dens_parameter_prefixes", ()))
-    missing = [k for k in own if k.startswith("backbone.") and k not in loaded and not k.startswith(dens_prefixes)]
-    if missing:
-        raise DeNSSetupError(
-            f"{checkpoint_location} does not hold these backbone weights of the new model (or holds other "
-            f"shapes): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}. Change only the backbone's "
-            "class (its DeNS twin), otf_graph and the force/stress switches, not its sizes."
-        )
     kept_heads = sorted({k.split(".")[1] for k in loaded if k.startswith("output_heads.")})
     logger.info(f"DeNS fine-tuning from {checkpoint_location}: backbone loaded, pretrained weights kept "
                 f"in heads {kept_heads or 'none'}")
