@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 from fairchem_dens.core.errors import DeNSSetupError
 from fairchem_dens.fairchem2.normalizers import fit_normalizers
-from fairchem_dens.fairchem2.predict import DATABASE_SUFFIXES
+from fairchem_dens.fairchem2.predict import DATABASE_SUFFIXES, database_files
 from fairchem_dens.resources import configs_dir
 
 __all__ = ["DENS_BACKBONES", "HEADS", "finetune_config", "write_finetune_config"]
@@ -40,18 +40,15 @@ DENS_BACKBONES = {
     "fairchem.core.models.uma.escn_moe.eSCNMDMoeBackbone": "fairchem_dens.fairchem2.models.DeNSeSCNMDMoeBackbone",
     "escnmd_moe_backbone": "fairchem_dens.fairchem2.models.DeNSeSCNMDMoeBackbone",
 }
-#: Each head choice: its recipe, the backbone switches and the heads (named like fairchem's, so the
-#: checkpoint's own energy weights carry over).
-HEADS = {
-    "direct": ("fairchem2/bulk_direct.yml", {"direct_forces": True, "regress_forces": True, "regress_stress": False}),
-    "conservative": ("fairchem2/bulk_conservative.yml",
-                     {"direct_forces": False, "regress_forces": True, "regress_stress": True}),
-}
+#: Each head choice and its recipe, whose heads and backbone switches the fine-tuning model takes.
+HEADS = {"direct": "fairchem2/bulk_direct.yml", "conservative": "fairchem2/bulk_conservative.yml"}
+#: The backbone keys that make a model direct or conservative (read from the recipe).
+SWITCHES = ("direct_forces", "regress_forces", "regress_stress")
 FINETUNE_LR = 4e-4  # fairchem's UMA fine-tuning template's
 
 
 def _databases(folder: Path, what: str) -> list[str]:
-    files = sorted(p for p in folder.iterdir() if p.suffix in DATABASE_SUFFIXES) if folder.is_dir() else []
+    files = database_files(folder) if folder.is_dir() else []
     if not files:
         raise DeNSSetupError(f"--{what} {folder}: no ASE database ({', '.join(DATABASE_SUFFIXES)}) in that folder")
     return [str(p.resolve()) for p in files]
@@ -101,10 +98,10 @@ def finetune_config(checkpoint: str | Path, train: str | Path, val: str | Path, 
             "whose embedding (and, for UMA, experts) the fine-tuning data should use"
         )
     train_files, val_files = _databases(Path(train), "train"), _databases(Path(val), "val")
-    recipe, switches = HEADS[head]
-    config = OmegaConf.to_container(OmegaConf.load(configs_dir() / recipe), resolve=False)
+    config = OmegaConf.to_container(OmegaConf.load(configs_dir() / HEADS[head]), resolve=False)
     unit = config["runner"]["train_eval_unit"]
     recipe_model = unit["model"]
+    switches = {key: recipe_model["backbone"][key] for key in SWITCHES}
     heads = dict(recipe_model["heads"])
     if len(energy_heads) == 1:
         # the head with the energy MLP takes the checkpoint's name for it, so its weights carry over

@@ -20,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from fairchem_dens.fairchem2.predict import database_files
+
 __all__ = ["fit_normalizers", "overrides"]
 
 
 def _database_files(split: Path) -> list[Path]:
-    files = [split] if split.is_file() else sorted(p for p in split.glob("*") if p.suffix in (".aselmdb", ".db"))
+    files = database_files(split)
     if not files:
         raise FileNotFoundError(f"{split}: no .aselmdb or .db file (give a split folder or a database file)")
     return files

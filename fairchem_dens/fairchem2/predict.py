@@ -31,7 +31,7 @@ from ase.constraints import FixAtoms
 from fairchem_dens.errors import FairchemDensError
 from fairchem_dens.files import atomic_write
 
-__all__ = ["PredictionError", "predict_s2ef", "predict_structures", "read_structures"]
+__all__ = ["PredictionError", "database_files", "predict_s2ef", "predict_structures", "read_structures"]
 
 DATABASE_SUFFIXES = (".aselmdb", ".db")
 
@@ -40,14 +40,19 @@ class PredictionError(FairchemDensError, ValueError):
     """The input of ``predict-s2ef`` is unusable (named in the message)."""
 
 
-def _databases(src: Path) -> list[Path]:
+def database_files(src: Path) -> list[Path]:
+    """``src`` if it is a file, else the ASE databases (:data:`DATABASE_SUFFIXES`) in the folder ``src``,
+    sorted; empty if there are none."""
     if src.is_file():
         return [src]
-    if src.is_dir():
-        files = sorted(p for p in src.iterdir() if p.suffix in DATABASE_SUFFIXES)
-        if files:
-            return files
-    raise PredictionError(f"{src}: not an ASE database ({', '.join(DATABASE_SUFFIXES)}) nor a folder holding one")
+    return sorted(p for p in src.iterdir() if p.suffix in DATABASE_SUFFIXES) if src.is_dir() else []
+
+
+def _databases(src: Path) -> list[Path]:
+    files = database_files(src)
+    if not files:
+        raise PredictionError(f"{src}: not an ASE database ({', '.join(DATABASE_SUFFIXES)}) nor a folder holding one")
+    return files
 
 
 def _label(row, atoms: Atoms, key: str):
