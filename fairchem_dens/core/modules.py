@@ -18,7 +18,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["EDGE_INPUTS", "NOISE_HEADS", "BatchDuringForward", "check_noise_head", "l1_vectors", "zero_weight"]
+__all__ = ["DENS_BACKBONE_KEYWORDS", "EDGE_INPUTS", "NOISE_HEADS", "BatchDuringForward", "check_noise_head", "l1_vectors", "zero_weight"]
+
+#: Keywords of our DeNS backbones that fairchem's plain backbones do not take (dropped when a
+#: checkpoint is turned into a plain fairchem one).
+DENS_BACKBONE_KEYWORDS = ("use_force_encoding", "force_encoding_scale", "use_noise_schedule_sigma_encoding")
 
 #: The key of a DeNS backbone's output holding the per-edge inputs its blocks received in a
 #: DeNS batch, for a block noise head (put there by a hook through ``_dens_outputs``).

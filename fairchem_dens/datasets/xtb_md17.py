@@ -4,19 +4,28 @@ MD17 itself is DFT (PBE+vdW-TS) molecular dynamics at 500 K, stored by sGDML as 
 ``.npz`` with ``z`` (atomic numbers), ``R`` (Å), ``E`` (kcal/mol) and ``F`` (kcal/mol/Å).
 This module makes files of the same layout from a real semi-empirical calculator, so
 the MD17 recipes, ``fairchem-dens md17-to-lmdb`` and the accuracy study run on data
-that behaves like MD17 (thermal sampling of one molecule, correlated frames) without
-downloading anything: Langevin dynamics driven by GFN2-xTB, one frame every
-``stride`` steps after an equilibration, labels of the sampled frames from the same
-calculation.
+that behaves like MD17 (thermal sampling of one molecule) without downloading anything:
+Langevin dynamics driven by GFN2-xTB, one frame every ``stride`` steps after an
+equilibration, labels of the sampled frames from the same calculation.
 
-    fairchem-dens make-xtb-md17 ethanol data/xtb/ethanol.npz --frames 1200
+MD17's training frames are a few hundred drawn at random from a trajectory of hundreds of
+picoseconds (ethanol: 950 of ~555,000 frames over ~277 ps), so neighbouring training frames
+are far apart in time. The default here keeps one frame every 200 steps of 0.5 fs (100 fs;
+1500 frames span 150 ps), far enough apart that a test frame is no interpolation between
+training frames 5 fs away (docs/data.md#how-far-apart-the-frames-are). The npz's ``theory``
+records the spacing and the time span.
+
+    fairchem-dens make-xtb-md17 ethanol data/xtb/ethanol.npz --frames 1500
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from ase import Atoms, units
@@ -26,9 +35,13 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
 from fairchem_dens.files import atomic_write
 
-__all__ = ["MOLECULES", "build_parser", "generate_xtb_trajectory", "gfn2_xtb_calculator", "write_sgdml_npz", "main"]
+__all__ = ["DEFAULT_STRIDE", "MOLECULES", "build_parser", "generate_xtb_trajectory", "gfn2_xtb_calculator", "write_sgdml_npz", "main"]
 
 logger = logging.getLogger(__name__)
+
+#: MD steps between kept frames by default: 200 x 0.5 fs = 100 fs (MD17 draws its frames
+#: at random from a trajectory hundreds of ps long; neighbouring 5 fs frames are near copies).
+DEFAULT_STRIDE = 200
 
 #: MD17-like molecules and their names in ASE's G2 collection (ASE has no aspirin).
 MOLECULES = {
@@ -69,10 +82,11 @@ def generate_xtb_trajectory(
     n_frames: int,
     temperature_K: float = 500.0,
     timestep_fs: float = 0.5,
-    stride: int = 10,
+    stride: int = DEFAULT_STRIDE,
     equilibration_steps: int = 500,
     friction_per_fs: float = 0.01,
     seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Runs GFN2-xTB Langevin MD of one molecule and returns MD17 (sGDML) arrays.
 
@@ -81,10 +95,12 @@ def generate_xtb_trajectory(
         n_frames: frames to keep.
         temperature_K: thermostat temperature (MD17: 500 K).
         timestep_fs: MD time step.
-        stride: MD steps between kept frames (correlated frames, as in MD17).
+        stride: MD steps between kept frames.
         equilibration_steps: steps run and discarded first.
         friction_per_fs: Langevin friction.
         seed: seed of the initial velocities and of the thermostat's noise.
+        progress: called as ``progress(steps_done, steps_total)`` after the equilibration
+            and after every kept frame.
 
     Returns:
         ``{"z", "R", "E", "F", "name", "theory"}`` in Å, kcal/mol and kcal/mol/Å.
@@ -101,22 +117,59 @@ def generate_xtb_trajectory(
     ZeroRotation(atoms)
     dynamics = Langevin(atoms, timestep_fs * units.fs, temperature_K=temperature_K,
                         friction=friction_per_fs / units.fs, rng=rng)
+    total = equilibration_steps + n_frames * stride
     dynamics.run(equilibration_steps)
+    if progress is not None:
+        progress(equilibration_steps, total)
     positions, energies, forces = [], [], []
-    for _ in range(n_frames):
+    for frame in range(n_frames):
         dynamics.run(stride)
         positions.append(atoms.get_positions())
         energies.append(atoms.get_potential_energy())
         forces.append(atoms.get_forces())
+        if progress is not None:
+            progress(equilibration_steps + (frame + 1) * stride, total)
     to_kcal = units.mol / units.kcal  # the inverse of md17.KCAL_PER_MOL_IN_EV
+    spacing_fs = timestep_fs * stride
     return {
         "z": atoms.get_atomic_numbers().astype(np.int64),
         "R": np.asarray(positions),
         "E": np.asarray(energies)[:, None] * to_kcal,
         "F": np.asarray(forces) * to_kcal,
         "name": np.array(name),
-        "theory": np.array(f"GFN2-xTB (tblite), Langevin {temperature_K:g} K, {timestep_fs:g} fs x {stride}"),
+        "theory": np.array(
+            f"GFN2-xTB (tblite), Langevin {temperature_K:g} K, {timestep_fs:g} fs x {stride} = {spacing_fs:g} fs "
+            f"between frames, {n_frames * spacing_fs / 1000:g} ps in all after {equilibration_steps * timestep_fs:g} fs "
+            f"of equilibration, seed {seed}"),
+        "frame_spacing_fs": np.array(spacing_fs),
+        "time_span_ps": np.array(n_frames * spacing_fs / 1000),
     }
+
+
+class ProgressLines:
+    """``progress(done, total)`` that prints a line every ``percent`` % with the expected time left."""
+
+    def __init__(self, what: str, percent: float = 5.0, stream=sys.stderr) -> None:
+        self.what, self.percent, self.stream = what, percent, stream
+        self.start, self.next_percent = None, 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self.start is None:  # the clock starts at the first report (after the equilibration)
+            self.start, self.first = now, done
+        share = 100.0 * done / max(total, 1)
+        if share + 1e-9 < self.next_percent and done < total:
+            return
+        self.next_percent = (int(share // self.percent) + 1) * self.percent
+        rate = (done - self.first) / (now - self.start) if now > self.start and done > self.first else None
+        left = f", about {_duration((total - done) / rate)} left" if rate and done < total else ""
+        speed = f" ({rate:.0f} steps/s)" if rate else ""
+        print(f"{self.what}: {share:5.1f} % of {total} MD steps{speed}{left}", file=self.stream, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
 def write_sgdml_npz(arrays: dict[str, np.ndarray], path: str | Path, overwrite: bool = False) -> Path:
@@ -136,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("out", help="output .npz")
     parser.add_argument("--frames", type=int, default=1200)
     parser.add_argument("--temperature", type=float, default=500.0, help="K (MD17: 500)")
-    parser.add_argument("--stride", type=int, default=10, help="0.5 fs MD steps between kept frames")
+    parser.add_argument("--stride", type=int, default=DEFAULT_STRIDE,
+                        help="0.5 fs MD steps between kept frames (default 200: 100 fs apart; MD17's training frames "
+                             "are drawn from hundreds of ps)")
     parser.add_argument("--equilibration", type=int, default=500, help="MD steps run and discarded first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
@@ -153,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         arrays = generate_xtb_trajectory(args.molecule, args.frames, temperature_K=args.temperature,
                                          stride=args.stride, equilibration_steps=args.equilibration,
-                                         seed=args.seed)
+                                         seed=args.seed, progress=ProgressLines(f"make-xtb-md17 {args.molecule}"))
     except ValueError as error:
         parser.error(str(error))
     write_sgdml_npz(arrays, out, overwrite=args.overwrite)

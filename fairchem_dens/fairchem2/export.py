@@ -2,11 +2,14 @@
 
 fairchem writes ``inference_ckpt.pt`` (an ``MLIPInferenceCheckpoint``: the model's Hydra
 config, its state dict and the EMA state dict, the task configs). For a DeNS model the
-config names our classes and the state dicts hold the force encoding and the noise head,
-which inference never runs: a batch the trainer did not corrupt gets exactly zero from
-the encoding and fairchem's ``Linear_Force_Head`` output from the force head. So each DeNS
-class is replaced by the fairchem class it names (``fairchem_plain``) and its DeNS-only
-parameters (``dens_parameter_prefixes``) are dropped; every other weight is kept as is.
+config names our classes and the state dicts hold the force encoding and the noise head.
+A batch the trainer did not corrupt gets only the encoding layer's bias, on every atom's
+l = 0 features, and fairchem's ``Linear_Force_Head`` output from the force head. So each
+DeNS class is replaced by the fairchem class it names (``fairchem_plain``), the encoding's
+bias is added to every row of the atom embedding
+(:func:`fairchem_dens.core.encoding.fold_force_encoding_bias`: the same sum, rounded in
+another order), the other DeNS-only parameters (``dens_parameter_prefixes``) and keywords
+are dropped, and every other weight is kept as is.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fairchem.core.common.registry import registry
+
+from fairchem_dens.core.encoding import fold_force_encoding_bias
+from fairchem_dens.core.modules import DENS_BACKBONE_KEYWORDS
 
 __all__ = ["plain_inference_checkpoint", "plain_model_config"]
 
@@ -46,7 +52,7 @@ def plain_model_config(model_config: Any) -> tuple[dict, list[str]]:
         model_config = OmegaConf.to_container(model_config, resolve=True)
     config = copy.deepcopy(dict(model_config))
     prefixes = []
-    backbone = dict(config["backbone"])
+    backbone = {key: value for key, value in dict(config["backbone"]).items() if key not in DENS_BACKBONE_KEYWORDS}
     backbone["model"], dropped = _plain(backbone["model"])
     prefixes += [f"backbone.{p}" for p in dropped]
     config["backbone"] = backbone
@@ -67,6 +73,9 @@ def _without(state_dict: dict | None, prefixes: list[str]) -> dict | None:
     if state_dict is None:
         return None
     # EMA keys carry AveragedModel's `module.` prefix.
+    for module in ("", "module."):
+        if f"{module}backbone.force_embedding.bias" in state_dict:
+            state_dict = fold_force_encoding_bias(state_dict, prefix=f"{module}backbone.")
     dropped = tuple(prefixes) + tuple(f"module.{p}" for p in prefixes)
     return type(state_dict)((k, v) for k, v in state_dict.items() if not k.startswith(dropped))
 

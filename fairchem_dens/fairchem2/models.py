@@ -8,8 +8,10 @@ for the hook. The UMA mixture-of-experts backbone subclasses eSCN-MD without
 overriding ``forward``, so the same hook serves it.
 
 In a batch the trainer did not corrupt (validation, prediction, the ASE calculator)
-the hook adds nothing and the force head is fairchem's ``Linear_Force_Head``: the
-model is exactly the plain one. During training such a batch still puts the DeNS
+the hook adds the encoding layer's bias to every atom's l = 0 features (the encoding of
+a zero force, as in the original DeNS) and the force head is fairchem's
+``Linear_Force_Head``: the model is the plain one with that bias folded into its atom
+embedding, which is what the plain inference checkpoint holds. During training such a batch still puts the DeNS
 parameters in the graph with weight 0, because fairchem's DDP runs without a search
 for unused parameters.
 
@@ -47,7 +49,7 @@ from fairchem.core.models.uma.escn_moe import eSCNMDMoeBackbone
 from fairchem.core.models.uma.nn.so3_layers import SO3_Linear
 
 from fairchem_dens.core.batch import corrupted_atoms, is_dens_batch
-from fairchem_dens.core.encoding import force_encoding_coefficients
+from fairchem_dens.core.encoding import check_force_encoding_scale, force_encoding_coefficients
 from fairchem_dens.core.errors import DeNSSetupError
 from fairchem_dens.core.modules import EDGE_INPUTS, BatchDuringForward, check_noise_head, l1_vectors, zero_weight
 from fairchem_dens.core.roles import FORCES
@@ -76,15 +78,22 @@ class DeNSForceEncoding(BatchDuringForward):
 
     ``force_embedding`` (``SO3_Linear``, 1 -> ``sphere_channels``, one weight per degree
     up to ``lmax``) maps the spherical-harmonic coefficients of each corrupted atom's
-    original force (:func:`fairchem_dens.core.encoding.force_encoding_coefficients`) to
-    node features; the result is multiplied by the corruption mask, so clean atoms get
-    exactly zero (also the layer's l = 0 bias) and dropping the layer at inference is exact.
+    original force (:func:`fairchem_dens.core.encoding.force_encoding_coefficients`,
+    the forces times ``force_encoding_scale``) to node features. Clean atoms and batches
+    the trainer did not corrupt encode a zero force, so they get the layer's l = 0 bias
+    alone, on every atom, as in the original DeNS; the plain inference checkpoint folds
+    that bias into the atom embedding (:mod:`fairchem_dens.fairchem2.export`).
+
+    Args:
+        force_encoding_scale: multiplies the forces before they are encoded: 1 encodes eV/Å
+            as stored, 23.06 kcal/mol/Å as the original MD17 code (docs/algorithm.md#force-encoding).
     """
 
     fairchem_plain: str
     dens_parameter_prefixes = ("force_embedding.",)
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, force_encoding_scale: float = 1.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.force_encoding_scale = check_force_encoding_scale(force_encoding_scale)
         self.force_embedding = SO3_Linear(1, self.sphere_channels, lmax=self.lmax)
         # A bound method: the EMA deep copy rebinds it to the copy's own layer.
         self.edge_degree_embedding.register_forward_pre_hook(self._add_force_encoding)
@@ -102,14 +111,17 @@ class DeNSForceEncoding(BatchDuringForward):
         if data is None:
             return None
         x_message, *rest = args
-        if not is_dens_batch(data):
-            return (x_message + zero_weight(self.force_embedding), *rest) if self.training else None
-        refuse_graph_parallel()
-        corrupted = corrupted_atoms(data)
+        dens_batch = is_dens_batch(data)
+        if dens_batch:
+            refuse_graph_parallel()
         # float32 whatever the autocast: the harmonics of small forces lose digits in bf16
         with torch.autocast(device_type=x_message.device.type, enabled=False):
-            coefficients = force_encoding_coefficients(data[ENCODED_FORCES].float(), self.lmax, corrupted)
-            features = self.force_embedding(coefficients.unsqueeze(-1)) * corrupted.view(-1, 1, 1)
+            if dens_batch:
+                coefficients = force_encoding_coefficients(data[ENCODED_FORCES].float(), self.lmax,
+                                                           corrupted_atoms(data), self.force_encoding_scale)
+            else:  # every atom encodes a zero force: the layer adds its l = 0 bias (the weight enters with 0)
+                coefficients = x_message.new_zeros((1, (self.lmax + 1) ** 2), dtype=torch.float32)
+            features = self.force_embedding(coefficients.unsqueeze(-1))
         return (x_message + features.to(x_message.dtype), *rest)
 
 

@@ -9,7 +9,6 @@ published weights were trained with that bias, so it must stay.
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 from fairchem.core.models.equiformer_v2.so3 import SO3_Embedding, SO3_LinearV2
 
 from fairchem_dens.core.batch import corrupted_atoms, is_dens_batch
-from fairchem_dens.core.encoding import force_encoding_coefficients
+from fairchem_dens.core.encoding import check_force_encoding_scale, fold_force_encoding_bias, force_encoding_coefficients
 from fairchem_dens.core.modules import BatchDuringForward, zero_weight
 
 __all__ = [
@@ -40,6 +39,11 @@ class DeNSBackboneMixin(BatchDuringForward):
     (:class:`fairchem_dens.core.modules.BatchDuringForward`).
     """
 
+    def _set_force_encoding(self, use_force_encoding: bool, force_encoding_scale: float) -> None:
+        """Stores the encoding keywords every DeNS backbone takes (the scale checked)."""
+        self.use_force_encoding = use_force_encoding
+        self.force_encoding_scale = check_force_encoding_scale(force_encoding_scale)
+
     def _require_single_resolution(self) -> None:
         if self.num_resolutions != 1:
             raise ValueError(
@@ -59,6 +63,7 @@ def dens_node_features(
     lmax: int,
     *,
     use_force_encoding: bool = True,
+    force_encoding_scale: float = 1.0,
     sigma_embedding: nn.Linear | None = None,
     nodes: slice = slice(None),
 ) -> torch.Tensor:
@@ -70,6 +75,7 @@ def dens_node_features(
         force_embedding: the force-encoding layer (fairchem's ``SO3_LinearV2``, or eSEN's ``SO3_Linear``).
         lmax: highest degree of the node embeddings.
         use_force_encoding: false zeroes the encoding input (ablation).
+        force_encoding_scale: multiplies the forces before they are encoded (their unit).
         sigma_embedding: optional ``Linear(1, C)`` encoding each atom's sigma on l = 0.
         nodes: the nodes this rank holds (graph parallelism).
     """
@@ -77,7 +83,7 @@ def dens_node_features(
     if is_dens_batch(data) and use_force_encoding:
         mask = getattr(data, "noise_mask", None)
         coefficients = force_encoding_coefficients(
-            data.forces[nodes].to(dtype), lmax, None if mask is None else mask[nodes]
+            data.forces[nodes].to(dtype), lmax, None if mask is None else mask[nodes], force_encoding_scale
         )
     else:
         coefficients = data.pos.new_zeros((data.pos[nodes].shape[0], (lmax + 1) ** 2))
@@ -168,21 +174,3 @@ def edge_subset_rotations(rotations: nn.ModuleList, edges: torch.Tensor | None) 
     finally:
         for rotation, (wigner, wigner_inv) in zip(rotations, saved):
             rotation.wigner, rotation.wigner_inv = wigner, wigner_inv
-
-
-def fold_force_encoding_bias(state_dict: dict[str, torch.Tensor]) -> OrderedDict:
-    """A hydra state dict without ``backbone.force_embedding``, its bias moved into the atom embedding.
-
-    Outside DeNS batches the force-encoding layer adds only its bias, to the l = 0 node
-    features, which is where every backbone's ``sphere_embedding`` goes: adding the bias
-    to every row of ``sphere_embedding`` gives the plain backbone the same outputs.
-    """
-    bias = state_dict["backbone.force_embedding.bias"]
-    folded = OrderedDict()
-    for key, value in state_dict.items():
-        if key.startswith("backbone.force_embedding."):
-            continue
-        if key == "backbone.sphere_embedding.weight":
-            value = value + bias.to(value.dtype).view(1, -1)
-        folded[key] = value
-    return folded

@@ -75,6 +75,8 @@ class DeNSEquiformerV2Backbone(DeNSBackboneMixin, EquiformerV2Backbone):
         use_force_encoding: encode the original forces of corrupted atoms. With
             false the encoding input is always zero (ablation); the layer's bias
             is still added so the weights stay interchangeable.
+        force_encoding_scale: multiplies the forces before they are encoded: 1 encodes eV/Å as
+            stored, 23.06 kcal/mol/Å as the original MD17 code (docs/algorithm.md#force-encoding).
         use_noise_schedule_sigma_encoding: also encode each atom's sigma (only
             meaningful with multi-scale noise).
         **kwargs: every keyword of fairchem's ``EquiformerV2Backbone``.
@@ -84,12 +86,13 @@ class DeNSEquiformerV2Backbone(DeNSBackboneMixin, EquiformerV2Backbone):
         self,
         *,
         use_force_encoding: bool = True,
+        force_encoding_scale: float = 1.0,
         use_noise_schedule_sigma_encoding: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self._require_single_resolution()
-        self.use_force_encoding = use_force_encoding
+        self._set_force_encoding(use_force_encoding, force_encoding_scale)
         self.use_noise_schedule_sigma_encoding = use_noise_schedule_sigma_encoding
         self.force_embedding = make_force_embedding(self.sphere_channels, max(self.lmax_list))
         if use_noise_schedule_sigma_encoding:
@@ -116,6 +119,7 @@ class DeNSEquiformerV2Backbone(DeNSBackboneMixin, EquiformerV2Backbone):
             self.force_embedding,
             max(self.lmax_list),
             use_force_encoding=self.use_force_encoding,
+            force_encoding_scale=self.force_encoding_scale,
             sigma_embedding=getattr(self, "noise_schedule_sigma_embedding", None),
             nodes=nodes,
         )

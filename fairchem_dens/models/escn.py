@@ -54,13 +54,15 @@ class DeNSeSCNBackbone(DeNSBackboneMixin, eSCNBackbone):
 
     Args:
         use_force_encoding: encode the original forces of corrupted atoms.
+        force_encoding_scale: multiplies the forces before they are encoded: 1 encodes eV/Å as
+            stored, 23.06 kcal/mol/Å as the original MD17 code (docs/algorithm.md#force-encoding).
         **kwargs: every keyword of fairchem's ``eSCNBackbone``.
     """
 
-    def __init__(self, *, use_force_encoding: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *, use_force_encoding: bool = True, force_encoding_scale: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._require_single_resolution()
-        self.use_force_encoding = use_force_encoding
+        self._set_force_encoding(use_force_encoding, force_encoding_scale)
         self.force_embedding = make_force_embedding(self.sphere_channels, max(self.lmax_list))
         # The original's initialisation: small weights so early training is not swamped.
         nn.init.uniform_(self.force_embedding.weight, -0.001, 0.001)
@@ -73,7 +75,8 @@ class DeNSeSCNBackbone(DeNSBackboneMixin, eSCNBackbone):
             return None
         x = args[0]
         features = dens_node_features(
-            data, self.force_embedding, max(self.lmax_list), use_force_encoding=self.use_force_encoding
+            data, self.force_embedding, max(self.lmax_list), use_force_encoding=self.use_force_encoding,
+            force_encoding_scale=self.force_encoding_scale,
         )
         x.embedding = x.embedding + features.to(x.embedding.dtype)
         return None

@@ -80,12 +80,14 @@ class DeNSeSENBackbone(DeNSBackboneMixin, eSEN_Backbone):
 
     Args:
         use_force_encoding: encode the original forces of corrupted atoms (false: ablation).
+        force_encoding_scale: multiplies the forces before they are encoded: 1 encodes eV/Å as
+            stored, 23.06 kcal/mol/Å as the original MD17 code (docs/algorithm.md#force-encoding).
         **kwargs: every keyword of fairchem's ``eSEN_Backbone``.
     """
 
-    def __init__(self, *, use_force_encoding: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *, use_force_encoding: bool = True, force_encoding_scale: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.use_force_encoding = use_force_encoding
+        self._set_force_encoding(use_force_encoding, force_encoding_scale)
         self.force_embedding = SO3_Linear(1, self.sphere_channels, lmax=self.lmax)
         self.edge_degree_embedding.register_forward_pre_hook(self._add_dens_encoding)
         if self.blocks:
@@ -103,7 +105,8 @@ class DeNSeSENBackbone(DeNSBackboneMixin, eSEN_Backbone):
         if data is None:
             return None
         x_message, *rest = args
-        features = dens_node_features(data, self.force_embedding, self.lmax, use_force_encoding=self.use_force_encoding)
+        features = dens_node_features(data, self.force_embedding, self.lmax, use_force_encoding=self.use_force_encoding,
+                                      force_encoding_scale=self.force_encoding_scale)
         return (x_message + features.to(x_message.dtype), *rest)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from fairchem_dens.core.modules import DENS_BACKBONE_KEYWORDS
 from fairchem_dens.core.roles import GRADIENT_OUTPUTS
 from fairchem_dens.models import esen
 from fairchem_dens.models.adapters import adapter
@@ -50,7 +51,7 @@ def conservative_finetune_checkpoint(checkpoint: dict[str, Any], use_ema: bool =
     if "backbone.force_embedding.bias" not in strip_ddp_prefix(checkpoint["state_dict"]):
         raise CheckpointMismatchError("the checkpoint's eSEN has no force encoding: it is already a plain eSEN")
     config = copy.deepcopy(checkpoint.get("config", {}))
-    backbone = {k: v for k, v in config["model"]["backbone"].items() if k != "use_force_encoding"}
+    backbone = {k: v for k, v in config["model"]["backbone"].items() if k not in DENS_BACKBONE_KEYWORDS}
     backbone.update(model=esen.PLAIN_BACKBONE, regress_stress=True)
     model_config = {**config["model"], "backbone": backbone, "heads": {"energy": {"module": esen.PLAIN_EFS_HEAD}}}
     model_config.pop("finetune_config", None)
