@@ -207,33 +207,35 @@ def train_and_test(
             "checkpoint": str(checkpoint), **parse_curves(run_dir / "train.log")}
 
 
-def _load_split(folder: Path) -> dict[str, tuple[float, np.ndarray]]:
-    """Reference energy and free-atom forces of every frame, keyed like fairchem's ids."""
+def _load_split(folder: Path, first_n: int | None = None) -> dict[str, tuple[float, np.ndarray]]:
+    """Reference energy and free-atom forces of every frame (the first ``first_n``, in fairchem's
+    dataset order, as ``dataset.*.first_n`` takes them), keyed like fairchem's ids."""
     from fairchem_dens.datasets.lmdb_io import read_lmdb
 
     return {
         f"{int(data.sid)}_{int(data.fid)}": (float(data.energy), data.forces[data.fixed == 0].numpy())
-        for data in read_lmdb(folder)
+        for data in read_lmdb(folder)[:first_n]
     }
 
 
-def null_model_errors(data: Path) -> dict[str, float]:
+def null_model_errors(data: Path, first_n: int | None = None) -> dict[str, float]:
     """What a model that learned nothing scores on the test split of an ``md17-to-lmdb`` folder.
 
     ``energy_meV``: MAE of predicting the training-set mean energy; ``force_meV_per_A``: MAE
-    of predicting zero forces (the mean |F| component).
+    of predicting zero forces (the mean |F| component). ``first_n``: only the split's first frames.
     """
     with _READ_LOCK:
-        reference = _load_split(data / "test")
+        reference = _load_split(data / "test", first_n)
     mean_energy = json.loads((data / "md17_info.json").read_text())["train_statistics"]["energy_mean"]
     return {"energy_meV": 1000.0 * float(np.mean([abs(e - mean_energy) for e, _ in reference.values()])),
             "force_meV_per_A": 1000.0 * float(np.mean(np.concatenate([np.abs(f).ravel() for _, f in reference.values()])))}
 
 
-def prediction_errors(predictions: Path, split_folder: Path) -> tuple[float, float]:
-    """Energy MAE (meV) and force MAE (meV/Å, per component) of an ``s2ef_predictions.npz``."""
+def prediction_errors(predictions: Path, split_folder: Path, first_n: int | None = None) -> tuple[float, float]:
+    """Energy MAE (meV) and force MAE (meV/Å, per component) of an ``s2ef_predictions.npz``
+    (of the split's first ``first_n`` frames, when given)."""
     with _READ_LOCK:  # py-lmdb refuses a second open of the same file in one process (parallel runs)
-        reference = _load_split(split_folder)
+        reference = _load_split(split_folder, first_n)
     with np.load(predictions) as npz:
         ids, energies = npz["ids"], npz["energy"].astype(np.float64)
         forces = np.split(npz["forces"].astype(np.float64), npz["chunk_idx"])

@@ -13,6 +13,7 @@ encode the same numbers (docs/differences.md#force-encoding-units).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 
@@ -56,13 +57,22 @@ def force_encoding_coefficients(
     """
     if scale != 1.0:
         forces = forces * scale
-    irreps = o3.Irreps.spherical_harmonics(lmax=lmax, p=1)
-    # normalize=True divides by max(|F|, eps), so a zero force gives zeros after scaling.
-    harmonics = o3.spherical_harmonics(irreps, forces, normalize=True, normalization="component")
+    harmonics = _harmonics(lmax)(forces)
     coefficients = harmonics * (forces.norm(dim=-1, keepdim=True) / math.sqrt(3.0))
     if mask is not None:
         coefficients = coefficients * mask.view(-1, 1).to(coefficients.dtype)
     return coefficients
+
+
+@functools.lru_cache(maxsize=None)
+def _harmonics(lmax: int) -> o3.SphericalHarmonics:
+    """e3nn's real spherical harmonics up to ``lmax``, built once: ``o3.spherical_harmonics``
+    builds and compiles the same module on every call (a few ms, most of the encoding's cost).
+
+    normalize=True divides by max(|F|, eps), so a zero force gives zeros after scaling.
+    """
+    irreps = o3.Irreps.spherical_harmonics(lmax=lmax, p=1)
+    return o3.SphericalHarmonics(irreps, normalize=True, normalization="component")
 
 
 def fold_force_encoding_bias(state_dict: dict[str, torch.Tensor], prefix: str = "backbone.") -> OrderedDict:

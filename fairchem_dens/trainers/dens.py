@@ -65,6 +65,7 @@ from fairchem_dens.core.settings import DeNSConfig
 from fairchem_dens.core.tally import CorruptionTally
 from fairchem_dens.files import replace_durably
 from fairchem_dens.trainers.kept_checkpoints import kept_epochs, kept_name
+from fairchem_dens.trainers.schedule_length import schedule_epochs
 from fairchem_dens.models.checkpoints import (
     CheckpointMismatchError,
     checkpoint_family,
@@ -113,6 +114,7 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         if optimizer is None:
             raise ValueError("the DeNS trainer needs the `optim` section of the config")
         self.dens = DeNSConfig.from_optim(optimizer)
+        self._schedule_epochs = schedule_epochs(optimizer)  # refused here, before anything is written
         self._tally = CorruptionTally()  # this epoch's corrupted structures and atoms
         if kwargs.get("name", "ocp") == "ocp":
             kwargs["name"] = "s2ef"
@@ -145,6 +147,16 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
                      for split in ("val", "test")}
         check_denoising_splits(self.dens, {split: (dataset[0], source) for split, (dataset, source)
                                            in evaluated.items() if dataset is not None and len(dataset) > 0})
+
+    def load_extras(self) -> None:
+        # fairchem sizes its LR schedule by optim.max_epochs: give it the schedule's length
+        optim = self.config["optim"]
+        max_epochs = optim["max_epochs"]
+        optim["max_epochs"] = self._schedule_epochs
+        try:
+            super().load_extras()
+        finally:
+            optim["max_epochs"] = max_epochs
 
     def _trained(self) -> list[str]:
         """The outputs ``loss_functions`` trains."""
@@ -398,7 +410,7 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
             corrupted_rows=dens_loss.structure_rows(corrupted_structures(batch), batch.batch,
                                                     self.output_targets[name]["level"]),
             noise_target=batch.denoising_target if dens else None,
-            denoising_coefficient=self.dens.coefficient_at(self.epoch, self.config["optim"]["max_epochs"]),
+            denoising_coefficient=self.dens.coefficient_at(self.epoch, self._schedule_epochs),
             loss_form=self.dens.loss_form if name == FORCES else "hybrid",
             reduction=fn.reduction,
             ranks=self._ranks(pred.device),

@@ -76,9 +76,12 @@ def model_config(dens: bool, conservative: bool = False, noise_head: str | None 
     return config
 
 
-def build(dens: bool, seed: int = 0, conservative: bool = False, noise_head: str | None = None) -> HydraModel:
+def build(dens: bool, seed: int = 0, conservative: bool = False, noise_head: str | None = None,
+          encoding_scale: float | None = None) -> HydraModel:
     config = model_config(dens, conservative, noise_head)
     config.pop("_target_")
+    if encoding_scale is not None:
+        config["backbone"]["force_encoding_scale"] = encoding_scale
     torch.manual_seed(seed)
     return HydraModel(**config)
 

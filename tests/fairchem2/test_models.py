@@ -16,7 +16,11 @@ from fairchem.core.units.mlip_unit.utils import load_inference_model
 from fairchem_dens.core.batch import corrupted_atoms
 from fairchem_dens.fairchem2.export import plain_inference_checkpoint
 from fairchem_dens.fairchem2.models import ENCODED_FORCES
-from fairchem_dens.testing.tolerances import ESEN_ROTATION_REL
+from fairchem_dens.core.encoding import KCAL_PER_MOL_PER_EV
+from fairchem_dens.core.errors import DeNSSetupError
+from fairchem_dens.testing.original_encoding import original_force_encoding
+from fairchem_dens.testing.tolerances import (ELEMENTWISE_ULPS, ESEN_ROTATION_REL, MUST_DIFFER_ULPS, REORDERED_ULPS,
+                                              assert_ulps, f32_tol)
 from fc2_helpers import batch, build, dens_batch, model_config, outputs, run
 
 
@@ -47,12 +51,13 @@ def _count_calls(*modules):
     return calls
 
 
-def test_noise_block_and_encoding_never_run_outside_dens_batches_and_each_block_runs_on_its_atoms():
+def test_noise_block_never_runs_outside_dens_batches_the_encoding_on_one_zero_force_and_each_block_on_its_atoms():
     dens = build(True).eval()
     head = dens.output_heads["forces"]
     calls = _count_calls(head.noise_linear, head.linear, dens.backbone.force_embedding)
     dens(batch())
-    assert set(calls) == {head.linear}
+    assert set(calls) == {head.linear, dens.backbone.force_embedding}
+    assert calls[dens.backbone.force_embedding] == 1  # the encoding of a zero force: the bias, broadcast
     calls.clear()
     data = dens_batch()
     corrupted = corrupted_atoms(data)
@@ -73,7 +78,7 @@ def test_every_parameter_gets_a_gradient_in_training(kind, conservative):
     assert not missing
 
 
-def test_the_encoding_is_zero_on_clean_atoms_and_changes_corrupted_ones(models):
+def test_clean_atoms_get_the_encodings_bias_alone_and_corrupted_ones_their_force(models):
     _, dens = models
     dens.eval()
     data = dens_batch()
@@ -122,8 +127,12 @@ def test_noise_prediction_is_equivariant_with_the_encoded_forces_rotated_and_not
 @pytest.mark.parametrize("use_ema", [True, False])
 def test_plain_inference_checkpoint_gives_the_dens_models_predictions(use_ema):
     dens = build(True).eval()
+    with torch.no_grad():  # a trained encoding has a bias, which every atom receives outside DeNS batches too
+        dens.backbone.force_embedding.bias.normal_()
     ema = torch.optim.swa_utils.AveragedModel(dens)
-    checkpoint = MLIPInferenceCheckpoint(model_config=model_config(True), model_state_dict=dens.state_dict(),
+    config = model_config(True)
+    config["backbone"]["force_encoding_scale"] = KCAL_PER_MOL_PER_EV  # a DeNS keyword plain fairchem refuses
+    checkpoint = MLIPInferenceCheckpoint(model_config=config, model_state_dict=dens.state_dict(),
                                          ema_state_dict=ema.state_dict(), tasks_config=[])
     plain_checkpoint = plain_inference_checkpoint(checkpoint)
     plain, _ = load_inference_model(None, use_ema=use_ema, preloaded_checkpoint=plain_checkpoint)
@@ -131,9 +140,53 @@ def test_plain_inference_checkpoint_gives_the_dens_models_predictions(use_ema):
     assert type(plain.backbone).__module__ == "fairchem.core.models.uma.escn_md"
     assert type(plain.output_heads["forces"]).__name__ == "Linear_Force_Head"
     expected, actual = run(dens, batch()), run(plain, batch())
-    assert torch.equal(actual["energy"]["energy"], expected["energy"]["energy"])
-    assert torch.equal(actual["forces"]["forces"], expected["forces"]["forces"])
+    # The bias is folded into the atom embedding: (embedding + bias) + system embedding in place of
+    # (embedding + system embedding) + bias, one rounding of the first features, carried through
+    # the network: REORDERED_ULPS of each output's scale.
+    assert_ulps(actual["energy"]["energy"], expected["energy"]["energy"], REORDERED_ULPS, what="energy")
+    assert_ulps(actual["forces"]["forces"], expected["forces"]["forces"], REORDERED_ULPS, what="forces")
+    # Negative control: the bias dropped instead of folded changes the predictions.
+    dropped = copy.deepcopy(plain)
+    with torch.no_grad():
+        dropped.backbone.sphere_embedding.weight -= dens.backbone.force_embedding.bias.view(1, -1)
+    energy = run(dropped, batch())["energy"]["energy"].detach()
+    scale = expected["energy"]["energy"].abs().max()
+    assert float((energy - expected["energy"]["energy"]).abs().max()) > f32_tol(scale, MUST_DIFFER_ULPS)
     assert checkpoint.model_config["backbone"]["model"].startswith("fairchem_dens")  # the input is untouched
+
+
+def test_a_scale_that_is_not_a_positive_number_is_refused_before_the_model_is_built():
+    with pytest.raises(DeNSSetupError, match="force_encoding_scale"):
+        build(True, encoding_scale=-23.06)
+
+
+def test_the_scaled_encoding_equals_the_originals_encoding_of_the_forces_in_its_unit():
+    """force_encoding_scale 23.06 on eV/Å forces is the original MD17 code's encoding of kcal/mol/Å."""
+    dens = build(True, encoding_scale=KCAL_PER_MOL_PER_EV).eval()
+    layer = dens.backbone.force_embedding
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    data = dens_batch()
+    corrupted = corrupted_atoms(data)
+    seen = {}
+    embedding = dens.backbone.edge_degree_embedding  # the node features before and after our hook
+    embedding.register_forward_pre_hook(lambda m, args: seen.__setitem__("before", args[0].clone()), prepend=True)
+    embedding.register_forward_pre_hook(lambda m, args: seen.__setitem__("after", args[0].clone()))
+    with torch.no_grad():
+        dens(data)
+    with_encoding = seen["after"]
+    ours = with_encoding - seen["before"]  # what the hook added
+    kcal = (data[ENCODED_FORCES].double() * KCAL_PER_MOL_PER_EV).float()  # the same forces, in kcal/mol/Å
+    expected = original_force_encoding(kcal, corrupted, layer.weight, layer.bias)
+    # The scaled eV/Å forces vs the kcal/mol/Å ones rounded once (1 ulp), a handful of elementwise
+    # ops, one weight times coefficient plus bias, and the hook's sum with the atom embedding and
+    # our difference of two sums (2 ulps of the node features): ELEMENTWISE_ULPS of the largest.
+    assert_ulps(ours, expected, ELEMENTWISE_ULPS, scale=float(with_encoding.abs().max()), what="encoding")
+    assert bool(corrupted.any()) and not bool(corrupted.all())
+    # Negative control: scale 1 (eV/Å as stored) is 23x weaker on the corrupted atoms.
+    weak = original_force_encoding(data[ENCODED_FORCES].float(), corrupted, layer.weight, layer.bias)
+    assert float((weak - ours)[corrupted].abs().max()) > f32_tol(with_encoding.abs().max(), MUST_DIFFER_ULPS)
 
 
 @pytest.mark.parametrize("training", [False, True])
