@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -118,4 +119,32 @@ def test_keep_checkpoint_epochs_where_no_checkpoint_is_saved_is_refused_before_t
     result = _train(md17_lmdb, tmp_path, "--optim.checkpoint_every=10", "--optim.keep_checkpoint_epochs=[1,3]")
     assert result.returncode != 0
     assert "keep_checkpoint_epochs: epoch 1 ends at step 5, where no checkpoint is saved" in result.stderr + result.stdout
+    assert not list(tmp_path.rglob("*.pt"))
+
+
+def test_schedule_epochs_trains_the_first_epochs_of_a_longer_schedule(md17_lmdb, tmp_path):
+    """3 epochs of a 1500-epoch cosine schedule end near its peak; 3 epochs of a 3-epoch one near its floor."""
+    rates = {}
+    for length in (1500, 3):
+        folder = tmp_path / str(length)
+        folder.mkdir()
+        result = _train(md17_lmdb, folder, "--optim.checkpoint_every=5", f"--optim.schedule_epochs={length}")
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+        checkpoint = read_checkpoint(folder / "checkpoints" / "kept" / "checkpoint.pt")
+        rates[length] = checkpoint["optimizer"]["param_groups"][0]["lr"]
+
+    def cosine(step: int, total: int) -> float:  # fairchem's factor after the warm-up (5 steps here)
+        return 0.002 + 0.5 * (1 - 0.002) * (1 + math.cos(math.pi * step / total))
+
+    # 5 steps an epoch; the 15th and last step trains with the factor of 14 steps done
+    assert rates[1500] == pytest.approx(5e-4 * cosine(14, 1500 * 5), rel=1e-9)
+    assert rates[3] == pytest.approx(5e-4 * cosine(14, 3 * 5), rel=1e-9)
+    assert rates[1500] > 50 * rates[3]
+
+
+def test_schedule_epochs_shorter_than_the_run_is_refused_before_anything_is_written(md17_lmdb, tmp_path):
+    result = _train(md17_lmdb, tmp_path, "--optim.schedule_epochs=2")
+    assert result.returncode != 0
+    assert "optim.schedule_epochs (the length of the learning-rate and denoising-weight schedules)" in (
+        result.stdout + result.stderr)
     assert not list(tmp_path.rglob("*.pt"))

@@ -42,9 +42,22 @@ def _run(command: list, cwd: Path) -> subprocess.CompletedProcess:
 def trajectory(tmp_path_factory) -> Path:
     """A 14-frame GFN2-xTB ethanol trajectory written by the real command."""
     folder = tmp_path_factory.mktemp("xtb")
-    _run([CLI, "make-xtb-md17", "ethanol", folder / "ethanol.npz", "--frames", FRAMES, "--stride", STRIDE,
-          "--equilibration", 20, "--seed", 3], folder)
+    result = _run([CLI, "make-xtb-md17", "ethanol", folder / "ethanol.npz", "--frames", FRAMES, "--stride", STRIDE,
+                   "--equilibration", 20, "--seed", 3], folder)
+    (folder / "stderr.txt").write_text(result.stderr)
     return folder / "ethanol.npz"
+
+
+def test_generation_reports_its_progress_and_the_file_records_the_spacing(trajectory):
+    # a line every 5 % of the MD steps (20 equilibration + 14 frames x 2 steps), the last one at 100 %
+    lines = (trajectory.parent / "stderr.txt").read_text().splitlines()
+    progress = [line for line in lines if line.startswith("make-xtb-md17 ethanol:")]
+    assert len(progress) >= 10 and progress[-1].startswith("make-xtb-md17 ethanol: 100.0 % of 48 MD steps")
+    assert any("left" in line for line in progress)
+    with np.load(trajectory) as npz:
+        assert float(npz["frame_spacing_fs"]) == 0.5 * STRIDE
+        assert float(npz["time_span_ps"]) == pytest.approx(FRAMES * 0.5 * STRIDE / 1000, rel=F64_REL)
+        assert "0.5 fs x 2 = 1 fs between frames, 0.014 ps in all" in str(npz["theory"])
 
 
 def _single_point_ev(numbers: np.ndarray, positions: np.ndarray) -> tuple[float, np.ndarray]:

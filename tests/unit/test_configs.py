@@ -6,9 +6,11 @@ import copy
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fairchem.core.common.utils import load_config
 
+from fairchem_dens.core.encoding import KCAL_PER_MOL_PER_EV
 from fairchem_dens.core.settings import DeNSConfig
 from fairchem_dens.resources import configs_dir
 from fairchem_dens.testing import TINY_EQV2_BACKBONE, TINY_ESCN_BACKBONE, TINY_ESEN_BACKBONE, build_model
@@ -182,6 +184,21 @@ def test_md17_recipes(path):
     assert config["dataset"]["train"]["src"].endswith(f"{molecule}/train")
     # forces divided by the training-set energy std, as the MD17 code does
     assert config["dataset"]["train"]["transforms"]["normalizer"]["fit"]["targets"]["forces"] == {"mean": 0.0, "rmsd": "energy"}
+    # forces encoded in kcal/mol/Å, the unit of the MD17 files the original code encodes
+    assert backbone["force_encoding_scale"] == KCAL_PER_MOL_PER_EV
+
+
+@pytest.mark.parametrize("path", sorted({*CONFIGS.glob("md17/esen/*.yml"), CONFIGS / "md17" / "xtb_small_data.yml",
+                                         CONFIGS / "fairchem2" / "dens_md17_conservative.yml"}),
+                         ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_md17_recipe_with_a_force_encoding_encodes_kcal_per_mol(path):
+    config = full_config(path) if "fairchem2" not in str(path) else yaml.safe_load(path.read_text())
+    model = config["model"] if "fairchem2" not in str(path) else config["runner"]["train_eval_unit"]["model"]
+    backbone = model.get("backbone", {})
+    if not str(backbone.get("model", "")).startswith("fairchem_dens"):
+        assert "force_encoding_scale" not in backbone  # a plain backbone (two-step recipe, base file)
+        return
+    assert backbone["force_encoding_scale"] == KCAL_PER_MOL_PER_EV
 
 
 def test_paper_md17_conservative_recipe_has_the_md17_dens_settings_on_a_conservative_block_head():
