@@ -8,7 +8,7 @@ coefficients equal ``(F_x, F_y, F_z)`` exactly, so the encoding is linear in the
 force's units: ``force_encoding_scale`` (a backbone keyword, 1 by default) multiplies
 the forces first. The original MD17 code encodes forces in kcal/mol/Å, the MD17 files'
 unit; our data holds eV/Å, so the MD17 recipes set :data:`KCAL_PER_MOL_PER_EV` to
-encode the same numbers (docs/differences.md#force-encoding-units).
+encode the same numbers (docs/algorithm.md#force-encoding).
 """
 
 from __future__ import annotations
