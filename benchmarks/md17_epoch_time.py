@@ -64,6 +64,7 @@ with fairchem_trainer(recipe, run_dir, f"--dataset.train.src={data / 'train'}", 
 
 def measure(checkout: Path, data: Path, work: Path, variant: str, profile: bool) -> dict:
     overrides = ["--optim.use_denoising_pos=False"] if variant == "plain" else []
+    work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(checkout)}
     result = subprocess.run([sys.executable, "-c", EPOCH, str(data), str(work), "1" if profile else "0", *overrides],
                             capture_output=True, text=True, env=env, cwd=work)
@@ -96,7 +97,6 @@ def main() -> None:
                 for variant in ("plain", "dens"):
                     for name, checkout in checkouts.items():
                         work = temp / f"run-{repeat}-{variant}-{abs(hash(name))}"
-                        work.mkdir()
                         times[(name, variant)].append(measure(checkout, data, work, variant, False)["seconds"])
             parts = measure(ROOT, data, temp / "profiled", "dens", True) if args.profile else None
         finally:
