@@ -2,7 +2,8 @@
 
 * ``elem_refs``: linear per-element energy references (eV, indexed by atomic number, 100
   entries), fitted by least squares with fairchem's own ``compute_lin_ref``, the fit its
-  fine-tuning data script makes; the model then learns the energy left after them.
+  fine-tuning data script makes (exactly 0 for elements the data lacks); the model then learns
+  the energy left after them.
 * ``normalizer_rmsd``: the root mean square of the free atoms' force components (eV/Å), the one
   scale of energy, forces and stress (fairchem's fine-tuning template's; a conservative model's
   forces and stress are derivatives of its energy, so the three share it).
@@ -55,7 +56,13 @@ def fit_normalizers(split: str | Path) -> dict:
     rmsd = float(np.sqrt(np.mean(np.square(np.concatenate(free_forces)))))
     if not rmsd > 0:
         raise ValueError(f"{split}: the forces' root mean square is {rmsd}; the recipes divide by it")
-    return {"elem_refs": [float(c) for c in compute_lin_ref(numbers, energies)], "normalizer_rmsd": rmsd}
+    references = np.asarray(compute_lin_ref(numbers, energies), dtype=np.float64)
+    # an element the data lacks has an all-zero column in the fit: its least-squares reference is
+    # round-off (~1e-19), which 0 means
+    present = np.zeros(len(references), dtype=bool)
+    present[np.unique(np.concatenate(numbers))] = True
+    references[~present] = 0.0
+    return {"elem_refs": [float(c) for c in references], "normalizer_rmsd": rmsd}
 
 
 def overrides(fitted: dict) -> list[str]:

@@ -217,6 +217,11 @@ class DeNSTrainEvalUnit(MLIPTrainEvalUnit):
             # a job killed while rewriting keeps fairchem's file (the project's one atomic writer)
             with atomic_write(path) as temp:
                 torch.save(plain_inference_checkpoint(checkpoint), temp)
+            logging.info(
+                f"{path}: plain fairchem, loadable without fairchem_dens. On a CPU load it with "
+                "load_predict_unit(path, inference_settings='batch'): fairchem's default settings compile the "
+                "model, and torch 2.13's compiled CPU code aborts or computes wrong numbers "
+                "(docs/fairchem2.md#predicting-with-fairchems-calculator)")
 
 
 def _check_model(model: torch.nn.Module) -> None:

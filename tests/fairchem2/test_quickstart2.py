@@ -24,6 +24,17 @@ def test_fit_normalizers_gives_what_fairchems_finetuning_script_computes(emt_roo
     assert overrides(ours)[1] == f"normalizer_rmsd={ours['normalizer_rmsd']:.6g}"
 
 
+def test_fit_normalizers_gives_exact_zeros_for_elements_the_data_lacks(emt_root):
+    import ase.db
+
+    with ase.db.connect(str(emt_root / "train" / "data.aselmdb")) as database:
+        present = {int(z) for row in database.select() for z in row.numbers}
+    references = fit_normalizers(emt_root / "train")["elem_refs"]
+    assert present and all(references[z] != 0.0 for z in present)
+    assert all(value == 0.0 for z, value in enumerate(references) if z not in present)
+    assert ",0," in overrides({"elem_refs": references, "normalizer_rmsd": 1.0})[0]  # printed as 0, not 5.9e-19
+
+
 def test_the_lmdb_layout_needs_fairchem_1_and_says_so(tmp_path):
     result = subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "make-emt-data", "--bulk", "--families", "1",
                              "--md-frames", "1", str(tmp_path / "data")], capture_output=True, text=True, timeout=300)
