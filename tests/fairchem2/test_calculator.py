@@ -67,7 +67,9 @@ def bulk_recipe_checkpoint(tmp_path_factory) -> Path:
                             capture_output=True, text=True, timeout=300).stdout.split()
     overrides = [f"data_root={folder / 'data' / 'aselmdb'}", *(item.strip("'") for item in fitted), "max_epochs=1",
                  f"+job.run_dir={folder}", "+job.timestamp_id=bulk"]
-    run_fairchem(BULK_RECIPE, overrides, folder / "fairchem.log", timeout=600)
+    log = run_fairchem(BULK_RECIPE, overrides, folder / "fairchem.log", timeout=600)
+    # the export says how to load it on a CPU
+    assert "On a CPU load it with load_predict_unit(path, inference_settings='batch')" in log
     return folder / "bulk" / "checkpoints" / "final" / "inference_ckpt.pt"
 
 
