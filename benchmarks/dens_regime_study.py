@@ -192,7 +192,7 @@ def report(results: Path, data: Path) -> str:
                 lines.append(f"Frames {spacing} apart, test split: mean predictor {null['energy_meV']:.1f} meV, "
                              f"mean |F| component {null['force_meV_per_A']:.1f} meV/Å.")
         lines += ["", "| group | frames | spacing | epochs / schedule | variant | epoch | test F | test E | test / train F | "
-                  "F ratio, same seed | F ratio of means | E ratio of means | seeds |", "|---|" * 13]
+                  "F ratio, same seed | F ratio of means | E ratio of means | seeds |", "|---" * 13 + "|"]
         for name, group in GROUPS.items():
             for variant in group.variants:
                 seeds = sorted(s for (g, m, v, s) in by if (g, m, v) == (name, molecule, variant))
