@@ -1,5 +1,9 @@
 """Learning curves of DeNS in the paper's MD17 regime: conservative eSEN, block noise head, 950 frames.
 
+Superseded by dens_regime_study.py (the force encoding at the original's strength, frames 100 fs
+apart, the paper's schedule); kept to re-run the tables of BENCHMARKS.md "The paper's MD17 regime",
+which ran on benchmarks/data/ethanol_5fs.npz with the encoding in eV/Å (`--model.backbone.force_encoding_scale=1`).
+
 Trains ``configs/md17/esen/paper_md17_conservative.yml`` (the MD17 DeNS settings, a
 conservative eSEN whose noise head is a whole message-passing block) through ``fairchem
 --mode train`` with DeNS and without (``--optim.use_denoising_pos=False``, the same model and
@@ -83,7 +87,8 @@ def train_run(run: Run, data: Path, work: Path, curve: list[int]) -> dict:
     common = ["--config-yml", str(RECIPE), "--cpu", "--run-dir", str(folder), "--seed", str(run.seed),
               f"--optim.max_epochs={run.epochs}", f"--dataset.train.src={data / 'train'}",
               f"--dataset.val.src={data / 'val'}", f"--dataset.val.first_n={split_frames(data / 'val')}",
-              *molecule_overrides(run.molecule), *VARIANTS[run.variant]]
+              *molecule_overrides(run.molecule), *VARIANTS[run.variant],
+              "--model.backbone.force_encoding_scale=1.0"]  # as measured: eV/Å encoded (before 2026-12-08)
     kept = sorted({e for e in curve if e <= run.epochs} | {run.epochs})
     checkpoints = folder / "checkpoints" / "train"
     seconds = None
