@@ -128,7 +128,6 @@ def train_run(run: Run, data: Path, work: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     per_epoch = -(-group.frames // BATCH_SIZE)
     evaluate_every = per_epoch * max(1, group.epochs // 50)
-    test = ["--dataset.test.src={}".format(data / "test"), f"--dataset.test.first_n={TEST_FRAMES}"]
     common = ["--config-yml", str(RECIPE), "--cpu", "--run-dir", str(folder), "--seed", str(run.seed),
               f"--dataset.train.src={data / 'train'}", f"--dataset.train.first_n={group.frames}",
               f"--dataset.val.src={data / 'val'}", f"--dataset.val.first_n={split_frames(data / 'val')}",

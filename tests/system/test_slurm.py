@@ -24,16 +24,13 @@ import torch
 
 from fairchem_dens import cli
 from fairchem_dens import slurm as dens_slurm
+from fairchem_dens.testing.slurm_cluster import (PARTITION, describe, job_logs, local_cluster, push_requeued,
+                                                 wait_for_end, wait_until)
 from fairchem_dens.testing.tolerances import F64_REL, RESUMED_RUN_LOSS_REL
 
-from helpers import QUICKSTART, ROOT, data_overrides
+from helpers import QUICKSTART, data_overrides
 
 CLI = Path(sys.executable).parent / "fairchem-dens"
-UP, DOWN = ROOT / "scripts" / "slurm_local_up.sh", ROOT / "scripts" / "slurm_local_down.sh"
-STATE_DIR = Path(os.environ.get("SLURM_LOCAL_DIR", "/tmp/fairchem-dens-slurm"))
-PARTITION = "debug"
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 # The training both slurm tests run: 8 epochs of batch size 1 (a few hundred
 # steps of ~0.05 s), long enough to be preempted while it trains.
 EPOCHS, BATCH = 8, 1
@@ -42,80 +39,11 @@ PREEMPTED = re.compile(r"fairchem_dens\.slurm: preempted; saved step (?P<step>\d
 
 
 # --------------------------------------------------------------------- cluster
-def _daemon_running(name: str, pid_file: Path) -> bool:
-    try:
-        pid = int(pid_file.read_text())
-        return Path(f"/proc/{pid}/comm").read_text().strip() == name
-    except (OSError, ValueError):
-        return False
-
-
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """The local cluster, up for the session; its partition name."""
-    env = {**os.environ, "SLURM_LOCAL_DIR": str(STATE_DIR), "SLURM_LOCAL_PARTITION": PARTITION}
-    was_up = _daemon_running("slurmctld", STATE_DIR / "slurmctld.pid")  # started by hand: leave it up
-    try:
-        up = subprocess.run(["bash", str(UP)], check=False, env=env, capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"scripts/slurm_local_up.sh did not finish in 600 s:\n{error.stderr}", pytrace=False)
-    if up.returncode != 0:
-        if not was_up:  # stop whatever it did start
-            subprocess.run(["bash", str(DOWN)], check=False, env=env, capture_output=True, timeout=120)
-        pytest.fail(f"the local SLURM cluster did not start (scripts/slurm_local_up.sh exit {up.returncode}):\n"
-                    f"{up.stderr}{up.stdout}", pytrace=False)
-    saved = {key: os.environ.get(key) for key in ("PATH", "SLURM_CONF")}
-    # the sacct stand-in first on PATH (submitit polls sacct), clients pointed at this cluster
-    os.environ["PATH"] = f"{STATE_DIR / 'bin'}{os.pathsep}{os.environ['PATH']}"
-    os.environ["SLURM_CONF"] = str(STATE_DIR / "slurm.conf")
-    try:
-        yield PARTITION
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        if not was_up:
-            subprocess.run(["bash", str(DOWN)], check=False, env=env, capture_output=True, timeout=120)
-
-
-def squeue(job_id: str, fields: str) -> str:
-    result = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", fields],
-                            check=False, capture_output=True, text=True, timeout=30)
-    return result.stdout.strip()
-
-
-def job_logs(folder: Path, job_id: str, task: int = 0) -> str:
-    """The job's stdout + stderr (submitit appends across requeues)."""
-    parts = [folder / f"{job_id}_{task}_log.{kind}" for kind in ("out", "err")]
-    return "\n".join(p.read_text(errors="replace") for p in parts if p.exists())
-
-
-def describe(job: SimpleNamespace) -> str:
-    """What to print when a test fails: job state and the end of its logs."""
-    logs = job_logs(job.folder, job.id)
-    ctl = STATE_DIR / "slurmctld.log"
-    return (f"job {job.id}: {squeue(job.id, '%T %r') or '(not in squeue)'}\n--- job log (end) ---\n{logs[-6000:]}"
-            f"\n--- slurmctld.log (end) ---\n{ctl.read_text()[-1500:] if ctl.exists() else ''}")
-
-
-def wait_until(what: str, condition, job: SimpleNamespace, timeout: float, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{describe(job)}", pytrace=False)
-
-
-def wait_for_end(job: SimpleNamespace, timeout: float = 300) -> str:
-    state = wait_until(f"job {job.id} to finish",
-                       lambda: (squeue(job.id, "%T") if squeue(job.id, "%T") in FINAL_STATES else None),
-                       job, timeout, every=1.0)
-    assert state == "COMPLETED", describe(job)
-    return state
+    with local_cluster() as partition:
+        yield partition
 
 
 def submit_training(tmp: Path, emt_data, name: str, *extra: str, ranks: int = 1,
@@ -224,10 +152,7 @@ def test_preempted_job_resumes_without_losing_or_repeating_steps(uninterrupted, 
                job, timeout=240, every=0.2)
     for sig in ("TERM", "USR2"):
         subprocess.run(["scancel", f"--signal={sig}", job.id], check=True, timeout=30)
-    # submitit requeues it; SLURM holds a requeued job ~2 min (BeginTime): push it (now+5, not now)
-    wait_until("the requeued job to be held", lambda: squeue(job.id, "%T %r") == "PENDING BeginTime",
-               job, timeout=120, every=0.2)
-    subprocess.run(["scontrol", "update", f"jobid={job.id}", "StartTime=now+5"], check=True, timeout=30)
+    push_requeued(job)  # submitit requeues it; SLURM would hold it ~2 min
     wait_for_end(job)
 
     log = job_logs(job.folder, job.id)
