@@ -27,8 +27,8 @@ from fairchem_dens.versions import require_fairchem
 
 require_fairchem("fairchem1", "fairchem_dens.datasets (the fairchem-1.10 integration)")
 
-from fairchem.core.common.registry import registry
-from fairchem.core.datasets.ase_datasets import AseDBDataset
+from fairchem.core.common.registry import registry  # noqa: E402 (after the version gate)
+from fairchem.core.datasets.ase_datasets import AseDBDataset  # noqa: E402 (after the version gate)
 
 __all__ = ["DeNSAseDBDataset"]
 

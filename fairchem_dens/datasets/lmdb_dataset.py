@@ -31,10 +31,10 @@ from fairchem_dens.versions import require_fairchem
 
 require_fairchem("fairchem1", "fairchem_dens.datasets (the fairchem-1.10 integration)")
 
-from fairchem.core.common.registry import registry
-from fairchem.core.datasets.lmdb_dataset import LmdbDataset
+from fairchem.core.common.registry import registry  # noqa: E402 (after the version gate)
+from fairchem.core.datasets.lmdb_dataset import LmdbDataset  # noqa: E402 (after the version gate)
 
-from fairchem_dens.errors import FairchemDensError
+from fairchem_dens.errors import FairchemDensError  # noqa: E402 (after the version gate)
 
 __all__ = [
     "DeNSLmdbDataset",

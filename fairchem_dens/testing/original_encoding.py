@@ -43,8 +43,8 @@ def original_force_encoding(forces: torch.Tensor, corrupted: torch.Tensor, weigh
     with torch.no_grad():
         out = linear(harmonics)  # [N, C*1 + C*3 + C*5], channel-major within each degree
     blocks = []
-    for l in range(lmax + 1):
-        start = channels * l * l
-        block = out[:, start:start + channels * (2 * l + 1)].reshape(-1, channels, 2 * l + 1)
+    for degree in range(lmax + 1):
+        start = channels * degree * degree
+        block = out[:, start:start + channels * (2 * degree + 1)].reshape(-1, channels, 2 * degree + 1)
         blocks.append(block.transpose(1, 2))
     return torch.cat(blocks, dim=1)

@@ -76,9 +76,9 @@ def test_force_encoding_matches_spec():
     assert_ulps(coefficients[:, 0], norms / math.sqrt(3.0), ELEMENTWISE_ULPS, what="l = 0")
     assert_ulps(coefficients[:, 1:4], forces, ELEMENTWISE_ULPS, what="l = 1 is F itself")
     assert torch.all(coefficients[1] == 0)  # zero force, zero encoding
-    for l in range(4):  # component normalisation: |Y_l|^2 = 2l+1, times |F|^2/3
-        block = coefficients[2, l * l : (l + 1) ** 2]
-        assert math.isclose(block.pow(2).sum().item(), (2 * l + 1) * 4.0 / 3.0, rel_tol=ELEMENTWISE_ULPS * EPS32)
+    for degree in range(4):  # component normalisation: |Y_l|^2 = 2l+1, times |F|^2/3
+        block = coefficients[2, degree * degree : (degree + 1) ** 2]
+        assert math.isclose(block.pow(2).sum().item(), (2 * degree + 1) * 4.0 / 3.0, rel_tol=ELEMENTWISE_ULPS * EPS32)
     masked = force_encoding_coefficients(forces, 3, mask=torch.tensor([True, True, False]))
     assert torch.all(masked[2] == 0) and torch.equal(masked[0], coefficients[0])
 
