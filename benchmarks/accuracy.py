@@ -23,11 +23,20 @@ P = "--optim.denoising_pos_params."
 VARIANTS = {
     "EquiformerV2": ("quickstart/eqv2_tiny.yml", []),
     "+ DeNS": ("quickstart/eqv2_dens_tiny.yml", [f"{P}validate_denoising=False"]),
-    "+ DeNS, no force encoding": ("quickstart/eqv2_dens_tiny.yml",
-                                  [f"{P}validate_denoising=False", "--model.backbone.use_force_encoding=False"]),
-    "+ DeNS, multi-scale sigma": ("quickstart/eqv2_dens_tiny.yml",
-                                  [f"{P}validate_denoising=False", f"{P}fixed_noise_std=False",
-                                   f"{P}std_low=0.01", f"{P}std_high=0.1", f"{P}num_steps=10"]),
+    "+ DeNS, no force encoding": (
+        "quickstart/eqv2_dens_tiny.yml",
+        [f"{P}validate_denoising=False", "--model.backbone.use_force_encoding=False"],
+    ),
+    "+ DeNS, multi-scale sigma": (
+        "quickstart/eqv2_dens_tiny.yml",
+        [
+            f"{P}validate_denoising=False",
+            f"{P}fixed_noise_std=False",
+            f"{P}std_low=0.01",
+            f"{P}std_high=0.1",
+            f"{P}num_steps=10",
+        ],
+    ),
 }
 
 
@@ -35,17 +44,51 @@ def train_and_score(name: str, seed: int, data: Path, out: Path, epochs: int) ->
     config, extra = VARIANTS[name]
     run_dir = out / "runs" / f"{name.replace(' ', '_').replace(',', '').replace('+', 'plus')}-seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    common = ["--config-yml", str(configs_dir() / config), "--cpu", "--run-dir", str(run_dir), "--seed", str(seed),
-              f"--dataset.train.src={data / 'train'}", f"--dataset.val.src={data / 'val'}",
-              f"--optim.max_epochs={epochs}", *extra]
-    seconds = run_logged([*fairchem_command(), "--mode", "train", "--timestamp-id", "train", *common,
-                          f"--dataset.test.src={data / 'test'}"], run_dir / "train.log", run_dir)
+    common = [
+        "--config-yml",
+        str(configs_dir() / config),
+        "--cpu",
+        "--run-dir",
+        str(run_dir),
+        "--seed",
+        str(seed),
+        f"--dataset.train.src={data / 'train'}",
+        f"--dataset.val.src={data / 'val'}",
+        f"--optim.max_epochs={epochs}",
+        *extra,
+    ]
+    seconds = run_logged(
+        [
+            *fairchem_command(),
+            "--mode",
+            "train",
+            "--timestamp-id",
+            "train",
+            *common,
+            f"--dataset.test.src={data / 'test'}",
+        ],
+        run_dir / "train.log",
+        run_dir,
+    )
     checkpoint = run_dir / "checkpoints" / "train" / "best_checkpoint.pt"
     scores = {"train_seconds": seconds}
     for split in ("test", "ood"):
         stamp = f"predict-{split}"
-        run_logged([*fairchem_command(), "--mode", "predict", "--timestamp-id", stamp, "--checkpoint", str(checkpoint),
-                    *common, f"--dataset.test.src={data / split}"], run_dir / f"{stamp}.log", run_dir)
+        run_logged(
+            [
+                *fairchem_command(),
+                "--mode",
+                "predict",
+                "--timestamp-id",
+                stamp,
+                "--checkpoint",
+                str(checkpoint),
+                *common,
+                f"--dataset.test.src={data / split}",
+            ],
+            run_dir / f"{stamp}.log",
+            run_dir,
+        )
         energy, force = prediction_errors(run_dir / "results" / stamp / "s2ef_predictions.npz", data / split)
         scores[f"{split}_energy_meV"], scores[f"{split}_force_meV_per_A"] = energy, force
     return scores
@@ -53,8 +96,10 @@ def train_and_score(name: str, seed: int, data: Path, out: Path, epochs: int) ->
 
 def summarise(results: dict[str, list[dict]]) -> str:
     keys = ["test_force_meV_per_A", "ood_force_meV_per_A", "test_energy_meV", "ood_energy_meV"]
-    lines = ["| model | F MAE test (meV/Å) | F MAE ood (meV/Å) | E MAE test (meV) | E MAE ood (meV) | seeds |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | F MAE test (meV/Å) | F MAE ood (meV/Å) | E MAE test (meV) | E MAE ood (meV) | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, runs in results.items():
         cells = []
         for key in keys:
@@ -72,13 +117,21 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in zip(axes, ("test_force_meV_per_A", "ood_force_meV_per_A"), ("held-out frames", "unseen adsorbate")):
+    for ax, key, title in zip(
+        axes, ("test_force_meV_per_A", "ood_force_meV_per_A"), ("held-out frames", "unseen adsorbate")
+    ):
         names = list(results)
         for x, name in enumerate(names):
             values = [r[key] for r in results[name]]
             ax.scatter([x] * len(values), values, alpha=0.7)
-            ax.errorbar([x], [statistics.mean(values)], yerr=[statistics.stdev(values) if len(values) > 1 else 0],
-                        fmt="_", color="black", capsize=6)
+            ax.errorbar(
+                [x],
+                [statistics.mean(values)],
+                yerr=[statistics.stdev(values) if len(values) > 1 else 0],
+                fmt="_",
+                color="black",
+                capsize=6,
+            )
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
         ax.set_ylabel("force MAE (meV/Å)")
         ax.set_title(title)

@@ -43,16 +43,50 @@ def run(command: list[str], cwd: Path, log: Path) -> tuple[float, str]:
 def train_and_score(name: str, seed: int, data: dict, out: Path, epochs: int) -> dict:
     run_dir = out / "runs" / f"{'dens' if name == '+ DeNS' else 'plain'}-seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    common = ["--config-yml", str(configs_dir() / CONFIG), "--cpu", "--run-dir", str(run_dir), "--seed", str(seed),
-              f"--dataset.train.src={data['train']}", f"--optim.max_epochs={epochs}", "--optim.eval_every=100000",
-              *VARIANTS[name]]
-    seconds, _ = run([*fairchem_command(), "--mode", "train", "--timestamp-id", "train", *common,
-                      f"--dataset.val.src={data['val']}", f"--dataset.test.src={data['test']}"],
-                     run_dir, run_dir / "train.log")
+    common = [
+        "--config-yml",
+        str(configs_dir() / CONFIG),
+        "--cpu",
+        "--run-dir",
+        str(run_dir),
+        "--seed",
+        str(seed),
+        f"--dataset.train.src={data['train']}",
+        f"--optim.max_epochs={epochs}",
+        "--optim.eval_every=100000",
+        *VARIANTS[name],
+    ]
+    seconds, _ = run(
+        [
+            *fairchem_command(),
+            "--mode",
+            "train",
+            "--timestamp-id",
+            "train",
+            *common,
+            f"--dataset.val.src={data['val']}",
+            f"--dataset.test.src={data['test']}",
+        ],
+        run_dir,
+        run_dir / "train.log",
+    )
     checkpoint = run_dir / "checkpoints" / "train" / "checkpoint.pt"  # always written by our trainer
-    _, log = run([*fairchem_command(), "--mode", "validate", "--timestamp-id", "test", "--checkpoint", str(checkpoint),
-                  *common, f"--dataset.val.src={data['test']}", f"--dataset.test.src={data['val']}"],
-                 run_dir, run_dir / "validate-test.log")  # one process cannot open one LMDB file twice
+    _, log = run(
+        [
+            *fairchem_command(),
+            "--mode",
+            "validate",
+            "--timestamp-id",
+            "test",
+            "--checkpoint",
+            str(checkpoint),
+            *common,
+            f"--dataset.val.src={data['test']}",
+            f"--dataset.test.src={data['val']}",
+        ],
+        run_dir,
+        run_dir / "validate-test.log",
+    )  # one process cannot open one LMDB file twice
     line = [row for row in log.splitlines() if "stress_mae:" in row][-1]
     scores = {metric: float(re.search(rf"\b{metric}: ([0-9.eE+-]+)", line).group(1)) for metric in METRICS}
     return {"train_seconds": seconds, **scores}
@@ -79,8 +113,11 @@ def main() -> None:
             results[key] = train_and_score(name, seed, data, args.out, args.epochs)
             results_file.write_text(json.dumps(results, indent=2))
             print(key, results[key], flush=True)
-    print(f"\n| model ({args.epochs} epochs, seeds {' '.join(map(str, args.seeds))}) | "
-          + " | ".join(f"test {m} ({UNITS[m][0]})" for m in METRICS) + " | train time (s) |")
+    print(
+        f"\n| model ({args.epochs} epochs, seeds {' '.join(map(str, args.seeds))}) | "
+        + " | ".join(f"test {m} ({UNITS[m][0]})" for m in METRICS)
+        + " | train time (s) |"
+    )
     print("|---|" + "---|" * (len(METRICS) + 1))
     for name in VARIANTS:
         runs = [results[f"{name}|seed{s}|epochs{args.epochs}"] for s in args.seeds]

@@ -41,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fairchem_dens.quickstart import fairchem_command, run_logged, split_frames as frames
+from fairchem_dens.quickstart import fairchem_command, run_logged
+from fairchem_dens.quickstart import split_frames as frames
 from fairchem_dens.resources import configs_dir
 
 RESULTS = Path(__file__).parent / "results" / "bulk_study"
@@ -79,11 +80,13 @@ FAIRCHEM2_MAX_ATOMS = 64  # about 7 frames a batch, near the fairchem-1 runs' 8
 # 50 epochs (its direct start gives no usable -dE/dx; test forces still falling linearly), so 2e-3,
 # the from-scratch rate; the 5e-4 runs are kept as `_lr5e-4`.
 FAIRCHEM2_LR = "runner.train_eval_unit.optimizer_fn.lr="
-FAIRCHEM2 = {"fc2_pre_direct": (FAIRCHEM2_PRETRAIN, [FAIRCHEM2_DENS_OFF]),
-             "fc2_ft_cons_plain": (FAIRCHEM2_FINETUNE, [FAIRCHEM2_DENS_OFF, f"{FAIRCHEM2_LR}0.002"]),
-             "fc2_ft_cons_dens": (FAIRCHEM2_FINETUNE, [f"{FAIRCHEM2_LR}0.002"]),
-             "fc2_ft_cons_plain_lr5e-4": (FAIRCHEM2_FINETUNE, [FAIRCHEM2_DENS_OFF]),
-             "fc2_ft_cons_dens_lr5e-4": (FAIRCHEM2_FINETUNE, [])}
+FAIRCHEM2 = {
+    "fc2_pre_direct": (FAIRCHEM2_PRETRAIN, [FAIRCHEM2_DENS_OFF]),
+    "fc2_ft_cons_plain": (FAIRCHEM2_FINETUNE, [FAIRCHEM2_DENS_OFF, f"{FAIRCHEM2_LR}0.002"]),
+    "fc2_ft_cons_dens": (FAIRCHEM2_FINETUNE, [f"{FAIRCHEM2_LR}0.002"]),
+    "fc2_ft_cons_plain_lr5e-4": (FAIRCHEM2_FINETUNE, [FAIRCHEM2_DENS_OFF]),
+    "fc2_ft_cons_dens_lr5e-4": (FAIRCHEM2_FINETUNE, []),
+}
 PARTS = {
     "two_step": ["cons_plain", "two_step_plain", "two_step_dens"],
     "pretrain": ["pre_direct", "pre_cons"],
@@ -92,8 +95,11 @@ PARTS = {
     "fairchem2_finetune": ["fc2_ft_cons_plain", "fc2_ft_cons_dens"],
     "fairchem2_finetune_lr5e-4": ["fc2_ft_cons_plain_lr5e-4", "fc2_ft_cons_dens_lr5e-4"],
 }
-METRICS = {"energy_per_atom_mae": ("E/atom", "meV/atom"), "forces_mae": ("F", "meV/Å"),
-           "stress_mae": ("stress", "meV/Å³")}
+METRICS = {
+    "energy_per_atom_mae": ("E/atom", "meV/atom"),
+    "forces_mae": ("F", "meV/Å"),
+    "stress_mae": ("stress", "meV/Å³"),
+}
 
 
 @dataclass(frozen=True)
@@ -132,8 +138,11 @@ def prepare_data(data: Path, heldout: str, families_per_metal: int, md_frames: i
     for split in ("train", "val", "test"):
         atoms = read_frames(source / "aselmdb" / split / "data.aselmdb")
         atoms = [atoms[i] for i in np.random.default_rng(0).permutation(len(atoms))]
-        subsets = {"all": atoms, "heldout": [a for a in atoms if set(a.get_chemical_symbols()) == {heldout}],
-                   "pretrain": [a for a in atoms if heldout not in a.get_chemical_symbols()]}
+        subsets = {
+            "all": atoms,
+            "heldout": [a for a in atoms if set(a.get_chemical_symbols()) == {heldout}],
+            "pretrain": [a for a in atoms if heldout not in a.get_chemical_symbols()],
+        }
         for name, subset in subsets.items():
             (data / name / split).mkdir(parents=True, exist_ok=True)
             write_aselmdb(subset, data / name / split / "data.aselmdb")
@@ -167,31 +176,81 @@ def validate(checkpoint: Path, common: list[str], data: Path, split: str, n: int
     log = run_dir / f"validate-{split}.log"
     # one process opens an LMDB file once: the train and test sets name the two other splits
     train_src, test_src = (data / other for other in ("train", "val", "test") if other != split)
-    run_logged([*fairchem_command(), "--mode", "validate", "--timestamp-id", f"validate-{split}", "--checkpoint",
-                str(checkpoint), *common, f"--dataset.val.src={data / split}", f"--dataset.val.first_n={n}",
-                f"--dataset.train.src={train_src}", "--dataset.train.first_n=8", f"--dataset.test.src={test_src}",
-                "--dataset.test.first_n=8"],
-               log, run_dir)
+    run_logged(
+        [
+            *fairchem_command(),
+            "--mode",
+            "validate",
+            "--timestamp-id",
+            f"validate-{split}",
+            "--checkpoint",
+            str(checkpoint),
+            *common,
+            f"--dataset.val.src={data / split}",
+            f"--dataset.val.first_n={n}",
+            f"--dataset.train.src={train_src}",
+            "--dataset.train.first_n=8",
+            f"--dataset.test.src={test_src}",
+            "--dataset.test.first_n=8",
+        ],
+        log,
+        run_dir,
+    )
     line = [row for row in log.read_text().splitlines() if "forces_mae:" in row][-1]
-    return {metric: float(match.group(1)) * 1e3 for metric in METRICS
-            if (match := re.search(rf"\b{metric}: ([0-9.eE+-]+)", line))}
+    return {
+        metric: float(match.group(1)) * 1e3
+        for metric in METRICS
+        if (match := re.search(rf"\b{metric}: ([0-9.eE+-]+)", line))
+    }
 
 
-def train(config: Path, overrides: list[str], data: Path, n_train: int, seed: int, epochs: int, run_dir: Path,
-          start: Path | None = None) -> dict:
+def train(
+    config: Path,
+    overrides: list[str],
+    data: Path,
+    n_train: int,
+    seed: int,
+    epochs: int,
+    run_dir: Path,
+    start: Path | None = None,
+) -> dict:
     """Trains, then scores the best checkpoint on the test split and on the training frames."""
     run_dir.mkdir(parents=True, exist_ok=True)
     n = n_train or frames(data / "train")
     steps = -(-n // BATCH_SIZE) * max(1, epochs // 5)  # five validations a run (and at its end)
-    common = ["--config-yml", str(config), "--cpu", "--run-dir", str(run_dir), "--seed", str(seed),
-              f"--optim.max_epochs={epochs}", f"--dataset.train.src={data / 'train'}", f"--dataset.train.first_n={n}",
-              f"--optim.scheduler_params.warmup_epochs={max(1, epochs // 10)}", *overrides]
-    seconds = run_logged([*fairchem_command(), "--mode", "train", "--timestamp-id", "train", *common,
-                          f"--print-every={steps}", f"--optim.eval_every={steps}",
-                          f"--dataset.val.src={data / 'val'}", f"--dataset.val.first_n={min(VAL_FRAMES, frames(data / 'val'))}",
-                          f"--dataset.test.src={data / 'test'}", "--dataset.test.first_n=8",
-                          *(["--checkpoint", str(start)] if start else [])],
-                         run_dir / "train.log", run_dir)
+    common = [
+        "--config-yml",
+        str(config),
+        "--cpu",
+        "--run-dir",
+        str(run_dir),
+        "--seed",
+        str(seed),
+        f"--optim.max_epochs={epochs}",
+        f"--dataset.train.src={data / 'train'}",
+        f"--dataset.train.first_n={n}",
+        f"--optim.scheduler_params.warmup_epochs={max(1, epochs // 10)}",
+        *overrides,
+    ]
+    seconds = run_logged(
+        [
+            *fairchem_command(),
+            "--mode",
+            "train",
+            "--timestamp-id",
+            "train",
+            *common,
+            f"--print-every={steps}",
+            f"--optim.eval_every={steps}",
+            f"--dataset.val.src={data / 'val'}",
+            f"--dataset.val.first_n={min(VAL_FRAMES, frames(data / 'val'))}",
+            f"--dataset.test.src={data / 'test'}",
+            "--dataset.test.first_n=8",
+            *(["--checkpoint", str(start)] if start else []),
+        ],
+        run_dir / "train.log",
+        run_dir,
+    )
     checkpoint = run_dir / "checkpoints" / "train" / "best_checkpoint.pt"
     test = validate(checkpoint, common, data, "test", frames(data / "test"), run_dir)
     fit = validate(checkpoint, common, data, "train", n, run_dir)
@@ -230,15 +289,34 @@ def fairchem2_train(point: Point, data: Path, work: Path, results: Path) -> dict
         overrides = [*overrides, f"checkpoint={json.loads(pretrained.read_text())['checkpoint']}"]
         data_root = fairchem2_subset(data, point.n_train)
     log = run_dir / "train.log"
-    seconds = run_logged([*fairchem_command(), "-c", str(config), f"data_root={data_root}", f"max_epochs={point.epochs}",
-                          f"max_atoms={FAIRCHEM2_MAX_ATOMS}", f"job.seed={point.seed}", f"+job.run_dir={run_dir}",
-                          "+job.timestamp_id=run", *overrides], log, run_dir)
+    seconds = run_logged(
+        [
+            *fairchem_command(),
+            "-c",
+            str(config),
+            f"data_root={data_root}",
+            f"max_epochs={point.epochs}",
+            f"max_atoms={FAIRCHEM2_MAX_ATOMS}",
+            f"job.seed={point.seed}",
+            f"+job.run_dir={run_dir}",
+            "+job.timestamp_id=run",
+            *overrides,
+        ],
+        log,
+        run_dir,
+    )
     text = log.read_text()
     names = {"energy_per_atom_mae": "energy,per_atom_mae", "forces_mae": "forces,mae", "stress_mae": "stress,mae"}
-    test = {metric: float(found[-1]) * 1e3 for metric, name in names.items()
-            if (found := re.findall(rf"val/emt\.val,{name}: ([0-9.eE+-]+)", text))}
-    return {"train_seconds": seconds, "test": test,
-            "checkpoint": str(run_dir / "run" / "checkpoints" / "final" / "inference_ckpt.pt")}
+    test = {
+        metric: float(found[-1]) * 1e3
+        for metric, name in names.items()
+        if (found := re.findall(rf"val/emt\.val,{name}: ([0-9.eE+-]+)", text))
+    }
+    return {
+        "train_seconds": seconds,
+        "test": test,
+        "checkpoint": str(run_dir / "run" / "checkpoints" / "final" / "inference_ckpt.pt"),
+    }
 
 
 def run_point(point: Point, data: Path, work: Path, results: Path) -> dict:
@@ -251,10 +329,20 @@ def run_point(point: Point, data: Path, work: Path, results: Path) -> dict:
         half = point.epochs // 2
         step1 = train(config, overrides, data, point.n_train, point.seed, half, run_dir / "step1")
         start = run_dir / "step2_start.pt"
-        subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "to-conservative", step1["checkpoint"], str(start),
-                        "--overwrite"], check=True, capture_output=True)
-        step2 = train(STEP2, [], data, point.n_train, point.seed, point.epochs - half, run_dir / "step2",
-                      start=start)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fairchem_dens.cli",
+                "to-conservative",
+                step1["checkpoint"],
+                str(start),
+                "--overwrite",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        step2 = train(STEP2, [], data, point.n_train, point.seed, point.epochs - half, run_dir / "step2", start=start)
         return {**step2, "train_seconds": step1["train_seconds"] + step2["train_seconds"], "step1": step1}
     if point.variant.startswith("ft_"):
         base = PRETRAINED_BY[point.variant.rsplit("_", 1)[0]]
@@ -264,13 +352,25 @@ def run_point(point: Point, data: Path, work: Path, results: Path) -> dict:
         checkpoint = json.loads(pretrained.read_text())["checkpoint"]
         # no backbone or heads in the config: fairchem's HydraModel then takes both, with their weights,
         # from the starting checkpoint (given ones would be built fresh)
-        overrides = [*overrides, f"--model.finetune_config.starting_checkpoint={checkpoint}", "--model.backbone=None",
-                     "--model.heads=None", "--optim.lr_initial=0.0005"]
+        overrides = [
+            *overrides,
+            f"--model.finetune_config.starting_checkpoint={checkpoint}",
+            "--model.backbone=None",
+            "--model.heads=None",
+            "--optim.lr_initial=0.0005",
+        ]
     return train(config, overrides, data, point.n_train, point.seed, point.epochs, run_dir)
 
 
-def build_plan(parts: list[str], seeds: list[int], n_train: int, epochs: int, pretrain_epochs: int,
-               finetune_epochs: int, sizes: list[int]) -> list[Point]:
+def build_plan(
+    parts: list[str],
+    seeds: list[int],
+    n_train: int,
+    epochs: int,
+    pretrain_epochs: int,
+    finetune_epochs: int,
+    sizes: list[int],
+) -> list[Point]:
     points = []
     for part in parts:
         for seed in seeds:
@@ -295,29 +395,43 @@ def report(results: Path) -> str:
     for run in runs:
         p = run["point"]
         groups.setdefault((p["variant"], p["n_train"], p["epochs"]), {})[p["seed"]] = run
-    baseline = {"two_step_plain": "cons_plain", "two_step_dens": "two_step_plain", "ft_direct_dens": "ft_direct_plain",
-                "ft_cons_dens": "ft_cons_plain", "fc2_ft_cons_dens": "fc2_ft_cons_plain",
-                "fc2_ft_cons_dens_lr5e-4": "fc2_ft_cons_plain_lr5e-4"}
-    lines = ["| variant | train frames | epochs | seeds | " + " | ".join(f"test {m} ({u})" for m, u in METRICS.values())
-             + " | test / train F | F ratio to | F ratio per seed | train time (s) |",
-             "|---|---|---|---|" + "---|" * (len(METRICS) + 4)]
+    baseline = {
+        "two_step_plain": "cons_plain",
+        "two_step_dens": "two_step_plain",
+        "ft_direct_dens": "ft_direct_plain",
+        "ft_cons_dens": "ft_cons_plain",
+        "fc2_ft_cons_dens": "fc2_ft_cons_plain",
+        "fc2_ft_cons_dens_lr5e-4": "fc2_ft_cons_plain_lr5e-4",
+    }
+    lines = [
+        "| variant | train frames | epochs | seeds | "
+        + " | ".join(f"test {m} ({u})" for m, u in METRICS.values())
+        + " | test / train F | F ratio to | F ratio per seed | train time (s) |",
+        "|---|---|---|---|" + "---|" * (len(METRICS) + 4),
+    ]
     for (variant, n, epochs), by_seed in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0])):
         seeds = sorted(by_seed)
         cells = []
         for metric in METRICS:
             values = [by_seed[s]["test"].get(metric) for s in seeds]
             cells.append(_mean_std(values) if None not in values else "—")
-        overfit = [by_seed[s]["test"]["forces_mae"] / by_seed[s]["train"]["forces_mae"] for s in seeds
-                   if "train" in by_seed[s]]  # fairchem-2 runs score the test split only
+        overfit = [
+            by_seed[s]["test"]["forces_mae"] / by_seed[s]["train"]["forces_mae"] for s in seeds if "train" in by_seed[s]
+        ]  # fairchem-2 runs score the test split only
         overfit_cell = f"{min(overfit):.2f}–{max(overfit):.2f}" if overfit else "—"
         ratio_to, ratios = baseline.get(variant), "—"
         other = groups.get((ratio_to, n, epochs), {})
         shared = [s for s in seeds if s in other]
         if shared:
-            ratios = ", ".join(f"{by_seed[s]['test']['forces_mae'] / other[s]['test']['forces_mae']:.3f}" for s in shared)
-        lines.append(f"| {variant} | {n or 'all'} | {epochs} | {' '.join(map(str, seeds))} | " + " | ".join(cells)
-                     + f" | {overfit_cell} | {ratio_to if shared else '—'} | {ratios} | "
-                     + f"{statistics.mean(by_seed[s]['train_seconds'] for s in seeds):.0f} |")
+            ratios = ", ".join(
+                f"{by_seed[s]['test']['forces_mae'] / other[s]['test']['forces_mae']:.3f}" for s in shared
+            )
+        lines.append(
+            f"| {variant} | {n or 'all'} | {epochs} | {' '.join(map(str, seeds))} | "
+            + " | ".join(cells)
+            + f" | {overfit_cell} | {ratio_to if shared else '—'} | {ratios} | "
+            + f"{statistics.mean(by_seed[s]['train_seconds'] for s in seeds):.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -346,24 +460,32 @@ def main() -> None:
         if not (args.data / "heldout" / "metal.txt").exists():  # made with the fairchem-1 environment
             prepare_data(args.data, args.heldout, args.families_per_metal, args.md_frames)
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        for point in build_plan(args.plan, args.seeds, args.n_train, args.epochs, args.pretrain_epochs,
-                                args.finetune_epochs, args.sizes):
+        for point in build_plan(
+            args.plan, args.seeds, args.n_train, args.epochs, args.pretrain_epochs, args.finetune_epochs, args.sizes
+        ):
             if args.only and point.variant not in args.only:
                 continue
             out = args.results / "runs" / f"{point.key}.json"
             if out.exists():
                 continue
-            result = {"point": point.__dict__, "heldout": args.heldout, **run_point(point, args.data, args.work, args.results)}
+            result = {
+                "point": point.__dict__,
+                "heldout": args.heldout,
+                **run_point(point, args.data, args.work, args.results),
+            }
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=1))
             print(point.key, {k: result[k] for k in ("test", "train_seconds")}, flush=True)
     table = report(args.results)
     if args.data is not None:  # what a model that learned no energy scores (the same test frames)
-        baselines = [f"{name} {n or 'all'} frames {energy_baseline(args.data / name, n):.1f}"
-                     for name, n in (("all", args.n_train), ("pretrain", args.n_train),
-                                     *(("heldout", n) for n in args.sizes))]
-        table += ("\n\nTest E/atom MAE of per-element reference energies fitted on the training frames "
-                  "(no energy learned), meV/atom: " + "; ".join(baselines) + ".")
+        baselines = [
+            f"{name} {n or 'all'} frames {energy_baseline(args.data / name, n):.1f}"
+            for name, n in (("all", args.n_train), ("pretrain", args.n_train), *(("heldout", n) for n in args.sizes))
+        ]
+        table += (
+            "\n\nTest E/atom MAE of per-element reference energies fitted on the training frames "
+            "(no energy learned), meV/atom: " + "; ".join(baselines) + "."
+        )
     (args.results / "bulk_study_table.md").write_text(table + "\n")
     print(table)
 

@@ -44,13 +44,22 @@ def diagnose(trainer, batches: int, sigma: float, corrupt_ratio: float, seed: in
     coef_f = next(info["coefficient"] for name, info in trainer.loss_functions if name == "forces")
     coef_d = trainer.dens.coefficient
     params = [p for p in backbone.parameters() if p.requires_grad]
-    sums = {"denoise_true": 0.0, "denoise_no_encoding": 0.0, "denoise_other_frame": 0.0,
-            "clean_force_mae_in_dens_batch": 0.0, "encoding_norm": 0.0, "atom_embedding_norm": 0.0,
-            "grad_force": 0.0, "grad_denoise": 0.0, "grad_cosine": 0.0}
+    sums = {
+        "denoise_true": 0.0,
+        "denoise_no_encoding": 0.0,
+        "denoise_other_frame": 0.0,
+        "clean_force_mae_in_dens_batch": 0.0,
+        "encoding_norm": 0.0,
+        "atom_embedding_norm": 0.0,
+        "grad_force": 0.0,
+        "grad_denoise": 0.0,
+        "grad_cosine": 0.0,
+    }
     loader = iter(trainer.train_loader)
     for step in range(batches):
-        batch = corrupt_like_trainer(next(loader), seed=seed, step=step + 1, std=sigma, corrupt_ratio=corrupt_ratio,
-                                     selection="structure")
+        batch = corrupt_like_trainer(
+            next(loader), seed=seed, step=step + 1, std=sigma, corrupt_ratio=corrupt_ratio, selection="structure"
+        )
         corrupted = corrupted_atoms(batch)
         noise = batch.noise_vec[corrupted]
         with torch.no_grad():
@@ -64,19 +73,24 @@ def diagnose(trainer, batches: int, sigma: float, corrupt_ratio: float, seed: in
                 torch.manual_seed(0)
                 out = model(trial)["forces"]
                 backbone.use_force_encoding = saved
-                sums[key] += (out[corrupted] * trainer.normalizers["denoising_pos_target"].rmsd
-                              - noise).abs().mean().item()
+                sums[key] += (
+                    (out[corrupted] * trainer.normalizers["denoising_pos_target"].rmsd - noise).abs().mean().item()
+                )
                 if key == "denoise_true":
                     clean = ~corrupted
-                    sums["clean_force_mae_in_dens_batch"] += (force_norm.denorm(out[clean])
-                                                              - batch.forces[clean]).abs().mean().item()
+                    sums["clean_force_mae_in_dens_batch"] += (
+                        (force_norm.denorm(out[clean]) - batch.forces[clean]).abs().mean().item()
+                    )
             with_fe = backbone.dens_node_features(batch)[corrupted]
             backbone.use_force_encoding = False
             bias_only = backbone.dens_node_features(batch)[corrupted]
             backbone.use_force_encoding = True
             sums["encoding_norm"] += torch.linalg.vector_norm(with_fe - bias_only, dim=(1, 2)).mean().item()
-            sums["atom_embedding_norm"] += torch.linalg.vector_norm(
-                backbone.sphere_embedding(batch.atomic_numbers.long()[corrupted]), dim=-1).mean().item()
+            sums["atom_embedding_norm"] += (
+                torch.linalg.vector_norm(backbone.sphere_embedding(batch.atomic_numbers.long()[corrupted]), dim=-1)
+                .mean()
+                .item()
+            )
         torch.manual_seed(0)
         out = model(batch)["forces"]
         loss_f = coef_f * _l2(out[~corrupted], force_norm.norm(batch.forces[~corrupted]))
@@ -106,12 +120,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = Path(args.data)
-    with tempfile.TemporaryDirectory() as run_dir, fairchem_trainer(
-        configs_dir() / RECIPE, run_dir,
-        f"--dataset.train.src={data / 'train'}", f"--dataset.train.first_n={args.n_train}",
-        f"--dataset.val.src={data / 'val'}", "--dataset.val.first_n=50",
-        f"--dataset.test.src={data / 'test'}", "--dataset.test.first_n=8",
-    ) as ctx:
+    with (
+        tempfile.TemporaryDirectory() as run_dir,
+        fairchem_trainer(
+            configs_dir() / RECIPE,
+            run_dir,
+            f"--dataset.train.src={data / 'train'}",
+            f"--dataset.train.first_n={args.n_train}",
+            f"--dataset.val.src={data / 'val'}",
+            "--dataset.val.first_n=50",
+            f"--dataset.test.src={data / 'test'}",
+            "--dataset.test.first_n=8",
+        ) as ctx,
+    ):
         ctx.trainer.load_checkpoint(args.checkpoint)
         result = diagnose(ctx.trainer, args.batches, args.sigma, args.corrupt_ratio)
     result["checkpoint"] = args.checkpoint

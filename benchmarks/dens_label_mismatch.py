@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import argparse
 
-import tblite.ase  # noqa: F401  before torch: torch's bundled libgomp is older than the one tblite needs
-
 import numpy as np
+import tblite.ase  # noqa: F401  before torch: torch's bundled libgomp is older than the one tblite needs
 import torch
 from ase import Atoms
 
@@ -40,12 +39,23 @@ def relabel(atoms: Atoms, positions: np.ndarray, calculator) -> tuple[float, np.
     return float(moved.get_potential_energy()), moved.get_forces()
 
 
-def mismatch(frames: list[tuple[Atoms, float, np.ndarray]], calculator, sigma: float, ratio: float,
-             seed: int) -> dict[str, float]:
+def mismatch(
+    frames: list[tuple[Atoms, float, np.ndarray]], calculator, sigma: float, ratio: float, seed: int
+) -> dict[str, float]:
     """Mean |kept label - true label at x + noise| over the frames (structure, energy, forces), for one sigma."""
-    config = DeNSConfig.from_optim({"use_denoising_pos": True, "denoising_pos_coefficient": 5.0,
-                                    "denoising_pos_params": {"prob": 1.0, "fixed_noise_std": True, "std": sigma,
-                                                             "corrupt_ratio": ratio, "selection": "structure"}})
+    config = DeNSConfig.from_optim(
+        {
+            "use_denoising_pos": True,
+            "denoising_pos_coefficient": 5.0,
+            "denoising_pos_params": {
+                "prob": 1.0,
+                "fixed_noise_std": True,
+                "std": sigma,
+                "corrupt_ratio": ratio,
+                "selection": "structure",
+            },
+        }
+    )
     decision, noise_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     energy_errors, per_atom_errors, clean_force_errors, noise_sizes = [], [], [], []
     for atoms, label_energy, label_forces in frames:
@@ -75,8 +85,9 @@ def md17_frames(path: str, count: int) -> tuple[list, str]:
         z, positions = data["z"], data["R"][:count]
         energies, forces = data["E"][:count] * KCAL_PER_MOL_IN_EV, data["F"][:count] * KCAL_PER_MOL_IN_EV
     frames = [(Atoms(numbers=z, positions=r), float(e.ravel()[0]), f) for r, e, f in zip(positions, energies, forces)]
-    return frames, (f"energy std {EV_TO_MEV * energies.std():.1f} meV, "
-                    f"force mean |F| {EV_TO_MEV * np.abs(forces).mean():.1f} meV/Å")
+    return frames, (
+        f"energy std {EV_TO_MEV * energies.std():.1f} meV, force mean |F| {EV_TO_MEV * np.abs(forces).mean():.1f} meV/Å"
+    )
 
 
 def aselmdb_frames(path: str, count: int) -> tuple[list, str]:
@@ -88,14 +99,19 @@ def aselmdb_frames(path: str, count: int) -> tuple[list, str]:
     frames = [(row.toatoms(), float(row.energy), np.array(row.forces)) for row in rows]
     per_atom = np.array([energy / len(atoms) for atoms, energy, _ in frames])
     forces = np.concatenate([f for _, _, f in frames])
-    return frames, (f"energy per atom std {EV_TO_MEV * per_atom.std():.1f} meV/atom, "
-                    f"force mean |F| {EV_TO_MEV * np.abs(forces).mean():.1f} meV/Å")
+    return frames, (
+        f"energy per atom std {EV_TO_MEV * per_atom.std():.1f} meV/atom, "
+        f"force mean |F| {EV_TO_MEV * np.abs(forces).mean():.1f} meV/Å"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", help="an MD17-format .npz of make-xtb-md17 (R in Å; E, F in kcal/mol as sGDML), "
-                                     "or with --emt an .aselmdb of EMT-labelled frames (make-emt-data --bulk)")
+    parser.add_argument(
+        "data",
+        help="an MD17-format .npz of make-xtb-md17 (R in Å; E, F in kcal/mol as sGDML), "
+        "or with --emt an .aselmdb of EMT-labelled frames (make-emt-data --bulk)",
+    )
     parser.add_argument("--emt", action="store_true", help="relabel with ASE's EMT instead of GFN2-xTB")
     parser.add_argument("--frames", type=int, default=60, help="frames relabelled per sigma (the first n)")
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.01, 0.025, 0.05, 0.1])
@@ -109,14 +125,18 @@ def main() -> None:
     else:
         (frames, spread), calculator = md17_frames(args.data, args.frames), gfn2_xtb_calculator()
     print(f"{args.data}: {len(frames)} frames, corrupt ratio {args.corrupt_ratio}; label spread: {spread}")
-    print("| sigma (Å) | corrupted structures | mean abs noise (Å) | energy label error (meV; meV/atom) | "
-          "clean-atom force label error (meV/Å) |")
+    print(
+        "| sigma (Å) | corrupted structures | mean abs noise (Å) | energy label error (meV; meV/atom) | "
+        "clean-atom force label error (meV/Å) |"
+    )
     print("|---|---|---|---|---|")
     for sigma in args.sigmas:
         row = mismatch(frames, calculator, sigma, args.corrupt_ratio, args.seed)
-        print(f"| {sigma:g} | {row['structures']} | {row['mean_abs_noise_A']:.4f} | {row['energy_label_error_meV']:.1f}; "
-              f"{row['energy_per_atom_label_error_meV']:.1f} | {row['clean_atom_force_label_error_meV_per_A']:.1f} |",
-              flush=True)
+        print(
+            f"| {sigma:g} | {row['structures']} | {row['mean_abs_noise_A']:.4f} | {row['energy_label_error_meV']:.1f}; "
+            f"{row['energy_per_atom_label_error_meV']:.1f} | {row['clean_atom_force_label_error_meV_per_A']:.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

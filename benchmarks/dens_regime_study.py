@@ -43,8 +43,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fairchem_dens.datasets.md17 import convert_md17
-from fairchem_dens.quickstart import (BATCH_SIZE, fairchem_command, null_model_errors, parse_curves, prediction_errors,
-                                      run_logged, split_frames)
+from fairchem_dens.quickstart import (
+    BATCH_SIZE,
+    fairchem_command,
+    null_model_errors,
+    parse_curves,
+    prediction_errors,
+    run_logged,
+    split_frames,
+)
 from fairchem_dens.resources import configs_dir
 
 RECIPE = configs_dir() / "md17" / "esen" / "paper_md17_conservative.yml"
@@ -109,14 +116,19 @@ def data_folder(data: Path, npz: Path, molecule: str, spacing: str, frames: int)
 
 def schedule_overrides(group: Group) -> list[str]:
     warmup = max(1, round(group.schedule * PAPER_WARMUP / PAPER_EPOCHS))  # the paper's share of the schedule
-    return [f"--optim.max_epochs={group.epochs}", f"--optim.schedule_epochs={group.schedule}",
-            f"--optim.scheduler_params.warmup_epochs={warmup}"]
+    return [
+        f"--optim.max_epochs={group.epochs}",
+        f"--optim.schedule_epochs={group.schedule}",
+        f"--optim.scheduler_params.warmup_epochs={warmup}",
+    ]
 
 
 def molecule_overrides(molecule: str) -> list[str]:
     w_e, w_f = WEIGHTS.get(molecule, (1, 80))
-    return [f"--loss_functions=[{{'energy': {{'fn': 'mae', 'coefficient': {w_e}}}}}, "
-            f"{{'forces': {{'fn': 'l2mae', 'coefficient': {w_f}}}}}]"]
+    return [
+        f"--loss_functions=[{{'energy': {{'fn': 'mae', 'coefficient': {w_e}}}}}, "
+        f"{{'forces': {{'fn': 'l2mae', 'coefficient': {w_f}}}}}]"
+    ]
 
 
 def train_run(run: Run, data: Path, work: Path) -> dict:
@@ -128,19 +140,44 @@ def train_run(run: Run, data: Path, work: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     per_epoch = -(-group.frames // BATCH_SIZE)
     evaluate_every = per_epoch * max(1, group.epochs // 50)
-    common = ["--config-yml", str(RECIPE), "--cpu", "--run-dir", str(folder), "--seed", str(run.seed),
-              f"--dataset.train.src={data / 'train'}", f"--dataset.train.first_n={group.frames}",
-              f"--dataset.val.src={data / 'val'}", f"--dataset.val.first_n={split_frames(data / 'val')}",
-              *schedule_overrides(group), *molecule_overrides(run.molecule), *VARIANTS[run.variant]]
+    common = [
+        "--config-yml",
+        str(RECIPE),
+        "--cpu",
+        "--run-dir",
+        str(folder),
+        "--seed",
+        str(run.seed),
+        f"--dataset.train.src={data / 'train'}",
+        f"--dataset.train.first_n={group.frames}",
+        f"--dataset.val.src={data / 'val'}",
+        f"--dataset.val.first_n={split_frames(data / 'val')}",
+        *schedule_overrides(group),
+        *molecule_overrides(run.molecule),
+        *VARIANTS[run.variant],
+    ]
     checkpoints = folder / "checkpoints" / "train"
     seconds = None
     if not (folder / "trained").exists():
         seconds = run_logged(
-            [*fairchem_command(), "--mode", "train", "--timestamp-id", "train", *common,
-             f"--optim.eval_every={evaluate_every}", f"--optim.checkpoint_every={per_epoch}",
-             f"--print-every={evaluate_every}", f"--optim.keep_checkpoint_epochs=[{','.join(map(str, group.curve))}]",
-             "--dataset.test.src={}".format(data / "test"), "--dataset.test.first_n=8"],
-            folder / "train.log", folder, threads=1)
+            [
+                *fairchem_command(),
+                "--mode",
+                "train",
+                "--timestamp-id",
+                "train",
+                *common,
+                f"--optim.eval_every={evaluate_every}",
+                f"--optim.checkpoint_every={per_epoch}",
+                f"--print-every={evaluate_every}",
+                f"--optim.keep_checkpoint_epochs=[{','.join(map(str, group.curve))}]",
+                "--dataset.test.src={}".format(data / "test"),
+                "--dataset.test.first_n=8",
+            ],
+            folder / "train.log",
+            folder,
+            threads=1,
+        )
         (folder / "trained").write_text(f"{seconds}\n")
     seconds = float((folder / "trained").read_text())
     # fairchem's predict mode opens the train split too, and LMDB refuses a second open in one
@@ -157,15 +194,33 @@ def train_run(run: Run, data: Path, work: Path) -> dict:
             tag = f"e{epoch}_{split}"
             predictions = folder / "results" / tag / "s2ef_predictions.npz"
             if not predictions.exists():
-                run_logged([*fairchem_command(), "--mode", "predict", "--timestamp-id", tag, "--checkpoint",
-                            str(checkpoints / f"checkpoint_epoch_{epoch}.pt"), *common,
-                            f"--dataset.test.src={source}", f"--dataset.test.first_n={count}"],
-                           folder / f"predict_{tag}.log", folder, threads=1)
+                run_logged(
+                    [
+                        *fairchem_command(),
+                        "--mode",
+                        "predict",
+                        "--timestamp-id",
+                        tag,
+                        "--checkpoint",
+                        str(checkpoints / f"checkpoint_epoch_{epoch}.pt"),
+                        *common,
+                        f"--dataset.test.src={source}",
+                        f"--dataset.test.first_n={count}",
+                    ],
+                    folder / f"predict_{tag}.log",
+                    folder,
+                    threads=1,
+                )
             energy, force = prediction_errors(predictions, source, first_n=count)
             point[f"{split}_energy_meV"], point[f"{split}_force_meV_per_A"] = energy, force
         points.append(point)
-    return {"run": asdict(run), "group": asdict(group), "train_seconds": seconds, "curve": points,
-            **parse_curves(folder / "train.log")}
+    return {
+        "run": asdict(run),
+        "group": asdict(group),
+        "train_seconds": seconds,
+        "curve": points,
+        **parse_curves(folder / "train.log"),
+    }
 
 
 def mean_std(values: list[float], digits: int = 1) -> str:
@@ -179,19 +234,28 @@ def mean_std(values: list[float], digits: int = 1) -> str:
 def report(results: Path, data: Path) -> str:
     runs = [json.loads(p.read_text()) for p in sorted((results / "runs").glob("*.json"))]
     by = {(r["run"]["group"], r["run"]["molecule"], r["run"]["variant"], r["run"]["seed"]): r for r in runs}
-    lines = ["Test force MAE (meV/Å) and energy MAE (meV) at each epoch read, mean ± std over seeds; "
-             "ratios are same-seed ratios of test force MAE to the comparator's (min–max) and the ratio of the means; "
-             "test / train is the force MAE ratio of the same checkpoint.", ""]
+    lines = [
+        "Test force MAE (meV/Å) and energy MAE (meV) at each epoch read, mean ± std over seeds; "
+        "ratios are same-seed ratios of test force MAE to the comparator's (min–max) and the ratio of the means; "
+        "test / train is the force MAE ratio of the same checkpoint.",
+        "",
+    ]
     for molecule in sorted({key[1] for key in by}):
         lines += [f"### {molecule}", ""]
         for spacing in ("100fs", "5fs"):
             folder = next(iter(sorted(data.glob(f"{molecule}_{spacing}_n*"))), None)
             if folder is not None:
                 null = null_model_errors(folder, first_n=TEST_FRAMES)
-                lines.append(f"Frames {spacing} apart, test split: mean predictor {null['energy_meV']:.1f} meV, "
-                             f"mean |F| component {null['force_meV_per_A']:.1f} meV/Å.")
-        lines += ["", "| group | frames | spacing | epochs / schedule | variant | epoch | test F | test E | test / train F | "
-                  "F ratio, same seed | F ratio of means | E ratio of means | seeds |", "|---" * 13 + "|"]
+                lines.append(
+                    f"Frames {spacing} apart, test split: mean predictor {null['energy_meV']:.1f} meV, "
+                    f"mean |F| component {null['force_meV_per_A']:.1f} meV/Å."
+                )
+        lines += [
+            "",
+            "| group | frames | spacing | epochs / schedule | variant | epoch | test F | test E | test / train F | "
+            "F ratio, same seed | F ratio of means | E ratio of means | seeds |",
+            "|---" * 13 + "|",
+        ]
         for name, group in GROUPS.items():
             for variant in group.variants:
                 seeds = sorted(s for (g, m, v, s) in by if (g, m, v) == (name, molecule, variant))
@@ -199,24 +263,36 @@ def report(results: Path, data: Path) -> str:
                     continue
                 comparator_group = BESIDE.get(name, name)
                 for epoch in group.curve:
+
                     def at(g: str, v: str, s: int) -> dict | None:
                         run = by.get((g, molecule, v, s))
                         return next((p for p in run["curve"] if p["epoch"] == epoch), None) if run else None
+
                     points = [p for s in seeds if (p := at(name, variant, s))]
                     other = COMPARATOR.get(variant)
-                    pairs = [(at(name, variant, s), at(comparator_group, other, s)) for s in seeds
-                             if other and at(comparator_group, other, s)]
+                    pairs = [
+                        (at(name, variant, s), at(comparator_group, other, s))
+                        for s in seeds
+                        if other and at(comparator_group, other, s)
+                    ]
                     ratios = [a["test_force_meV_per_A"] / b["test_force_meV_per_A"] for a, b in pairs]
                     ratio_text = f"{min(ratios):.3f}–{max(ratios):.3f}" if ratios else "–"
-                    of_means = (f"{statistics.mean(a['test_force_meV_per_A'] for a, _ in pairs) / statistics.mean(b['test_force_meV_per_A'] for _, b in pairs):.3f}"
-                                if pairs else "–")
-                    energy_of_means = (f"{statistics.mean(a['test_energy_meV'] for a, _ in pairs) / statistics.mean(b['test_energy_meV'] for _, b in pairs):.2f}"
-                                       if pairs else "–")
+                    of_means = (
+                        f"{statistics.mean(a['test_force_meV_per_A'] for a, _ in pairs) / statistics.mean(b['test_force_meV_per_A'] for _, b in pairs):.3f}"
+                        if pairs
+                        else "–"
+                    )
+                    energy_of_means = (
+                        f"{statistics.mean(a['test_energy_meV'] for a, _ in pairs) / statistics.mean(b['test_energy_meV'] for _, b in pairs):.2f}"
+                        if pairs
+                        else "–"
+                    )
                     overfit = [p["test_force_meV_per_A"] / p["train_force_meV_per_A"] for p in points]
                     lines.append(
                         f"| {name} | {group.frames} | {group.spacing} | {group.epochs} / {group.schedule} | {variant} | {epoch} | "
                         f"{mean_std([p['test_force_meV_per_A'] for p in points])} | {mean_std([p['test_energy_meV'] for p in points])} | "
-                        f"{mean_std(overfit, 2)} | {ratio_text} | {of_means} | {energy_of_means} | {len(points)} |")
+                        f"{mean_std(overfit, 2)} | {ratio_text} | {of_means} | {energy_of_means} | {len(points)} |"
+                    )
         lines.append("")
     text = "\n".join(lines)
     (results / "README.md").write_text("# Where DeNS helps on a CPU (benchmarks/dens_regime_study.py)\n\n" + text)
@@ -239,20 +315,26 @@ def main() -> None:
     npz, data = Path(args.npz).resolve(), Path(args.data).resolve()
     (results / "runs").mkdir(parents=True, exist_ok=True)
     if not args.report:
-        plan = [Run(g, m, v, s) for s in args.seeds for g in args.groups for m in args.molecules
-                for v in GROUPS[g].variants]
+        plan = [
+            Run(g, m, v, s) for s in args.seeds for g in args.groups for m in args.molecules for v in GROUPS[g].variants
+        ]
         todo = [run for run in plan if not (results / "runs" / f"{run.key}.json").exists()]
-        folders = {run: data_folder(data, npz, run.molecule, GROUPS[run.group].spacing, GROUPS[run.group].frames)
-                   for run in todo}
+        folders = {
+            run: data_folder(data, npz, run.molecule, GROUPS[run.group].spacing, GROUPS[run.group].frames)
+            for run in todo
+        }
 
         def one(run: Run) -> None:
             print(f"{time.strftime('%H:%M:%S')} running {run.key}", flush=True)
             scores = train_run(run, folders[run], work)
             (results / "runs" / f"{run.key}.json").write_text(json.dumps(scores, indent=1))
             last = scores["curve"][-1]
-            print(f"{time.strftime('%H:%M:%S')} {run.key}: test F {last['test_force_meV_per_A']:.1f} meV/Å, "
-                  f"E {last['test_energy_meV']:.1f} meV, test / train F "
-                  f"{last['test_force_meV_per_A'] / last['train_force_meV_per_A']:.2f}", flush=True)
+            print(
+                f"{time.strftime('%H:%M:%S')} {run.key}: test F {last['test_force_meV_per_A']:.1f} meV/Å, "
+                f"E {last['test_energy_meV']:.1f} meV, test / train F "
+                f"{last['test_force_meV_per_A'] / last['train_force_meV_per_A']:.2f}",
+                flush=True,
+            )
 
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         with ThreadPoolExecutor(args.jobs) as pool:

@@ -65,14 +65,18 @@ def main() -> None:
     parser.add_argument("checkpoints", type=Path, nargs="+")
     parser.add_argument("--frames", type=int, default=100)
     args = parser.parse_args()
-    print("| checkpoint | E pred std / label std (meV) | E MAE (meV) | mean abs(-dE_pred/dx) / mean abs(F) | "
-          "MAE of -dE_pred/dx vs F (meV/Å) |")
+    print(
+        "| checkpoint | E pred std / label std (meV) | E MAE (meV) | mean abs(-dE_pred/dx) / mean abs(F) | "
+        "MAE of -dE_pred/dx vs F (meV/Å) |"
+    )
     print("|---|---|---|---|---|")
     for path in args.checkpoints:
         row = energy_sensitivity(path, args.split, args.frames)
-        print(f"| {path} | {row['energy_pred_std_meV']:.1f} / {row['energy_label_std_meV']:.1f} | {row['energy_mae_meV']:.1f} "
-              f"| {row['grad_over_force']:.3f} | {row['grad_force_mae_meV_per_A']:.1f} (mean abs F {row['force_mean_abs_meV_per_A']:.0f}) |",
-              flush=True)
+        print(
+            f"| {path} | {row['energy_pred_std_meV']:.1f} / {row['energy_label_std_meV']:.1f} | {row['energy_mae_meV']:.1f} "
+            f"| {row['grad_over_force']:.3f} | {row['grad_force_mae_meV_per_A']:.1f} (mean abs F {row['force_mean_abs_meV_per_A']:.0f}) |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

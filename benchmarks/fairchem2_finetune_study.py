@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from fairchem_dens.datasets.emt_bulk import write_aselmdb
-from fairchem_dens.fairchem2.normalizers import fit_normalizers, overrides as normalizer_overrides
+from fairchem_dens.fairchem2.normalizers import fit_normalizers
+from fairchem_dens.fairchem2.normalizers import overrides as normalizer_overrides
 from fairchem_dens.fairchem2.predict import read_structures
 from fairchem_dens.fairchem2.quickstart import DATA_SIZE, test_errors
 from fairchem_dens.quickstart import fairchem_command, run_logged
@@ -58,8 +59,10 @@ def prepare(work: Path, heldout: str) -> Path:
     for split in ("train", "val", "test"):
         frames = [atoms for _, atoms in read_structures(source / "aselmdb" / split)]
         frames = [frames[i] for i in np.random.default_rng(0).permutation(len(frames))]
-        subsets = {"heldout": [a for a in frames if set(a.get_chemical_symbols()) == {heldout}],
-                   "pretrain": [a for a in frames if heldout not in a.get_chemical_symbols()]}
+        subsets = {
+            "heldout": [a for a in frames if set(a.get_chemical_symbols()) == {heldout}],
+            "pretrain": [a for a in frames if heldout not in a.get_chemical_symbols()],
+        }
         for name, subset in subsets.items():
             (data / name / split).mkdir(parents=True, exist_ok=True)
             write_aselmdb(subset, data / name / split / "data.aselmdb")
@@ -89,9 +92,22 @@ def pretrain(data: Path, work: Path, seed: int) -> Path:
         return checkpoint
     run_dir.mkdir(parents=True, exist_ok=True)
     fitted = fit_normalizers(data / "pretrain" / "train")
-    run_logged([*fairchem_command(), "-c", str(DIRECT), f"data_root={data / 'pretrain'}",
-                *normalizer_overrides(fitted), f"job.seed={seed}", DENS_OFF, f"+job.run_dir={run_dir}",
-                "+job.timestamp_id=run"], run_dir / "train.log", run_dir, threads=1)
+    run_logged(
+        [
+            *fairchem_command(),
+            "-c",
+            str(DIRECT),
+            f"data_root={data / 'pretrain'}",
+            *normalizer_overrides(fitted),
+            f"job.seed={seed}",
+            DENS_OFF,
+            f"+job.run_dir={run_dir}",
+            "+job.timestamp_id=run",
+        ],
+        run_dir / "train.log",
+        run_dir,
+        threads=1,
+    )
     return checkpoint
 
 
@@ -110,28 +126,74 @@ def finetune(data: Path, work: Path, head: str, n: int, dens: bool, seed: int) -
     folder = subset(data, n)
     config = run_dir / "finetune.yml"
     if not config.exists():
-        run_logged([sys.executable, "-m", "fairchem_dens.cli", "finetune-config", "--checkpoint", str(checkpoint),
-                    "--train", str(folder / "train"), "--val", str(data / "heldout" / "val"), "--head", head,
-                    "--epochs", str(FINETUNE_EPOCHS[n]), "--out", str(run_dir)], run_dir / "config.log", run_dir)
-    seconds = run_logged([*fairchem_command(), "-c", str(config), f"job.seed={seed}", f"+job.run_dir={run_dir}",
-                          "+job.timestamp_id=run", *([] if dens else [DENS_OFF])],
-                         run_dir / "train.log", run_dir, threads=1)
+        run_logged(
+            [
+                sys.executable,
+                "-m",
+                "fairchem_dens.cli",
+                "finetune-config",
+                "--checkpoint",
+                str(checkpoint),
+                "--train",
+                str(folder / "train"),
+                "--val",
+                str(data / "heldout" / "val"),
+                "--head",
+                head,
+                "--epochs",
+                str(FINETUNE_EPOCHS[n]),
+                "--out",
+                str(run_dir),
+            ],
+            run_dir / "config.log",
+            run_dir,
+        )
+    seconds = run_logged(
+        [
+            *fairchem_command(),
+            "-c",
+            str(config),
+            f"job.seed={seed}",
+            f"+job.run_dir={run_dir}",
+            "+job.timestamp_id=run",
+            *([] if dens else [DENS_OFF]),
+        ],
+        run_dir / "train.log",
+        run_dir,
+        threads=1,
+    )
     refs = fit_normalizers(folder / "train")["elem_refs"]
-    scores = test_errors(run_dir / "run" / "checkpoints" / "final" / "inference_ckpt.pt",
-                         data / "heldout" / "scored", refs)
-    result = {"key": key, "head": head, "n_train": n, "dens": dens, "seed": seed, "train_seconds": seconds,
-              "epochs": FINETUNE_EPOCHS[n], **scores, **_train_errors(run_dir, folder)}
+    scores = test_errors(
+        run_dir / "run" / "checkpoints" / "final" / "inference_ckpt.pt", data / "heldout" / "scored", refs
+    )
+    result = {
+        "key": key,
+        "head": head,
+        "n_train": n,
+        "dens": dens,
+        "seed": seed,
+        "train_seconds": seconds,
+        "epochs": FINETUNE_EPOCHS[n],
+        **scores,
+        **_train_errors(run_dir, folder),
+    }
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(result, indent=2))
-    print(f"{key}: F {scores['model_force_meV_per_A']:.1f} meV/Å, E {scores['model_energy_meV_per_atom']:.1f} "
-          f"meV/atom ({seconds:.0f} s)", flush=True)
+    print(
+        f"{key}: F {scores['model_force_meV_per_A']:.1f} meV/Å, E {scores['model_energy_meV_per_atom']:.1f} "
+        f"meV/atom ({seconds:.0f} s)",
+        flush=True,
+    )
     return result
 
 
 def _train_errors(run_dir: Path, folder: Path) -> dict:
     """The model's force error on its own training frames (test / train tells whether it overfits)."""
-    scores = test_errors(run_dir / "run" / "checkpoints" / "final" / "inference_ckpt.pt", folder / "train",
-                         fit_normalizers(folder / "train")["elem_refs"])
+    scores = test_errors(
+        run_dir / "run" / "checkpoints" / "final" / "inference_ckpt.pt",
+        folder / "train",
+        fit_normalizers(folder / "train")["elem_refs"],
+    )
     return {"train_force_meV_per_A": scores["model_force_meV_per_A"]}
 
 
@@ -140,21 +202,32 @@ def report() -> None:
     groups: dict[tuple, dict[int, dict]] = {}
     for run in runs:
         groups.setdefault((run["head"], run["n_train"], run["dens"]), {})[run["seed"]] = run
-    columns = (("force_meV_per_A", "F (meV/Å)"), ("energy_meV_per_atom", "E (meV/atom)"),
-               ("stress_meV_per_A3", "stress (meV/Å³)"))
-    lines = ["| head | frames | | " + " | ".join(title for _, title in columns) + " | test / train F | seeds |",
-             "|---|---|---|" + "---|" * len(columns) + "---|---|"]
+    columns = (
+        ("force_meV_per_A", "F (meV/Å)"),
+        ("energy_meV_per_atom", "E (meV/atom)"),
+        ("stress_meV_per_A3", "stress (meV/Å³)"),
+    )
+    lines = [
+        "| head | frames | | " + " | ".join(title for _, title in columns) + " | test / train F | seeds |",
+        "|---|---|---|" + "---|" * len(columns) + "---|---|",
+    ]
     for (head, n, dens), by_seed in sorted(groups.items()):
         cells = []
         for key, _ in columns:
             values = [run[f"model_{key}"] for run in by_seed.values()]
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.1f} ± {spread:.1f}")
-        overfit = [run["model_force_meV_per_A"] / run["train_force_meV_per_A"] for run in by_seed.values()
-                   if "train_force_meV_per_A" in run]
+        overfit = [
+            run["model_force_meV_per_A"] / run["train_force_meV_per_A"]
+            for run in by_seed.values()
+            if "train_force_meV_per_A" in run
+        ]
         spread = f"{min(overfit):.2f}–{max(overfit):.2f}" if overfit else "n/a"
-        lines.append(f"| {head} | {n} | {'DeNS' if dens else 'plain'} | " + " | ".join(cells)
-                     + f" | {spread} | {', '.join(map(str, sorted(by_seed)))} |")
+        lines.append(
+            f"| {head} | {n} | {'DeNS' if dens else 'plain'} | "
+            + " | ".join(cells)
+            + f" | {spread} | {', '.join(map(str, sorted(by_seed)))} |"
+        )
     lines += ["", "DeNS / plain, same seed (test force MAE; energy per atom):"]
     for (head, n, dens), by_seed in sorted(groups.items()):
         plain = groups.get((head, n, False), {})
@@ -163,13 +236,17 @@ def report() -> None:
         seeds = sorted(set(by_seed) & set(plain))
         forces = [by_seed[s]["model_force_meV_per_A"] / plain[s]["model_force_meV_per_A"] for s in seeds]
         energies = [by_seed[s]["model_energy_meV_per_atom"] / plain[s]["model_energy_meV_per_atom"] for s in seeds]
-        lines.append(f"- {head}, {n} frames: forces {', '.join(f'{r:.3f}' for r in forces)} "
-                     f"(mean {statistics.mean(forces):.3f}); energy {', '.join(f'{r:.3f}' for r in energies)}")
+        lines.append(
+            f"- {head}, {n} frames: forces {', '.join(f'{r:.3f}' for r in forces)} "
+            f"(mean {statistics.mean(forces):.3f}); energy {', '.join(f'{r:.3f}' for r in energies)}"
+        )
     if runs:
         null = runs[0]
-        lines.append(f"\nElement references only (zero forces and stress), held-out test: F "
-                     f"{null['null_force_meV_per_A']:.1f} meV/Å, E {null['null_energy_meV_per_atom']:.1f} meV/atom, "
-                     f"stress {null['null_stress_meV_per_A3']:.1f} meV/Å³ (references fitted on {null['n_train']} frames)")
+        lines.append(
+            f"\nElement references only (zero forces and stress), held-out test: F "
+            f"{null['null_force_meV_per_A']:.1f} meV/Å, E {null['null_energy_meV_per_atom']:.1f} meV/atom, "
+            f"stress {null['null_stress_meV_per_A3']:.1f} meV/Å³ (references fitted on {null['n_train']} frames)"
+        )
     text = "\n".join(lines)
     print(text)
     (RESULTS / "report.md").write_text(text + "\n")
@@ -191,8 +268,13 @@ def main() -> None:
     data = prepare(args.work, args.heldout)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # the pre-trainings first, one per core
         list(pool.map(lambda seed: pretrain(data, args.work, seed), args.seeds))
-    plan = [(head, n, dens, seed) for seed in args.seeds for n in args.sizes for head in args.heads
-            for dens in (False, True)]
+    plan = [
+        (head, n, dens, seed)
+        for seed in args.seeds
+        for n in args.sizes
+        for head in args.heads
+        for dens in (False, True)
+    ]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(lambda point: finetune(data, args.work, *point), plan))
     report()

@@ -18,11 +18,11 @@ import argparse
 import copy
 
 import hydra
-from omegaconf import OmegaConf
-
 from fairchem.core.datasets.atomic_data import AtomicData, atomicdata_list_to_batch
 from fairchem.core.models.base import HydraModel
 from fairchem.core.units.mlip_unit.mlip_unit import compute_loss
+from omegaconf import OmegaConf
+from timing import cuda_peaks, interleaved_medians
 
 from fairchem_dens.core.batch import corrupt_batch
 from fairchem_dens.core.roles import EXCLUDED, ORIGINAL, REPLACED
@@ -31,20 +31,22 @@ from fairchem_dens.fairchem2.emt_data import emt_structures
 from fairchem_dens.fairchem2.loss import DeNSStep, DeNSTaskLoss
 from fairchem_dens.fairchem2.models import ENCODED_FORCES
 from fairchem_dens.resources import configs_dir
-from timing import cuda_peaks, interleaved_medians
 
 CONFIG = configs_dir() / "fairchem2" / "dens_escnmd_conservative_finetune.yml"
 DIRECT = configs_dir() / "fairchem2" / "dens_escnmd_direct.yml"
-PLAIN = {"fairchem_dens.fairchem2.models.DeNSeSCNMDBackbone": "fairchem.core.models.uma.escn_md.eSCNMDBackbone",
-         "fairchem_dens.fairchem2.models.DeNSLinearForceHead": "fairchem.core.models.uma.escn_md.Linear_Force_Head",
-         "fairchem_dens.fairchem2.models.DeNSMLPEFSHead": "fairchem.core.models.uma.escn_md.MLP_EFS_Head"}
+PLAIN = {
+    "fairchem_dens.fairchem2.models.DeNSeSCNMDBackbone": "fairchem.core.models.uma.escn_md.eSCNMDBackbone",
+    "fairchem_dens.fairchem2.models.DeNSLinearForceHead": "fairchem.core.models.uma.escn_md.Linear_Force_Head",
+    "fairchem_dens.fairchem2.models.DeNSMLPEFSHead": "fairchem.core.models.uma.escn_md.MLP_EFS_Head",
+}
 
 
 def models(conservative: bool, channels: int, layers: int, device: str) -> tuple[HydraModel, HydraModel, HydraModel]:
     config = OmegaConf.to_container(OmegaConf.load(DIRECT), resolve=True)["runner"]["train_eval_unit"]["model"]
     config.pop("_target_")
-    config["backbone"].update(sphere_channels=channels, hidden_channels=channels, edge_channels=channels,
-                              num_layers=layers)
+    config["backbone"].update(
+        sphere_channels=channels, hidden_channels=channels, edge_channels=channels, num_layers=layers
+    )
     if conservative:
         config["backbone"].update(direct_forces=False, regress_stress=True)
         config["heads"] = {"energy": {"module": "fairchem_dens.fairchem2.models.DeNSMLPEFSHead"}}
@@ -79,12 +81,18 @@ def base_batch(structures: int) -> AtomicData:
     return atomicdata_list_to_batch(items)
 
 
-def step_functions(conservative: bool, structures: int, channels: int, layers: int, corrupt_ratio: float,
-                   device: str, steps: int) -> dict:
+def step_functions(
+    conservative: bool, structures: int, channels: int, layers: int, corrupt_ratio: float, device: str, steps: int
+) -> dict:
     """name -> ``step(index)``: one training step's model work of ``plain``, ``dens`` (linear noise
     head) and ``block`` (block noise head) on the ``index``-th batch (``steps`` batches made)."""
-    config = DeNSConfig.from_optim({"use_denoising_pos": True, "denoising_pos_coefficient": 5, "denoising_pos_params": {
-        "prob": 1.0, "fixed_noise_std": True, "std": 0.05, "corrupt_ratio": corrupt_ratio}})
+    config = DeNSConfig.from_optim(
+        {
+            "use_denoising_pos": True,
+            "denoising_pos_coefficient": 5,
+            "denoising_pos_params": {"prob": 1.0, "fixed_noise_std": True, "std": 0.05, "corrupt_ratio": corrupt_ratio},
+        }
+    )
     base = base_batch(structures)
     plain, dens, block = models(conservative, channels, layers, device)
     plain_tasks, dens_tasks = tasks(conservative), tasks(conservative)
@@ -112,8 +120,12 @@ def step_functions(conservative: bool, structures: int, channels: int, layers: i
         data = corrupted[index].clone().to(device)
         sum(compute_loss(plain_tasks, plain(data), data).values()).backward()
 
-    return {"plain": plain_step, "dens": dens_step, "block": lambda index: dens_step(index, block),
-            "atoms": base.pos.shape[0]}
+    return {
+        "plain": plain_step,
+        "dens": dens_step,
+        "block": lambda index: dens_step(index, block),
+        "atoms": base.pos.shape[0],
+    }
 
 
 def main() -> None:
@@ -126,14 +138,17 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     for conservative in (False, True):
-        steps = step_functions(conservative, args.structures, args.channels, args.layers, args.corrupt_ratio,
-                               args.device, args.repeats + 2)
+        steps = step_functions(
+            conservative, args.structures, args.channels, args.layers, args.corrupt_ratio, args.device, args.repeats + 2
+        )
         atoms = steps.pop("atoms")
         medians = interleaved_medians(steps, args.repeats, args.device)
         kind = "conservative" if conservative else "direct"
-        line = (f"{kind:12s} atoms={atoms} plain {1e3 * medians['plain']:.1f} ms, "
-                f"DeNS {1e3 * medians['dens']:.1f} ms, DeNS/plain {medians['dens'] / medians['plain']:.3f}; "
-                f"block noise head {1e3 * medians['block']:.1f} ms, block/linear {medians['block'] / medians['dens']:.3f}")
+        line = (
+            f"{kind:12s} atoms={atoms} plain {1e3 * medians['plain']:.1f} ms, "
+            f"DeNS {1e3 * medians['dens']:.1f} ms, DeNS/plain {medians['dens'] / medians['plain']:.3f}; "
+            f"block noise head {1e3 * medians['block']:.1f} ms, block/linear {medians['block'] / medians['dens']:.3f}"
+        )
         if args.device.startswith("cuda"):  # peak memory of one more step of each
             peaks = cuda_peaks(steps)
             line += f"; peak MiB plain {peaks['plain']:.0f}, DeNS {peaks['dens']:.0f}, block {peaks['block']:.0f}"

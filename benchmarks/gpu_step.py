@@ -38,15 +38,22 @@ def autocast(device: str, precision: str):
 
 
 def fairchem1_steps(conservative: bool, args) -> dict:
-    import step_time
-
     from fairchem_dens.testing import TINY_ESEN_BACKBONE, build_model, esen_dens_model_config
 
-    backbone = {**TINY_ESEN_BACKBONE, "num_layers": args.layers, "sphere_channels": args.channels,
-                "hidden_channels": args.channels, "edge_channels": args.channels}
+    import step_time
+
+    backbone = {
+        **TINY_ESEN_BACKBONE,
+        "num_layers": args.layers,
+        "sphere_channels": args.channels,
+        "hidden_channels": args.channels,
+        "edge_channels": args.channels,
+    }
     suffix = "_conservative" if conservative else ""
-    models = {name: build_model(esen_dens_model_config(flavour + suffix, backbone=dict(backbone))).to(args.device)
-              for name, flavour in (("plain", "plain"), ("dens", "ours"))}
+    models = {
+        name: build_model(esen_dens_model_config(flavour + suffix, backbone=dict(backbone))).to(args.device)
+        for name, flavour in (("plain", "plain"), ("dens", "ours"))
+    }
     models["dens"].load_state_dict(models["plain"].state_dict(), strict=False)
     batch = step_time.trainer_batch(step_time.molecule_batch(), "partial").to(args.device)
     return {name: (lambda index, model=model: step_time.train_step(model, batch)) for name, model in models.items()}
@@ -55,8 +62,9 @@ def fairchem1_steps(conservative: bool, args) -> dict:
 def fairchem2_steps(conservative: bool, args) -> dict:
     import fairchem2_step_time
 
-    functions = fairchem2_step_time.step_functions(conservative, 8, args.channels, args.layers, 0.5, args.device,
-                                                   args.repeats + 2)
+    functions = fairchem2_step_time.step_functions(
+        conservative, 8, args.channels, args.layers, 0.5, args.device, args.repeats + 2
+    )
     functions.pop("atoms")
     return functions
 
@@ -73,18 +81,23 @@ def main() -> None:
     make_steps = fairchem1_steps if fairchem.startswith("1.") else fairchem2_steps
     cuda = args.device.startswith("cuda")
     card = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
-    print(f"# {time.strftime('%Y-%m-%d')} {card}, torch {torch.__version__}, fairchem-core {fairchem}, "
-          f"{args.layers} layers x {args.channels} channels, medians of {args.repeats}")
+    print(
+        f"# {time.strftime('%Y-%m-%d')} {card}, torch {torch.__version__}, fairchem-core {fairchem}, "
+        f"{args.layers} layers x {args.channels} channels, medians of {args.repeats}"
+    )
     for conservative in (False, True):
         for precision in args.precisions:
             steps = make_steps(conservative, args)
             with autocast(args.device, precision):
                 medians = interleaved_medians(steps, args.repeats, args.device)
                 peaks = cuda_peaks(steps) if cuda else {}
-            cells = ", ".join(f"{name} {1e3 * value:.1f} ms" + (f" / {peaks[name]:.0f} MiB" if cuda else "")
-                              for name, value in medians.items())
-            ratios = ", ".join(f"{name}/plain {value / medians['plain']:.3f}" for name, value in medians.items()
-                               if name != "plain")
+            cells = ", ".join(
+                f"{name} {1e3 * value:.1f} ms" + (f" / {peaks[name]:.0f} MiB" if cuda else "")
+                for name, value in medians.items()
+            )
+            ratios = ", ".join(
+                f"{name}/plain {value / medians['plain']:.3f}" for name, value in medians.items() if name != "plain"
+            )
             print(f"{'conservative' if conservative else 'direct':12s} {precision}: {cells}; {ratios}", flush=True)
 
 

@@ -45,6 +45,7 @@ def _timed(record: dict, name: str, fn):
             return fn(*args, **kwargs)
         finally:
             record[name] = record.get(name, 0.0) + time.perf_counter() - start
+
     return wrapper
 
 
@@ -60,10 +61,20 @@ def _plain_escn(config: dict) -> None:
 def profile(config: Path, data: dict, epochs: int, extra: list[str]) -> dict[str, float]:
     """ms per optimizer step of each piece of one real ``train()``."""
     record: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as run_dir, fairchem_trainer(
-        config, run_dir, f"--optim.max_epochs={epochs}", "--optim.eval_every=100000", "--optim.batch_size=4",
-        "--seed", "0", *[f"--dataset.{s}.src={data[s]}" for s in ("train", "val", "test")], *extra,
-    ) as ctx:
+    with (
+        tempfile.TemporaryDirectory() as run_dir,
+        fairchem_trainer(
+            config,
+            run_dir,
+            f"--optim.max_epochs={epochs}",
+            "--optim.eval_every=100000",
+            "--optim.batch_size=4",
+            "--seed",
+            "0",
+            *[f"--dataset.{s}.src={data[s]}" for s in ("train", "val", "test")],
+            *extra,
+        ) as ctx,
+    ):
         trainer = ctx.trainer
         model_forward = trainer.model.forward
         trainer.model.forward = _timed(record, "forward", model_forward)
@@ -97,25 +108,33 @@ def main() -> None:
     plain_config, ours_config = FAMILIES[args.family]
     if plain_config is None:  # plain eSCN: our eSCN config without DeNS, fairchem's model and trainer
         plain_config = write_variant(ours_config, args.out / "escn_plain.yml", _plain_escn)
-    variants = {"plain": (plain_config, []),
-                "ours": (ours_config, ["--optim.denoising_pos_params.validate_denoising=False"])}
+    variants = {
+        "plain": (plain_config, []),
+        "ours": (ours_config, ["--optim.denoising_pos_params.validate_denoising=False"]),
+    }
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"# {time.strftime('%Y-%m-%d')} commit {commit} {args.family} threads={args.threads} batch 4, "
-          f"{args.epochs} epochs, {args.repeats} alternating repeats (median ms per optimizer step)")
+    print(
+        f"# {time.strftime('%Y-%m-%d')} commit {commit} {args.family} threads={args.threads} batch 4, "
+        f"{args.epochs} epochs, {args.repeats} alternating repeats (median ms per optimizer step)"
+    )
     runs = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name, (config, extra) in variants.items():
             runs[name].append(profile(config, data, args.epochs, extra))
     rows = ["step", *PIECES, "rest of the loop"]
-    median = {name: {row: statistics.median(r.get(row, 0.0) for r in results) for row in rows}
-              for name, results in runs.items()}
+    median = {
+        name: {row: statistics.median(r.get(row, 0.0) for r in results) for row in rows}
+        for name, results in runs.items()
+    }
     print("| piece | plain (ms/step) | ours (ms/step) | ours - plain (ms) |\n|---|---|---|---|")
     for row in rows:
         a, b = median["plain"][row], median["ours"][row]
         print(f"| {row} | {a:.1f} | {b:.1f} | {b - a:+.1f} |")
-    print(f"\nwhole step: ours / plain = {median['ours']['step'] / median['plain']['step']:.3f} "
-          f"(throughput ratio {median['plain']['step'] / median['ours']['step']:.3f}); per-repeat step ms: "
-          + ", ".join(f"{name} " + "/".join(f"{r['step']:.0f}" for r in results) for name, results in runs.items()))
+    print(
+        f"\nwhole step: ours / plain = {median['ours']['step'] / median['plain']['step']:.3f} "
+        f"(throughput ratio {median['plain']['step'] / median['ours']['step']:.3f}); per-repeat step ms: "
+        + ", ".join(f"{name} " + "/".join(f"{r['step']:.0f}" for r in results) for name, results in runs.items())
+    )
 
 
 if __name__ == "__main__":

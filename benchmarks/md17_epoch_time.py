@@ -66,12 +66,17 @@ def measure(checkout: Path, data: Path, work: Path, variant: str, profile: bool)
     overrides = ["--optim.use_denoising_pos=False"] if variant == "plain" else []
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(checkout)}
-    result = subprocess.run([sys.executable, "-c", EPOCH, str(data), str(work), "1" if profile else "0", *overrides],
-                            capture_output=True, text=True, env=env, cwd=work)
+    result = subprocess.run(
+        [sys.executable, "-c", EPOCH, str(data), str(work), "1" if profile else "0", *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=work,
+    )
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     if result.returncode != 0 or not lines:
         raise RuntimeError(f"the epoch at {checkout} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main() -> None:
@@ -88,8 +93,11 @@ def main() -> None:
         data = temp / "data"
         convert_md17(example_trajectory(), data)
         baseline = temp / "baseline"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(baseline), args.baseline],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(baseline), args.baseline],
+            check=True,
+            capture_output=True,
+        )
         try:
             checkouts = {args.baseline: baseline, "this checkout": ROOT}
             times: dict = {(name, v): [] for name in checkouts for v in ("plain", "dens")}
@@ -100,7 +108,9 @@ def main() -> None:
                         times[(name, variant)].append(measure(checkout, data, work, variant, False)["seconds"])
             parts = measure(ROOT, data, temp / "profiled", "dens", True) if args.profile else None
         finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline)], capture_output=True)
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline)], capture_output=True
+            )
     median = {key: statistics.median(values) for key, values in times.items()}
     print(f"one epoch of 950 ethanol frames (119 steps of 8, one validation), one core, median of {args.repeats}:")
     print(f"{'checkout':>16} {'plain (s)':>10} {'DeNS (s)':>10} {'DeNS / plain':>13}")
@@ -108,10 +118,14 @@ def main() -> None:
         plain, dens = median[(name, "plain")], median[(name, "dens")]
         print(f"{name:>16} {plain:10.2f} {dens:10.2f} {dens / plain:13.3f}")
     for variant in ("plain", "dens"):
-        print(f"{variant}: {args.baseline} / this checkout = {median[(args.baseline, variant)] / median[('this checkout', variant)]:.3f}")
+        print(
+            f"{variant}: {args.baseline} / this checkout = {median[(args.baseline, variant)] / median[('this checkout', variant)]:.3f}"
+        )
     if parts:
-        print(f"\nwhere this checkout's DeNS epoch goes (cProfile, {parts['seconds']:.2f} s with the profiler on; "
-              "cumulative, so parts overlap):")
+        print(
+            f"\nwhere this checkout's DeNS epoch goes (cProfile, {parts['seconds']:.2f} s with the profiler on; "
+            "cumulative, so parts overlap):"
+        )
         for name, seconds in sorted(parts["parts"].items(), key=lambda item: -item[1]):
             print(f"  {name:32} {seconds:6.2f} s  {100 * seconds / parts['seconds']:5.1f} %")
 

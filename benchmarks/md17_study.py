@@ -70,8 +70,9 @@ CONSERVATIVE_RECIPE = "md17/esen/xtb_small_data_conservative.yml"
 RECIPES = {f"esen_{name}": CONSERVATIVE_RECIPE for name in ("plain", "dens", "dens_no_force_encoding")}
 VARIANTS.update({f"esen_{name}": BASE[name] for name in ("plain", "dens", "dens_no_force_encoding")})
 # Issue 21, question 4: the same recipe (energy-std force normalisation) with a larger energy weight.
-ENERGY_WEIGHT_RECIPES = {weight: Path(__file__).parent / "configs" / f"xtb_small_data_energy{weight}.yml"
-                         for weight in (20, 80)}
+ENERGY_WEIGHT_RECIPES = {
+    weight: Path(__file__).parent / "configs" / f"xtb_small_data_energy{weight}.yml" for weight in (20, 80)
+}
 for weight, path in ENERGY_WEIGHT_RECIPES.items():
     for name in ("plain", "dens"):
         VARIANTS[f"{name}_e{weight}_enorm"] = VARIANTS[f"{name}_enorm"]
@@ -82,8 +83,12 @@ RECIPES["plain_energy_only"] = Path(__file__).parent / "configs" / "xtb_small_da
 VARIANTS["plain_energy_only_lr10x"] = [*VARIANTS["plain_enorm"], "--optim.lr_initial=0.005"]
 RECIPES["plain_energy_only_lr10x"] = RECIPES["plain_energy_only"]
 # capacity: 4x the channels, or 2x the layers
-VARIANTS["plain_energy_only_c64"] = [*VARIANTS["plain_enorm"], "--model.backbone.sphere_channels=64",
-                                     "--model.backbone.attn_hidden_channels=64", "--model.backbone.ffn_hidden_channels=128"]
+VARIANTS["plain_energy_only_c64"] = [
+    *VARIANTS["plain_enorm"],
+    "--model.backbone.sphere_channels=64",
+    "--model.backbone.attn_hidden_channels=64",
+    "--model.backbone.ffn_hidden_channels=128",
+]
 VARIANTS["plain_energy_only_layers4"] = [*VARIANTS["plain_enorm"], "--model.backbone.num_layers=4"]
 for name in ("plain_energy_only_c64", "plain_energy_only_layers4"):
     RECIPES[name] = RECIPES["plain_energy_only"]
@@ -111,8 +116,11 @@ TWO_STEP.update({name + SHORT: TWO_STEP[name] for name in ("esen2_plain", "esen2
 # Issue 21, question 3: conservative DeNS with a smaller noise (a DeNS batch keeps the original
 # labels, off at x + noise by about the Hessian times the noise: benchmarks/dens_label_mismatch.py)
 # or only in the first fifth of training.
-for name, flags in {"esen_dens_std0.01": [f"{P}std=0.01"], "esen_dens_std0.025": [f"{P}std=0.025"],
-                    "esen_dens_early20": [f"{P}early_epochs=20"]}.items():
+for name, flags in {
+    "esen_dens_std0.01": [f"{P}std=0.01"],
+    "esen_dens_std0.025": [f"{P}std=0.025"],
+    "esen_dens_early20": [f"{P}early_epochs=20"],
+}.items():
     VARIANTS[name], RECIPES[name] = flags, CONSERVATIVE_RECIPE
 
 
@@ -126,8 +134,11 @@ PRETRAINED: list[str] = []  # set by --pretrained
 
 def warmup(variant: str, epochs: int) -> list[str]:
     """The warm-up override of a `_short` variant's training step of ``epochs`` epochs."""
-    return ([f"--optim.scheduler_params.warmup_epochs={max(1, epochs // 10)}"]
-            if variant.endswith(SHORT) or variant.startswith("ft_") else [])
+    return (
+        [f"--optim.scheduler_params.warmup_epochs={max(1, epochs // 10)}"]
+        if variant.endswith(SHORT) or variant.startswith("ft_")
+        else []
+    )
 
 
 @dataclass(frozen=True)
@@ -151,10 +162,27 @@ PARTS: dict[str, tuple[list[str], str]] = {
     "esen": (["esen_plain", "esen_dens", "esen_dens_no_force_encoding"], "core"),
     "sizes": (["plain", "dens"], "sizes"),
     "sizes_enorm": (["plain_enorm", "dens_enorm"], "sizes"),
-    "sweep": (["dens_coef0", "dens_prob0.5", "dens_std0.025", "dens_std0.1", "dens_coef20", "dens_multiscale",
-               "dens_coef1", "dens_const_coef", "dens_prob1.0"], "core"),
-    "sweep_enorm": ([f"{v}_enorm" for v in ("dens_std0.025", "dens_std0.1", "dens_prob0.5", "dens_prob1.0",
-                                            "dens_coef20", "dens_multiscale")], "core"),
+    "sweep": (
+        [
+            "dens_coef0",
+            "dens_prob0.5",
+            "dens_std0.025",
+            "dens_std0.1",
+            "dens_coef20",
+            "dens_multiscale",
+            "dens_coef1",
+            "dens_const_coef",
+            "dens_prob1.0",
+        ],
+        "core",
+    ),
+    "sweep_enorm": (
+        [
+            f"{v}_enorm"
+            for v in ("dens_std0.025", "dens_std0.1", "dens_prob0.5", "dens_prob1.0", "dens_coef20", "dens_multiscale")
+        ],
+        "core",
+    ),
     "energy_weight": (["plain_e20_enorm", "dens_e20_enorm", "plain_e80_enorm", "dens_e80_enorm"], "core"),
     "energy_only": (["plain_energy_only", "plain_energy_only_lr10x"], "core"),
     "energy_capacity": (["plain_energy_only_c64", "plain_energy_only_layers4"], "core"),
@@ -210,16 +238,33 @@ def two_step(point: Point, data: Path, work: Path, results: Path, eval_every_epo
     if base != point.variant and done.exists():
         step1 = json.loads(done.read_text())["step1"]
     else:
-        step1 = train_and_test(configs_dir() / DIRECT_RECIPE, run / "step1", data, n_train=point.n_train,
-                               seed=point.seed, epochs=half, overrides=[*TWO_STEP[point.variant], *warmup(point.variant, half)],
-                               eval_every_epochs=eval_every_epochs)
+        step1 = train_and_test(
+            configs_dir() / DIRECT_RECIPE,
+            run / "step1",
+            data,
+            n_train=point.n_train,
+            seed=point.seed,
+            epochs=half,
+            overrides=[*TWO_STEP[point.variant], *warmup(point.variant, half)],
+            eval_every_epochs=eval_every_epochs,
+        )
     start = run / "step2_start.pt"
-    subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "to-conservative", step1["checkpoint"], str(start),
-                    "--overwrite"], check=True, capture_output=True)
-    step2 = train_and_test(step2_recipe, run / "step2", data, n_train=point.n_train,
-                           seed=point.seed, epochs=point.epochs - half, overrides=warmup(point.variant, point.epochs - half),
-                           eval_every_epochs=eval_every_epochs,
-                           start_checkpoint=start)
+    subprocess.run(
+        [sys.executable, "-m", "fairchem_dens.cli", "to-conservative", step1["checkpoint"], str(start), "--overwrite"],
+        check=True,
+        capture_output=True,
+    )
+    step2 = train_and_test(
+        step2_recipe,
+        run / "step2",
+        data,
+        n_train=point.n_train,
+        seed=point.seed,
+        epochs=point.epochs - half,
+        overrides=warmup(point.variant, point.epochs - half),
+        eval_every_epochs=eval_every_epochs,
+        start_checkpoint=start,
+    )
     return {**step2, "train_seconds": step1["train_seconds"] + step2["train_seconds"], "step1": step1}
 
 
@@ -227,12 +272,21 @@ def train_and_score(point: Point, data: Path, work: Path, results: Path, eval_ev
     """Trains one point, predicts the test split with its best checkpoint, returns the numbers."""
     molecule = json.loads((data / "md17_info.json").read_text())["molecule"]
     if point.variant in TWO_STEP:
-        return {"point": point.__dict__, "molecule": molecule, **two_step(point, data, work, results, eval_every_epochs)}
-    scores = train_and_test(configs_dir() / RECIPES.get(point.variant, RECIPE), work / point.key, data,
-                            n_train=point.n_train, seed=point.seed, epochs=point.epochs,
-                            overrides=[*VARIANTS[point.variant], *warmup(point.variant, point.epochs),
-                                       *pretrained(point)],
-                            eval_every_epochs=eval_every_epochs)
+        return {
+            "point": point.__dict__,
+            "molecule": molecule,
+            **two_step(point, data, work, results, eval_every_epochs),
+        }
+    scores = train_and_test(
+        configs_dir() / RECIPES.get(point.variant, RECIPE),
+        work / point.key,
+        data,
+        n_train=point.n_train,
+        seed=point.seed,
+        epochs=point.epochs,
+        overrides=[*VARIANTS[point.variant], *warmup(point.variant, point.epochs), *pretrained(point)],
+        eval_every_epochs=eval_every_epochs,
+    )
     return {"point": point.__dict__, "molecule": molecule, **scores}
 
 
@@ -281,11 +335,18 @@ def overfitting(result: dict) -> float:
 def summarise(runs: list[dict]) -> str:
     """Markdown table: test force/energy MAE mean ± std per variant, size and epochs."""
     groups = _groups(runs)
-    plain = {(r["point"]["variant"], r["point"]["n_train"], r["point"]["epochs"], r["point"]["seed"]):
-             r["test_force_meV_per_A"] for r in runs if r["point"]["variant"] == baseline(r["point"]["variant"])}
-    lines = ["| variant | train frames | epochs | F MAE test (meV/Å) | E MAE test (meV) | F ratio to its plain (same seeds) | "
-             "same-seed ratios | best val F (meV/Å) | min train-log F (meV/Å) | test / train F | seeds | train min/run |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    plain = {
+        (r["point"]["variant"], r["point"]["n_train"], r["point"]["epochs"], r["point"]["seed"]): r[
+            "test_force_meV_per_A"
+        ]
+        for r in runs
+        if r["point"]["variant"] == baseline(r["point"]["variant"])
+    }
+    lines = [
+        "| variant | train frames | epochs | F MAE test (meV/Å) | E MAE test (meV) | F ratio to its plain (same seeds) | "
+        "same-seed ratios | best val F (meV/Å) | min train-log F (meV/Å) | test / train F | seeds | train min/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for (variant, n, epochs), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         plain_by_seed = {key[1:]: value for key, value in plain.items() if key[0] == baseline(variant)}
         force = _mean_std([r["test_force_meV_per_A"] for r in group])
@@ -294,16 +355,24 @@ def summarise(runs: list[dict]) -> str:
         train = _mean_std([min(v for _, v in r["train_force"]) for r in group if r["train_force"]] or [float("nan")])
         overfit = _mean_std([overfitting(r) for r in group if r["train_force"]] or [float("nan")])
         minutes = statistics.mean(r["train_seconds"] for r in group) / 60
-        paired = [r["test_force_meV_per_A"] / plain_by_seed[key] for r in group
-                  if (key := (n, epochs, r["point"]["seed"])) in plain_by_seed]
+        paired = [
+            r["test_force_meV_per_A"] / plain_by_seed[key]
+            for r in group
+            if (key := (n, epochs, r["point"]["seed"])) in plain_by_seed
+        ]
         paired_text = f"{min(paired):.3f}–{max(paired):.3f}" if paired else "–"
         # ratio of means over the seeds both have, so a missing seed does not skew it
         common = [r for r in group if (n, epochs, r["point"]["seed"]) in plain_by_seed]
-        ratio = (f"{statistics.mean(r['test_force_meV_per_A'] for r in common) / statistics.mean(plain_by_seed[(n, epochs, r['point']['seed'])] for r in common):.3f}"
-                 if common else "–")
-        lines.append(f"| {variant} | {n} | {epochs} | {force[0]:.2f} ± {force[1]:.2f} | {energy[0]:.2f} ± {energy[1]:.2f} "
-                     f"| {ratio} | {paired_text} | {best_val[0]:.1f} ± {best_val[1]:.1f} | {train[0]:.1f} | {overfit[0]:.1f} | {len(group)} "
-                     f"(seeds {','.join(str(r['point']['seed']) for r in group)}) | {minutes:.1f} |")
+        ratio = (
+            f"{statistics.mean(r['test_force_meV_per_A'] for r in common) / statistics.mean(plain_by_seed[(n, epochs, r['point']['seed'])] for r in common):.3f}"
+            if common
+            else "–"
+        )
+        lines.append(
+            f"| {variant} | {n} | {epochs} | {force[0]:.2f} ± {force[1]:.2f} | {energy[0]:.2f} ± {energy[1]:.2f} "
+            f"| {ratio} | {paired_text} | {best_val[0]:.1f} ± {best_val[1]:.1f} | {train[0]:.1f} | {overfit[0]:.1f} | {len(group)} "
+            f"(seeds {','.join(str(r['point']['seed']) for r in group)}) | {minutes:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -315,32 +384,46 @@ def two_step_table(runs: list[dict]) -> str:
     step 1 against the plain step 1 with the same step 2.
     """
     by_key = {(r["point"]["variant"], r["point"]["n_train"], r["point"]["epochs"], r["point"]["seed"]): r for r in runs}
-    lines = ["| train frames | epochs | arm | F MAE test (meV/Å) | E MAE test (meV) | step 1 (direct) F / E | "
-             "F / from scratch, per seed | F / plain step 1, per seed | seeds |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| train frames | epochs | arm | F MAE test (meV/Å) | E MAE test (meV) | step 1 (direct) F / E | "
+        "F / from scratch, per seed | F / plain step 1, per seed | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     settings = sorted({(n, e) for (v, n, e, _) in by_key if v.startswith("esen2")})
     for n, epochs in settings:
         for arm in ("esen_plain", "esen2_plain", "esen2_dens", "esen2_plain_e20", "esen2_dens_e20"):
             suffix = SHORT if any(v.endswith(SHORT) for (v, vn, ve, _) in by_key if (vn, ve) == (n, epochs)) else ""
             variant = arm + suffix if not arm.endswith("_e20") else arm
-            group = sorted((r for (v, vn, ve, _), r in by_key.items() if (v, vn, ve) == (variant, n, epochs)),
-                           key=lambda r: r["point"]["seed"])
+            group = sorted(
+                (r for (v, vn, ve, _), r in by_key.items() if (v, vn, ve) == (variant, n, epochs)),
+                key=lambda r: r["point"]["seed"],
+            )
             if not group:
                 continue
             force = _mean_std([r["test_force_meV_per_A"] for r in group])
             energy = _mean_std([r["test_energy_meV"] for r in group])
-            step1 = (f"{statistics.mean(r['step1']['test_force_meV_per_A'] for r in group):.1f} / "
-                     f"{statistics.mean(r['step1']['test_energy_meV'] for r in group):.1f}" if "step1" in group[0] else "–")
+            step1 = (
+                f"{statistics.mean(r['step1']['test_force_meV_per_A'] for r in group):.1f} / "
+                f"{statistics.mean(r['step1']['test_energy_meV'] for r in group):.1f}"
+                if "step1" in group[0]
+                else "–"
+            )
 
             def ratios(other: str) -> str:
-                values = [r["test_force_meV_per_A"] / by_key[key]["test_force_meV_per_A"] for r in group
-                          if (key := (other, n, epochs, r["point"]["seed"])) in by_key]
+                values = [
+                    r["test_force_meV_per_A"] / by_key[key]["test_force_meV_per_A"]
+                    for r in group
+                    if (key := (other, n, epochs, r["point"]["seed"])) in by_key
+                ]
                 return ", ".join(f"{v:.3f}" for v in values) or "–"
 
             plain_step1 = variant.replace("esen2_dens", "esen2_plain") if "esen2_dens" in variant else None
-            lines.append(f"| {n} | {epochs} | {variant} | {force[0]:.1f} ± {force[1]:.1f} | {energy[0]:.1f} ± {energy[1]:.1f} "
-                         f"| {step1} | {ratios('esen_plain' + suffix) if arm != 'esen_plain' else '1'} "
-                         f"| {ratios(plain_step1) if plain_step1 else '–'} "
-                         f"| {','.join(str(r['point']['seed']) for r in group)} |")
+            lines.append(
+                f"| {n} | {epochs} | {variant} | {force[0]:.1f} ± {force[1]:.1f} | {energy[0]:.1f} ± {energy[1]:.1f} "
+                f"| {step1} | {ratios('esen_plain' + suffix) if arm != 'esen_plain' else '1'} "
+                f"| {ratios(plain_step1) if plain_step1 else '–'} "
+                f"| {','.join(str(r['point']['seed']) for r in group)} |"
+            )
     return "\n".join(lines)
 
 
@@ -383,12 +466,19 @@ def plot(runs: list[dict], results: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for variant in sorted({v for v, _, _ in groups}):
-        points = sorted((n, _mean_std([r["test_force_meV_per_A"] for r in g])) for (v, n, _), g in groups.items()
-                        if v == variant)
+        points = sorted(
+            (n, _mean_std([r["test_force_meV_per_A"] for r in g])) for (v, n, _), g in groups.items() if v == variant
+        )
         if len(points) < 2 and variant.removesuffix("_enorm") not in ("plain", "dens"):
             continue
-        ax.errorbar([n for n, _ in points], [m for _, (m, _) in points], yerr=[s for _, (_, s) in points],
-                    marker="o", capsize=4, label=variant)
+        ax.errorbar(
+            [n for n, _ in points],
+            [m for _, (m, _) in points],
+            yerr=[s for _, (_, s) in points],
+            marker="o",
+            capsize=4,
+            label=variant,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("training frames")
     ax.set_ylabel("test force MAE (meV/Å, 500 frames)")
@@ -447,8 +537,11 @@ def main() -> None:
             print(f"{time.strftime('%H:%M:%S')} running {point.key}", flush=True)
             scores = train_and_score(point, data, work, results, args.eval_every_epochs)
             target.write_text(json.dumps(scores, indent=1))
-            print(f"{time.strftime('%H:%M:%S')} {point.key}: test F {scores['test_force_meV_per_A']:.2f} meV/Å, "
-                  f"E {scores['test_energy_meV']:.2f} meV, {scores['train_seconds']:.0f} s", flush=True)
+            print(
+                f"{time.strftime('%H:%M:%S')} {point.key}: test F {scores['test_force_meV_per_A']:.2f} meV/Å, "
+                f"E {scores['test_energy_meV']:.2f} meV, {scores['train_seconds']:.0f} s",
+                flush=True,
+            )
     report(results)
 
 

@@ -24,8 +24,8 @@ import torch
 
 from fairchem_dens.core.batch import corrupt_batch, is_dens_batch
 from fairchem_dens.core.settings import DeNSConfig
-from fairchem_dens.datasets.md17 import convert_md17
 from fairchem_dens.datasets.lmdb_io import read_lmdb
+from fairchem_dens.datasets.md17 import convert_md17
 from fairchem_dens.resources import configs_dir, example_trajectory
 from fairchem_dens.testing import build_model, esen_dens_model_config
 
@@ -44,7 +44,7 @@ def batches(count: int, seed: int, folder) -> list:
     settings = md17_settings()
     made = []
     for step in range(count):
-        batch = Batch.from_data_list(frames[8 * step: 8 * step + 8])
+        batch = Batch.from_data_list(frames[8 * step : 8 * step + 8])
         corrupt_batch(settings, batch, seed=seed, step=step)
         made.append(batch)
     return made
@@ -70,14 +70,35 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    backbone = {"use_pbc": True, "otf_graph": True, "regress_forces": True, "regress_stress": False,
-                "max_neighbors": 500, "cutoff": 5.0, "max_num_elements": 100, "num_layers": args.layers,
-                "sphere_channels": args.channels, "hidden_channels": args.channels, "edge_channels": args.channels,
-                "lmax": 2, "mmax": 1, "distance_function": "gaussian", "num_distance_basis": 32,
-                "norm_type": "rms_norm_sh", "act_type": "gate", "mlp_type": "spectral", "use_envelope": True}
-    models = {head: build_model(esen_dens_model_config("ours_conservative", backbone=copy.deepcopy(backbone),
-                                                       noise_head=head, use_force_encoding=True)).train()
-              for head in ("linear", "block")}
+    backbone = {
+        "use_pbc": True,
+        "otf_graph": True,
+        "regress_forces": True,
+        "regress_stress": False,
+        "max_neighbors": 500,
+        "cutoff": 5.0,
+        "max_num_elements": 100,
+        "num_layers": args.layers,
+        "sphere_channels": args.channels,
+        "hidden_channels": args.channels,
+        "edge_channels": args.channels,
+        "lmax": 2,
+        "mmax": 1,
+        "distance_function": "gaussian",
+        "num_distance_basis": 32,
+        "norm_type": "rms_norm_sh",
+        "act_type": "gate",
+        "mlp_type": "spectral",
+        "use_envelope": True,
+    }
+    models = {
+        head: build_model(
+            esen_dens_model_config(
+                "ours_conservative", backbone=copy.deepcopy(backbone), noise_head=head, use_force_encoding=True
+            )
+        ).train()
+        for head in ("linear", "block")
+    }
     with tempfile.TemporaryDirectory() as tmp:
         convert_md17(example_trajectory(), Path(tmp) / "data", molecule="ethanol")
         made = batches(args.batches, 0, Path(tmp) / "data")
@@ -92,14 +113,20 @@ def main() -> None:
     medians = {head: [statistics.median(t) for t in per_batch] for head, per_batch in times.items()}
     total = {head: sum(values) for head, values in medians.items()}
     dens_total = {head: sum(values[i] for i in dens) for head, values in medians.items()}
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s); "
-          f"eSEN {args.layers} layers x {args.channels} channels, conservative, {len(made)} batches of 8 ethanol "
-          f"frames ({len(dens)} DeNS batches), median of {args.repeats} per batch")
+    print(
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s); "
+        f"eSEN {args.layers} layers x {args.channels} channels, conservative, {len(made)} batches of 8 ethanol "
+        f"frames ({len(dens)} DeNS batches), median of {args.repeats} per batch"
+    )
     for head in models:
-        print(f"  noise_head {head:<6}: {1000 * total[head] / len(made):7.1f} ms a step, "
-              f"{1000 * dens_total[head] / max(1, len(dens)):7.1f} ms a DeNS step")
-    print(f"block / linear: {total['block'] / total['linear']:.3f} over all batches, "
-          f"{dens_total['block'] / dens_total['linear']:.3f} over the DeNS batches")
+        print(
+            f"  noise_head {head:<6}: {1000 * total[head] / len(made):7.1f} ms a step, "
+            f"{1000 * dens_total[head] / max(1, len(dens)):7.1f} ms a DeNS step"
+        )
+    print(
+        f"block / linear: {total['block'] / total['linear']:.3f} over all batches, "
+        f"{dens_total['block'] / dens_total['linear']:.3f} over the DeNS batches"
+    )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from fairchem_dens.quickstart import (BATCH_SIZE, fairchem_command, null_model_errors, parse_curves, prediction_errors,
-                                      run_logged, split_frames, warmup_override)
+from fairchem_dens.quickstart import (
+    BATCH_SIZE,
+    fairchem_command,
+    null_model_errors,
+    parse_curves,
+    prediction_errors,
+    run_logged,
+    split_frames,
+    warmup_override,
+)
 from fairchem_dens.resources import configs_dir
 
 RECIPE = configs_dir() / "md17" / "esen" / "paper_md17_conservative.yml"
@@ -74,8 +82,10 @@ class Run:
 def molecule_overrides(molecule: str) -> list[str]:
     """The recipe's loss with the molecule's published weights (fairchem's overrides cannot index a list)."""
     w_e, w_f = WEIGHTS.get(molecule, (1, 80))
-    return [f"--loss_functions=[{{'energy': {{'fn': 'mae', 'coefficient': {w_e}}}}}, "
-            f"{{'forces': {{'fn': 'l2mae', 'coefficient': {w_f}}}}}]"]
+    return [
+        f"--loss_functions=[{{'energy': {{'fn': 'mae', 'coefficient': {w_e}}}}}, "
+        f"{{'forces': {{'fn': 'l2mae', 'coefficient': {w_f}}}}}]"
+    ]
 
 
 def train_run(run: Run, data: Path, work: Path, curve: list[int]) -> dict:
@@ -84,22 +94,46 @@ def train_run(run: Run, data: Path, work: Path, curve: list[int]) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     n_train = split_frames(data / "train")
     per_epoch = -(-n_train // BATCH_SIZE)
-    common = ["--config-yml", str(RECIPE), "--cpu", "--run-dir", str(folder), "--seed", str(run.seed),
-              f"--optim.max_epochs={run.epochs}", f"--dataset.train.src={data / 'train'}",
-              f"--dataset.val.src={data / 'val'}", f"--dataset.val.first_n={split_frames(data / 'val')}",
-              *molecule_overrides(run.molecule), *VARIANTS[run.variant],
-              "--model.backbone.force_encoding_scale=1.0"]  # as measured: eV/Å encoded (before 2026-12-08)
+    common = [
+        "--config-yml",
+        str(RECIPE),
+        "--cpu",
+        "--run-dir",
+        str(folder),
+        "--seed",
+        str(run.seed),
+        f"--optim.max_epochs={run.epochs}",
+        f"--dataset.train.src={data / 'train'}",
+        f"--dataset.val.src={data / 'val'}",
+        f"--dataset.val.first_n={split_frames(data / 'val')}",
+        *molecule_overrides(run.molecule),
+        *VARIANTS[run.variant],
+        "--model.backbone.force_encoding_scale=1.0",
+    ]  # as measured: eV/Å encoded (before 2026-12-08)
     kept = sorted({e for e in curve if e <= run.epochs} | {run.epochs})
     checkpoints = folder / "checkpoints" / "train"
     seconds = None
     if not all((checkpoints / f"checkpoint_epoch_{e}.pt").exists() for e in kept):
         seconds = run_logged(
-            [*fairchem_command(), "--mode", "train", "--timestamp-id", "train", *common,
-             *warmup_override(run.epochs),
-             f"--optim.eval_every={per_epoch}", f"--optim.checkpoint_every={per_epoch}",
-             f"--print-every={per_epoch}", f"--optim.keep_checkpoint_epochs=[{','.join(map(str, kept))}]",
-             f"--dataset.test.src={data / 'test'}", "--dataset.test.first_n=8"],
-            folder / "train.log", folder, threads=1)
+            [
+                *fairchem_command(),
+                "--mode",
+                "train",
+                "--timestamp-id",
+                "train",
+                *common,
+                *warmup_override(run.epochs),
+                f"--optim.eval_every={per_epoch}",
+                f"--optim.checkpoint_every={per_epoch}",
+                f"--print-every={per_epoch}",
+                f"--optim.keep_checkpoint_epochs=[{','.join(map(str, kept))}]",
+                f"--dataset.test.src={data / 'test'}",
+                "--dataset.test.first_n=8",
+            ],
+            folder / "train.log",
+            folder,
+            threads=1,
+        )
     points = []
     splits = ("test", "train") if run.variant == "plain" else ("test",)
     # fairchem's predict mode opens the train split too, and LMDB refuses a second open in one
@@ -114,10 +148,23 @@ def train_run(run: Run, data: Path, work: Path, curve: list[int]) -> dict:
             tag = f"e{epoch}_{split}"
             predictions = folder / "results" / tag / "s2ef_predictions.npz"
             if not predictions.exists():
-                run_logged([*fairchem_command(), "--mode", "predict", "--timestamp-id", tag, "--checkpoint",
-                            str(checkpoints / f"checkpoint_epoch_{epoch}.pt"), *common,
-                            f"--dataset.test.src={scored[split]}", f"--dataset.test.first_n={split_frames(scored[split])}"],
-                           folder / f"predict_{tag}.log", folder, threads=1)
+                run_logged(
+                    [
+                        *fairchem_command(),
+                        "--mode",
+                        "predict",
+                        "--timestamp-id",
+                        tag,
+                        "--checkpoint",
+                        str(checkpoints / f"checkpoint_epoch_{epoch}.pt"),
+                        *common,
+                        f"--dataset.test.src={scored[split]}",
+                        f"--dataset.test.first_n={split_frames(scored[split])}",
+                    ],
+                    folder / f"predict_{tag}.log",
+                    folder,
+                    threads=1,
+                )
             energy, force = prediction_errors(predictions, data / split)
             point[f"{split}_energy_meV"], point[f"{split}_force_meV_per_A"] = energy, force
         points.append(point)
@@ -144,36 +191,63 @@ def report(results: Path, data_root: Path) -> str:
     lines = []
     for molecule in sorted({r["run"]["molecule"] for r in runs}):
         null = null_model_errors(data_root / molecule)
-        lines += [f"### {molecule}", "",
-                  f"Test split: mean predictor {null['energy_meV']:.1f} meV, "
-                  f"mean |F| component {null['force_meV_per_A']:.1f} meV/Å (the zero predictor's force MAE).", "",
-                  "| variant | run epochs | at epoch | test F MAE (meV/Å) | test E MAE (meV) | F ratio to its comparator, same seed | "
-                  "F ratio of means | E ratio of means | plain test / train F | seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
-        keys = sorted({(v, e) for (m, v, e, _) in by if m == molecule}, key=lambda k: (k[1], list(VARIANTS).index(k[0])))
+        lines += [
+            f"### {molecule}",
+            "",
+            f"Test split: mean predictor {null['energy_meV']:.1f} meV, "
+            f"mean |F| component {null['force_meV_per_A']:.1f} meV/Å (the zero predictor's force MAE).",
+            "",
+            "| variant | run epochs | at epoch | test F MAE (meV/Å) | test E MAE (meV) | F ratio to its comparator, same seed | "
+            "F ratio of means | E ratio of means | plain test / train F | seeds |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        keys = sorted(
+            {(v, e) for (m, v, e, _) in by if m == molecule}, key=lambda k: (k[1], list(VARIANTS).index(k[0]))
+        )
         for variant, run_epochs in keys:
             seeds = sorted(s for (m, v, e, s) in by if (m, v, e) == (molecule, variant, run_epochs))
             epochs = sorted({p["epoch"] for s in seeds for p in by[(molecule, variant, run_epochs, s)]["curve"]})
             for epoch in epochs:
+
                 def at(v: str, s: int) -> dict | None:
                     run = by.get((molecule, v, run_epochs, s))
                     return next((p for p in run["curve"] if p["epoch"] == epoch), None) if run else None
+
                 points = [at(variant, s) for s in seeds]
                 force = [p["test_force_meV_per_A"] for p in points if p]
                 energy = [p["test_energy_meV"] for p in points if p]
                 other = COMPARATOR.get(variant)
-                pairs = [(at(variant, s)["test_force_meV_per_A"], at(other, s)["test_force_meV_per_A"])
-                         for s in seeds if other and at(variant, s) and at(other, s)]
-                energy_pairs = [(at(variant, s)["test_energy_meV"], at(other, s)["test_energy_meV"])
-                                for s in seeds if other and at(variant, s) and at(other, s)]
-                energy_ratio = (f"{statistics.mean(a for a, _ in energy_pairs) / statistics.mean(b for _, b in energy_pairs):.2f}"
-                                if energy_pairs else "–")
+                pairs = [
+                    (at(variant, s)["test_force_meV_per_A"], at(other, s)["test_force_meV_per_A"])
+                    for s in seeds
+                    if other and at(variant, s) and at(other, s)
+                ]
+                energy_pairs = [
+                    (at(variant, s)["test_energy_meV"], at(other, s)["test_energy_meV"])
+                    for s in seeds
+                    if other and at(variant, s) and at(other, s)
+                ]
+                energy_ratio = (
+                    f"{statistics.mean(a for a, _ in energy_pairs) / statistics.mean(b for _, b in energy_pairs):.2f}"
+                    if energy_pairs
+                    else "–"
+                )
                 ratios = [a / b for a, b in pairs]
                 ratio_text = f"{min(ratios):.3f}–{max(ratios):.3f}" if ratios and variant != "plain" else "–"
-                mean_ratio = (f"{statistics.mean(a for a, _ in pairs) / statistics.mean(b for _, b in pairs):.3f}"
-                              if pairs and variant != "plain" else "–")
-                overfit = [p["test_force_meV_per_A"] / p["train_force_meV_per_A"] for p in points if p and "train_force_meV_per_A" in p]
-                lines.append(f"| {variant} | {run_epochs} | {epoch} | {mean_std(force)} | {mean_std(energy)} | {ratio_text} | "
-                             f"{mean_ratio} | {energy_ratio} | {mean_std(overfit, 2) if overfit else '–'} | {len(force)} |")
+                mean_ratio = (
+                    f"{statistics.mean(a for a, _ in pairs) / statistics.mean(b for _, b in pairs):.3f}"
+                    if pairs and variant != "plain"
+                    else "–"
+                )
+                overfit = [
+                    p["test_force_meV_per_A"] / p["train_force_meV_per_A"]
+                    for p in points
+                    if p and "train_force_meV_per_A" in p
+                ]
+                lines.append(
+                    f"| {variant} | {run_epochs} | {epoch} | {mean_std(force)} | {mean_std(energy)} | {ratio_text} | "
+                    f"{mean_ratio} | {energy_ratio} | {mean_std(overfit, 2) if overfit else '–'} | {len(force)} |"
+                )
         # the paper's training-efficiency claim: epochs to reach plain's best validation force MAE
         reach = []
         for (m, v, e, s), run in sorted(by.items()):
@@ -182,8 +256,10 @@ def report(results: Path, data_root: Path) -> str:
             plain_best = min(value for _, value in by[(m, "plain", e, s)]["val_force"])
             plain_epoch = epochs_to_reach(by[(m, "plain", e, s)]["val_force"], plain_best)
             reached = epochs_to_reach(run["val_force"], plain_best)
-            reach.append(f"{v} seed {s}: {reached if reached is not None else f'not within {e}'} "
-                         f"(plain: {plain_epoch:.0f}, best val {plain_best:.1f} meV/Å)")
+            reach.append(
+                f"{v} seed {s}: {reached if reached is not None else f'not within {e}'} "
+                f"(plain: {plain_epoch:.0f}, best val {plain_best:.1f} meV/Å)"
+            )
         if reach:
             lines += ["", "Epochs to reach plain's best validation force MAE: " + "; ".join(reach) + "."]
         lines.append("")
@@ -211,8 +287,12 @@ def main() -> None:
     results, work, data = Path(args.results).resolve(), Path(args.work).resolve(), Path(args.data).resolve()
     (results / "runs").mkdir(parents=True, exist_ok=True)
     curve = [Run(m, v, s, args.epochs) for s in args.seeds for m in args.molecules for v in PLANS["curve"]]
-    ablation = [Run(m, v, s, args.ablation_epochs) for s in args.ablation_seeds for m in args.ablation_molecules
-                for v in PLANS["ablation"]]
+    ablation = [
+        Run(m, v, s, args.ablation_epochs)
+        for s in args.ablation_seeds
+        for m in args.ablation_molecules
+        for v in PLANS["ablation"]
+    ]
     plan = [run for part in args.plan for run in {"curve": curve, "ablation": ablation}[part]]
     todo = [run for run in plan if not (results / "runs" / f"{run.key}.json").exists()]
 
@@ -221,8 +301,11 @@ def main() -> None:
         scores = train_run(run, data / run.molecule, work, args.curve)
         (results / "runs" / f"{run.key}.json").write_text(json.dumps(scores, indent=1))
         last = scores["curve"][-1]
-        print(f"{time.strftime('%H:%M:%S')} {run.key}: test F {last['test_force_meV_per_A']:.1f} meV/Å, "
-              f"E {last['test_energy_meV']:.1f} meV", flush=True)
+        print(
+            f"{time.strftime('%H:%M:%S')} {run.key}: test F {last['test_force_meV_per_A']:.1f} meV/Å, "
+            f"E {last['test_energy_meV']:.1f} meV",
+            flush=True,
+        )
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with ThreadPoolExecutor(args.jobs) as pool:

@@ -29,12 +29,18 @@ import torch
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
 
-from helpers import (  # noqa: E402  (tests/helpers.py: the original DeNS code's fixtures)
-    MODELS, MODES, ORIGINAL, converted_model, fixture_case, reference, sphere_sample_scale,
-)
-
 from fairchem_dens.testing import forward_seeded  # noqa: E402
 from fairchem_dens.testing.tolerances import EPS32, ORIGINAL_PARITY_ULPS  # noqa: E402
+
+from helpers import (  # noqa: E402  (tests/helpers.py: the original DeNS code's fixtures)
+    MODELS,
+    MODES,
+    ORIGINAL,
+    converted_model,
+    fixture_case,
+    reference,
+    sphere_sample_scale,
+)
 
 
 def ulps(ours: torch.Tensor, original: np.ndarray, scale: float | None = None) -> float:
@@ -43,8 +49,10 @@ def ulps(ours: torch.Tensor, original: np.ndarray, scale: float | None = None) -
 
 
 def fixtures() -> None:
-    print(f"# kernels {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread(s), "
-          f"torch {torch.__version__}; the tests assert <= {ORIGINAL_PARITY_ULPS} ulps of the scale")
+    print(
+        f"# kernels {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread(s), "
+        f"torch {torch.__version__}; the tests assert <= {ORIGINAL_PARITY_ULPS} ulps of the scale"
+    )
     print("| model | case | energy ulps | forces ulps | max abs diff (E / F) | scale (E / F) |")
     print("|---|---|---|---|---|---|")
     for name in MODELS:
@@ -60,9 +68,11 @@ def fixtures() -> None:
             if label == "s2ef_ema" and name == "escn_dens":  # as test_ema_weights_are_reordered_correctly
                 force_scale = sphere_sample_scale(model, ref)
             diffs = [float(np.abs(out[k].numpy() - ref[f"{label}_{k}"]).max()) for k in ("energy", "forces")]
-            print(f"| {name} | {label} | {ulps(out['energy'], energy):.2f} | "
-                  f"{ulps(out['forces'], forces, force_scale):.2f} | {diffs[0]:.1e} / {diffs[1]:.1e} | "
-                  f"{np.abs(energy).max():.2g} / {force_scale:.2g} |")
+            print(
+                f"| {name} | {label} | {ulps(out['energy'], energy):.2f} | "
+                f"{ulps(out['forces'], forces, force_scale):.2f} | {diffs[0]:.1e} / {diffs[1]:.1e} | "
+                f"{np.abs(energy).max():.2g} / {force_scale:.2g} |"
+            )
 
 
 def summarise(logs: list[Path]) -> None:

@@ -14,8 +14,9 @@ from collections import Counter
 
 from torch.profiler import ProfilerActivity, profile
 
-from step_time import FIXTURE, build_variants, train_step, trainer_batch  # this folder is on sys.path
 from fairchem_dens.testing import batch_from_tensors
+
+from step_time import FIXTURE, build_variants, train_step, trainer_batch  # this folder is on sys.path
 
 
 def self_times(model, batch, repeats: int) -> Counter:

@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import argparse
 import platform
+import resource
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
-
-import resource
-import sys
 
 from fairchem_dens.testing import (
     TINY_EQV2_BACKBONE,
@@ -116,25 +115,55 @@ def infer(model, batch):
 def build_variants(family: str, layers: int, args) -> dict:
     """name -> model; fairchem has no eSCN with DeNS, so eSCN compares ours with plain only."""
     if family.startswith("esen"):
-        backbone = {**TINY_ESEN_BACKBONE, "num_layers": layers, "sphere_channels": args.channels,
-                    "hidden_channels": args.channels, "edge_channels": args.channels, "lmax": args.lmax,
-                    "mmax": 2, "num_distance_basis": 64, "max_neighbors": 20, "cutoff": 6.0}
+        backbone = {
+            **TINY_ESEN_BACKBONE,
+            "num_layers": layers,
+            "sphere_channels": args.channels,
+            "hidden_channels": args.channels,
+            "edge_channels": args.channels,
+            "lmax": args.lmax,
+            "mmax": 2,
+            "num_distance_basis": 64,
+            "max_neighbors": 20,
+            "cutoff": 6.0,
+        }
         suffix = "_conservative" if family == "esen_conservative" else ""
-        models = {name: build_model(esen_dens_model_config(flavour + suffix, backbone=backbone))
-                  for name, flavour in (("plain", "plain"), ("fairchem-dens-port", "fairchem"), ("ours", "ours"))}
+        models = {
+            name: build_model(esen_dens_model_config(flavour + suffix, backbone=backbone))
+            for name, flavour in (("plain", "plain"), ("fairchem-dens-port", "fairchem"), ("ours", "ours"))
+        }
         models["ours"].load_state_dict(models["fairchem-dens-port"].state_dict())
         return models
     if family == "escn":
-        backbone = {**TINY_ESCN_BACKBONE, "num_layers": layers, "sphere_channels": args.channels,
-                    "hidden_channels": 2 * args.channels, "lmax_list": [args.lmax], "mmax_list": [2],
-                    "num_sphere_samples": 128, "max_neighbors": 20, "cutoff": 6.0}
+        backbone = {
+            **TINY_ESCN_BACKBONE,
+            "num_layers": layers,
+            "sphere_channels": args.channels,
+            "hidden_channels": 2 * args.channels,
+            "lmax_list": [args.lmax],
+            "mmax_list": [2],
+            "num_sphere_samples": 128,
+            "max_neighbors": 20,
+            "cutoff": 6.0,
+        }
         ours = build_model(escn_dens_model_config("ours", backbone=backbone))
-        return {"plain": build_model(escn_dens_model_config("plain", backbone=backbone)), "ours": ours,
-                "ours, every atom": EveryAtom(ours)}
-    backbone = {**TINY_EQV2_BACKBONE, "num_layers": layers, "sphere_channels": args.channels,
-                "attn_hidden_channels": args.channels, "ffn_hidden_channels": args.channels,
-                "lmax_list": [args.lmax], "mmax_list": [2], "grid_resolution": 18,
-                "max_neighbors": 20, "max_radius": 6.0}
+        return {
+            "plain": build_model(escn_dens_model_config("plain", backbone=backbone)),
+            "ours": ours,
+            "ours, every atom": EveryAtom(ours),
+        }
+    backbone = {
+        **TINY_EQV2_BACKBONE,
+        "num_layers": layers,
+        "sphere_channels": args.channels,
+        "attn_hidden_channels": args.channels,
+        "ffn_hidden_channels": args.channels,
+        "lmax_list": [args.lmax],
+        "mmax_list": [2],
+        "grid_resolution": 18,
+        "max_neighbors": 20,
+        "max_radius": 6.0,
+    }
     models = {
         "plain": build_model(eqv2_dens_model_config("plain", backbone=backbone)),
         "fairchem-dens-port": build_model(eqv2_dens_model_config("fairchem", backbone=backbone)),
@@ -181,30 +210,38 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--family", choices=["equiformer_v2", "escn", "esen", "esen_conservative"],
-                        default="equiformer_v2")
+    parser.add_argument(
+        "--family", choices=["equiformer_v2", "escn", "esen", "esen_conservative"], default="equiformer_v2"
+    )
     parser.add_argument("--memory", action="store_true", help="peak memory per variant instead of time")
     parser.add_argument("--system", choices=["slabs", "molecules"], default="slabs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"# {time.strftime('%Y-%m-%d')} commit {commit} {platform.processor() or platform.machine()} "
-          f"threads={args.threads} device={device} torch={torch.__version__}")
+    print(
+        f"# {time.strftime('%Y-%m-%d')} commit {commit} {platform.processor() or platform.machine()} "
+        f"threads={args.threads} device={device} torch={torch.__version__}"
+    )
     base = batch_from_tensors(FIXTURE) if args.system == "slabs" else molecule_batch()
     if args.memory:
         unit = "CUDA max allocated" if device.type == "cuda" else "peak RSS growth"
         print(f"| layers | step | batch | {unit} per variant |\n|---|---|---|---|")
     else:
-        print("| layers | step | batch | plain (ms) | fairchem DeNS port (ms) | ours, every atom (ms) | ours (ms) "
-              "| ours / port | ours / plain | ours / every atom |")
+        print(
+            "| layers | step | batch | plain (ms) | fairchem DeNS port (ms) | ours, every atom (ms) | ours (ms) "
+            "| ours / port | ours / plain | ours / every atom |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|")
     for layers in args.layers:
         models = {k: m.to(device) for k, m in build_variants(args.family, layers, args).items()}
         if args.memory:
             for kind, mode in [("train", "s2ef"), ("train", "full"), ("train", "partial"), ("infer", "s2ef")]:
-                cells = [f"{name} {memory_of(args.family, name, layers, kind, mode, args):.0f} MiB"
-                         for name in models if name != "plain" or mode == "s2ef"]
+                cells = [
+                    f"{name} {memory_of(args.family, name, layers, kind, mode, args):.0f} MiB"
+                    for name in models
+                    if name != "plain" or mode == "s2ef"
+                ]
                 print(f"| {layers} | {kind} | {mode} | " + " | ".join(cells) + " |", flush=True)
             continue
         cases = [("train", mode) for mode in ("s2ef", "full", "partial")] + [("infer", "s2ef")]

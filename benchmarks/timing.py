@@ -9,8 +9,9 @@ from collections.abc import Callable, Mapping
 import torch
 
 
-def interleaved_medians(steps: Mapping[str, Callable[[int], None]], repeats: int, device: str,
-                        warmup: int = 2) -> dict[str, float]:
+def interleaved_medians(
+    steps: Mapping[str, Callable[[int], None]], repeats: int, device: str, warmup: int = 2
+) -> dict[str, float]:
     """Median seconds of each ``step(index)``, the steps run in turn for each index so machine noise
     hits all alike; the first ``warmup`` rounds are not counted."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)

@@ -31,17 +31,36 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # config, extra flags (the port refuses keys it does not know)
     "plain EquiformerV2 (equiformerv2_forces)": (configs_dir() / "quickstart" / "eqv2_tiny.yml", []),
     "fairchem DeNS port (equiformerv2_dens)": (ROOT / "tests" / "data" / "fairchem_port_dens.yml", []),
-    "ours (DeNSTrainer)": (configs_dir() / "quickstart" / "eqv2_dens_tiny.yml",
-                           ["--optim.denoising_pos_params.validate_denoising=False"]),
+    "ours (DeNSTrainer)": (
+        configs_dir() / "quickstart" / "eqv2_dens_tiny.yml",
+        ["--optim.denoising_pos_params.validate_denoising=False"],
+    ),
 }
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) .*\bloss: .*\bstep: ([0-9.e+]+)")
 
 
 def one_run(config: Path, extra: list[str], data: dict, run_dir: Path, epochs: int, seed: int) -> dict:
-    command = [*fairchem_command(), "--mode", "train", "--config-yml", str(config), "--cpu", "--run-dir", str(run_dir),
-               "--timestamp-id", "run", "--seed", str(seed), "--print-every", "1", f"--optim.max_epochs={epochs}",
-               "--optim.eval_every=100000", "--optim.batch_size=4", *extra,
-               *[f"--dataset.{split}.src={data[split]}" for split in ("train", "val", "test")]]
+    command = [
+        *fairchem_command(),
+        "--mode",
+        "train",
+        "--config-yml",
+        str(config),
+        "--cpu",
+        "--run-dir",
+        str(run_dir),
+        "--timestamp-id",
+        "run",
+        "--seed",
+        str(seed),
+        "--print-every",
+        "1",
+        f"--optim.max_epochs={epochs}",
+        "--optim.eval_every=100000",
+        "--optim.batch_size=4",
+        *extra,
+        *[f"--dataset.{split}.src={data[split]}" for split in ("train", "val", "test")],
+    ]
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "train.log"
     with open(log, "w") as handle:
@@ -49,8 +68,11 @@ def one_run(config: Path, extra: list[str], data: dict, run_dir: Path, epochs: i
         _, status, usage = os.wait4(process.pid, 0)
     if status != 0:
         raise RuntimeError(f"{' '.join(command)} failed; see {log}")
-    steps = [(datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"), float(m.group(2)))
-             for m in map(STAMP.match, log.read_text().splitlines()) if m]
+    steps = [
+        (datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"), float(m.group(2)))
+        for m in map(STAMP.match, log.read_text().splitlines())
+        if m
+    ]
     (t0, s0), (t1, s1) = steps[0], steps[-1]
     return {"steps_per_s": (s1 - s0) / max((t1 - t0).total_seconds(), 1e-9), "peak_rss_mib": usage.ru_maxrss / 1024}
 
@@ -66,9 +88,13 @@ def main() -> None:
     data = {s: data_dir / s for s in ("train", "val", "test")}
     if not (data_dir / "dataset.json").exists():
         generate_emt_dataset(data_dir, n_systems=args.systems, seed=0)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    print(f"# {time.strftime('%Y-%m-%d')} commit {commit}, {os.cpu_count()} CPUs, batch 4 structures, "
-          f"{args.epochs} epochs, {args.repeats} interleaved repeats")
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    print(
+        f"# {time.strftime('%Y-%m-%d')} commit {commit}, {os.cpu_count()} CPUs, batch 4 structures, "
+        f"{args.epochs} epochs, {args.repeats} interleaved repeats"
+    )
     results = {name: [] for name in VARIANTS}
     for repeat in range(args.repeats):
         for index, (name, (config, extra)) in enumerate(VARIANTS.items()):

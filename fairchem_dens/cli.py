@@ -17,8 +17,9 @@ def _quickstart(args: argparse.Namespace) -> int:
     from fairchem_dens.quickstart import run_quickstart
 
     try:
-        run_quickstart(Path(args.workdir), epochs=args.epochs, n_train=args.frames, seeds=tuple(args.seeds),
-                       jobs=args.jobs)
+        run_quickstart(
+            Path(args.workdir), epochs=args.epochs, n_train=args.frames, seeds=tuple(args.seeds), jobs=args.jobs
+        )
     except ValueError as error:
         print(f"fairchem-dens quickstart: {error}", file=sys.stderr)
         return 2
@@ -29,8 +30,7 @@ def _quickstart2(args: argparse.Namespace) -> int:
     from fairchem_dens.fairchem2.quickstart import run_quickstart2
 
     try:
-        run_quickstart2(Path(args.workdir), head=args.head, seeds=tuple(args.seeds), epochs=args.epochs,
-                        jobs=args.jobs)
+        run_quickstart2(Path(args.workdir), head=args.head, seeds=tuple(args.seeds), epochs=args.epochs, jobs=args.jobs)
     except ValueError as error:
         print(f"fairchem-dens quickstart2: {error}", file=sys.stderr)
         return 2
@@ -47,8 +47,10 @@ def _configs(args: argparse.Namespace) -> int:
         target = copy_configs(Path(args.copy), overwrite=args.overwrite)
     except FileExistsError as error:
         raise SystemExit(f"configs: {error}") from error
-    print(f"copied the shipped configs to {target}; e.g. fairchem --mode train --config-yml "
-          f"{target / 'quickstart' / 'eqv2_dens_tiny.yml'} --cpu")
+    print(
+        f"copied the shipped configs to {target}; e.g. fairchem --mode train --config-yml "
+        f"{target / 'quickstart' / 'eqv2_dens_tiny.yml'} --cpu"
+    )
     return 0
 
 
@@ -61,7 +63,10 @@ def _make_emt_data(args: argparse.Namespace) -> int:
 
         try:
             layouts = generate_bulk_dataset(
-                out, families_per_metal=args.families, md_frames=args.md_frames, seed=args.seed,
+                out,
+                families_per_metal=args.families,
+                md_frames=args.md_frames,
+                seed=args.seed,
                 layouts=tuple(args.layout or LAYOUTS),
             )
         except ValueError as error:
@@ -72,9 +77,7 @@ def _make_emt_data(args: argparse.Namespace) -> int:
         return 0
     from fairchem_dens.datasets.emt_data import generate_emt_dataset
 
-    folders = generate_emt_dataset(
-        out, n_systems=args.systems, seed=args.seed, holdout_adsorbate=args.holdout
-    )
+    folders = generate_emt_dataset(out, n_systems=args.systems, seed=args.seed, holdout_adsorbate=args.holdout)
     for split, folder in folders.items():
         print(f"{split}: {folder}")
     return 0
@@ -85,7 +88,9 @@ def _convert_checkpoint(args: argparse.Namespace) -> int:
     from fairchem_dens.models.convert_original import convert_original_checkpoint
 
     converted, target = _convert_file(
-        args, "convert-checkpoint", "the original is kept",
+        args,
+        "convert-checkpoint",
+        "the original is kept",
         lambda source: convert_original_checkpoint(read_checkpoint(source, allow_pickle=args.allow_pickle)),
     )
     backbone = converted["config"]["model"]["backbone"]["model"]
@@ -98,12 +103,16 @@ def _to_conservative(args: argparse.Namespace) -> int:
     from fairchem_dens.models.to_conservative import conservative_finetune_checkpoint
 
     converted, target = _convert_file(
-        args, "to-conservative", "the direct checkpoint is kept",
+        args,
+        "to-conservative",
+        "the direct checkpoint is kept",
         lambda source: conservative_finetune_checkpoint(read_checkpoint(source), use_ema=not args.no_ema),
     )
-    print(f"wrote {target}: fairchem eSEN_Backbone + MLP_EFS_Head, {len(converted['state_dict'])} tensors "
-          f"({'EMA' if converted['config']['converted_from']['ema'] else 'raw'} weights); fine-tune with "
-          f"`fairchem --mode train --config-yml CONSERVATIVE.yml --checkpoint {target}`")
+    print(
+        f"wrote {target}: fairchem eSEN_Backbone + MLP_EFS_Head, {len(converted['state_dict'])} tensors "
+        f"({'EMA' if converted['config']['converted_from']['ema'] else 'raw'} weights); fine-tune with "
+        f"`fairchem --mode train --config-yml CONSERVATIVE.yml --checkpoint {target}`"
+    )
     return 0
 
 
@@ -145,8 +154,12 @@ def _fit_element_references(args: argparse.Namespace) -> int:
     from fairchem_dens.datasets.references import fit_element_references
 
     path = fit_element_references(
-        args.train, Path(args.output), dataset_format=args.format, batch_size=args.batch_size,
-        num_batches=args.num_batches, overwrite=args.overwrite,
+        args.train,
+        Path(args.output),
+        dataset_format=args.format,
+        batch_size=args.batch_size,
+        num_batches=args.num_batches,
+        overwrite=args.overwrite,
     )
     print(f"wrote {path}; use it as dataset.train.transforms.element_references.energy.file")
     return 0
@@ -159,8 +172,15 @@ def _make_submission(args: argparse.Namespace) -> int:
     splits = {s: getattr(args, s) for s in ("id", "ood_ads", "ood_cat", "ood_both", "ood") if getattr(args, s)}
     try:
         path = build_submission(
-            args.task, args.dataset, splits, args.out, checkpoint=args.checkpoint, config=args.config,
-            allow_total_energy=args.allow_total_energy, strict_counts=args.strict_counts, overwrite=args.overwrite,
+            args.task,
+            args.dataset,
+            splits,
+            args.out,
+            checkpoint=args.checkpoint,
+            config=args.config,
+            allow_total_energy=args.allow_total_energy,
+            strict_counts=args.strict_counts,
+            overwrite=args.overwrite,
         )
     except SubmissionError as error:
         raise SystemExit(f"make-submission: {error}") from error
@@ -173,9 +193,16 @@ def _md17_to_lmdb(args: argparse.Namespace) -> int:
     from fairchem_dens.versions import FairchemVersionError
 
     try:
-        folders = convert_md17(Path(args.input), Path(args.out), n_train=args.train, n_val=args.val,
-                               seed=args.seed, molecule=args.molecule, overwrite=args.overwrite,
-                               aselmdb=args.aselmdb)
+        folders = convert_md17(
+            Path(args.input),
+            Path(args.out),
+            n_train=args.train,
+            n_val=args.val,
+            seed=args.seed,
+            molecule=args.molecule,
+            overwrite=args.overwrite,
+            aselmdb=args.aselmdb,
+        )
     except (MD17FormatError, FileExistsError, FileNotFoundError, FairchemVersionError) as error:
         raise SystemExit(f"md17-to-lmdb: {error}") from error
     for split, folder in folders.items():
@@ -198,16 +225,22 @@ def _make_xtb_md17(argv: list[str]) -> int:
 
 #: The fairchem-2 commands with a parser of their own: name -> (module with ``main(argv)``, help).
 OWN_PARSERS = {
-    "predict-s2ef": ("fairchem_dens.fairchem2.predict",
-                     "fairchem 2: S2EF predictions of an inference checkpoint on an ASE database, in the file "
-                     "layout make-submission reads (CHECKPOINT SRC --out FILE --task-name TASK)"),
-    "fit-normalizers": ("fairchem_dens.fairchem2.normalizers",
-                        "fairchem 2: the element references and target scale of a training split, printed as "
-                        "the overrides the bulk recipes take (SPLIT)"),
-    "finetune-config": ("fairchem_dens.fairchem2.finetune_config",
-                        "fairchem 2: write a DeNS fine-tuning config for a UMA / eSEN checkpoint and folders of ASE "
-                        "databases (--checkpoint CKPT --train DIR --val DIR --head direct|conservative "
-                        "[--dataset-name N] --out DIR)"),
+    "predict-s2ef": (
+        "fairchem_dens.fairchem2.predict",
+        "fairchem 2: S2EF predictions of an inference checkpoint on an ASE database, in the file "
+        "layout make-submission reads (CHECKPOINT SRC --out FILE --task-name TASK)",
+    ),
+    "fit-normalizers": (
+        "fairchem_dens.fairchem2.normalizers",
+        "fairchem 2: the element references and target scale of a training split, printed as "
+        "the overrides the bulk recipes take (SPLIT)",
+    ),
+    "finetune-config": (
+        "fairchem_dens.fairchem2.finetune_config",
+        "fairchem 2: write a DeNS fine-tuning config for a UMA / eSEN checkpoint and folders of ASE "
+        "databases (--checkpoint CKPT --train DIR --val DIR --head direct|conservative "
+        "[--dataset-name N] --out DIR)",
+    ),
 }
 
 
@@ -218,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick = commands.add_parser(
         "quickstart",
         help="train a small conservative eSEN with and without DeNS (the paper's MD17 settings) on the built-in "
-             "GFN2-xTB ethanol data and compare",
+        "GFN2-xTB ethanol data and compare",
     )
     quick.add_argument("--workdir", default="quickstart_output", help="output folder (default: %(default)s)")
     quick.add_argument("--epochs", type=int, default=10, help="training epochs (default: %(default)s)")
@@ -230,11 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     quick2 = commands.add_parser(
         "quickstart2",
         help="fairchem 2: train an eSCN-MD with and without DeNS on EMT bulk metals (energy, forces, stress) "
-             "through `fairchem -c` and compare",
+        "through `fairchem -c` and compare",
     )
     quick2.add_argument("--workdir", default="quickstart2_output", help="output folder (default: %(default)s)")
-    quick2.add_argument("--head", choices=("direct", "conservative"), default="direct",
-                        help="bulk_direct.yml or bulk_conservative.yml (default: %(default)s)")
+    quick2.add_argument(
+        "--head",
+        choices=("direct", "conservative"),
+        default="direct",
+        help="bulk_direct.yml or bulk_conservative.yml (default: %(default)s)",
+    )
     quick2.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's)")
     quick2.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (default: 0 1)")
     quick2.add_argument("--jobs", type=int, default=None, help="runs at a time (default: 2 on 2+ cores)")
@@ -243,22 +280,36 @@ def build_parser() -> argparse.ArgumentParser:
     configs = commands.add_parser(
         "configs", help="print where the shipped configs are, or copy them (--copy DIR) to run or edit them"
     )
-    configs.add_argument("--copy", metavar="DIR", default=None,
-                         help="copy the configs tree to DIR (e.g. `--copy configs` for the documented commands)")
+    configs.add_argument(
+        "--copy",
+        metavar="DIR",
+        default=None,
+        help="copy the configs tree to DIR (e.g. `--copy configs` for the documented commands)",
+    )
     configs.add_argument("--overwrite", action="store_true", help="with --copy: replace configs already in DIR")
     configs.set_defaults(func=_configs)
 
-    emt = commands.add_parser("make-emt-data", help="write the EMT example data (OC20-like slabs, or --bulk) as fairchem datasets")
+    emt = commands.add_parser(
+        "make-emt-data", help="write the EMT example data (OC20-like slabs, or --bulk) as fairchem datasets"
+    )
     emt.add_argument("out", help="output folder (one sub-folder per split)")
     emt.add_argument("--systems", type=int, default=24)
     emt.add_argument("--seed", type=int, default=0)
     emt.add_argument("--holdout", default="OH", help="adsorbate kept out of training for an 'ood' split")
-    emt.add_argument("--bulk", action="store_true",
-                     help="bulk fcc metals with energy, forces and stress instead (aselmdb/ and lmdb/ layouts)")
+    emt.add_argument(
+        "--bulk",
+        action="store_true",
+        help="bulk fcc metals with energy, forces and stress instead (aselmdb/ and lmdb/ layouts)",
+    )
     emt.add_argument("--families", type=int, default=6, help="--bulk: strained supercells per metal")
     emt.add_argument("--md-frames", type=int, default=4, help="--bulk: MD frames per supercell")
-    emt.add_argument("--layout", action="append", choices=("aselmdb", "lmdb"), default=None,
-                     help="--bulk: write only this layout (repeatable; default both; lmdb needs fairchem 1.x)")
+    emt.add_argument(
+        "--layout",
+        action="append",
+        choices=("aselmdb", "lmdb"),
+        default=None,
+        help="--bulk: write only this layout (repeatable; default both; lmdb needs fairchem 1.x)",
+    )
     emt.add_argument("--overwrite", action="store_true", help="replace the data set in a non-empty OUT")
     emt.set_defaults(func=_make_emt_data)
     convert = commands.add_parser(
@@ -268,13 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("input", help="checkpoint written by the original implementation")
     convert.add_argument("output", help="where to write the converted checkpoint")
     convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    convert.add_argument("--allow-pickle", action="store_true",
-                         help="read files that torch.load(weights_only=True) refuses (trusted files only)")
+    convert.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read files that torch.load(weights_only=True) refuses (trusted files only)",
+    )
     convert.set_defaults(func=_convert_checkpoint)
     conservative = commands.add_parser(
         "to-conservative",
         help="two-step eSEN recipe: a direct DeNS eSEN checkpoint as fairchem's conservative eSEN "
-             "(backbone + energy head kept) to fine-tune without DeNS",
+        "(backbone + energy head kept) to fine-tune without DeNS",
     )
     conservative.add_argument("input", help="checkpoint of the direct DeNS pre-training (fairchem_dens.models.esen)")
     conservative.add_argument("output", help="checkpoint to start the conservative fine-tuning from")
@@ -284,14 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
     meta = commands.add_parser(
         "write-metadata",
         help="write the metadata.npz (atoms per entry) that fairchem's load balancing (optim.load_balancing: "
-             "atoms, in every shipped config) needs, for extxyz folders, ASE databases or LMDBs made elsewhere",
+        "atoms, in every shipped config) needs, for extxyz folders, ASE databases or LMDBs made elsewhere",
     )
     meta.add_argument("src", help="the dataset's src as the config gives it: a folder, or one .db/.aselmdb/.lmdb file")
-    meta.add_argument("--format", default=None,
-                      help="the config's dataset format (default: from the file names: ase_read_multi for "
-                           ".extxyz/.xyz/.traj, the ASE-database reader for .db/.aselmdb, lmdb for .lmdb)")
-    meta.add_argument("--pattern", default=None,
-                      help="ase_read_multi: the config's pattern (default: *.SUFFIX of the files found)")
+    meta.add_argument(
+        "--format",
+        default=None,
+        help="the config's dataset format (default: from the file names: ase_read_multi for "
+        ".extxyz/.xyz/.traj, the ASE-database reader for .db/.aselmdb, lmdb for .lmdb)",
+    )
+    meta.add_argument(
+        "--pattern", default=None, help="ase_read_multi: the config's pattern (default: *.SUFFIX of the files found)"
+    )
     meta.add_argument("--overwrite", action="store_true", help="replace an existing metadata.npz")
     meta.set_defaults(func=_write_metadata)
     refs = commands.add_parser(
@@ -330,19 +388,24 @@ def build_parser() -> argparse.ArgumentParser:
     md17.add_argument("--seed", type=int, default=1, help="numpy default_rng seed of the split (default: %(default)s)")
     md17.add_argument("--molecule", default=None)
     md17.add_argument("--overwrite", action="store_true")
-    md17.add_argument("--aselmdb", action="store_true",
-                      help="write each split as data.aselmdb (fairchem 2's ase_db format) instead of fairchem 1 LMDBs")
+    md17.add_argument(
+        "--aselmdb",
+        action="store_true",
+        help="write each split as data.aselmdb (fairchem 2's ase_db format) instead of fairchem 1 LMDBs",
+    )
     md17.set_defaults(func=_md17_to_lmdb)
     xtb = commands.add_parser(
-        "make-xtb-md17", add_help=False,
+        "make-xtb-md17",
+        add_help=False,
         help="GFN2-xTB (tblite) Langevin MD of a small molecule, written as an MD17 (sGDML) .npz "
-             "(MOLECULE OUT [--frames N] [--temperature K] [--stride S] [--seed N] [--overwrite])",
+        "(MOLECULE OUT [--frames N] [--temperature K] [--stride S] [--seed N] [--overwrite])",
     )
     xtb.add_argument("xtb_argv", nargs=argparse.REMAINDER)
     sub = commands.add_parser(
-        "submit", add_help=False,
+        "submit",
+        add_help=False,
         help="submit to SLURM as fairchem --submit does, CPU jobs included (never runs here): "
-             "fairchem-dens submit --mode train --config-yml CFG [--cpu] [--num-gpus N] [--slurm-*]",
+        "fairchem-dens submit --mode train --config-yml CFG [--cpu] [--num-gpus N] [--slurm-*]",
     )
     sub.add_argument("fairchem_args", nargs=argparse.REMAINDER)
     for name, (_, usage) in OWN_PARSERS.items():

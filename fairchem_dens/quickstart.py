@@ -31,8 +31,18 @@ import numpy as np
 
 from fairchem_dens.resources import configs_dir, example_trajectory
 
-__all__ = ["QuickstartRun", "run_quickstart", "train_and_test", "run_logged", "fairchem_command",
-           "prediction_errors", "split_frames", "null_model_errors", "warmup_override", "plot_validation_curves"]
+__all__ = [
+    "QuickstartRun",
+    "run_quickstart",
+    "train_and_test",
+    "run_logged",
+    "fairchem_command",
+    "prediction_errors",
+    "split_frames",
+    "null_model_errors",
+    "warmup_override",
+    "plot_validation_curves",
+]
 
 RECIPE = "md17/esen/paper_md17_conservative.yml"
 #: Variant -> (label, fairchem overrides of the recipe, which trains with DeNS).
@@ -106,8 +116,14 @@ class _Fairchem1Progress:
         return summary
 
 
-def run_logged(command: list[str], log_path: Path, cwd: Path, label: str | None = None,
-               threads: int | None = None, progress: Callable[[str], str | None] | None = None) -> float:
+def run_logged(
+    command: list[str],
+    log_path: Path,
+    cwd: Path,
+    label: str | None = None,
+    threads: int | None = None,
+    progress: Callable[[str], str | None] | None = None,
+) -> float:
     """Runs a command into a log; with a label, echoes its validation lines and errors.
 
     ``progress`` turns a log line into the summary to echo, or None (default: fairchem 1's validation lines).
@@ -117,9 +133,12 @@ def run_logged(command: list[str], log_path: Path, cwd: Path, label: str | None 
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     progress = progress or _Fairchem1Progress()
-    with open(log_path, "w") as log, subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env
-    ) as process:
+    with (
+        open(log_path, "w") as log,
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env
+        ) as process,
+    ):
         for line in process.stdout:
             log.write(line)
             if label is None:
@@ -185,26 +204,71 @@ def train_and_test(
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     steps_per_epoch = -(-n_train // BATCH_SIZE)
-    common = ["--config-yml", str(config), "--cpu", "--run-dir", str(run_dir), "--seed", str(seed),
-              f"--optim.max_epochs={epochs}", f"--dataset.train.src={data / 'train'}",
-              f"--dataset.train.first_n={n_train}", f"--dataset.val.src={data / 'val'}",
-              f"--dataset.val.first_n={split_frames(data / 'val')}", *overrides]
+    common = [
+        "--config-yml",
+        str(config),
+        "--cpu",
+        "--run-dir",
+        str(run_dir),
+        "--seed",
+        str(seed),
+        f"--optim.max_epochs={epochs}",
+        f"--dataset.train.src={data / 'train'}",
+        f"--dataset.train.first_n={n_train}",
+        f"--dataset.val.src={data / 'val'}",
+        f"--dataset.val.first_n={split_frames(data / 'val')}",
+        *overrides,
+    ]
     # fairchem predicts the whole test split at every new best validation score; a one-batch
     # test split keeps that cheap, the real test split is predicted once below.
-    seconds = run_logged([*fairchem_command(), "--mode", "train", "--timestamp-id", "train", *common,
-                    f"--print-every={steps_per_epoch}", f"--optim.eval_every={eval_every_epochs * steps_per_epoch}",
-                    f"--dataset.test.src={data / 'test'}", "--dataset.test.first_n=8",
-                    *(["--checkpoint", str(start_checkpoint)] if start_checkpoint else [])],
-                   run_dir / "train.log", run_dir, label, threads)
+    seconds = run_logged(
+        [
+            *fairchem_command(),
+            "--mode",
+            "train",
+            "--timestamp-id",
+            "train",
+            *common,
+            f"--print-every={steps_per_epoch}",
+            f"--optim.eval_every={eval_every_epochs * steps_per_epoch}",
+            f"--dataset.test.src={data / 'test'}",
+            "--dataset.test.first_n=8",
+            *(["--checkpoint", str(start_checkpoint)] if start_checkpoint else []),
+        ],
+        run_dir / "train.log",
+        run_dir,
+        label,
+        threads,
+    )
     checkpoint = run_dir / "checkpoints" / "train" / "best_checkpoint.pt"
     if not checkpoint.exists():  # no validation ran (fewer epochs than eval_every_epochs)
         checkpoint = checkpoint.with_name("checkpoint.pt")
-    run_logged([*fairchem_command(), "--mode", "predict", "--timestamp-id", "predict", "--checkpoint", str(checkpoint),
-          *common, f"--dataset.test.src={data / 'test'}", f"--dataset.test.first_n={split_frames(data / 'test')}"],
-         run_dir / "predict.log", run_dir, None, threads)
+    run_logged(
+        [
+            *fairchem_command(),
+            "--mode",
+            "predict",
+            "--timestamp-id",
+            "predict",
+            "--checkpoint",
+            str(checkpoint),
+            *common,
+            f"--dataset.test.src={data / 'test'}",
+            f"--dataset.test.first_n={split_frames(data / 'test')}",
+        ],
+        run_dir / "predict.log",
+        run_dir,
+        None,
+        threads,
+    )
     energy, force = prediction_errors(run_dir / "results" / "predict" / "s2ef_predictions.npz", data / "test")
-    return {"train_seconds": seconds, "test_energy_meV": energy, "test_force_meV_per_A": force,
-            "checkpoint": str(checkpoint), **parse_curves(run_dir / "train.log")}
+    return {
+        "train_seconds": seconds,
+        "test_energy_meV": energy,
+        "test_force_meV_per_A": force,
+        "checkpoint": str(checkpoint),
+        **parse_curves(run_dir / "train.log"),
+    }
 
 
 def _load_split(folder: Path, first_n: int | None = None) -> dict[str, tuple[float, np.ndarray]]:
@@ -227,8 +291,10 @@ def null_model_errors(data: Path, first_n: int | None = None) -> dict[str, float
     with _READ_LOCK:
         reference = _load_split(data / "test", first_n)
     mean_energy = json.loads((data / "md17_info.json").read_text())["train_statistics"]["energy_mean"]
-    return {"energy_meV": 1000.0 * float(np.mean([abs(e - mean_energy) for e, _ in reference.values()])),
-            "force_meV_per_A": 1000.0 * float(np.mean(np.concatenate([np.abs(f).ravel() for _, f in reference.values()])))}
+    return {
+        "energy_meV": 1000.0 * float(np.mean([abs(e - mean_energy) for e, _ in reference.values()])),
+        "force_meV_per_A": 1000.0 * float(np.mean(np.concatenate([np.abs(f).ravel() for _, f in reference.values()]))),
+    }
 
 
 def prediction_errors(predictions: Path, split_folder: Path, first_n: int | None = None) -> tuple[float, float]:
@@ -283,11 +349,15 @@ def run_quickstart(
     """
     from fairchem_dens.datasets.md17 import convert_md17
 
-    for name, value, low, high in (("--frames", n_train, 1, EXAMPLE_TRAIN_FRAMES), ("--epochs", epochs, 1, None),
-                                   ("--jobs", jobs, 1, None)):
+    for name, value, low, high in (
+        ("--frames", n_train, 1, EXAMPLE_TRAIN_FRAMES),
+        ("--epochs", epochs, 1, None),
+        ("--jobs", jobs, 1, None),
+    ):
         if value is not None and (value < low or (high is not None and value > high)):
-            raise ValueError(f"{name} must be at least {low}" + (f" and at most {high}" if high else "")
-                             + f", got {value}")
+            raise ValueError(
+                f"{name} must be at least {low}" + (f" and at most {high}" if high else "") + f", got {value}"
+            )
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds must name one or more different seeds, got {list(seeds)}")
 
@@ -295,29 +365,47 @@ def run_quickstart(
     data = workdir / "data"
     if not (data / "md17_info.json").exists():
         if data.exists():  # the converter refuses to replace a folder: say which and what to do
-            raise ValueError(f"{data} exists but is not the quickstart's data (no md17_info.json): "
-                             "choose another --workdir, or move that folder away")
-        print(f"Converting {example_trajectory().name} into {data} ({EXAMPLE_TRAIN_FRAMES} training frames) ...",
-              flush=True)
+            raise ValueError(
+                f"{data} exists but is not the quickstart's data (no md17_info.json): "
+                "choose another --workdir, or move that folder away"
+            )
+        print(
+            f"Converting {example_trajectory().name} into {data} ({EXAMPLE_TRAIN_FRAMES} training frames) ...",
+            flush=True,
+        )
         convert_md17(example_trajectory(), data, n_train=EXAMPLE_TRAIN_FRAMES, molecule="ethanol")
     cores = os.cpu_count() or 1
     jobs = jobs or max(1, min(2, cores))
     threads = max(1, cores // jobs)
     config = configs_dir() / RECIPE
     plan = [(seed, variant) for seed in seeds for variant in VARIANTS]
-    print(f"Training {len(plan)} runs ({', '.join(VARIANTS)} x seeds {', '.join(map(str, seeds))}; {n_train} "
-          f"frames, {epochs} epochs), {jobs} at a time with {threads} thread(s) each; logs in {workdir / 'runs'}",
-          flush=True)
+    print(
+        f"Training {len(plan)} runs ({', '.join(VARIANTS)} x seeds {', '.join(map(str, seeds))}; {n_train} "
+        f"frames, {epochs} epochs), {jobs} at a time with {threads} thread(s) each; logs in {workdir / 'runs'}",
+        flush=True,
+    )
 
     def one(seed_variant):
         seed, variant = seed_variant
         label = f"{variant} seed {seed}"
-        scores = train_and_test(config, workdir / "runs" / f"{variant}-seed{seed}", data, n_train=n_train,
-                                seed=seed, epochs=epochs, overrides=[*VARIANTS[variant][1], *warmup_override(epochs)],
-                                eval_every_epochs=1, label=label, threads=threads)
+        scores = train_and_test(
+            config,
+            workdir / "runs" / f"{variant}-seed{seed}",
+            data,
+            n_train=n_train,
+            seed=seed,
+            epochs=epochs,
+            overrides=[*VARIANTS[variant][1], *warmup_override(epochs)],
+            eval_every_epochs=1,
+            label=label,
+            threads=threads,
+        )
         with _PRINT_LOCK:
-            print(f"  [{label}] done in {scores['train_seconds']:.0f} s: test F MAE "
-                  f"{scores['test_force_meV_per_A']:.1f} meV/Å", flush=True)
+            print(
+                f"  [{label}] done in {scores['train_seconds']:.0f} s: test F MAE "
+                f"{scores['test_force_meV_per_A']:.1f} meV/Å",
+                flush=True,
+            )
         return QuickstartRun(variant, seed, scores)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -326,8 +414,9 @@ def run_quickstart(
     return runs
 
 
-def plot_validation_curves(curves: list[tuple[str, int, str, list]], path: Path, *, ylabel: str,
-                           title: str) -> Path | None:
+def plot_validation_curves(
+    curves: list[tuple[str, int, str, list]], path: Path, *, ylabel: str, title: str
+) -> Path | None:
     """A log-scale plot of validation curves, one line per ``(variant, seed, label, [(epoch, value)])``:
     DeNS runs orange, plain ones blue, one line style per seed. None where matplotlib is missing."""
     try:
@@ -343,8 +432,14 @@ def plot_validation_curves(curves: list[tuple[str, int, str, list]], path: Path,
     for variant, seed, label, points in curves:
         if points:
             epochs, values = zip(*points)
-            ax.plot(epochs, values, color="C1" if variant == "dens" else "C0", alpha=0.8,
-                    linestyle=("-", "--", ":", "-.")[seeds.index(seed) % 4], label=label)
+            ax.plot(
+                epochs,
+                values,
+                color="C1" if variant == "dens" else "C0",
+                alpha=0.8,
+                linestyle=("-", "--", ":", "-.")[seeds.index(seed) % 4],
+                label=label,
+            )
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.set_yscale("log")
@@ -361,38 +456,51 @@ def _report(runs: list[QuickstartRun], workdir: Path, n_train: int, epochs: int,
     by_seed = {(run.variant, run.seed): run for run in runs}
     seeds = sorted({run.seed for run in runs})
     width = 28
-    lines = [f"{'model':<{width}}{'seed':>6}{'F MAE test':>13}{'E MAE test':>13}{'train time':>12}",
-             f"{'':<{width}}{'':>6}{'(meV/Å)':>13}{'(meV)':>13}{'(s)':>12}",
-             f"{'learned nothing':<{width}}{'':>6}{null['force_meV_per_A']:>13.1f}{null['energy_meV']:>13.1f}"
-             f"{'':>12}"]
+    lines = [
+        f"{'model':<{width}}{'seed':>6}{'F MAE test':>13}{'E MAE test':>13}{'train time':>12}",
+        f"{'':<{width}}{'':>6}{'(meV/Å)':>13}{'(meV)':>13}{'(s)':>12}",
+        f"{'learned nothing':<{width}}{'':>6}{null['force_meV_per_A']:>13.1f}{null['energy_meV']:>13.1f}{'':>12}",
+    ]
     for variant, (label, _) in VARIANTS.items():
         for seed in seeds:
             run = by_seed[(variant, seed)]
-            lines.append(f"{label:<{width}}{seed:>6}{run.force:>13.1f}{run.scores['test_energy_meV']:>13.1f}"
-                         f"{run.scores['train_seconds']:>12.0f}")
+            lines.append(
+                f"{label:<{width}}{seed:>6}{run.force:>13.1f}{run.scores['test_energy_meV']:>13.1f}"
+                f"{run.scores['train_seconds']:>12.0f}"
+            )
     means = {variant: statistics.mean(by_seed[(variant, s)].force for s in seeds) for variant in VARIANTS}
-    energies = {variant: statistics.mean(by_seed[(variant, s)].scores["test_energy_meV"] for s in seeds)
-                for variant in VARIANTS}
+    energies = {
+        variant: statistics.mean(by_seed[(variant, s)].scores["test_energy_meV"] for s in seeds) for variant in VARIANTS
+    }
     ratios = [by_seed[("dens", s)].force / by_seed[("plain", s)].force for s in seeds]
     lines.append("")
-    lines.append(f"'learned nothing': the training-set mean energy and zero forces. Mean over seeds "
-                 f"{', '.join(map(str, seeds))}: test F MAE DeNS {means['dens']:.1f}, plain {means['plain']:.1f} "
-                 f"meV/Å; DeNS / plain = {means['dens'] / means['plain']:.3f} (per seed "
-                 f"{', '.join(f'{r:.3f}' for r in ratios)}); energy DeNS / plain = "
-                 f"{energies['dens'] / energies['plain']:.3f}")
+    lines.append(
+        f"'learned nothing': the training-set mean energy and zero forces. Mean over seeds "
+        f"{', '.join(map(str, seeds))}: test F MAE DeNS {means['dens']:.1f}, plain {means['plain']:.1f} "
+        f"meV/Å; DeNS / plain = {means['dens'] / means['plain']:.3f} (per seed "
+        f"{', '.join(f'{r:.3f}' for r in ratios)}); energy DeNS / plain = "
+        f"{energies['dens'] / energies['plain']:.3f}"
+    )
     table = "\n".join(lines)
     plot = plot_validation_curves(
-        [(run.variant, run.seed, f"{VARIANTS[run.variant][0]}, seed {run.seed}", run.scores["val_force"])
-         for run in runs],
-        workdir / "validation_curves.png", ylabel="validation force MAE (meV/Å, 50 frames)",
-        title="GFN2-xTB ethanol, conservative eSEN")
+        [
+            (run.variant, run.seed, f"{VARIANTS[run.variant][0]}, seed {run.seed}", run.scores["val_force"])
+            for run in runs
+        ],
+        workdir / "validation_curves.png",
+        ylabel="validation force MAE (meV/Å, 50 frames)",
+        title="GFN2-xTB ethanol, conservative eSEN",
+    )
     print("\n" + table)
-    print(f"test: 500 held-out frames of the same trajectory; training on {n_train} frames for {epochs} epochs. "
-          "The learning curves behind it: BENCHMARKS.md, \"The paper's MD17 regime\".")
+    print(
+        f"test: 500 held-out frames of the same trajectory; training on {n_train} frames for {epochs} epochs. "
+        'The learning curves behind it: BENCHMARKS.md, "The paper\'s MD17 regime".'
+    )
     if plot:
         print(f"Validation curves: {plot}")
-    summary = {f"{run.variant}-seed{run.seed}": {"variant": run.variant, "seed": run.seed, **run.scores}
-               for run in runs}
+    summary = {
+        f"{run.variant}-seed{run.seed}": {"variant": run.variant, "seed": run.seed, **run.scores} for run in runs
+    }
     summary["mean_force_meV_per_A"] = means
     summary["mean_energy_meV"] = energies
     summary["learned_nothing"] = null

@@ -42,6 +42,5 @@ def copy_configs(destination: Path, overwrite: bool = False) -> Path:
     if destination.exists() and not overwrite:
         raise FileExistsError(f"{destination} exists; pass --overwrite to replace the configs in it")
     # Relative `includes:` stay valid because the tree is copied whole.
-    shutil.copytree(configs_dir(), destination, dirs_exist_ok=overwrite,
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(configs_dir(), destination, dirs_exist_ok=overwrite, ignore=shutil.ignore_patterns("__pycache__"))
     return destination

@@ -69,8 +69,16 @@ from torch.distributed.elastic.utils.distributed import get_free_port
 
 from fairchem_dens.errors import FairchemDensError
 
-__all__ = ["DeNSRunner", "SubmitError", "build_parser", "executor_parameters", "main", "missing_slurm_commands",
-           "runs_on_cpu", "submit"]
+__all__ = [
+    "DeNSRunner",
+    "SubmitError",
+    "build_parser",
+    "executor_parameters",
+    "main",
+    "missing_slurm_commands",
+    "runs_on_cpu",
+    "submit",
+]
 
 LOG_PREFIX = "fairchem_dens.slurm:"
 # How long a preemption/time-out signal may wait for the end of a training step.
@@ -152,8 +160,10 @@ def submit(args: argparse.Namespace, config: dict[str, Any]) -> list:
     except FailedJobError as error:  # its message is sbatch's stderr
         reason = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
         raise SubmitError(f"sbatch failed, nothing was submitted: {reason or 'no message'}") from error
-    logging.info(f"Submitted jobs: {', '.join([job.job_id for job in jobs])} (SLURM; job logs in "
-                 f"{executor.folder.parent}/<job id>/)")
+    logging.info(
+        f"Submitted jobs: {', '.join([job.job_id for job in jobs])} (SLURM; job logs in "
+        f"{executor.folder.parent}/<job id>/)"
+    )
     log_file = save_experiment_log(args, jobs, configs)
     logging.info(f"Experiment log saved to: {log_file}")
     return jobs
@@ -174,7 +184,9 @@ Every `fairchem` option is accepted; they are listed below."""
 def build_parser() -> argparse.ArgumentParser:
     """``fairchem-dens submit``'s parser: our description over fairchem's options."""
     return argparse.ArgumentParser(
-        prog="fairchem-dens submit", description=DESCRIPTION, parents=[flags.get_parser()],
+        prog="fairchem-dens submit",
+        description=DESCRIPTION,
+        parents=[flags.get_parser()],
         add_help=False,  # fairchem's parser brings -h/--help, which prints this parser's help
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -196,8 +208,10 @@ def _checked_request(argv: list[str] | None) -> tuple[argparse.Namespace, dict[s
     args, override_args = build_parser().parse_known_args(argv)
     args.submit = True
     if args.num_gpus < 1:
-        raise SubmitError("--num-gpus (ranks per node: GPUs, or processes with --cpu) must be at least 1, "
-                          f"got {args.num_gpus}", exit_code=2)
+        raise SubmitError(
+            f"--num-gpus (ranks per node: GPUs, or processes with --cpu) must be at least 1, got {args.num_gpus}",
+            exit_code=2,
+        )
     if not args.config_yml.exists():
         raise SubmitError(f"--config-yml {args.config_yml}: no such file", exit_code=2)
     try:
@@ -207,8 +221,10 @@ def _checked_request(argv: list[str] | None) -> tuple[argparse.Namespace, dict[s
         raise SubmitError(f"--config-yml {args.config_yml}: {reason}", exit_code=2) from error
     missing = missing_slurm_commands()
     if missing:
-        raise SubmitError(f"SLURM not found: no {' or '.join(missing)} on PATH; nothing was submitted or run. "
-                          "To train on this machine instead, run `fairchem` with the same arguments.")
+        raise SubmitError(
+            f"SLURM not found: no {' or '.join(missing)} on PATH; nothing was submitted or run. "
+            "To train on this machine instead, run `fairchem` with the same arguments."
+        )
     return args, config
 
 
@@ -271,8 +287,10 @@ class DeNSRunner(Runner):
             config["timestamp_id"] = trainer.timestamp_id
         if trainer is None or boundaries is None or boundaries.untouched():
             # Nothing trained in this job yet: run it again as it was.
-            logging.info(f"{LOG_PREFIX} interrupted before this job's first step; "
-                         f"requeued from {config.get('checkpoint') or 'the start'}")
+            logging.info(
+                f"{LOG_PREFIX} interrupted before this job's first step; "
+                f"requeued from {config.get('checkpoint') or 'the start'}"
+            )
             return DelayedSubmission(type(self)(), config)
         if trainer.logger is not None:
             trainer.logger.mark_preempting()
@@ -284,13 +302,17 @@ class DeNSRunner(Runner):
             # checkpoint on disk; the steps after it are trained again.
             if os.path.exists(self.task.chkpt_path):
                 config["checkpoint"] = self.task.chkpt_path
-            logging.warning(f"{LOG_PREFIX} preempted inside step {trainer.step}, which could not finish in time; "
-                            f"requeued from {config.get('checkpoint') or 'the start'}")
+            logging.warning(
+                f"{LOG_PREFIX} preempted inside step {trainer.step}, which could not finish in time; "
+                f"requeued from {config.get('checkpoint') or 'the start'}"
+            )
             return DelayedSubmission(type(self)(), config)
         epoch = _save_completed_step(trainer, step)
         config["checkpoint"] = self.task.chkpt_path
-        logging.info(f"{LOG_PREFIX} preempted; saved step {step} (epoch {epoch}) to "
-                     f"{config['checkpoint']}, timestamp_id {config['timestamp_id']}")
+        logging.info(
+            f"{LOG_PREFIX} preempted; saved step {step} (epoch {epoch}) to "
+            f"{config['checkpoint']}, timestamp_id {config['timestamp_id']}"
+        )
         return DelayedSubmission(type(self)(), config)
 
 
@@ -404,8 +426,10 @@ class _StepBoundaries:
             return
         self._submitit_handler = handler
         optimizer = self.trainer.optimizer
-        hooks = [optimizer.register_step_pre_hook(self._before_update),
-                 optimizer.register_step_post_hook(self._after_update)]
+        hooks = [
+            optimizer.register_step_pre_hook(self._before_update),
+            optimizer.register_step_post_hook(self._after_update),
+        ]
         signal.signal(signal.SIGUSR2, self._on_signal)
         try:
             yield
@@ -423,8 +447,10 @@ class _StepBoundaries:
         if self.overdue or self.untouched() or self.consistent_step() is not None:
             self._handle(signum, frame)
         elif self.pending is None:
-            logging.info(f"{LOG_PREFIX} {signal.Signals(signum).name} during step {self.trainer.step}: "
-                         "checkpointing when it is complete")
+            logging.info(
+                f"{LOG_PREFIX} {signal.Signals(signum).name} during step {self.trainer.step}: "
+                "checkpointing when it is complete"
+            )
             self.pending = signum
             self._timer = threading.Timer(HOLD_LIMIT_S, self._give_up_waiting, (signum,))
             self._timer.daemon = True

@@ -153,8 +153,15 @@ def build_submission(
     _validate_merged(task, dataset, merged, files)
 
     provenance = _provenance(
-        task, dataset, files, per_split, checkpoint, config_dict, config_source,
-        allow_total_energy, total_energy_reason,
+        task,
+        dataset,
+        files,
+        per_split,
+        checkpoint,
+        config_dict,
+        config_source,
+        allow_total_energy,
+        total_energy_reason,
     )
     _write_outputs(out, sidecar, merged, provenance, files, overwrite)
     return out
@@ -204,9 +211,7 @@ def validate_split(
     where = _Where(split, Path(path))
     missing = [key for key in TASK_KEYS[task] if key not in arrays]
     if missing:
-        raise SubmissionError(
-            f"{where}: missing key(s) {missing} for task {task} (has {sorted(arrays)})"
-        )
+        raise SubmissionError(f"{where}: missing key(s) {missing} for task {task} (has {sorted(arrays)})")
     out: dict[str, np.ndarray] = {}
     for key, value in arrays.items():
         _check_plain_dtype(where, key, value)
@@ -282,9 +287,7 @@ class _Where:
 def _read_npz(split: str, path: Path) -> dict[str, np.ndarray]:
     where = _Where(split, path)
     if path.is_dir():
-        raise SubmissionError(
-            f"{where}: is a directory; for relaxation trajectories use task 'is2re-relaxations'"
-        )
+        raise SubmissionError(f"{where}: is a directory; for relaxation trajectories use task 'is2re-relaxations'")
     if not path.is_file():
         raise SubmissionError(f"{where}: prediction file not found")
     try:
@@ -324,9 +327,7 @@ def _read_relaxations(dataset: str, split: str, folder: Path) -> dict[str, np.nd
         try:
             energy = ase.io.read(traj, "-1").get_potential_energy()
         except Exception as error:  # noqa: BLE001 - ASE raises many types for bad files
-            raise SubmissionError(
-                f"{where}, file {traj.name}: no energy in the last frame ({error})"
-            ) from error
+            raise SubmissionError(f"{where}, file {traj.name}: no energy in the last frame ({error})") from error
         ids.append(traj.stem)
         energies.append(energy)
     # OC22 wants float32; writing it directly avoids a pointless cast warning.
@@ -411,14 +412,10 @@ def _normalize_split_files(dataset: str, split_files: Mapping[str, str | Path]) 
     expected = SPLITS[dataset]
     unknown = sorted(set(given) - set(expected))
     if unknown:
-        raise SubmissionError(
-            f"unknown split(s) {unknown} for {dataset}; expected exactly {list(expected)}"
-        )
+        raise SubmissionError(f"unknown split(s) {unknown} for {dataset}; expected exactly {list(expected)}")
     missing = [split for split in expected if split not in given]
     if missing:
-        raise SubmissionError(
-            f"missing split(s) {missing} for {dataset}: the server needs all of {list(expected)}"
-        )
+        raise SubmissionError(f"missing split(s) {missing} for {dataset}: the server needs all of {list(expected)}")
     return {split: given[split] for split in expected}
 
 
@@ -446,9 +443,7 @@ def _check_ids(where: _Where, ids: np.ndarray) -> int:
     if ids.ndim != 1:
         raise SubmissionError(f"{where}, key 'ids': expected 1-D, got shape {ids.shape}")
     if ids.dtype.kind != "U":
-        raise SubmissionError(
-            f"{where}, key 'ids': expected a unicode string array, got dtype {ids.dtype}"
-        )
+        raise SubmissionError(f"{where}, key 'ids': expected a unicode string array, got dtype {ids.dtype}")
     if ids.size == 0:
         raise SubmissionError(f"{where}, key 'ids': no systems")
     if (np.char.str_len(ids) == 0).any():
@@ -456,9 +451,7 @@ def _check_ids(where: _Where, ids: np.ndarray) -> int:
     unique, counts = np.unique(ids, return_counts=True)
     if len(unique) != len(ids):
         dupes = unique[counts > 1]
-        raise SubmissionError(
-            f"{where}, key 'ids': {len(dupes)} duplicated id(s), e.g. {dupes[:3].tolist()}"
-        )
+        raise SubmissionError(f"{where}, key 'ids': {len(dupes)} duplicated id(s), e.g. {dupes[:3].tolist()}")
     return len(ids)
 
 
@@ -495,9 +488,7 @@ def _check_chunk_idx(
     if chunk_idx.dtype.kind not in "iu":
         raise SubmissionError(f"{where}, key {key!r}: expected integers, got dtype {chunk_idx.dtype}")
     if len(chunk_idx) != n - 1:
-        raise SubmissionError(
-            f"{where}, key {key!r}: length {len(chunk_idx)}, expected len(ids) - 1 = {n - 1}"
-        )
+        raise SubmissionError(f"{where}, key {key!r}: length {len(chunk_idx)}, expected len(ids) - 1 = {n - 1}")
     if atoms is None:
         raise SubmissionError(f"{where}, key {key!r}: no per-atom array {atom_key!r} to split")
     if chunk_idx.size:
@@ -505,8 +496,7 @@ def _check_chunk_idx(
             raise SubmissionError(f"{where}, key {key!r}: not non-decreasing from 0")
         if chunk_idx[-1] > len(atoms):
             raise SubmissionError(
-                f"{where}, key {key!r}: last index {int(chunk_idx[-1])} exceeds the "
-                f"{len(atoms)} rows of {atom_key!r}"
+                f"{where}, key {key!r}: last index {int(chunk_idx[-1])} exceeds the {len(atoms)} rows of {atom_key!r}"
             )
     # What the server does with it: split into one block per id, covering every row.
     sizes = np.diff(np.concatenate([[0], chunk_idx, [len(atoms)]]))
@@ -554,11 +544,12 @@ def _validate_merged(task: str, dataset: str, merged: Mapping[str, np.ndarray], 
     for split, path in files.items():
         prefix = f"{split}_"
         view = {
-            name[len(prefix):]: value for name, value in merged.items()
+            name[len(prefix) :]: value
+            for name, value in merged.items()
             # "ood_" would also match "ood_ads_*" etc.; exclude other splits' keys.
-            if name.startswith(prefix) and not any(
-                other != split and name.startswith(f"{other}_") and len(other) > len(split)
-                for other in SPLITS[dataset]
+            if name.startswith(prefix)
+            and not any(
+                other != split and name.startswith(f"{other}_") and len(other) > len(split) for other in SPLITS[dataset]
             )
         }
         validate_split(task, dataset, split, path, view)
@@ -579,7 +570,6 @@ def _refuse_existing(*paths: Path) -> None:
     for path in paths:
         if path.exists():
             raise SubmissionError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-
 
 
 def _input_hash(path: Path) -> str:

@@ -41,8 +41,7 @@ def require_fairchem(extra: str, what: str) -> None:
         installed = metadata.version("fairchem-core")
     except metadata.PackageNotFoundError as error:
         raise FairchemVersionError(
-            f"{what} needs fairchem-core=={required}, which is not installed: "
-            f"pip install 'fairchem-dens[{extra}]'"
+            f"{what} needs fairchem-core=={required}, which is not installed: pip install 'fairchem-dens[{extra}]'"
         ) from error
     if installed != required:
         raise FairchemVersionError(

@@ -62,4 +62,3 @@ def bulk_overrides(tmp_path_factory) -> list[str]:
 
     bulk = generate_bulk_dataset(tmp_path_factory.mktemp("bulk"), families_per_metal=2, md_frames=2, seed=2)
     return [f"--dataset.{split}.src={bulk['aselmdb'][split]}" for split in ("train", "val", "test")]
-

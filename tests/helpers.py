@@ -33,12 +33,26 @@ def data_overrides(emt_data) -> list[str]:
 
 
 #: CLI overrides shrinking an OC20 EquiformerV2 config to seconds per step on a CPU.
-TINY_EQV2_OVERRIDES = ["--model.backbone.num_layers=2", "--model.backbone.sphere_channels=16", "--model.backbone.attn_hidden_channels=16",
-                       "--model.backbone.num_heads=2", "--model.backbone.attn_alpha_channels=8", "--model.backbone.attn_value_channels=4",
-                       "--model.backbone.ffn_hidden_channels=16", "--model.backbone.lmax_list=[2]", "--model.backbone.mmax_list=[1]",
-                       "--model.backbone.grid_resolution=8", "--model.backbone.edge_channels=16", "--model.backbone.num_distance_basis=64",
-                       "--model.backbone.max_neighbors=12", "--model.backbone.max_radius=5.0", "--optim.batch_size=6",
-                       "--optim.num_workers=0", "--optim.scheduler_params.warmup_epochs=1", "--dataset.train.transforms.normalizer.energy.mean=0.0"]
+TINY_EQV2_OVERRIDES = [
+    "--model.backbone.num_layers=2",
+    "--model.backbone.sphere_channels=16",
+    "--model.backbone.attn_hidden_channels=16",
+    "--model.backbone.num_heads=2",
+    "--model.backbone.attn_alpha_channels=8",
+    "--model.backbone.attn_value_channels=4",
+    "--model.backbone.ffn_hidden_channels=16",
+    "--model.backbone.lmax_list=[2]",
+    "--model.backbone.mmax_list=[1]",
+    "--model.backbone.grid_resolution=8",
+    "--model.backbone.edge_channels=16",
+    "--model.backbone.num_distance_basis=64",
+    "--model.backbone.max_neighbors=12",
+    "--model.backbone.max_radius=5.0",
+    "--optim.batch_size=6",
+    "--optim.num_workers=0",
+    "--optim.scheduler_params.warmup_epochs=1",
+    "--dataset.train.transforms.normalizer.energy.mean=0.0",
+]
 
 
 # ------------------------------------------------------------ the original DeNS code's fixtures
@@ -93,7 +107,8 @@ def sphere_sample_scale(model, ref, mode="s2ef"):
 
     samples = []
     hook = model.output_heads["forces"].force_block.fc3.register_forward_hook(
-        lambda module, args, out: samples.append(float(out.abs().max())))
+        lambda module, args, out: samples.append(float(out.abs().max()))
+    )
     with torch.no_grad():
         forward_seeded(model, fixture_case(ref, mode), int(ref["forward_seed"]))
     hook.remove()
@@ -111,11 +126,20 @@ def fixture_lmdb(folder):
     entries = []
     for s, n in enumerate(tensors["natoms"].tolist()):
         atoms = slice(starts[s], starts[s] + n)
-        entries.append(Data(
-            pos=tensors["pos"][atoms], cell=tensors["cell"][s:s + 1], atomic_numbers=tensors["atomic_numbers"][atoms],
-            natoms=n, fixed=tensors["fixed"][atoms], tags=tensors["tags"][atoms], forces=tensors["forces"][atoms],
-            energy=float(tensors["energy"][s]), sid=int(tensors["sid"][s]), fid=int(tensors["fid"][s]),
-        ))
+        entries.append(
+            Data(
+                pos=tensors["pos"][atoms],
+                cell=tensors["cell"][s : s + 1],
+                atomic_numbers=tensors["atomic_numbers"][atoms],
+                natoms=n,
+                fixed=tensors["fixed"][atoms],
+                tags=tensors["tags"][atoms],
+                forces=tensors["forces"][atoms],
+                energy=float(tensors["energy"][s]),
+                sid=int(tensors["sid"][s]),
+                fid=int(tensors["fid"][s]),
+            )
+        )
     # py-lmdb refuses to open one file twice in a process: val and test get a copy each.
     for split in ("val", "test"):
         (folder / split).mkdir(parents=True)
@@ -134,20 +158,39 @@ def config_for(name, data_folder, path):
     config = {
         "trainer": "fairchem_dens.trainers.dens.DeNSTrainer",
         "model": original_model_config(family, kwargs),
-        "dataset": {"val": {"format": "lmdb", "src": str(data_folder / "val")},
-                    "test": {"format": "lmdb", "src": str(data_folder / "test")}},
-        "outputs": {"energy": {"level": "system"},
-                    "forces": {"level": "atom", "train_on_free_atoms": True, "eval_on_free_atoms": True}},
-        "loss_functions": [{"energy": {"fn": "mae", "coefficient": 2}}, {"forces": {"fn": "l2mae", "coefficient": 100}}],
+        "dataset": {
+            "val": {"format": "lmdb", "src": str(data_folder / "val")},
+            "test": {"format": "lmdb", "src": str(data_folder / "test")},
+        },
+        "outputs": {
+            "energy": {"level": "system"},
+            "forces": {"level": "atom", "train_on_free_atoms": True, "eval_on_free_atoms": True},
+        },
+        "loss_functions": [
+            {"energy": {"fn": "mae", "coefficient": 2}},
+            {"forces": {"fn": "l2mae", "coefficient": 100}},
+        ],
         "evaluation_metrics": {"primary_metric": "forces_mae", "metrics": {"energy": ["mae"], "forces": ["mae"]}},
         "task": {"prediction_dtype": "float32"},
         "logger": "tensorboard",
-        "optim": {"batch_size": 4, "eval_batch_size": 4, "num_workers": 0, "max_epochs": 1, "lr_initial": 1e-4,
-                  "ema_decay": 0.999, "use_denoising_pos": True, "scheduler": "LambdaLR",
-                  "scheduler_params": {"lambda_type": "cosine", "warmup_factor": 0.2, "warmup_epochs": 0.1,
-                                       "lr_min_factor": 0.01},
-                  "denoising_pos_params": {"prob": 0.5, "fixed_noise_std": True, "std": 0.1, "corrupt_ratio": 0.5},
-                  "denoising_pos_coefficient": 10},
+        "optim": {
+            "batch_size": 4,
+            "eval_batch_size": 4,
+            "num_workers": 0,
+            "max_epochs": 1,
+            "lr_initial": 1e-4,
+            "ema_decay": 0.999,
+            "use_denoising_pos": True,
+            "scheduler": "LambdaLR",
+            "scheduler_params": {
+                "lambda_type": "cosine",
+                "warmup_factor": 0.2,
+                "warmup_epochs": 0.1,
+                "lr_min_factor": 0.01,
+            },
+            "denoising_pos_params": {"prob": 0.5, "fixed_noise_std": True, "std": 0.1, "corrupt_ratio": 0.5},
+            "denoising_pos_coefficient": 10,
+        },
     }
     path.write_text(yaml.safe_dump(config))
     return path

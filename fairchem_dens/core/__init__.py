@@ -17,5 +17,12 @@ from fairchem_dens.core.corruption import Corruption, sample_corruption, step_ge
 from fairchem_dens.core.errors import DeNSConfigError, DeNSSetupError, NonFiniteLossError
 from fairchem_dens.core.settings import DeNSConfig
 
-__all__ = ["Corruption", "DeNSConfig", "DeNSConfigError", "DeNSSetupError", "NonFiniteLossError",
-           "sample_corruption", "step_generator"]
+__all__ = [
+    "Corruption",
+    "DeNSConfig",
+    "DeNSConfigError",
+    "DeNSSetupError",
+    "NonFiniteLossError",
+    "sample_corruption",
+    "step_generator",
+]

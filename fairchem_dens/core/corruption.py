@@ -67,9 +67,7 @@ def step_generator(seed: int, step: int, stream: int, rank: int = 0) -> torch.Ge
 
 def sigma_ladder(std_low: float, std_high: float, num_steps: int) -> torch.Tensor:
     """Geometric sigma ladder, both ends included (float32), as in the paper."""
-    return torch.exp(
-        torch.linspace(math.log(std_low), math.log(std_high), num_steps)
-    ).to(torch.float32)
+    return torch.exp(torch.linspace(math.log(std_low), math.log(std_high), num_steps)).to(torch.float32)
 
 
 def select_structures(
@@ -160,7 +158,9 @@ def skip_filter_values(
                 0, batch_index, forces.norm(dim=-1), reduce="amax", include_self=True
             )
         if config.max_mean_force_norm is not None:
-            values["max_mean_force_norm"] = torch.zeros(num_structures, 3).index_add_(0, batch_index, forces).norm(dim=-1)
+            values["max_mean_force_norm"] = (
+                torch.zeros(num_structures, 3).index_add_(0, batch_index, forces).norm(dim=-1)
+            )
     if config.max_stress_norm is not None:
         require_stress(config, stress, "the batch")
         values["max_stress_norm"] = stress.detach().cpu().float().reshape(num_structures, -1).norm(dim=-1)
@@ -203,7 +203,9 @@ def structures_over_ratio(
     return corrupted > config.strict_max_ratio * eligible_count
 
 
-def eligible_atoms(config: DeNSConfig, selected: torch.Tensor, batch_index: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+def eligible_atoms(
+    config: DeNSConfig, selected: torch.Tensor, batch_index: torch.Tensor, fixed: torch.Tensor
+) -> torch.Tensor:
     """Atoms of selected structures that may be corrupted: the free ones, or all with ``all_atoms``."""
     eligible = selected[batch_index]
     if not config.all_atoms:
@@ -300,9 +302,7 @@ def sample_corruption(
     fixed = fixed.cpu()
     if num_structures is None:
         num_structures = int(batch_index.max()) + 1 if batch_index.numel() else 0
-    selected = select_structures(
-        config, num_structures, decision_gen, None if md is None else md.cpu()
-    )
+    selected = select_structures(config, num_structures, decision_gen, None if md is None else md.cpu())
     selected = selected & structures_allowed(config, batch_index, num_structures, forces, stress)
     mask = corruption_mask(config, selected, batch_index, fixed, noise_gen)
     eligible = eligible_atoms(config, selected, batch_index, fixed)

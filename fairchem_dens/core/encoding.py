@@ -22,8 +22,12 @@ from e3nn import o3
 
 from fairchem_dens.core.errors import DeNSSetupError
 
-__all__ = ["KCAL_PER_MOL_PER_EV", "check_force_encoding_scale", "fold_force_encoding_bias",
-           "force_encoding_coefficients"]
+__all__ = [
+    "KCAL_PER_MOL_PER_EV",
+    "check_force_encoding_scale",
+    "fold_force_encoding_bias",
+    "force_encoding_coefficients",
+]
 
 #: 1 eV in kcal/mol (ASE's CODATA 2014 units: the factor `md17-to-lmdb` divides MD17's labels by).
 KCAL_PER_MOL_PER_EV = 23.060548012069496

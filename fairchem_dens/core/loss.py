@@ -95,8 +95,9 @@ def structure_rows(corrupted_structures: torch.Tensor, batch_index: torch.Tensor
     return corrupted_structures[batch_index] if level == "atom" else corrupted_structures
 
 
-def global_mean(weighted: torch.Tensor, reduction: Literal["mean", "sum"] = "mean",
-                ranks: Reduction = LOCAL) -> torch.Tensor:
+def global_mean(
+    weighted: torch.Tensor, reduction: Literal["mean", "sum"] = "mean", ranks: Reduction = LOCAL
+) -> torch.Tensor:
     """The mean of already weighted rows over every rank (or their local sum).
 
     A mean over zero rows on every rank is a zero that keeps the autograd graph.
@@ -110,8 +111,9 @@ def global_mean(weighted: torch.Tensor, reduction: Literal["mean", "sum"] = "mea
     return total * ranks.world_size / count
 
 
-def per_structure_mean(weighted: torch.Tensor, structure: torch.Tensor, num_structures: int,
-                       ranks: Reduction = LOCAL) -> torch.Tensor:
+def per_structure_mean(
+    weighted: torch.Tensor, structure: torch.Tensor, num_structures: int, ranks: Reduction = LOCAL
+) -> torch.Tensor:
     """The mean over structures of each structure's mean row, over every rank.
 
     Args:
@@ -194,8 +196,10 @@ def output_loss(
         def reduce(mask: torch.Tensor) -> torch.Tensor:
             return per_structure_mean(weighted[mask], structure.to(device)[mask], num_structures, ranks)
     else:
+
         def reduce(mask: torch.Tensor) -> torch.Tensor:
             return global_mean(weighted[mask], reduction, ranks)
+
     if role == REPLACED and loss_form == "separate_means":
         # Split in S2EF batches too, so every rank makes the same collectives whatever its batch.
         return reduce(rows & corrupted) + reduce(rows & ~corrupted)

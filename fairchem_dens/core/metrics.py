@@ -83,8 +83,10 @@ def aggregate(metrics: Mapping[str, Any], keys: Iterable[str], ranks: Reduction 
     with nothing counted on any rank is dropped everywhere.
     """
     keys = list(keys)
-    local = torch.tensor([[float(metrics.get(k, {}).get("total", 0.0)), float(metrics.get(k, {}).get("numel", 0))]
-                          for k in keys], dtype=torch.float64).view(-1, 2)
+    local = torch.tensor(
+        [[float(metrics.get(k, {}).get("total", 0.0)), float(metrics.get(k, {}).get("numel", 0))] for k in keys],
+        dtype=torch.float64,
+    ).view(-1, 2)
     summed = ranks.sum_over_ranks(local)
     aggregated = {}
     for key, (total, numel) in zip(keys, summed.tolist()):

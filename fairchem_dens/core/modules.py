@@ -18,7 +18,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["DENS_BACKBONE_KEYWORDS", "EDGE_INPUTS", "NOISE_HEADS", "BatchDuringForward", "check_noise_head", "l1_vectors", "zero_weight"]
+__all__ = [
+    "DENS_BACKBONE_KEYWORDS",
+    "EDGE_INPUTS",
+    "NOISE_HEADS",
+    "BatchDuringForward",
+    "check_noise_head",
+    "l1_vectors",
+    "zero_weight",
+]
 
 #: Keywords of our DeNS backbones that fairchem's plain backbones do not take (dropped when a
 #: checkpoint is turned into a plain fairchem one).

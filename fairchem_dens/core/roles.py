@@ -23,8 +23,17 @@ from typing import Any, Mapping
 
 from fairchem_dens.core.errors import DeNSConfigError
 
-__all__ = ["ENERGY", "FORCES", "STRESS", "GRADIENT_OUTPUTS", "ORIGINAL", "REPLACED", "EXCLUDED", "ROLES",
-           "output_roles"]
+__all__ = [
+    "ENERGY",
+    "FORCES",
+    "STRESS",
+    "GRADIENT_OUTPUTS",
+    "ORIGINAL",
+    "REPLACED",
+    "EXCLUDED",
+    "ROLES",
+    "output_roles",
+]
 
 ENERGY = "energy"
 #: The output that holds the noise prediction on corrupted atoms.

@@ -126,7 +126,6 @@ class DeNSConfig:
     coefficient_min_factor: float = 0.0
     loss_form: Literal["hybrid", "separate_means"] = "hybrid"
 
-
     @classmethod
     def from_optim(cls, optim: dict[str, Any], section: str = "optim", only_dens_keys: bool = False) -> DeNSConfig:
         """Reads and validates the DeNS keys of a fairchem ``optim`` block.
@@ -161,9 +160,7 @@ class DeNSConfig:
             )
         enabled = optim["use_denoising_pos"]
         if not isinstance(enabled, bool):
-            raise DeNSConfigError(
-                f"optim.use_denoising_pos must be true or false, got {enabled!r}"
-            )
+            raise DeNSConfigError(f"optim.use_denoising_pos must be true or false, got {enabled!r}")
         params = optim.get("denoising_pos_params")
         if params is None:
             if enabled:
@@ -173,16 +170,15 @@ class DeNSConfig:
                 )
             params = {"prob": 0.0, "fixed_noise_std": True, "std": 1.0}
         if not isinstance(params, dict):
-            raise DeNSConfigError(
-                f"optim.denoising_pos_params must be a mapping, got {type(params).__name__}"
-            )
+            raise DeNSConfigError(f"optim.denoising_pos_params must be a mapping, got {type(params).__name__}")
         params = {k: _none_if_null(v) for k, v in params.items()}
-        _refuse_unknown_keys([k for k in params if k not in (*param_keys(), "denoising_pos_coefficient")],
-                             param_keys(), "optim.denoising_pos_params")
-        # The sibling key wins over a same-named field inside the params (as in both peers).
-        coefficient = optim.get(
-            "denoising_pos_coefficient", params.pop("denoising_pos_coefficient", None)
+        _refuse_unknown_keys(
+            [k for k in params if k not in (*param_keys(), "denoising_pos_coefficient")],
+            param_keys(),
+            "optim.denoising_pos_params",
         )
+        # The sibling key wins over a same-named field inside the params (as in both peers).
+        coefficient = optim.get("denoising_pos_coefficient", params.pop("denoising_pos_coefficient", None))
         params.pop("denoising_pos_coefficient", None)
         if coefficient is None:
             if enabled:
@@ -223,17 +219,13 @@ class DeNSConfig:
             _check_positive(key + "std_low", self.std_low, "the smallest sigma in Å")
             _check_positive(key + "std_high", self.std_high, "the largest sigma in Å")
             if self.std_low > self.std_high:
-                raise DeNSConfigError(
-                    f"{key}std_low ({self.std_low}) must not exceed {key}std_high ({self.std_high})"
-                )
+                raise DeNSConfigError(f"{key}std_low ({self.std_low}) must not exceed {key}std_high ({self.std_high})")
             if not isinstance(self.num_steps, int) or isinstance(self.num_steps, bool) or self.num_steps < 1:
                 raise DeNSConfigError(
                     f"{key}num_steps must be a positive integer (rungs of the sigma ladder), got {self.num_steps!r}"
                 )
         if self.selection not in ("batch", "structure"):
-            raise DeNSConfigError(
-                f"{key}selection must be 'batch' or 'structure', got {self.selection!r}"
-            )
+            raise DeNSConfigError(f"{key}selection must be 'batch' or 'structure', got {self.selection!r}")
         if self.loss_form not in ("hybrid", "separate_means"):
             raise DeNSConfigError(
                 f"{key}loss_form must be 'hybrid' (OC20/OC22) or 'separate_means' (MD17), got {self.loss_form!r}"
@@ -243,15 +235,12 @@ class DeNSConfig:
                 f"{key}coefficient_schedule must be 'constant' or 'linear_decay', got {self.coefficient_schedule!r}"
             )
         if not _is_number(self.coefficient) or self.coefficient < 0:
-            raise DeNSConfigError(
-                f"optim.denoising_pos_coefficient must be a number >= 0, got {self.coefficient!r}"
-            )
+            raise DeNSConfigError(f"optim.denoising_pos_coefficient must be a number >= 0, got {self.coefficient!r}")
         if not isinstance(self.validation_seed, int) or isinstance(self.validation_seed, bool):
             raise DeNSConfigError(f"{key}validation_seed must be an integer, got {self.validation_seed!r}")
         if self.output_policy is not None and not isinstance(self.output_policy, dict):
             raise DeNSConfigError(
-                f"{key}output_policy must map output names to original/replaced/excluded, "
-                f"got {self.output_policy!r}"
+                f"{key}output_policy must map output names to original/replaced/excluded, got {self.output_policy!r}"
             )
 
         if self.min_num_atoms is not None and (
@@ -265,8 +254,12 @@ class DeNSConfig:
                     f"it needs {key}corrupt_ratio"
                 )
             _check_probability(key + "strict_max_ratio", self.strict_max_ratio, required=True)
-        for name, meaning in (("max_force_norm", "eV/Å"), ("max_mean_force_norm", "eV/Å"),
-                              ("max_stress_norm", "eV/Å³"), ("early_epochs", "epochs")):
+        for name, meaning in (
+            ("max_force_norm", "eV/Å"),
+            ("max_mean_force_norm", "eV/Å"),
+            ("max_stress_norm", "eV/Å³"),
+            ("early_epochs", "epochs"),
+        ):
             if getattr(self, name) is not None:
                 _check_positive(key + name, getattr(self, name), meaning)
         _check_probability(key + "coefficient_min_factor", self.coefficient_min_factor, required=True)
@@ -324,8 +317,6 @@ def _check_positive(key: str, value: Any, meaning: str) -> None:
         raise DeNSConfigError(f"{key} is missing ({meaning})")
     if not _is_number(value) or not math.isfinite(value) or value <= 0:
         raise DeNSConfigError(f"{key} must be a positive number ({meaning}), got {value!r}")
-
-
 
 
 def param_keys() -> tuple[str, ...]:

@@ -47,5 +47,4 @@ def incoming_subgraph(edge_index: torch.Tensor, atoms: torch.Tensor) -> Incoming
     nodes = atoms.clone()
     nodes[edge_index[0, edges]] = True
     renumber = torch.cumsum(nodes.long(), 0) - 1  # old node number -> subgraph number (where nodes)
-    return IncomingSubgraph(nodes=nodes, edges=edges, edge_index=renumber[edge_index[:, edges]],
-                            wanted=renumber[atoms])
+    return IncomingSubgraph(nodes=nodes, edges=edges, edge_index=renumber[edge_index[:, edges]], wanted=renumber[atoms])

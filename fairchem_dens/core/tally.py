@@ -39,10 +39,14 @@ class CorruptionTally:
         counts = torch.cat([self._corrupted.cpu(), torch.tensor(self._seen)])
         structures, atoms, total_structures, total_atoms = (int(n) for n in ranks.sum_over_ranks(counts).tolist())
         self.__init__()
-        line = (f"DeNS epoch {epoch + 1}: corrupted {structures}/{total_structures} structures "
-                f"({100 * structures / max(total_structures, 1):.1f}%), {atoms}/{total_atoms} atoms "
-                f"({100 * atoms / max(total_atoms, 1):.1f}%)")
+        line = (
+            f"DeNS epoch {epoch + 1}: corrupted {structures}/{total_structures} structures "
+            f"({100 * structures / max(total_structures, 1):.1f}%), {atoms}/{total_atoms} atoms "
+            f"({100 * atoms / max(total_atoms, 1):.1f}%)"
+        )
         if structures == 0:
-            return (f"{line}: DeNS is on but corrupted nothing this epoch; check optim.denoising_pos_params "
-                    "(prob, corrupt_ratio, relaxation_only, the skip filters) against the training set."), True
+            return (
+                f"{line}: DeNS is on but corrupted nothing this epoch; check optim.denoising_pos_params "
+                "(prob, corrupt_ratio, relaxation_only, the skip filters) against the training set."
+            ), True
         return line, False

@@ -37,9 +37,9 @@ from ase.calculators.emt import EMT
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
-from fairchem_dens.emt_labels import emt_labelled
 from fairchem_dens.datasets.emt_data import METALS, atoms_to_data
 from fairchem_dens.datasets.lmdb_io import write_lmdb, write_metadata
+from fairchem_dens.emt_labels import emt_labelled
 from fairchem_dens.files import publish
 
 __all__ = ["SUPERCELLS", "TEMPERATURES_K", "generate_bulk_dataset", "write_aselmdb"]
@@ -154,7 +154,7 @@ def generate_bulk_dataset(
     fractions = np.array([splits[n] for n in names])
     cuts = (np.cumsum(fractions)[:-1] / fractions.sum() * (len(order) - len(names))).astype(int)
     assignment = {name: [int(order[i])] for i, name in enumerate(names)}
-    for name, part in zip(names, np.split(order[len(names):], cuts)):
+    for name, part in zip(names, np.split(order[len(names) :], cuts)):
         assignment[name].extend(int(f) for f in part)
 
     frames_of = {
@@ -169,21 +169,35 @@ def generate_bulk_dataset(
             frames = [(fid, i, atoms) for fid in sorted(members) for i, atoms in enumerate(frames_of[fid])]
             if "aselmdb" in layouts:
                 (staging / "aselmdb" / split).mkdir(parents=True)
-                write_aselmdb([atoms for _, _, atoms in frames], staging / "aselmdb" / split / "data.aselmdb",
-                              md=[int(i > 0) for _, i, _ in frames])
+                write_aselmdb(
+                    [atoms for _, _, atoms in frames],
+                    staging / "aselmdb" / split / "data.aselmdb",
+                    md=[int(i > 0) for _, i, _ in frames],
+                )
             if "lmdb" in layouts:
                 (staging / "lmdb" / split).mkdir(parents=True)
                 entries = [atoms_to_data(atoms, fid, i, md=int(i > 0), stress=True) for fid, i, atoms in frames]
                 write_lmdb(entries, staging / "lmdb" / split / "data.lmdb")
-            summary[split] = {"families": sorted(members), "frames": len(frames),
-                              "atoms": int(sum(len(a) for _, _, a in frames))}
+            summary[split] = {
+                "families": sorted(members),
+                "frames": len(frames),
+                "atoms": int(sum(len(a) for _, _, a in frames)),
+            }
         description = {
             "generator": "fairchem_dens.datasets.emt_bulk.generate_bulk_dataset",
             "calculator": "ase.calculators.emt.EMT",
-            "units": {"energy": "eV (total)", "forces": "eV/Å", "stress": "eV/Å³, ASE sign (σ = (1/V) dE/dε)",
-                      "positions": "Å"},
-            "seed": seed, "families_per_metal": families_per_metal, "md_frames": md_frames,
-            "max_strain": MAX_STRAIN, "rattle_std_A": RATTLE_STD, "temperatures_K": list(TEMPERATURES_K),
+            "units": {
+                "energy": "eV (total)",
+                "forces": "eV/Å",
+                "stress": "eV/Å³, ASE sign (σ = (1/V) dE/dε)",
+                "positions": "Å",
+            },
+            "seed": seed,
+            "families_per_metal": families_per_metal,
+            "md_frames": md_frames,
+            "max_strain": MAX_STRAIN,
+            "rattle_std_A": RATTLE_STD,
+            "temperatures_K": list(TEMPERATURES_K),
             "families": {str(fid): {"metal": m, "repeat": list(r)} for fid, (m, r) in enumerate(families)},
             "splits": summary,
         }

@@ -258,7 +258,20 @@ def _description(params: dict[str, Any], systems, assignment, natoms) -> dict[st
         "calculator": "ase.calculators.emt.EMT",
         "format": "fairchem lmdb: <split>/data.lmdb (pickled torch_geometric Data) + <split>/metadata.npz (natoms)",
         "units": {"energy": "eV (total EMT energy)", "forces": "eV/Å (unconstrained)", "positions": "Å"},
-        "fields": ["pos", "cell", "atomic_numbers", "natoms", "tags", "fixed", "pbc", "energy", "forces", "sid", "fid", "md"],
+        "fields": [
+            "pos",
+            "cell",
+            "atomic_numbers",
+            "natoms",
+            "tags",
+            "fixed",
+            "pbc",
+            "energy",
+            "forces",
+            "sid",
+            "fid",
+            "md",
+        ],
         "conventions": {
             "tags": "0 fixed slab atom, 1 free slab atom, 2 adsorbate",
             "fixed": "1 for the bottom slab layer (FixAtoms), else 0",
@@ -329,7 +342,12 @@ def generate_emt_dataset(
         frames_of[sid] = _frames(atoms, relax_frames, md_frames, MD_TEMPERATURE_K, system_rng)
         logger.info(
             "EMT system %d/%d: %s(%s) + %s, %d frames",
-            sid + 1, n_systems, system["metal"], system["facet"], system["adsorbate"], len(frames_of[sid]),
+            sid + 1,
+            n_systems,
+            system["metal"],
+            system["facet"],
+            system["adsorbate"],
+            len(frames_of[sid]),
         )
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -355,8 +373,11 @@ def generate_emt_dataset(
         description = _description(params, systems, assignment, natoms)
         (staging / "dataset.json").write_text(json.dumps(description, indent=2, ensure_ascii=False))
         # Splits of an earlier run that this one no longer has go too (only folders that hold our LMDB).
-        stale = [name for name in _previous_splits(out_dir)
-                 if name not in assignment and (out_dir / name / "data.lmdb").is_file()]
+        stale = [
+            name
+            for name in _previous_splits(out_dir)
+            if name not in assignment and (out_dir / name / "data.lmdb").is_file()
+        ]
         publish(staging, out_dir, [*assignment, "dataset.json"], retire=stale)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

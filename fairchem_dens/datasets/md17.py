@@ -247,7 +247,6 @@ def load_md17(npz_path: str | Path) -> MD17Frames:
     )
 
 
-
 # ----------------------------------------------------------------------------- splitting and entries
 
 
@@ -334,7 +333,9 @@ def _write_split(folder: Path, frames: MD17Frames, indices: np.ndarray, per_file
         name = f"data.{shard:04d}.lmdb"  # zero-padded: fairchem reads a folder's LMDBs in sorted order
         write_lmdb(_entries(frames, indices[start : start + per_file]), folder / name, metadata=False)
         names.append(name)
-        logger.info("MD17 %s: wrote %s (%d/%d entries)", folder.name, name, min(start + per_file, len(indices)), len(indices))
+        logger.info(
+            "MD17 %s: wrote %s (%d/%d entries)", folder.name, name, min(start + per_file, len(indices)), len(indices)
+        )
     # One metadata.npz for the folder; every MD17 frame has the same atoms.
     np.savez(folder / "metadata.npz", natoms=np.full(len(indices), frames.n_atoms, dtype=np.int64))
     return names

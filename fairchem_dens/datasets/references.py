@@ -49,9 +49,9 @@ def fit_element_references(
         raise ValueError(f"{train_src}: entries have no `energy` (or `y`) to fit references to")
     if getattr(sample, "energy", None) is None:
         dataset.key_mapping = {"y": "energy"}  # OC22 LMDBs store the energy as `y`
-    references = fit_linear_references(
-        ["energy"], dataset, batch_size=batch_size, num_batches=num_batches, seed=seed
-    )["energy"]
+    references = fit_linear_references(["energy"], dataset, batch_size=batch_size, num_batches=num_batches, seed=seed)[
+        "energy"
+    ]
     with atomic_write(output) as temp, open(temp, "wb") as handle:  # a handle: np.savez would add ".npz"
         np.savez(handle, element_references=references.element_references.cpu().numpy())
     return output

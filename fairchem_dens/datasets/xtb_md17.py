@@ -35,7 +35,15 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
 from fairchem_dens.files import atomic_write
 
-__all__ = ["DEFAULT_STRIDE", "MOLECULES", "build_parser", "generate_xtb_trajectory", "gfn2_xtb_calculator", "write_sgdml_npz", "main"]
+__all__ = [
+    "DEFAULT_STRIDE",
+    "MOLECULES",
+    "build_parser",
+    "generate_xtb_trajectory",
+    "gfn2_xtb_calculator",
+    "write_sgdml_npz",
+    "main",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +64,20 @@ MOLECULES = {
 
 #: Enol malonaldehyde (C3H4O2, planar, the O-H...O bridge closing a six-ring), a rough start
 #: geometry in Å that the GFN2-xTB equilibration relaxes: ASE's G2 collection has no malonaldehyde.
-_MALONALDEHYDE = Atoms("C3O2H4", positions=[
-    (-1.17, -0.675, 0.0), (0.0, -1.35, 0.0), (1.17, -0.675, 0.0),   # C1 C2 C3
-    (-1.17, 0.675, 0.0), (1.17, 0.675, 0.0),                         # O1 (C=O) O2 (O-H)
-    (-2.105, -1.215, 0.0), (0.0, -2.43, 0.0), (2.105, -1.215, 0.0),  # H on C1 C2 C3
-    (0.35, 1.25, 0.0),                                               # the bridging H, on O2
-])
+_MALONALDEHYDE = Atoms(
+    "C3O2H4",
+    positions=[
+        (-1.17, -0.675, 0.0),
+        (0.0, -1.35, 0.0),
+        (1.17, -0.675, 0.0),  # C1 C2 C3
+        (-1.17, 0.675, 0.0),
+        (1.17, 0.675, 0.0),  # O1 (C=O) O2 (O-H)
+        (-2.105, -1.215, 0.0),
+        (0.0, -2.43, 0.0),
+        (2.105, -1.215, 0.0),  # H on C1 C2 C3
+        (0.35, 1.25, 0.0),  # the bridging H, on O2
+    ],
+)
 
 
 def _start_geometry(name: str) -> Atoms:
@@ -115,8 +131,9 @@ def generate_xtb_trajectory(
     MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
     Stationary(atoms)
     ZeroRotation(atoms)
-    dynamics = Langevin(atoms, timestep_fs * units.fs, temperature_K=temperature_K,
-                        friction=friction_per_fs / units.fs, rng=rng)
+    dynamics = Langevin(
+        atoms, timestep_fs * units.fs, temperature_K=temperature_K, friction=friction_per_fs / units.fs, rng=rng
+    )
     total = equilibration_steps + n_frames * stride
     dynamics.run(equilibration_steps)
     if progress is not None:
@@ -140,7 +157,8 @@ def generate_xtb_trajectory(
         "theory": np.array(
             f"GFN2-xTB (tblite), Langevin {temperature_K:g} K, {timestep_fs:g} fs x {stride} = {spacing_fs:g} fs "
             f"between frames, {n_frames * spacing_fs / 1000:g} ps in all after {equilibration_steps * timestep_fs:g} fs "
-            f"of equilibration, seed {seed}"),
+            f"of equilibration, seed {seed}"
+        ),
         "frame_spacing_fs": np.array(spacing_fs),
         "time_span_ps": np.array(n_frames * spacing_fs / 1000),
     }
@@ -189,9 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("out", help="output .npz")
     parser.add_argument("--frames", type=int, default=1200)
     parser.add_argument("--temperature", type=float, default=500.0, help="K (MD17: 500)")
-    parser.add_argument("--stride", type=int, default=DEFAULT_STRIDE,
-                        help="0.5 fs MD steps between kept frames (default 200: 100 fs apart; MD17's training frames "
-                             "are drawn from hundreds of ps)")
+    parser.add_argument(
+        "--stride",
+        type=int,
+        default=DEFAULT_STRIDE,
+        help="0.5 fs MD steps between kept frames (default 200: 100 fs apart; MD17's training frames "
+        "are drawn from hundreds of ps)",
+    )
     parser.add_argument("--equilibration", type=int, default=500, help="MD steps run and discarded first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
@@ -206,12 +228,19 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and not args.overwrite:
         parser.error(f"{out} exists; pass --overwrite to replace it")
     try:
-        arrays = generate_xtb_trajectory(args.molecule, args.frames, temperature_K=args.temperature,
-                                         stride=args.stride, equilibration_steps=args.equilibration,
-                                         seed=args.seed, progress=ProgressLines(f"make-xtb-md17 {args.molecule}"))
+        arrays = generate_xtb_trajectory(
+            args.molecule,
+            args.frames,
+            temperature_K=args.temperature,
+            stride=args.stride,
+            equilibration_steps=args.equilibration,
+            seed=args.seed,
+            progress=ProgressLines(f"make-xtb-md17 {args.molecule}"),
+        )
     except ValueError as error:
         parser.error(str(error))
     write_sgdml_npz(arrays, out, overwrite=args.overwrite)
-    print(f"wrote {out}: {args.frames} frames, {arrays['theory']}; "
-          f"convert with `fairchem-dens md17-to-lmdb {out} FOLDER`")
+    print(
+        f"wrote {out}: {args.frames} frames, {arrays['theory']}; convert with `fairchem-dens md17-to-lmdb {out} FOLDER`"
+    )
     return 0

@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 import torch
 from ase import Atoms
-
 from fairchem.core.datasets.ase_datasets import AseDBDataset
 
 from fairchem_dens.core.errors import DeNSConfigError

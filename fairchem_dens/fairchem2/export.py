@@ -17,9 +17,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from fairchem.core.common.registry import registry
+from omegaconf import DictConfig, OmegaConf
 
 from fairchem_dens.core.encoding import fold_force_encoding_bias
 from fairchem_dens.core.modules import DENS_BACKBONE_KEYWORDS

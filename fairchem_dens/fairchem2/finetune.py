@@ -27,9 +27,8 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
-
 from fairchem.core.models.uma.compat import apply_uma_compat_fixups
+from omegaconf import DictConfig, OmegaConf
 
 from fairchem_dens.core.errors import DeNSSetupError
 
@@ -81,11 +80,19 @@ def dens_finetuning_model(
             "class (its DeNS twin), otf_graph and the force/stress switches, not its sizes."
         )
     # after the backbone check: a backbone of other sizes resizes its heads too, and is the cause to name
-    clashes = sorted({k.split(".")[1] for k, v in stored.items()
-                      if k.startswith("output_heads.") and k in own and own[k].shape != v.shape})
+    clashes = sorted(
+        {
+            k.split(".")[1]
+            for k, v in stored.items()
+            if k.startswith("output_heads.") and k in own and own[k].shape != v.shape
+        }
+    )
     if clashes:
-        details = [f"{k}: {tuple(stored[k].shape)} there, {tuple(own[k].shape)} here" for k in sorted(stored)
-                   if k.startswith("output_heads.") and k in own and own[k].shape != stored[k].shape]
+        details = [
+            f"{k}: {tuple(stored[k].shape)} there, {tuple(own[k].shape)} here"
+            for k in sorted(stored)
+            if k.startswith("output_heads.") and k in own and own[k].shape != stored[k].shape
+        ]
         raise DeNSSetupError(
             f"the new model's head(s) {', '.join(clashes)} do not fit the heads of the same name in "
             f"{checkpoint_location} ({'; '.join(details[:4])}{' ...' if len(details) > 4 else ''}). Give the "
@@ -93,8 +100,10 @@ def dens_finetuning_model(
         )
     model.load_state_dict(loaded, strict=False)
     kept_heads = sorted({k.split(".")[1] for k in loaded if k.startswith("output_heads.")})
-    logger.info(f"DeNS fine-tuning from {checkpoint_location}: backbone loaded, pretrained weights kept "
-                f"in heads {kept_heads or 'none'}")
+    logger.info(
+        f"DeNS fine-tuning from {checkpoint_location}: backbone loaded, pretrained weights kept "
+        f"in heads {kept_heads or 'none'}"
+    )
     # resume.yaml rebuilds this model from scratch and then loads the run's own checkpoint
     config["_target_"] = "fairchem.core.models.base.HydraModel"
     model.finetune_model_full_config = config

@@ -73,13 +73,25 @@ def _checkpoint_model(checkpoint: Path) -> tuple[dict, list[str], list[str]]:
             f"{checkpoint}: its backbone is {model}, which has no DeNS twin; DeNS fine-tuning on fairchem 2 "
             f"takes the eSCN-MD family (eSEN, UMA): {', '.join(DENS_BACKBONES)}"
         )
-    energy_heads = sorted({key.split(".")[1] for key in stored.model_state_dict
-                           if key.startswith("output_heads.") and key.split(".")[2] == "energy_block"})
+    energy_heads = sorted(
+        {
+            key.split(".")[1]
+            for key in stored.model_state_dict
+            if key.startswith("output_heads.") and key.split(".")[2] == "energy_block"
+        }
+    )
     return backbone, list(backbone.get("dataset_list") or []), energy_heads
 
 
-def finetune_config(checkpoint: str | Path, train: str | Path, val: str | Path, *, head: str,
-                    dataset_name: str | None = None, max_epochs: int = 12) -> dict[str, Any]:
+def finetune_config(
+    checkpoint: str | Path,
+    train: str | Path,
+    val: str | Path,
+    *,
+    head: str,
+    dataset_name: str | None = None,
+    max_epochs: int = 12,
+) -> dict[str, Any]:
     """The fine-tuning config as a plain dict, after the model was built from the checkpoint once.
 
     Raises:
@@ -133,8 +145,9 @@ def finetune_config(checkpoint: str | Path, train: str | Path, val: str | Path, 
     runner = config["runner"]
     for loader, split, files in (("train_dataloader", "train", train_files), ("eval_dataloader", "val", val_files)):
         (recipe_dataset,) = runner[loader]["dataset"]["dataset_configs"].values()
-        runner[loader]["dataset"]["dataset_configs"] = {dataset_name: {**recipe_dataset,
-                                                                       "splits": {split: {"src": files}}}}
+        runner[loader]["dataset"]["dataset_configs"] = {
+            dataset_name: {**recipe_dataset, "splits": {split: {"src": files}}}
+        }
     for task in config["tasks"]:
         task["datasets"] = [dataset_name]
     return config
@@ -147,9 +160,11 @@ def write_finetune_config(out: str | Path, **arguments: Any) -> Path:
         raise DeNSSetupError(f"{path} exists: choose another --out or move it away")
     config = finetune_config(**arguments)
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = (f"# DeNS fine-tuning of {arguments['checkpoint']} ({arguments['head']} heads), written by "
-              "`fairchem-dens finetune-config`.\n#   fairchem -c finetune.yml +job.run_dir=RUN +job.timestamp_id=ft\n"
-              "# Plain fine-tuning: runner.train_eval_unit.dens.use_denoising_pos=False.\n")
+    header = (
+        f"# DeNS fine-tuning of {arguments['checkpoint']} ({arguments['head']} heads), written by "
+        "`fairchem-dens finetune-config`.\n#   fairchem -c finetune.yml +job.run_dir=RUN +job.timestamp_id=ft\n"
+        "# Plain fine-tuning: runner.train_eval_unit.dens.use_denoising_pos=False.\n"
+    )
     path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(config)))
     return path
 
@@ -160,14 +175,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", required=True, help="folder of the training ASE databases (.aselmdb / .db)")
     parser.add_argument("--val", required=True, help="folder of the validation ASE databases")
     parser.add_argument("--head", choices=tuple(HEADS), default="conservative")
-    parser.add_argument("--dataset-name", default=None,
-                        help="which of the model's data sets the data is (UMA: omat, omol, oc20, odac, omc)")
+    parser.add_argument(
+        "--dataset-name",
+        default=None,
+        help="which of the model's data sets the data is (UMA: omat, omol, oc20, odac, omc)",
+    )
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--out", required=True, help="folder for finetune.yml")
     args = parser.parse_args(argv)
     try:
-        path = write_finetune_config(args.out, checkpoint=args.checkpoint, train=args.train, val=args.val,
-                                     head=args.head, dataset_name=args.dataset_name, max_epochs=args.epochs)
+        path = write_finetune_config(
+            args.out,
+            checkpoint=args.checkpoint,
+            train=args.train,
+            val=args.val,
+            head=args.head,
+            dataset_name=args.dataset_name,
+            max_epochs=args.epochs,
+        )
     except DeNSSetupError as error:
         raise SystemExit(f"finetune-config: {error}") from error
     print(f"{path}\nfairchem -c {path} +job.run_dir=RUN +job.timestamp_id=ft")

@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
-
 from fairchem.core.common import distutils
+from torch import nn
 
 from fairchem_dens.core.batch import corrupted_atoms, corrupted_structures
 from fairchem_dens.core.errors import DeNSSetupError, NonFiniteLossError
@@ -90,8 +89,9 @@ class DeNSTaskLoss(nn.Module):
     def reduction(self) -> str:
         return self.fairchem_loss.reduction
 
-    def forward(self, prediction: torch.Tensor, target: torch.Tensor, mult_mask: torch.Tensor,
-                natoms: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, prediction: torch.Tensor, target: torch.Tensor, mult_mask: torch.Tensor, natoms: torch.Tensor
+    ) -> torch.Tensor:
         data = self.dens_step.batch
         if data is None or self.role == ORIGINAL:
             if data is not None:
@@ -103,23 +103,41 @@ class DeNSTaskLoss(nn.Module):
             return self.fairchem_loss(prediction, target, mult_mask=mult_mask & kept, natoms=natoms)
         return self._dens_forces(data, prediction, target, natoms)
 
-    def _dens_forces(self, data: Any, prediction: torch.Tensor, target: torch.Tensor,
-                     natoms: torch.Tensor) -> torch.Tensor:
+    def _dens_forces(
+        self, data: Any, prediction: torch.Tensor, target: torch.Tensor, natoms: torch.Tensor
+    ) -> torch.Tensor:
         config = self.dens_step.config
         corrupted = corrupted_atoms(data)
         # Atoms whose structure has this task's label (others are +inf in the target).
         labelled = torch.isfinite(target).all(dim=-1)
-        rows = counted_rows(data.fixed, corrupted, level="atom", num_structures=natoms.numel(),
-                            on_free=self.train_on_free_atoms, all_atoms=config.all_atoms) & labelled
+        rows = (
+            counted_rows(
+                data.fixed,
+                corrupted,
+                level="atom",
+                num_structures=natoms.numel(),
+                on_free=self.train_on_free_atoms,
+                all_atoms=config.all_atoms,
+            )
+            & labelled
+        )
         target = torch.nan_to_num(target, posinf=0.0, neginf=0.0)
         loss = output_loss(
             lambda p, t: self.fairchem_loss.loss_fn(p, t, natoms),
-            prediction, target,
-            role=REPLACED, coefficient=self.fairchem_loss.coefficient, rows=rows, corrupted=corrupted,
+            prediction,
+            target,
+            role=REPLACED,
+            coefficient=self.fairchem_loss.coefficient,
+            rows=rows,
+            corrupted=corrupted,
             corrupted_rows=structure_rows(corrupted_structures(data), data.batch, "atom"),
-            noise_target=data.denoising_target, denoising_coefficient=self.dens_step.denoising_coefficient,
-            loss_form=config.loss_form, reduction=self.reduction, ranks=ranks(),
-            structure=data.batch, num_structures=natoms.numel(),
+            noise_target=data.denoising_target,
+            denoising_coefficient=self.dens_step.denoising_coefficient,
+            loss_form=config.loss_form,
+            reduction=self.reduction,
+            ranks=ranks(),
+            structure=data.batch,
+            num_structures=natoms.numel(),
         )
         if not bool(torch.isfinite(loss)):
             raise NonFiniteLossError(
@@ -128,7 +146,11 @@ class DeNSTaskLoss(nn.Module):
             )
         with torch.no_grad():
             errors = denoising_errors(
-                prediction.detach().float(), data.noise_vec, config.target_std, corrupted, rows,
+                prediction.detach().float(),
+                data.noise_vec,
+                config.target_std,
+                corrupted,
+                rows,
                 forces_prediction=self.normalizer.denorm(prediction.detach().float()),
                 forces=self.normalizer.denorm(target.float()),
             )
@@ -137,8 +159,9 @@ class DeNSTaskLoss(nn.Module):
         return loss
 
     @torch.no_grad()
-    def _original_metric(self, data: Any, prediction: torch.Tensor, target: torch.Tensor,
-                         mult_mask: torch.Tensor) -> None:
+    def _original_metric(
+        self, data: Any, prediction: torch.Tensor, target: torch.Tensor, mult_mask: torch.Tensor
+    ) -> None:
         """``denoising_<property>_mae`` over the structures of a DeNS batch this task labels (physical units),
         as the fairchem-1 trainer reports it."""
         if self.level != "system":

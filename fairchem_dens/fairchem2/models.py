@@ -40,13 +40,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
-
 from fairchem.core.common import gp_utils
 from fairchem.core.common.registry import registry
 from fairchem.core.models.uma.escn_md import Linear_Force_Head, MLP_EFS_Head, eSCNMDBackbone
 from fairchem.core.models.uma.escn_moe import eSCNMDMoeBackbone
 from fairchem.core.models.uma.nn.so3_layers import SO3_Linear
+from torch import nn
 
 from fairchem_dens.core.batch import corrupted_atoms, is_dens_batch
 from fairchem_dens.core.encoding import check_force_encoding_scale, force_encoding_coefficients
@@ -91,6 +90,7 @@ class DeNSForceEncoding(BatchDuringForward):
 
     fairchem_plain: str
     dens_parameter_prefixes = ("force_embedding.",)
+
     def __init__(self, *args: Any, force_encoding_scale: float = 1.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.force_encoding_scale = check_force_encoding_scale(force_encoding_scale)
@@ -117,8 +117,9 @@ class DeNSForceEncoding(BatchDuringForward):
         # float32 whatever the autocast: the harmonics of small forces lose digits in bf16
         with torch.autocast(device_type=x_message.device.type, enabled=False):
             if dens_batch:
-                coefficients = force_encoding_coefficients(data[ENCODED_FORCES].float(), self.lmax,
-                                                           corrupted_atoms(data), self.force_encoding_scale)
+                coefficients = force_encoding_coefficients(
+                    data[ENCODED_FORCES].float(), self.lmax, corrupted_atoms(data), self.force_encoding_scale
+                )
             else:  # every atom encodes a zero force: the layer adds its l = 0 bias (the weight enters with 0)
                 coefficients = x_message.new_zeros((1, (self.lmax + 1) ** 2), dtype=torch.float32)
             features = self.force_embedding(coefficients.unsqueeze(-1))

@@ -16,12 +16,11 @@ embeddings, Wigner matrices with the envelope, kept by the DeNS backbone), read 
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from fairchem.core.models.uma.escn_md import eSCNMDBackbone
 from fairchem.core.models.uma.escn_md_block import eSCNMD_Block
 from fairchem.core.models.uma.nn.execution_backends import ExecutionBackend
 from fairchem.core.models.uma.nn.so3_layers import SO3_Linear
+from torch import nn
 
 from fairchem_dens.core.errors import DeNSSetupError
 from fairchem_dens.core.modules import l1_vectors
@@ -49,15 +48,25 @@ class eSCNMDNoiseBlock(nn.Module):
                 "training, or use noise_head: linear."
             )
         self.block = eSCNMD_Block(
-            backbone.sphere_channels, backbone.hidden_channels, backbone.lmax, backbone.mmax,
-            backbone.mappingReduced, backbone.SO3_grid, backbone.edge_channels_list, backbone.cutoff,
-            backbone.norm_type, backbone.act_type, backbone.ff_type,
-            activation_checkpoint_chunk_size=None, backend=backbone.backend,
+            backbone.sphere_channels,
+            backbone.hidden_channels,
+            backbone.lmax,
+            backbone.mmax,
+            backbone.mappingReduced,
+            backbone.SO3_grid,
+            backbone.edge_channels_list,
+            backbone.cutoff,
+            backbone.norm_type,
+            backbone.act_type,
+            backbone.ff_type,
+            activation_checkpoint_chunk_size=None,
+            backend=backbone.backend,
         )
         self.output = SO3_Linear(backbone.sphere_channels, 1, lmax=1)
 
-    def forward(self, node_embedding: torch.Tensor, edge_inputs: tuple[torch.Tensor, ...],
-                atoms: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, node_embedding: torch.Tensor, edge_inputs: tuple[torch.Tensor, ...], atoms: torch.Tensor
+    ) -> torch.Tensor:
         """``[n, 3]``: the noise prediction of the atoms of the bool mask ``atoms``, in atom order.
 
         ``edge_inputs``: the backbone's ``emb[EDGE_INPUTS]`` of this batch.
@@ -67,6 +76,13 @@ class eSCNMDNoiseBlock(nn.Module):
         # fairchem runs heads outside autocast (use_amp False): the backbone's bf16 Wigner matrices
         # of an AMP run are brought to the heads' precision, the node features'
         x_edge, wigner, wigner_inv_envelope = (value[sub.edges].to(node_embedding.dtype) for value in per_edge)
-        x = self.block(node_embedding[sub.nodes], x_edge, sub.edge_index, wigner, wigner_inv_envelope,
-                       total_atoms_across_gp_ranks=int(sub.nodes.sum()), scatter_target=sub.edge_index[1])
+        x = self.block(
+            node_embedding[sub.nodes],
+            x_edge,
+            sub.edge_index,
+            wigner,
+            wigner_inv_envelope,
+            total_atoms_across_gp_ranks=int(sub.nodes.sum()),
+            scatter_target=sub.edge_index[1],
+        )
         return l1_vectors(self.output, x[sub.wanted])

@@ -90,8 +90,9 @@ def _free_atoms(atoms: Atoms) -> np.ndarray:
     return free
 
 
-def predict_structures(checkpoint: str | Path, structures: list[Atoms], *, task_name: str, batch_size: int = 16,
-                       device: str = "cpu") -> list[dict[str, np.ndarray]]:
+def predict_structures(
+    checkpoint: str | Path, structures: list[Atoms], *, task_name: str, batch_size: int = 16, device: str = "cpu"
+) -> list[dict[str, np.ndarray]]:
     """Each structure's predictions (``energy``, ``forces``, and ``stress`` 3×3 where the model has it).
 
     Runs the inference checkpoint through fairchem 2's own ``load_predict_unit``, in batches.
@@ -104,7 +105,7 @@ def predict_structures(checkpoint: str | Path, structures: list[Atoms], *, task_
         raise PredictionError(f"--task-name {task_name!r}: the model knows {sorted(unit.dataset_to_tasks)}")
     results = []
     for start in range(0, len(structures), batch_size):
-        chunk = structures[start:start + batch_size]
+        chunk = structures[start : start + batch_size]
         batch = atomicdata_list_to_batch([AtomicData.from_ase(atoms, task_name=task_name) for atoms in chunk])
         predicted = {key: value.detach().cpu() for key, value in unit.predict(batch.to(device)).items()}
         per_atom = torch.split(predicted["forces"], [len(atoms) for atoms in chunk])
@@ -116,8 +117,15 @@ def predict_structures(checkpoint: str | Path, structures: list[Atoms], *, task_
     return results
 
 
-def predict_s2ef(checkpoint: str | Path, src: str | Path, out: str | Path, *, task_name: str,
-                 batch_size: int = 16, device: str = "cpu") -> Path:
+def predict_s2ef(
+    checkpoint: str | Path,
+    src: str | Path,
+    out: str | Path,
+    *,
+    task_name: str,
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> Path:
     """Writes ``out`` (an S2EF prediction file) from the predictions of ``checkpoint`` on ``src``.
 
     Args:
@@ -138,8 +146,10 @@ def predict_s2ef(checkpoint: str | Path, src: str | Path, out: str | Path, *, ta
         raise PredictionError(f"{src}: the database holds no structures")
     ids, energies, forces, counts = [], [], [], []
     atoms_list = [atoms for _, atoms in structures]
-    for (name, atoms), predicted in zip(structures, predict_structures(checkpoint, atoms_list, task_name=task_name,
-                                                                        batch_size=batch_size, device=device)):
+    for (name, atoms), predicted in zip(
+        structures,
+        predict_structures(checkpoint, atoms_list, task_name=task_name, batch_size=batch_size, device=device),
+    ):
         free = _free_atoms(atoms)
         ids.append(name)
         energies.append(predicted["energy"])
@@ -147,9 +157,13 @@ def predict_s2ef(checkpoint: str | Path, src: str | Path, out: str | Path, *, ta
         counts.append(int(free.sum()))
     with atomic_write(out) as temp:
         with open(temp, "wb") as file:
-            np.savez_compressed(file, ids=np.array(ids), energy=np.array(energies, dtype=np.float32),
-                                forces=np.concatenate(forces).astype(np.float32),
-                                chunk_idx=np.cumsum(counts)[:-1])
+            np.savez_compressed(
+                file,
+                ids=np.array(ids),
+                energy=np.array(energies, dtype=np.float32),
+                forces=np.concatenate(forces).astype(np.float32),
+                chunk_idx=np.cumsum(counts)[:-1],
+            )
     return out
 
 
@@ -163,8 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     try:
-        path = predict_s2ef(args.checkpoint, args.src, args.out, task_name=args.task_name,
-                            batch_size=args.batch_size, device=args.device)
+        path = predict_s2ef(
+            args.checkpoint,
+            args.src,
+            args.out,
+            task_name=args.task_name,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
     except PredictionError as error:
         raise SystemExit(f"predict-s2ef: {error}") from error
     print(path)

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fairchem_dens.fairchem2.normalizers import fit_normalizers, overrides as normalizer_overrides
+from fairchem_dens.fairchem2.normalizers import fit_normalizers
+from fairchem_dens.fairchem2.normalizers import overrides as normalizer_overrides
 from fairchem_dens.fairchem2.predict import predict_structures, read_structures
 from fairchem_dens.quickstart import fairchem_command, plot_validation_curves, run_logged
 from fairchem_dens.resources import configs_dir
@@ -100,20 +101,30 @@ def _data(workdir: Path) -> Path:
     description = data / "dataset.json"
     if description.exists():
         made = json.loads(description.read_text())
-        wanted = {"families_per_metal": DATA_SIZE["families_per_metal"], "md_frames": DATA_SIZE["md_frames"],
-                  "seed": DATA_SIZE["seed"]}
+        wanted = {
+            "families_per_metal": DATA_SIZE["families_per_metal"],
+            "md_frames": DATA_SIZE["md_frames"],
+            "seed": DATA_SIZE["seed"],
+        }
         if {key: made.get(key) for key in wanted} == wanted and (data / "aselmdb" / "test").is_dir():
             return data / "aselmdb"
     if data.exists():
-        raise ValueError(f"{data} exists but is not the quickstart's data: choose another --workdir, "
-                         "or move that folder away")
+        raise ValueError(
+            f"{data} exists but is not the quickstart's data: choose another --workdir, or move that folder away"
+        )
     print(f"Generating the EMT bulk data in {data} (7 metals, 1050 frames) ...", flush=True)
     generate_bulk_dataset(data, layouts=("aselmdb",), **DATA_SIZE)
     return data / "aselmdb"
 
 
-def run_quickstart2(workdir: Path, *, head: str = "direct", seeds: tuple[int, ...] = (0, 1),
-                    epochs: int | None = None, jobs: int | None = None) -> list[Quickstart2Run]:
+def run_quickstart2(
+    workdir: Path,
+    *,
+    head: str = "direct",
+    seeds: tuple[int, ...] = (0, 1),
+    epochs: int | None = None,
+    jobs: int | None = None,
+) -> list[Quickstart2Run]:
     """Runs the fairchem-2 quickstart and returns the runs.
 
     Args:
@@ -142,25 +153,41 @@ def run_quickstart2(workdir: Path, *, head: str = "direct", seeds: tuple[int, ..
     threads = max(1, cores // jobs)
     config = configs_dir() / RECIPES[head]
     plan = [(seed, variant) for seed in seeds for variant in VARIANTS]
-    print(f"Training {len(plan)} runs of {config.name} ({', '.join(VARIANTS)} x seeds {', '.join(map(str, seeds))}), "
-          f"{jobs} at a time with {threads} thread(s) each; logs in {workdir / 'runs'}", flush=True)
+    print(
+        f"Training {len(plan)} runs of {config.name} ({', '.join(VARIANTS)} x seeds {', '.join(map(str, seeds))}), "
+        f"{jobs} at a time with {threads} thread(s) each; logs in {workdir / 'runs'}",
+        flush=True,
+    )
 
     def one(seed_variant: tuple[int, str]) -> Quickstart2Run:
         seed, variant = seed_variant
         label = f"{variant} seed {seed}"
         run_dir = workdir / "runs" / f"{variant}-seed{seed}"
         run_dir.mkdir(parents=True, exist_ok=True)
-        command = [*fairchem_command(), "-c", str(config), f"data_root={data}", *normalizer_overrides(fitted),
-                   f"job.seed={seed}", f"+job.run_dir={run_dir}", "+job.timestamp_id=run", *VARIANTS[variant]]
+        command = [
+            *fairchem_command(),
+            "-c",
+            str(config),
+            f"data_root={data}",
+            *normalizer_overrides(fitted),
+            f"job.seed={seed}",
+            f"+job.run_dir={run_dir}",
+            "+job.timestamp_id=run",
+            *VARIANTS[variant],
+        ]
         if epochs is not None:
             command.append(f"max_epochs={epochs}")
         log = run_dir / "train.log"
         seconds = run_logged(command, log, run_dir, label=label, threads=threads, progress=_ValidationProgress())
         checkpoint = run_dir / "run" / "checkpoints" / "final" / "inference_ckpt.pt"
-        scores = {"train_seconds": seconds, "val_force": validation_curve(log),
-                  **test_errors(checkpoint, data / "test", fitted["elem_refs"])}
-        print(f"  [{label}] done in {seconds:.0f} s: test F MAE {scores['model_force_meV_per_A']:.1f} meV/Å",
-              flush=True)
+        scores = {
+            "train_seconds": seconds,
+            "val_force": validation_curve(log),
+            **test_errors(checkpoint, data / "test", fitted["elem_refs"]),
+        }
+        print(
+            f"  [{label}] done in {seconds:.0f} s: test F MAE {scores['model_force_meV_per_A']:.1f} meV/Å", flush=True
+        )
         return Quickstart2Run(variant, seed, scores)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -172,41 +199,69 @@ def run_quickstart2(workdir: Path, *, head: str = "direct", seeds: tuple[int, ..
 def _report(runs: list[Quickstart2Run], workdir: Path, head: str) -> None:
     by_key = {(run.variant, run.seed): run for run in runs}
     seeds = sorted({run.seed for run in runs})
-    columns = (("E/atom MAE", "(meV/atom)", "energy_meV_per_atom"), ("F MAE", "(meV/Å)", "force_meV_per_A"),
-               ("stress MAE", "(meV/Å³)", "stress_meV_per_A3"))
+    columns = (
+        ("E/atom MAE", "(meV/atom)", "energy_meV_per_atom"),
+        ("F MAE", "(meV/Å)", "force_meV_per_A"),
+        ("stress MAE", "(meV/Å³)", "stress_meV_per_A3"),
+    )
     width = 22
-    lines = [f"{'model':<{width}}{'seed':>6}" + "".join(f"{title:>14}" for title, _, _ in columns) + f"{'train time':>12}",
-             f"{'':<{width}}{'':>6}" + "".join(f"{unit:>14}" for _, unit, _ in columns) + f"{'(s)':>12}"]
+    lines = [
+        f"{'model':<{width}}{'seed':>6}" + "".join(f"{title:>14}" for title, _, _ in columns) + f"{'train time':>12}",
+        f"{'':<{width}}{'':>6}" + "".join(f"{unit:>14}" for _, unit, _ in columns) + f"{'(s)':>12}",
+    ]
     null = runs[0].scores
-    lines.append(f"{'element refs only':<{width}}{'':>6}" + "".join(f"{null['null_' + key]:>14.1f}" for *_, key in columns))
+    lines.append(
+        f"{'element refs only':<{width}}{'':>6}" + "".join(f"{null['null_' + key]:>14.1f}" for *_, key in columns)
+    )
     for variant in VARIANTS:
         for seed in seeds:
             scores = by_key[(variant, seed)].scores
-            lines.append(f"{('DeNS' if variant == 'dens' else 'plain'):<{width}}{seed:>6}"
-                         + "".join(f"{scores['model_' + key]:>14.1f}" for *_, key in columns)
-                         + f"{scores['train_seconds']:>12.0f}")
-    means = {variant: {key: statistics.mean(by_key[(variant, s)].scores["model_" + key] for s in seeds)
-                       for *_, key in columns} for variant in VARIANTS}
-    ratios = [by_key[("dens", s)].scores["model_force_meV_per_A"] / by_key[("plain", s)].scores["model_force_meV_per_A"]
-              for s in seeds]
+            lines.append(
+                f"{('DeNS' if variant == 'dens' else 'plain'):<{width}}{seed:>6}"
+                + "".join(f"{scores['model_' + key]:>14.1f}" for *_, key in columns)
+                + f"{scores['train_seconds']:>12.0f}"
+            )
+    means = {
+        variant: {
+            key: statistics.mean(by_key[(variant, s)].scores["model_" + key] for s in seeds) for *_, key in columns
+        }
+        for variant in VARIANTS
+    }
+    ratios = [
+        by_key[("dens", s)].scores["model_force_meV_per_A"] / by_key[("plain", s)].scores["model_force_meV_per_A"]
+        for s in seeds
+    ]
     force, energy = "force_meV_per_A", "energy_meV_per_atom"
-    lines += ["", f"'element refs only': the per-element energy references fitted on the training split, zero forces "
-                  f"and stress. Mean over seeds {', '.join(map(str, seeds))}: test F MAE DeNS {means['dens'][force]:.1f}, "
-                  f"plain {means['plain'][force]:.1f} meV/Å; DeNS / plain = "
-                  f"{means['dens'][force] / means['plain'][force]:.3f} (per seed {', '.join(f'{r:.3f}' for r in ratios)}); "
-                  f"energy DeNS / plain = {means['dens'][energy] / means['plain'][energy]:.3f}"]
+    lines += [
+        "",
+        f"'element refs only': the per-element energy references fitted on the training split, zero forces "
+        f"and stress. Mean over seeds {', '.join(map(str, seeds))}: test F MAE DeNS {means['dens'][force]:.1f}, "
+        f"plain {means['plain'][force]:.1f} meV/Å; DeNS / plain = "
+        f"{means['dens'][force] / means['plain'][force]:.3f} (per seed {', '.join(f'{r:.3f}' for r in ratios)}); "
+        f"energy DeNS / plain = {means['dens'][energy] / means['plain'][energy]:.3f}",
+    ]
     table = "\n".join(lines)
     plot = plot_validation_curves(
-        [(run.variant, run.seed, f"{'DeNS' if run.variant == 'dens' else 'plain'}, seed {run.seed}",
-          run.scores["val_force"]) for run in runs],
-        workdir / "validation_curves.png", ylabel="validation force MAE (meV/Å)",
-        title=f"EMT bulk metals, {head} eSCN-MD (fairchem 2)")
+        [
+            (
+                run.variant,
+                run.seed,
+                f"{'DeNS' if run.variant == 'dens' else 'plain'}, seed {run.seed}",
+                run.scores["val_force"],
+            )
+            for run in runs
+        ],
+        workdir / "validation_curves.png",
+        ylabel="validation force MAE (meV/Å)",
+        title=f"EMT bulk metals, {head} eSCN-MD (fairchem 2)",
+    )
     print("\n" + table)
     print("test: held-out structure families of the same seven metals (170 frames).")
     if plot:
         print(f"Validation curves: {plot}")
-    summary = {f"{run.variant}-seed{run.seed}": {"variant": run.variant, "seed": run.seed, **run.scores}
-               for run in runs}
+    summary = {
+        f"{run.variant}-seed{run.seed}": {"variant": run.variant, "seed": run.seed, **run.scores} for run in runs
+    }
     summary["mean"] = means
     summary["head"] = head
     (workdir / "quickstart2_results.json").write_text(json.dumps(summary, indent=2))

@@ -29,8 +29,6 @@ import os
 from typing import Any, Mapping
 
 import torch
-from omegaconf import DictConfig, OmegaConf
-
 from fairchem.core.common import distutils
 from fairchem.core.units.mlip_unit.mlip_unit import (
     UNIT_INFERENCE_CHECKPOINT,
@@ -38,12 +36,13 @@ from fairchem.core.units.mlip_unit.mlip_unit import (
     compute_loss,
     filter_inference_only_tasks,
 )
+from omegaconf import DictConfig, OmegaConf
 
 from fairchem_dens.core.batch import corrupt_batch
+from fairchem_dens.core.corruption import VALIDATION_STREAMS, require_md
 from fairchem_dens.core.errors import DeNSConfigError, DeNSSetupError
 from fairchem_dens.core.metrics import aggregate, metric_keys
 from fairchem_dens.core.roles import FORCES, output_roles
-from fairchem_dens.core.corruption import VALIDATION_STREAMS, require_md
 from fairchem_dens.core.settings import DeNSConfig, in_section, located
 from fairchem_dens.core.tally import CorruptionTally
 from fairchem_dens.fairchem2.datasets import MD_FLAG
@@ -120,7 +119,8 @@ class DeNSTrainEvalUnit(MLIPTrainEvalUnit):
         train_state = state.train_state
         if train_state.max_epochs:
             epoch = self.train_progress.num_epochs_completed + (
-                self.train_progress.num_steps_completed_in_epoch / max(len(train_state.dataloader), 1))
+                self.train_progress.num_steps_completed_in_epoch / max(len(train_state.dataloader), 1)
+            )
             return epoch / train_state.max_epochs
         return self.train_progress.num_steps_completed / max(train_state.max_steps or 1, 1)
 
@@ -185,16 +185,25 @@ class DeNSTrainEvalUnit(MLIPTrainEvalUnit):
         forces = original_forces(data, self.force_tasks)
         if FORCES not in data:
             data[FORCES] = forces
-        if not corrupt_batch(always, data, seed=self.dens.validation_seed, step=index, rank=distutils.get_rank(),
-                             streams=VALIDATION_STREAMS):
+        if not corrupt_batch(
+            always,
+            data,
+            seed=self.dens.validation_seed,
+            step=index,
+            rank=distutils.get_rank(),
+            streams=VALIDATION_STREAMS,
+        ):
             return  # skip filters left every structure clean
         data[ENCODED_FORCES] = forces
         data = data.to(distutils.get_device_for_local_rank())
         train_metrics, self.dens_step.metrics = self.dens_step.metrics, self._validation_metrics
         self.dens_step.batch, self.dens_step.denoising_coefficient = data, self.dens.coefficient
         try:
-            with torch.autocast(device_type=distutils.get_device_for_local_rank(),
-                                enabled=self.eval_unit.autocast_enabled, dtype=self.eval_unit.autocast_dtype):
+            with torch.autocast(
+                device_type=distutils.get_device_for_local_rank(),
+                enabled=self.eval_unit.autocast_enabled,
+                dtype=self.eval_unit.autocast_dtype,
+            ):
                 predictions = self.eval_unit.model(data)
             compute_loss(self.tasks, predictions, data)  # the task losses record the denoising metrics
         finally:
@@ -221,7 +230,8 @@ class DeNSTrainEvalUnit(MLIPTrainEvalUnit):
                 f"{path}: plain fairchem, loadable without fairchem_dens. On a CPU load it with "
                 "load_predict_unit(path, inference_settings='batch'): fairchem's default settings compile the "
                 "model, and torch 2.13's compiled CPU code aborts or computes wrong numbers "
-                "(docs/fairchem2.md#predicting-with-fairchems-calculator)")
+                "(docs/fairchem2.md#predicting-with-fairchems-calculator)"
+            )
 
 
 def _check_model(model: torch.nn.Module) -> None:

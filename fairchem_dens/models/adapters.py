@@ -142,7 +142,7 @@ def backbone_keys(keys: Iterable[str]) -> list[str]:
     keys = list(keys)
     if not is_hydra(keys):
         return keys
-    return [key[len("backbone."):] for key in keys if key.startswith("backbone.")]
+    return [key[len("backbone.") :] for key in keys if key.startswith("backbone.")]
 
 
 def family_of_keys(keys: Iterable[str]) -> BackboneAdapter | None:

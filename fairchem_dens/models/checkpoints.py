@@ -116,11 +116,15 @@ def _unreadable_because(path: Path, error: Exception) -> str | None:
         if corrupt is not None:
             return f"{damaged}: member {corrupt} of its zip archive fails its CRC check; {remedy}"
         if not any(name.endswith("/data.pkl") for name in names):
-            return (f"{path} ({size} bytes) is not a PyTorch checkpoint: "
-                    "a zip archive without the data.pkl torch.save writes")
+            return (
+                f"{path} ({size} bytes) is not a PyTorch checkpoint: "
+                "a zip archive without the data.pkl torch.save writes"
+            )
     elif not head.startswith(_PICKLE_PROTO):
-        return (f"{path} ({size} bytes) is not a PyTorch checkpoint: it starts with {head!r}, "
-                "neither a zip archive (torch.save) nor a pickle stream (torch.save before 1.6)")
+        return (
+            f"{path} ({size} bytes) is not a PyTorch checkpoint: it starts with {head!r}, "
+            "neither a zip archive (torch.save) nor a pickle stream (torch.save before 1.6)"
+        )
     # torch's weights-only unpickler also reports a short read as an UnpicklingError.
     if isinstance(error, EOFError) or "unexpected EOF" in str(error):
         return f"{damaged}: it ends before its pickle stream does; {remedy}"
@@ -138,7 +142,7 @@ def strip_ddp_prefix(state_dict: dict[str, torch.Tensor]) -> OrderedDict:
     out = OrderedDict()
     for key, value in state_dict.items():
         while key.startswith("module."):
-            key = key[len("module."):]
+            key = key[len("module.") :]
         out[key] = value
     return out
 
@@ -195,10 +199,14 @@ def explain_mismatch(model_state: dict[str, torch.Tensor], checkpoint_state: dic
     lines, hints = [], _hints()
     model_family, ckpt_family = family_of_keys(model_keys), family_of_keys(ckpt_keys)
     if ckpt_family is not None and model_family is not None and model_family != ckpt_family:
-        return (f"the checkpoint holds an {ckpt_family.label} model but the config builds an {model_family.label} "
-                "model: use a config of the checkpoint's architecture")
-    for label, keys, other in (("missing from the checkpoint", model_keys - ckpt_keys, "config"),
-                               ("in the checkpoint but not in the model", ckpt_keys - model_keys, "checkpoint")):
+        return (
+            f"the checkpoint holds an {ckpt_family.label} model but the config builds an {model_family.label} "
+            "model: use a config of the checkpoint's architecture"
+        )
+    for label, keys, other in (
+        ("missing from the checkpoint", model_keys - ckpt_keys, "config"),
+        ("in the checkpoint but not in the model", ckpt_keys - model_keys, "checkpoint"),
+    ):
         for module in sorted({_module_of(k) for k in keys}):
             hint = next((h for word, h in hints.items() if word in module), None)
             count = sum(1 for k in keys if _module_of(k) == module)
@@ -214,8 +222,10 @@ def explain_mismatch(model_state: dict[str, torch.Tensor], checkpoint_state: dic
             f"{tuple(checkpoint_state[key].shape)}, model shape {tuple(model_state[key].shape)}"
         )
     if differing:
-        lines.append("  (sizes such as lmax_list, mmax_list, sphere_channels, num_layers or "
-                     "max_num_elements differ between the config and the checkpoint)")
+        lines.append(
+            "  (sizes such as lmax_list, mmax_list, sphere_channels, num_layers or "
+            "max_num_elements differ between the config and the checkpoint)"
+        )
     return "\n".join(lines)
 
 
@@ -225,6 +235,6 @@ def normalize_fork_keys(state_dict: dict[str, torch.Tensor]) -> OrderedDict:
     for key, value in state_dict.items():
         for old, new in _FORK_ALIASES:
             if key.startswith(old):
-                key = new + key[len(old):]
+                key = new + key[len(old) :]
         out[key] = value
     return out

@@ -56,7 +56,7 @@ def original_model_config(family: str, model_attributes: dict[str, Any]) -> dict
 def _rename_original(key: str, family: str) -> str:
     for old, new in adapter(family).original_prefixes:
         if key.startswith(old):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     return "backbone." + key
 
 
@@ -95,7 +95,8 @@ def convert_original_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any]:
         raise CheckpointMismatchError("the original checkpoint does not fit its own config:\n" + problems)
 
     converted: dict[str, Any] = {
-        key: value for key, value in checkpoint.items()
+        key: value
+        for key, value in checkpoint.items()
         if key not in ("state_dict", "optimizer", "scheduler", "ema", "config", "normalizers", "amp")
     }
     converted["state_dict"] = state_dict
@@ -119,9 +120,7 @@ def _reorder_ema(ema: dict[str, Any], original_state: OrderedDict, family: str, 
     original_order = [k for k in original_state if _rename_original(k, family) in trainable]
     shadow = list(ema["shadow_params"])
     if len(shadow) != len(original_order):
-        raise CheckpointMismatchError(
-            f"the EMA holds {len(shadow)} parameters but the model has {len(original_order)}"
-        )
+        raise CheckpointMismatchError(f"the EMA holds {len(shadow)} parameters but the model has {len(original_order)}")
     by_name = {_rename_original(k, family): t for k, t in zip(original_order, shadow)}
     ours = [name for name, p in model.named_parameters() if p.requires_grad]
     return {**ema, "shadow_params": [by_name[name] for name in ours], "collected_params": []}

@@ -12,12 +12,15 @@ import contextlib
 from typing import Any, Callable, Iterator
 
 import torch
+from fairchem.core.models.equiformer_v2.so3 import SO3_Embedding, SO3_LinearV2
 from torch import nn
 
-from fairchem.core.models.equiformer_v2.so3 import SO3_Embedding, SO3_LinearV2
-
 from fairchem_dens.core.batch import corrupted_atoms, is_dens_batch
-from fairchem_dens.core.encoding import check_force_encoding_scale, fold_force_encoding_bias, force_encoding_coefficients
+from fairchem_dens.core.encoding import (
+    check_force_encoding_scale,
+    fold_force_encoding_bias,
+    force_encoding_coefficients,
+)
 from fairchem_dens.core.modules import BatchDuringForward, zero_weight
 
 __all__ = [

@@ -25,8 +25,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
-
 from fairchem.core.common import gp_utils
 from fairchem.core.common.registry import registry
 from fairchem.core.models.base import HeadInterface
@@ -34,9 +32,10 @@ from fairchem.core.models.equiformer_v2.equiformer_v2 import EquiformerV2Backbon
 from fairchem.core.models.equiformer_v2.equiformer_v2_dens import DeNSScalarHead
 from fairchem.core.models.equiformer_v2.transformer_block import SO2EquivariantGraphAttention
 from fairchem.core.models.equiformer_v2.weight_initialization import eqv2_init_weights
+from torch import nn
 
+from fairchem_dens.core.roles import FORCES
 from fairchem_dens.models.adapters import BackboneAdapter
-
 from fairchem_dens.models.dens_features import (
     DeNSBackboneMixin,
     dens_force_output,
@@ -45,7 +44,6 @@ from fairchem_dens.models.dens_features import (
     is_dens_batch,
     make_force_embedding,
 )
-from fairchem_dens.core.roles import FORCES
 
 if TYPE_CHECKING:
     from torch_geometric.data import Batch
@@ -98,9 +96,7 @@ class DeNSEquiformerV2Backbone(DeNSBackboneMixin, EquiformerV2Backbone):
         if use_noise_schedule_sigma_encoding:
             self.noise_schedule_sigma_embedding = nn.Linear(1, self.sphere_channels)
         self.apply(partial(eqv2_init_weights, weight_init=self.weight_init))
-        self.edge_degree_embedding.register_forward_hook(
-            self._add_dens_encoding, with_kwargs=True
-        )
+        self.edge_degree_embedding.register_forward_hook(self._add_dens_encoding, with_kwargs=True)
 
     def _add_dens_encoding(self, module, args, kwargs, edge_degree):
         data = self._dens_data
@@ -203,9 +199,7 @@ class DeNSEquiformerV2ForceHead(nn.Module, HeadInterface):
             graph.node_offset,
         )
         if self.activation_checkpoint:
-            out = torch.utils.checkpoint.checkpoint(
-                block, *inputs, use_reentrant=not self.training
-            )
+            out = torch.utils.checkpoint.checkpoint(block, *inputs, use_reentrant=not self.training)
         else:
             with edge_subset_rotations(block.SO3_rotation, edges):
                 out = block(*inputs)

@@ -21,12 +21,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
-
 from fairchem.core.common.registry import registry
 from fairchem.core.models.base import HeadInterface
 from fairchem.core.models.escn.escn import ForceBlock, eSCNBackbone
+from torch import nn
 
+from fairchem_dens.core.roles import FORCES
 from fairchem_dens.models.adapters import BackboneAdapter
 from fairchem_dens.models.dens_features import (
     DeNSBackboneMixin,
@@ -34,7 +34,6 @@ from fairchem_dens.models.dens_features import (
     dens_node_features,
     make_force_embedding,
 )
-from fairchem_dens.core.roles import FORCES
 
 if TYPE_CHECKING:
     from torch_geometric.data import Batch
@@ -75,7 +74,10 @@ class DeNSeSCNBackbone(DeNSBackboneMixin, eSCNBackbone):
             return None
         x = args[0]
         features = dens_node_features(
-            data, self.force_embedding, max(self.lmax_list), use_force_encoding=self.use_force_encoding,
+            data,
+            self.force_embedding,
+            max(self.lmax_list),
+            use_force_encoding=self.use_force_encoding,
             force_encoding_scale=self.force_encoding_scale,
         )
         x.embedding = x.embedding + features.to(x.embedding.dtype)
@@ -101,9 +103,7 @@ class DeNSeSCNForceHead(nn.Module, HeadInterface):
         backbone.force_block = None  # the backbone's own block is unused in hydra mode
         self.output_name = output_name
         self.force_block = ForceBlock(backbone.sphere_channels_all, backbone.num_sphere_samples, backbone.act)
-        self.denoising_pos_block = ForceBlock(
-            backbone.sphere_channels_all, backbone.num_sphere_samples, backbone.act
-        )
+        self.denoising_pos_block = ForceBlock(backbone.sphere_channels_all, backbone.num_sphere_samples, backbone.act)
 
     def forward(self, data: Batch, emb: dict[str, Any]) -> dict[str, torch.Tensor]:
         values, points = emb["sphere_values"], emb["sphere_points"]
@@ -118,7 +118,9 @@ class DeNSeSCNForceHead(nn.Module, HeadInterface):
         return {self.output_name: forces}
 
 
-def _on_atoms(block: ForceBlock, values: torch.Tensor, points: torch.Tensor, atoms: torch.Tensor | None) -> torch.Tensor:
+def _on_atoms(
+    block: ForceBlock, values: torch.Tensor, points: torch.Tensor, atoms: torch.Tensor | None
+) -> torch.Tensor:
     """``[N, 3]`` output of a ``ForceBlock`` (per atom, on its sphere samples), computed on ``atoms`` only."""
     if atoms is None:
         return block(values, points)

@@ -35,12 +35,11 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
-
 from fairchem.core.common.registry import registry
 from fairchem.core.models.base import HeadInterface
 from fairchem.core.models.esen.esen import MLP_EFS_Head, eSEN_Backbone
 from fairchem.core.models.esen.nn.so3_layers import SO3_Linear
+from torch import nn
 
 from fairchem_dens.core.batch import corrupted_atoms, is_dens_batch
 from fairchem_dens.core.modules import EDGE_INPUTS, check_noise_head, l1_vectors, zero_weight
@@ -105,8 +104,13 @@ class DeNSeSENBackbone(DeNSBackboneMixin, eSEN_Backbone):
         if data is None:
             return None
         x_message, *rest = args
-        features = dens_node_features(data, self.force_embedding, self.lmax, use_force_encoding=self.use_force_encoding,
-                                      force_encoding_scale=self.force_encoding_scale)
+        features = dens_node_features(
+            data,
+            self.force_embedding,
+            self.lmax,
+            use_force_encoding=self.use_force_encoding,
+            force_encoding_scale=self.force_encoding_scale,
+        )
         return (x_message + features.to(x_message.dtype), *rest)
 
 
@@ -227,8 +231,11 @@ def plain_esen_state_dict(state_dict: dict[str, torch.Tensor]) -> OrderedDict:
     Args:
         state_dict: a hydra state dict of our DeNS eSEN (direct or conservative heads).
     """
-    return OrderedDict((key, value) for key, value in fold_force_encoding_bias(state_dict).items()
-                       if key.startswith("backbone.") or key.startswith("output_heads.energy.energy_block."))
+    return OrderedDict(
+        (key, value)
+        for key, value in fold_force_encoding_bias(state_dict).items()
+        if key.startswith("backbone.") or key.startswith("output_heads.energy.energy_block.")
+    )
 
 
 ADAPTER = BackboneAdapter(

@@ -17,11 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
-
 from fairchem.core.models.esen.esen import eSEN_Backbone
 from fairchem.core.models.esen.esen_block import eSEN_Block
 from fairchem.core.models.esen.nn.so3_layers import SO3_Linear
+from torch import nn
 
 from fairchem_dens.core.errors import DeNSSetupError
 from fairchem_dens.core.modules import EDGE_INPUTS, l1_vectors
@@ -41,9 +40,18 @@ class eSENNoiseBlock(nn.Module):
     def __init__(self, backbone: eSEN_Backbone) -> None:
         super().__init__()
         self.block = eSEN_Block(
-            backbone.sphere_channels, backbone.hidden_channels, backbone.lmax, backbone.mmax,
-            backbone.mappingReduced, backbone.SO3_grid, backbone.edge_channels_list, backbone.cutoff,
-            backbone.norm_type, backbone.act_type, backbone.mlp_type, backbone.use_envelope,
+            backbone.sphere_channels,
+            backbone.hidden_channels,
+            backbone.lmax,
+            backbone.mmax,
+            backbone.mappingReduced,
+            backbone.SO3_grid,
+            backbone.edge_channels_list,
+            backbone.cutoff,
+            backbone.norm_type,
+            backbone.act_type,
+            backbone.mlp_type,
+            backbone.use_envelope,
         )
         self.output = SO3_Linear(backbone.sphere_channels, 1, lmax=1)
 
@@ -62,6 +70,12 @@ class eSENNoiseBlock(nn.Module):
         # inputs of an AMP run are brought to the heads' precision, the node features'
         dtype = emb["node_embedding"].dtype
         x_edge, wigner, wigner_inv = (value[graph.edges].to(dtype) for value in inputs)
-        x = self.block(emb["node_embedding"][graph.nodes], x_edge, emb["edge_distance"][graph.edges],
-                       graph.edge_index, wigner, wigner_inv)
+        x = self.block(
+            emb["node_embedding"][graph.nodes],
+            x_edge,
+            emb["edge_distance"][graph.edges],
+            graph.edge_index,
+            wigner,
+            wigner_inv,
+        )
         return l1_vectors(self.output, x[graph.wanted])

@@ -65,8 +65,11 @@ def conservative_finetune_checkpoint(checkpoint: dict[str, Any], use_ema: bool =
         normalizers[name] = {"mean": torch.zeros_like(energy_rmsd), "rmsd": energy_rmsd.clone()}
     config["model"] = model_config
     config["trainer"] = "mlip_trainer"
-    config["optim"] = {k: v for k, v in config.get("optim", {}).items()
-                       if k not in ("use_denoising_pos", "denoising_pos_params", "denoising_pos_coefficient")}
+    config["optim"] = {
+        k: v
+        for k, v in config.get("optim", {}).items()
+        if k not in ("use_denoising_pos", "denoising_pos_params", "denoising_pos_coefficient")
+    }
     config["converted_from"] = {"stage": "direct DeNS pre-training", "ema": bool(use_ema and checkpoint.get("ema"))}
     return {
         "state_dict": state_dict,

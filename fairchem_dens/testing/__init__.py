@@ -21,11 +21,29 @@ import importlib
 #: Each public name and the submodule that defines it.
 _HOMES = {
     **dict.fromkeys(
-        ["TINY_EQV2_BACKBONE", "TINY_ESCN_BACKBONE", "TINY_ESEN_BACKBONE", "eqv2_dens_model_config",
-         "escn_dens_model_config", "esen_dens_model_config", "build_model", "forward_seeded"], "models"),
+        [
+            "TINY_EQV2_BACKBONE",
+            "TINY_ESCN_BACKBONE",
+            "TINY_ESEN_BACKBONE",
+            "eqv2_dens_model_config",
+            "escn_dens_model_config",
+            "esen_dens_model_config",
+            "build_model",
+            "forward_seeded",
+        ],
+        "models",
+    ),
     **dict.fromkeys(
-        ["batch_from_tensors", "rotation_matrix", "rotate_batch", "corrupt_like_trainer", "dens_mode_batch",
-         "mixed_dens_batch"], "batches"),
+        [
+            "batch_from_tensors",
+            "rotation_matrix",
+            "rotate_batch",
+            "corrupt_like_trainer",
+            "dens_mode_batch",
+            "mixed_dens_batch",
+        ],
+        "batches",
+    ),
     **dict.fromkeys(["fairchem_trainer", "write_variant", "lmdb_without", "read_lmdb", "close_lmdb"], "trainer"),
 }
 

@@ -93,8 +93,12 @@ class BackboneSuite:
     def test_inference_and_s2ef_never_run_the_noise_block(self, fixture_batch):
         model = self.model()
         calls = {"noise": 0, "force": 0}
-        self.block(model, self.noise_block).register_forward_hook(lambda *a: calls.__setitem__("noise", calls["noise"] + 1))
-        self.block(model, self.force_block).register_forward_hook(lambda *a: calls.__setitem__("force", calls["force"] + 1))
+        self.block(model, self.noise_block).register_forward_hook(
+            lambda *a: calls.__setitem__("noise", calls["noise"] + 1)
+        )
+        self.block(model, self.force_block).register_forward_hook(
+            lambda *a: calls.__setitem__("force", calls["force"] + 1)
+        )
         expected = {"s2ef": (1, 0), "full": (int(self.force_block_in_full), 1), "partial": (1, 1)}
         for mode, (force_calls, noise_calls) in expected.items():
             outputs = []
@@ -120,8 +124,11 @@ class BackboneSuite:
             self.loss(forward_seeded(model, dens_mode_batch(fixture_batch, mode))).backward()
             missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
             assert not missing, (mode, missing[:5])  # DDP without find_unused_parameters needs them all
-            unused = {"s2ef": self.noise_block, "full": None if self.force_block_in_full else self.force_block}[
-                mode] if mode != "partial" else None
+            unused = (
+                {"s2ef": self.noise_block, "full": None if self.force_block_in_full else self.force_block}[mode]
+                if mode != "partial"
+                else None
+            )
             if unused:  # a block that did not run gets an exact zero
                 assert all(torch.all(p.grad == 0) for p in self.block(model, unused).parameters()), mode
 
@@ -146,8 +153,18 @@ class BackboneSuite:
 
     def test_cli_train_predict_and_checkpoint_round_trip(self, request, tmp_path):
         common = ["--config-yml", str(self.cli_config), "--cpu", "--run-dir", str(tmp_path), *self.cli_data(request)]
-        train = [*fairchem_command(), "--mode", "train", "--timestamp-id", "t", "--print-every", "1", "--optim.max_epochs=1",
-                 "--optim.denoising_pos_params.prob=0.5", *common]
+        train = [
+            *fairchem_command(),
+            "--mode",
+            "train",
+            "--timestamp-id",
+            "t",
+            "--print-every",
+            "1",
+            "--optim.max_epochs=1",
+            "--optim.denoising_pos_params.prob=0.5",
+            *common,
+        ]
         result = subprocess.run(train, capture_output=True, text=True, cwd=tmp_path, timeout=900)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         assert "denoising_pos_mae" in result.stdout + result.stderr

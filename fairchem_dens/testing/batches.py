@@ -21,6 +21,7 @@ __all__ = [
     "mixed_dens_batch",
 ]
 
+
 def batch_from_tensors(tensors: dict[str, torch.Tensor] | str | Path) -> Batch:
     """A PyG batch from a dict of batched tensors (the layout of ``inputs.pt``)."""
     if not isinstance(tensors, dict):
@@ -83,10 +84,13 @@ def corrupt_like_trainer(batch: Batch, *, seed: int = 0, step: int = 1, enabled:
     from fairchem_dens.core.batch import corrupt_batch
     from fairchem_dens.core.settings import DeNSConfig
 
-    config = DeNSConfig.from_optim({
-        "use_denoising_pos": enabled, "denoising_pos_coefficient": 10.0,
-        "denoising_pos_params": {"prob": 1.0, "fixed_noise_std": True, "std": 0.1, **params},
-    })
+    config = DeNSConfig.from_optim(
+        {
+            "use_denoising_pos": enabled,
+            "denoising_pos_coefficient": 10.0,
+            "denoising_pos_params": {"prob": 1.0, "fixed_noise_std": True, "std": 0.1, **params},
+        }
+    )
     batch = batch.clone()
     corrupt_batch(config, batch, seed=seed, step=step)
     return batch
@@ -103,7 +107,8 @@ def mixed_dens_batch(trainer, max_steps: int = 60) -> tuple[Batch, torch.Tensor]
         if not trainer.corrupt(batch, step=step):
             continue
         corrupted = torch.zeros(batch.natoms.numel(), dtype=torch.bool).index_fill_(
-            0, batch.batch[batch.noise_mask], True)
+            0, batch.batch[batch.noise_mask], True
+        )
         if 0 < int(corrupted.sum()) < batch.natoms.numel():
             return batch, corrupted
     raise AssertionError(f"no batch of the first {max_steps} steps mixed corrupted and clean structures")

@@ -178,21 +178,34 @@ def esen_dens_model_config(
     """
     kwargs = copy.deepcopy(backbone or TINY_ESEN_BACKBONE)
     choice = {} if noise_head is None or not flavour.startswith("ours") else {"noise_head": noise_head}
-    esen, port, ours = "fairchem.core.models.esen.esen", "fairchem.core.models.esen.esen_dens", "fairchem_dens.models.esen"
+    esen, port, ours = (
+        "fairchem.core.models.esen.esen",
+        "fairchem.core.models.esen.esen_dens",
+        "fairchem_dens.models.esen",
+    )
     conservative = flavour.endswith("_conservative")
     base = flavour.removesuffix("_conservative")
-    backbone_class = {"ours": f"{ours}.DeNSeSENBackbone", "fairchem": f"{port}.eSEN_DeNS_Backbone",
-                      "plain": f"{esen}.eSEN_Backbone"}.get(base)
+    backbone_class = {
+        "ours": f"{ours}.DeNSeSENBackbone",
+        "fairchem": f"{port}.eSEN_DeNS_Backbone",
+        "plain": f"{esen}.eSEN_Backbone",
+    }.get(base)
     if backbone_class is None:
         raise ValueError(f"unknown flavour {flavour!r}")
     kwargs.update(model=backbone_class, **dens)
     if conservative:
         kwargs.setdefault("regress_stress", True)
-        head = {"ours": f"{ours}.DeNSeSENConservativeHead", "fairchem": f"{port}.MLP_EFS_Head",
-                "plain": f"{esen}.MLP_EFS_Head"}[base]
+        head = {
+            "ours": f"{ours}.DeNSeSENConservativeHead",
+            "fairchem": f"{port}.MLP_EFS_Head",
+            "plain": f"{esen}.MLP_EFS_Head",
+        }[base]
         return _hydra(kwargs, {"energy": {"module": head, **choice}})
-    forces = {"ours": f"{ours}.DeNSeSENForceHead", "fairchem": f"{port}.Linear_Force_Head_DeNS",
-              "plain": f"{esen}.Linear_Force_Head"}[base]
+    forces = {
+        "ours": f"{ours}.DeNSeSENForceHead",
+        "fairchem": f"{port}.Linear_Force_Head_DeNS",
+        "plain": f"{esen}.Linear_Force_Head",
+    }[base]
     return _hydra(kwargs, {"energy": {"module": f"{esen}.MLP_Energy_Head"}, "forces": {"module": forces, **choice}})
 
 

@@ -20,8 +20,9 @@ from e3nn import o3
 __all__ = ["original_force_encoding"]
 
 
-def original_force_encoding(forces: torch.Tensor, corrupted: torch.Tensor, weight: torch.Tensor,
-                            bias: torch.Tensor) -> torch.Tensor:
+def original_force_encoding(
+    forces: torch.Tensor, corrupted: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
     """The original's encoding of ``forces`` (its units), in our layout ``[N, (L+1)^2, C]``.
 
     Args:
@@ -45,6 +46,6 @@ def original_force_encoding(forces: torch.Tensor, corrupted: torch.Tensor, weigh
     blocks = []
     for degree in range(lmax + 1):
         start = channels * degree * degree
-        block = out[:, start:start + channels * (2 * degree + 1)].reshape(-1, channels, 2 * degree + 1)
+        block = out[:, start : start + channels * (2 * degree + 1)].reshape(-1, channels, 2 * degree + 1)
         blocks.append(block.transpose(1, 2))
     return torch.cat(blocks, dim=1)

@@ -17,15 +17,34 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Iterator
 
-__all__ = ["FINAL_STATES", "PARTITION", "STATE_DIR", "describe", "job_logs", "local_cluster", "push_requeued",
-           "squeue", "wait_for_end", "wait_until"]
+__all__ = [
+    "FINAL_STATES",
+    "PARTITION",
+    "STATE_DIR",
+    "describe",
+    "job_logs",
+    "local_cluster",
+    "push_requeued",
+    "squeue",
+    "wait_for_end",
+    "wait_until",
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 UP, DOWN = ROOT / "scripts" / "slurm_local_up.sh", ROOT / "scripts" / "slurm_local_down.sh"
 STATE_DIR = Path(os.environ.get("SLURM_LOCAL_DIR", "/tmp/fairchem-dens-slurm"))
 PARTITION = "debug"
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 def _daemon_running(name: str, pid_file: Path) -> bool:
@@ -48,8 +67,10 @@ def local_cluster() -> Iterator[str]:
     if up.returncode != 0:
         if not was_up:  # stop whatever it did start
             subprocess.run(["bash", str(DOWN)], check=False, env=env, capture_output=True, timeout=120)
-        raise AssertionError(f"the local SLURM cluster did not start (scripts/slurm_local_up.sh exit "
-                             f"{up.returncode}):\n{up.stderr}{up.stdout}")
+        raise AssertionError(
+            f"the local SLURM cluster did not start (scripts/slurm_local_up.sh exit "
+            f"{up.returncode}):\n{up.stderr}{up.stdout}"
+        )
     saved = {key: os.environ.get(key) for key in ("PATH", "SLURM_CONF")}
     # the sacct stand-in first on PATH (submitit polls sacct), clients pointed at this cluster
     os.environ["PATH"] = f"{STATE_DIR / 'bin'}{os.pathsep}{os.environ['PATH']}"
@@ -67,8 +88,13 @@ def local_cluster() -> Iterator[str]:
 
 
 def squeue(job_id: str, fields: str) -> str:
-    result = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", fields],
-                            check=False, capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-j", job_id, "-o", fields],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return result.stdout.strip()
 
 
@@ -82,8 +108,10 @@ def describe(job: SimpleNamespace) -> str:
     """What to print when a test fails: the job's state and the end of its logs (``job.id``, ``job.folder``)."""
     logs = job_logs(job.folder, job.id)
     ctl = STATE_DIR / "slurmctld.log"
-    return (f"job {job.id}: {squeue(job.id, '%T %r') or '(not in squeue)'}\n--- job log (end) ---\n{logs[-6000:]}"
-            f"\n--- slurmctld.log (end) ---\n{ctl.read_text()[-1500:] if ctl.exists() else ''}")
+    return (
+        f"job {job.id}: {squeue(job.id, '%T %r') or '(not in squeue)'}\n--- job log (end) ---\n{logs[-6000:]}"
+        f"\n--- slurmctld.log (end) ---\n{ctl.read_text()[-1500:] if ctl.exists() else ''}"
+    )
 
 
 def wait_until(what: str, condition: Callable[[], object], job: SimpleNamespace, timeout: float, every: float = 0.5):
@@ -99,15 +127,24 @@ def wait_until(what: str, condition: Callable[[], object], job: SimpleNamespace,
 
 def wait_for_end(job: SimpleNamespace, timeout: float = 300) -> str:
     """Waits for the job to end; AssertionError unless it COMPLETED."""
-    state = wait_until(f"job {job.id} to finish",
-                       lambda: (squeue(job.id, "%T") if squeue(job.id, "%T") in FINAL_STATES else None),
-                       job, timeout, every=1.0)
+    state = wait_until(
+        f"job {job.id} to finish",
+        lambda: squeue(job.id, "%T") if squeue(job.id, "%T") in FINAL_STATES else None,
+        job,
+        timeout,
+        every=1.0,
+    )
     assert state == "COMPLETED", describe(job)
     return state
 
 
 def push_requeued(job: SimpleNamespace) -> None:
     """SLURM holds a requeued job ~2 minutes (BeginTime): wait for that, then start it in 5 s (not now)."""
-    wait_until("the requeued job to be held", lambda: squeue(job.id, "%T %r") == "PENDING BeginTime",
-               job, timeout=120, every=0.2)
+    wait_until(
+        "the requeued job to be held",
+        lambda: squeue(job.id, "%T %r") == "PENDING BeginTime",
+        job,
+        timeout=120,
+        every=0.2,
+    )
     subprocess.run(["scontrol", "update", f"jobid={job.id}", "StartTime=now+5"], check=True, timeout=30)

@@ -20,8 +20,8 @@ import os
 import numpy as np
 import torch
 
-EPS32 = 2.0 ** -23  # float32 machine epsilon (≈ 1.19e-7): 1 ulp of a value in [1, 2)
-EPS64 = 2.0 ** -52  # float64 machine epsilon (≈ 2.2e-16)
+EPS32 = 2.0**-23  # float32 machine epsilon (≈ 1.19e-7): 1 ulp of a value in [1, 2)
+EPS64 = 2.0**-52  # float64 machine epsilon (≈ 2.2e-16)
 
 # ---------------------------------------------------------------- model outputs (float32)
 
@@ -162,9 +162,11 @@ def bias_gradient_scales(model: torch.nn.Module):
     hooks = []
     for module_name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and module.bias is not None:
+
             def record(module, grad_input, grad_output, name=f"{module_name}.bias"):
                 terms = grad_output[0].abs().reshape(-1, grad_output[0].shape[-1]).sum(0).max()
                 scales[name] = scales.get(name, 0.0) + float(terms)
+
             hooks.append(module.register_full_backward_hook(record))
     try:
         yield scales
@@ -196,6 +198,8 @@ def assert_ulps(actual, expected, ulps: float, scale: float | None = None, what:
             handle.write(f"{test}\t{what}\t{deviation:.3f}\n")
     tolerance = f32_tol(scale, ulps)
     bad = int((np.abs(actual - expected) > tolerance).sum())
-    assert deviation <= ulps, (f"{what}: max |difference| {difference:.3e} = {deviation:.1f} ulps of the scale "
-                               f"{scale:.3e} > {ulps} ulps ({tolerance:.3e}) at {bad} of {expected.size} elements")
+    assert deviation <= ulps, (
+        f"{what}: max |difference| {difference:.3e} = {deviation:.1f} ulps of the scale "
+        f"{scale:.3e} > {ulps} ulps ({tolerance:.3e}) at {bad} of {expected.size} elements"
+    )
     return deviation

@@ -16,6 +16,7 @@ from fairchem_dens.datasets.lmdb_io import close_lmdb, read_lmdb, write_lmdb
 
 __all__ = ["fairchem_trainer", "write_variant", "lmdb_without", "read_lmdb", "close_lmdb"]
 
+
 def write_variant(config_yml: str | Path, path: str | Path, edit) -> Path:
     """A copy of a config (``includes:`` resolved as fairchem does) changed by ``edit(config)``.
 
@@ -60,8 +61,18 @@ def fairchem_trainer(config_yml: str | Path, run_dir: str | Path, *overrides: st
     from fairchem.core.common.utils import build_config, new_trainer_context
 
     args, override_args = flags.get_parser().parse_known_args(
-        ["--mode", mode, "--config-yml", str(config_yml), "--cpu", "--run-dir", str(run_dir),
-         "--timestamp-id", "test", *overrides]
+        [
+            "--mode",
+            mode,
+            "--config-yml",
+            str(config_yml),
+            "--cpu",
+            "--run-dir",
+            str(run_dir),
+            "--timestamp-id",
+            "test",
+            *overrides,
+        ]
     )
     config = build_config(args, override_args)
     if "RANK" not in os.environ or config.get("world_size", 1) == 1:

@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from fairchem.core.common import distutils
 from fairchem.core.common.registry import registry
 from fairchem.core.common.utils import save_checkpoint
@@ -64,8 +63,6 @@ from fairchem_dens.core.roles import EXCLUDED, FORCES, ORIGINAL, STRESS, output_
 from fairchem_dens.core.settings import DeNSConfig
 from fairchem_dens.core.tally import CorruptionTally
 from fairchem_dens.files import replace_durably
-from fairchem_dens.trainers.kept_checkpoints import kept_epochs, kept_name
-from fairchem_dens.trainers.schedule_length import schedule_epochs
 from fairchem_dens.models.checkpoints import (
     CheckpointMismatchError,
     checkpoint_family,
@@ -86,8 +83,10 @@ from fairchem_dens.trainers.guards import (
     check_training_sample,
     check_warmup,
 )
+from fairchem_dens.trainers.kept_checkpoints import kept_epochs, kept_name
 from fairchem_dens.trainers.labels import FitRecorder, check_batch_labels
 from fairchem_dens.trainers.normalizer_ties import apply_rmsd_ties, pop_rmsd_ties
+from fairchem_dens.trainers.schedule_length import schedule_epochs
 from fairchem_dens.trainers.structure_subset import structure_subset
 
 __all__ = ["DeNSTrainer", "NonFiniteLossError", "DeNSSetupError"]
@@ -143,10 +142,18 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         if self.train_loader is not None and optim.get("scheduler") == "LambdaLR":
             check_warmup(optim.get("scheduler_params", {}), len(self.train_loader))
         self._kept_epochs = kept_epochs(optim, len(self.train_loader)) if self.train_loader is not None else frozenset()
-        evaluated = {split: (getattr(self, f"{split}_dataset", None), self.config.get(f"{split}_dataset", {}).get("src"))
-                     for split in ("val", "test")}
-        check_denoising_splits(self.dens, {split: (dataset[0], source) for split, (dataset, source)
-                                           in evaluated.items() if dataset is not None and len(dataset) > 0})
+        evaluated = {
+            split: (getattr(self, f"{split}_dataset", None), self.config.get(f"{split}_dataset", {}).get("src"))
+            for split in ("val", "test")
+        }
+        check_denoising_splits(
+            self.dens,
+            {
+                split: (dataset[0], source)
+                for split, (dataset, source) in evaluated.items()
+                if dataset is not None and len(dataset) > 0
+            },
+        )
 
     def load_extras(self) -> None:
         # fairchem sizes its LR schedule by optim.max_epochs: give it the schedule's length
@@ -185,8 +192,10 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         if distutils.is_master() and not self.is_debug:
             # fairchem's files, on the CPU as fairchem writes them (it reads them back without map_location)
             folder = self.config["cmd"]["checkpoint_dir"]
-            for config, modules, name in ((transforms.get("element_references"), self.elementrefs, "element_references"),
-                                          (norm_config, fitted, "normalizers")):
+            for config, modules, name in (
+                (transforms.get("element_references"), self.elementrefs, "element_references"),
+                (norm_config, fitted, "normalizers"),
+            ):
                 if config is not None:
                     save_checkpoint({k: copy.deepcopy(v).cpu() for k, v in modules.items()}, folder, f"{name}.pt")
         self._set_noise_normalizer()
@@ -226,7 +235,9 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         return f"fitted on {seen} training sample(s)"
 
     # ------------------------------------------------------------- checkpoints
-    def load_checkpoint(self, checkpoint_path: str, checkpoint: dict | None = None, inference_only: bool = False) -> None:
+    def load_checkpoint(
+        self, checkpoint_path: str, checkpoint: dict | None = None, inference_only: bool = False
+    ) -> None:
         """fairchem's loader, plus original-DeNS checkpoints and readable mismatch errors.
 
         The file is read with ``weights_only=True``. A checkpoint of the original
@@ -247,9 +258,7 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         if self.config.get("task", {}).get("strict_load", True):
             problems = explain_mismatch(model_state, state)
             if problems:
-                raise CheckpointMismatchError(
-                    f"{checkpoint_path} does not fit the model of this config:\n{problems}"
-                )
+                raise CheckpointMismatchError(f"{checkpoint_path} does not fit the model of this config:\n{problems}")
         super().load_checkpoint(
             checkpoint_path, checkpoint={**checkpoint, "state_dict": state}, inference_only=inference_only
         )
@@ -316,7 +325,9 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
     def _ranks(self, device=None) -> dens_loss.Reduction:
         """fairchem's collectives for the core's DDP-global sums."""
         device = self.device if device is None else device
-        return dens_loss.Reduction(distutils.get_world_size(), lambda values: distutils.all_reduce(values, device=device))
+        return dens_loss.Reduction(
+            distutils.get_world_size(), lambda values: distutils.all_reduce(values, device=device)
+        )
 
     def _count_corruption(self, batch, epoch: int) -> None:
         """Adds a training batch to its epoch's counts; logs them after the epoch's last batch."""
@@ -332,8 +343,15 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         steps = len(self.train_loader) if self.train_loader is not None else 0
         return max(self.step - 1, 0) // steps if steps else 0
 
-    def corrupt(self, batch, step: int, rank: int = 0, streams: tuple[int, int] = TRAINING_STREAMS,
-                seed: int | None = None, dens: DeNSConfig | None = None) -> bool:
+    def corrupt(
+        self,
+        batch,
+        step: int,
+        rank: int = 0,
+        streams: tuple[int, int] = TRAINING_STREAMS,
+        seed: int | None = None,
+        dens: DeNSConfig | None = None,
+    ) -> bool:
         """Corrupts ``batch`` in place (CPU, before it is moved to the device).
 
         Args:
@@ -349,8 +367,9 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
             True if the batch became a DeNS batch.
         """
         seed = (self.config["cmd"].get("seed") or 0) if seed is None else seed
-        return corrupt_batch(self.dens if dens is None else dens, batch, seed=seed, step=step, rank=rank,
-                             streams=streams)
+        return corrupt_batch(
+            self.dens if dens is None else dens, batch, seed=seed, step=step, rank=rank, streams=streams
+        )
 
     # -------------------------------------------------------------------- loss
     def _compute_loss(self, out, batch) -> torch.Tensor:
@@ -383,8 +402,11 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
 
     def _check_finite(self, out, batch, kind: str) -> None:
         # fairchem's DDPLoss replaces NaN predictions by 0, which would hide a broken step.
-        checked = [(name, what, values) for name, _ in self.loss_functions
-                   for what, values in (("prediction", out[name]), ("target", batch[name]))]
+        checked = [
+            (name, what, values)
+            for name, _ in self.loss_functions
+            for what, values in (("prediction", out[name]), ("target", batch[name]))
+        ]
         finite = torch.stack([torch.isfinite(values).all() for _, _, values in checked]).tolist()  # one sync
         for (name, what, values), ok in zip(checked, finite):
             if not ok:
@@ -407,8 +429,9 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
             coefficient=float(loss_info["coefficient"]),
             rows=self._counted(name, batch, training=True),
             corrupted=corrupted_atoms(batch),
-            corrupted_rows=dens_loss.structure_rows(corrupted_structures(batch), batch.batch,
-                                                    self.output_targets[name]["level"]),
+            corrupted_rows=dens_loss.structure_rows(
+                corrupted_structures(batch), batch.batch, self.output_targets[name]["level"]
+            ),
             noise_target=batch.denoising_target if dens else None,
             denoising_coefficient=self.dens.coefficient_at(self.epoch, self._schedule_epochs),
             loss_form=self.dens.loss_form if name == FORCES else "hybrid",
@@ -430,7 +453,10 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         """Rows of ``name`` that enter the loss (``training``) or the metrics (:func:`~fairchem_dens.core.loss.counted_rows`)."""
         target = self.output_targets[name]
         return dens_loss.counted_rows(
-            batch.fixed, corrupted_atoms(batch), level=target["level"], num_structures=batch.natoms.numel(),
+            batch.fixed,
+            corrupted_atoms(batch),
+            level=target["level"],
+            num_structures=batch.natoms.numel(),
             on_free=target.get("train_on_free_atoms" if training else "eval_on_free_atoms", True),
             all_atoms=self.dens.all_atoms,
         )
@@ -459,9 +485,14 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
                 dens_metrics.accumulate(metrics, dens_metrics.original_mae(name), error)
             pred = out[FORCES].detach().float()
             errors = dens_metrics.denoising_errors(
-                pred, batch.noise_vec, self.dens.target_std, corrupted_atoms(batch),
+                pred,
+                batch.noise_vec,
+                self.dens.target_std,
+                corrupted_atoms(batch),
                 self._counted(FORCES, batch, training=False),
-                forces_prediction=self._denorm_preds(FORCES, pred, batch), forces=batch.forces)
+                forces_prediction=self._denorm_preds(FORCES, pred, batch),
+                forces=batch.forces,
+            )
             for key, error in errors.items():
                 dens_metrics.accumulate(metrics, key, error)
         return metrics
@@ -524,8 +555,14 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
         metrics: dict[str, Any] = {}
         try:
             for index, batch in enumerate(loader):
-                if not self.corrupt(batch, step=index, rank=distutils.get_rank(), streams=VALIDATION_STREAMS,
-                                    seed=self.dens.validation_seed, dens=always):
+                if not self.corrupt(
+                    batch,
+                    step=index,
+                    rank=distutils.get_rank(),
+                    streams=VALIDATION_STREAMS,
+                    seed=self.dens.validation_seed,
+                    dens=always,
+                ):
                     continue
                 with torch.autocast("cuda", enabled=self.scaler is not None):
                     out = super()._forward(batch)
@@ -535,9 +572,7 @@ class DeNSTrainer(EquiformerV2ForcesTrainer):
                 self.ema.restore()
         metrics = self.aggregate_denoising_metrics(metrics)
         if distutils.is_master():
-            logging.info(
-                ", ".join(f"{split}_{k}: {v['metric']:.4f}" for k, v in metrics.items())
-            )
+            logging.info(", ".join(f"{split}_{k}: {v['metric']:.4f}" for k, v in metrics.items()))
         if self.logger is not None:
             self.logger.log({k: v["metric"] for k, v in metrics.items()}, step=self.step, split=split)
         return metrics

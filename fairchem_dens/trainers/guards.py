@@ -17,9 +17,17 @@ from fairchem_dens.core.errors import DeNSSetupError
 from fairchem_dens.core.roles import ENERGY, FORCES, GRADIENT_OUTPUTS, STRESS
 from fairchem_dens.models.adapters import adapters, gradient_force_heads, is_dens_conservative, noise_blocks
 
-__all__ = ["DeNSSetupError", "check_denoising_splits", "check_gradient_normalizers", "check_loss_functions",
-           "check_model", "check_normalizers", "check_skip_filters", "check_training_sample", "check_warmup"]
-
+__all__ = [
+    "DeNSSetupError",
+    "check_denoising_splits",
+    "check_gradient_normalizers",
+    "check_loss_functions",
+    "check_model",
+    "check_normalizers",
+    "check_skip_filters",
+    "check_training_sample",
+    "check_warmup",
+]
 
 
 def use_instead() -> str:
@@ -71,9 +79,12 @@ def check_model(model: nn.Module, forces: str = FORCES) -> None:
         )
     # a conservative head writes energy, forces (and stress) whatever its name
     force_heads = [
-        head for name, head in heads.items()
-        if name == forces or getattr(head, "output_name", None) == forces
-        or isinstance(head, _gradient_force_classes()) or is_dens_conservative(head)
+        head
+        for name, head in heads.items()
+        if name == forces
+        or getattr(head, "output_name", None) == forces
+        or isinstance(head, _gradient_force_classes())
+        or is_dens_conservative(head)
     ]
     for head in force_heads or heads.values():
         if not _is_conservative(head, backbone) or is_dens_conservative(head):
@@ -145,8 +156,7 @@ def check_normalizers(normalizers: Mapping[str, Any], samples: str) -> None:
 def is_conservative_model(model: nn.Module) -> bool:
     """Whether a hydra model's forces are gradients of its energy (fairchem's or our DeNS heads)."""
     backbone, heads = getattr(model, "backbone", None), getattr(model, "output_heads", None) or {}
-    return any(_is_conservative(head, backbone) or is_dens_conservative(head)
-               for head in heads.values())
+    return any(_is_conservative(head, backbone) or is_dens_conservative(head) for head in heads.values())
 
 
 def check_gradient_normalizers(model: nn.Module, normalizers: Mapping[str, Any], outputs: Iterable[str]) -> None:
@@ -177,8 +187,11 @@ def check_gradient_normalizers(model: nn.Module, normalizers: Mapping[str, Any],
             mean, rmsd = float(normalizer.mean), float(normalizer.rmsd)
         if mean == 0.0 and math.isclose(rmsd, energy_rmsd, rel_tol=1e-6):
             continue
-        fix = ("`{name}: {{mean: 0.0, rmsd: energy}}` under dataset.train.transforms.normalizer.fit.targets"
-               if energy is not None else "`{name}: {{mean: 0.0, rmsd: 1.0}}` (or no `{name}` normalizer)").format(name=name)
+        fix = (
+            "`{name}: {{mean: 0.0, rmsd: energy}}` under dataset.train.transforms.normalizer.fit.targets"
+            if energy is not None
+            else "`{name}: {{mean: 0.0, rmsd: 1.0}}` (or no `{name}` normalizer)"
+        ).format(name=name)
         raise DeNSSetupError(
             f"the model's `{name}` output is a gradient of its normalised energy, so it comes out in units of the "
             f"energy normalizer's rmsd ({energy_rmsd:.6g}{'' if energy is not None else ': no energy normalizer'}) "
@@ -202,9 +215,7 @@ def check_warmup(scheduler_params: Mapping[str, Any], steps_per_epoch: int) -> N
         return
     epochs = scheduler_params.get("warmup_epochs")
     if not isinstance(epochs, (int, float)) or isinstance(epochs, bool):
-        raise DeNSSetupError(
-            f"optim.scheduler_params.warmup_epochs must be a number of epochs, got {epochs!r}"
-        )
+        raise DeNSSetupError(f"optim.scheduler_params.warmup_epochs must be a number of epochs, got {epochs!r}")
     steps = int(epochs * steps_per_epoch)
     if steps < 1:
         needed = math.ceil(1e6 / steps_per_epoch) / 1e6
@@ -236,8 +247,11 @@ def check_skip_filters(dens, values: Mapping[str, Iterable[float]], source: str)
 
     def described(key: str) -> str:
         what, unit = SKIP_FILTERS[key]
-        nearest = (f"the largest has {int(values[key].max())} {what}" if key == "min_num_atoms"
-                   else f"the smallest per-structure {what} is {float(values[key].min()):.4g}{unit}")
+        nearest = (
+            f"the largest has {int(values[key].max())} {what}"
+            if key == "min_num_atoms"
+            else f"the smallest per-structure {what} is {float(values[key].min()):.4g}{unit}"
+        )
         return f"optim.denoising_pos_params.{key}={getattr(dens, key)}{unit} ({nearest})"
 
     verb = "excludes" if len(culprits) == 1 else "each exclude" if alone else "together exclude"

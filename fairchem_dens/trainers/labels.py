@@ -37,8 +37,11 @@ class NonFiniteLabelError(FairchemDensError, ValueError):
 
 def non_finite_labels(data: Any, names: Iterable[str]) -> list[str]:
     """The names among ``names`` whose label in ``data`` holds a NaN or an inf."""
-    labels = {name: value for name in names
-              if torch.is_tensor(value := getattr(data, name, None)) and value.is_floating_point()}
+    labels = {
+        name: value
+        for name in names
+        if torch.is_tensor(value := getattr(data, name, None)) and value.is_floating_point()
+    }
     if not labels:
         return []
     # one flag per label, read in one go: a single host-device sync per training step
@@ -105,8 +108,13 @@ class FitRecorder(Dataset):
             self.bad.append((int(index), _sid(data, 0), names))
         elif self.dens.enabled:
             natoms = int(data.natoms) if hasattr(data, "natoms") else data.pos.shape[0]
-            values = skip_filter_values(self.dens, torch.zeros(natoms, dtype=torch.long), 1,
-                                        getattr(data, "forces", None), getattr(data, "stress", None))
+            values = skip_filter_values(
+                self.dens,
+                torch.zeros(natoms, dtype=torch.long),
+                1,
+                getattr(data, "forces", None),
+                getattr(data, "stress", None),
+            )
             for key, value in values.items():
                 self.filter_values.setdefault(key, array("d")).append(float(value))
         return data

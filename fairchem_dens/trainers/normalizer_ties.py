@@ -56,8 +56,8 @@ def pop_rmsd_ties(norm_config: MutableMapping[str, Any] | None) -> dict[str, str
         source = values["rmsd"]
         if source == target or source not in fitted:
             raise DeNSSetupError(
-                f"{KEY}.{target}.rmsd is {source!r}: a name there means \"the fitted rmsd of that "
-                f"target\", and it must be another target of the same fit ({', '.join(t for t in fitted if t != target)})"
+                f'{KEY}.{target}.rmsd is {source!r}: a name there means "the fitted rmsd of that '
+                f'target", and it must be another target of the same fit ({", ".join(t for t in fitted if t != target)})'
                 f", e.g. `{target}: {{mean: 0.0, rmsd: energy}}`, or a number."
             )
         ties[target] = source
@@ -75,8 +75,14 @@ def apply_rmsd_ties(
     for target, source in ties.items():
         old = normalizers[target]
         normalizers[target] = Normalizer(mean=old.mean.clone(), rmsd=normalizers[source].rmsd.clone()).to(
-            old.rmsd.device)
+            old.rmsd.device
+        )
         overrides.setdefault(target, {})["rmsd"] = source
         # fairchem logged the untied fit already
-        logging.info("Normalization values for output %s: mean=%s, rmsd=%s (the rmsd of %s; replaces the value above).",
-                     target, normalizers[target].mean.item(), normalizers[target].rmsd.item(), source)
+        logging.info(
+            "Normalization values for output %s: mean=%s, rmsd=%s (the rmsd of %s; replaces the value above).",
+            target,
+            normalizers[target].mean.item(),
+            normalizers[target].rmsd.item(),
+            source,
+        )

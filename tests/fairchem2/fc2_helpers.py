@@ -12,11 +12,10 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
-
 from fairchem.core.datasets.atomic_data import AtomicData, atomicdata_list_to_batch
 from fairchem.core.models.base import HydraModel
 from fairchem.core.units.mlip_unit.api.inference import MLIPInferenceCheckpoint
+from omegaconf import OmegaConf
 
 from fairchem_dens.core.batch import corrupt_batch
 from fairchem_dens.core.settings import DeNSConfig
@@ -43,8 +42,13 @@ def fairchem_env() -> dict[str, str]:
 def run_fairchem(config: Path, overrides: list[str], log: Path, timeout: int = 240) -> str:
     """``fairchem -c config overrides...`` in a subprocess; returns its log, fails the test on a non-zero exit."""
     with open(log, "w") as out:
-        result = subprocess.run([str(FAIRCHEM), "-c", str(config), *overrides], stdout=out,
-                                stderr=subprocess.STDOUT, env=fairchem_env(), timeout=timeout)
+        result = subprocess.run(
+            [str(FAIRCHEM), "-c", str(config), *overrides],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=fairchem_env(),
+            timeout=timeout,
+        )
     text = log.read_text()
     assert result.returncode == 0, f"fairchem exited with {result.returncode}:\n{text[-4000:]}"
     return text
@@ -52,8 +56,10 @@ def run_fairchem(config: Path, overrides: list[str], log: Path, timeout: int = 2
 
 PLAIN_BACKBONE = "fairchem.core.models.uma.escn_md.eSCNMDBackbone"
 PLAIN_FORCE_HEAD = "fairchem.core.models.uma.escn_md.Linear_Force_Head"
-PLAIN_HEADS = {"fairchem_dens.fairchem2.models.DeNSLinearForceHead": PLAIN_FORCE_HEAD,
-               "fairchem_dens.fairchem2.models.DeNSMLPEFSHead": "fairchem.core.models.uma.escn_md.MLP_EFS_Head"}
+PLAIN_HEADS = {
+    "fairchem_dens.fairchem2.models.DeNSLinearForceHead": PLAIN_FORCE_HEAD,
+    "fairchem_dens.fairchem2.models.DeNSMLPEFSHead": "fairchem.core.models.uma.escn_md.MLP_EFS_Head",
+}
 
 
 def model_config(dens: bool, conservative: bool = False, noise_head: str | None = None) -> dict:
@@ -76,8 +82,13 @@ def model_config(dens: bool, conservative: bool = False, noise_head: str | None 
     return config
 
 
-def build(dens: bool, seed: int = 0, conservative: bool = False, noise_head: str | None = None,
-          encoding_scale: float | None = None) -> HydraModel:
+def build(
+    dens: bool,
+    seed: int = 0,
+    conservative: bool = False,
+    noise_head: str | None = None,
+    encoding_scale: float | None = None,
+) -> HydraModel:
     config = model_config(dens, conservative, noise_head)
     config.pop("_target_")
     if encoding_scale is not None:
@@ -105,9 +116,13 @@ def batch(count: int = 4, seed: int = 5) -> AtomicData:
 
 
 def dens_batch(corrupt_ratio: float | None = 0.5, step: int = 0) -> AtomicData:
-    config = DeNSConfig.from_optim({"use_denoising_pos": True, "denoising_pos_coefficient": 5,
-                                    "denoising_pos_params": {"prob": 1.0, "fixed_noise_std": True, "std": 0.05,
-                                                             "corrupt_ratio": corrupt_ratio}})
+    config = DeNSConfig.from_optim(
+        {
+            "use_denoising_pos": True,
+            "denoising_pos_coefficient": 5,
+            "denoising_pos_params": {"prob": 1.0, "fixed_noise_std": True, "std": 0.05, "corrupt_ratio": corrupt_ratio},
+        }
+    )
     data = batch()
     assert corrupt_batch(config, data, seed=0, step=step)
     data[ENCODED_FORCES] = data.forces.clone()  # what the unit stores (one force task here)
@@ -126,8 +141,12 @@ DENS_FORCE_HEAD = {"module": "fairchem_dens.fairchem2.models.DeNSLinearForceHead
 
 def write_checkpoint(model: HydraModel, config: dict, path) -> str:
     ema = torch.optim.swa_utils.AveragedModel(model)
-    torch.save(MLIPInferenceCheckpoint(model_config=config, model_state_dict=model.state_dict(),
-                                       ema_state_dict=ema.state_dict(), tasks_config=[]), path)
+    torch.save(
+        MLIPInferenceCheckpoint(
+            model_config=config, model_state_dict=model.state_dict(), ema_state_dict=ema.state_dict(), tasks_config=[]
+        ),
+        path,
+    )
     return str(path)
 
 

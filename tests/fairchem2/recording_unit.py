@@ -10,7 +10,6 @@ import json
 import os
 
 import torch
-
 from fairchem.core.common import distutils
 
 from fairchem_dens.core.batch import corrupt_batch, corrupted_atoms, is_dens_batch
@@ -47,27 +46,34 @@ class RecordingUnit(DeNSTrainEvalUnit):
         expected = data.clone()
         expected_dens = False
         if self.dens.active_in_epoch(self.train_progress.num_epochs_completed):
-            expected_dens = corrupt_batch(self.dens, expected, seed=self.job_config.seed, step=step,
-                                          rank=distutils.get_rank())
+            expected_dens = corrupt_batch(
+                self.dens, expected, seed=self.job_config.seed, step=step, rank=distutils.get_rank()
+            )
         super().train_step(state, data)
-        self.records["train"].append({
-            "step": step,
-            "dens": self._seen["dens"],
-            "expected_dens": expected_dens,
-            "pos_equal": torch.equal(self._seen["pos"], expected.pos),
-            "corrupted_atoms": int(corrupted_atoms(expected).sum()) if expected_dens else 0,
-            "atoms": int(expected.pos.shape[0]),
-            "loss": float(self.last_loss),
-            "epoch": self.train_progress.num_epochs_completed,
-            "steps_in_epoch": len(state.train_state.dataloader),
-            "coefficient": float(self.dens_step.denoising_coefficient),
-            # per structure: the largest |F_i| of its labels, and whether the core corrupted it
-            "max_force": [float(expected.forces[expected.batch == b].norm(dim=1).max())
-                          for b in range(int(expected.natoms.numel()))],
-            "corrupted": [bool(corrupted_atoms(expected)[expected.batch == b].any()) if expected_dens else False
-                          for b in range(int(expected.natoms.numel()))],
-            "md": expected["md"].tolist() if "md" in expected.keys() else None,
-        })
+        self.records["train"].append(
+            {
+                "step": step,
+                "dens": self._seen["dens"],
+                "expected_dens": expected_dens,
+                "pos_equal": torch.equal(self._seen["pos"], expected.pos),
+                "corrupted_atoms": int(corrupted_atoms(expected).sum()) if expected_dens else 0,
+                "atoms": int(expected.pos.shape[0]),
+                "loss": float(self.last_loss),
+                "epoch": self.train_progress.num_epochs_completed,
+                "steps_in_epoch": len(state.train_state.dataloader),
+                "coefficient": float(self.dens_step.denoising_coefficient),
+                # per structure: the largest |F_i| of its labels, and whether the core corrupted it
+                "max_force": [
+                    float(expected.forces[expected.batch == b].norm(dim=1).max())
+                    for b in range(int(expected.natoms.numel()))
+                ],
+                "corrupted": [
+                    bool(corrupted_atoms(expected)[expected.batch == b].any()) if expected_dens else False
+                    for b in range(int(expected.natoms.numel()))
+                ],
+                "md": expected["md"].tolist() if "md" in expected.keys() else None,
+            }
+        )
 
     def on_train_end(self, state):
         super().on_train_end(state)

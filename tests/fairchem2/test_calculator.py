@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from fairchem_dens.testing.tolerances import EPS32, REORDERED_ULPS
+
 from fc2_helpers import fairchem_env, run_fairchem
 
 HERE = Path(__file__).parent
@@ -36,11 +37,16 @@ def relax(checkpoint: Path, settings: str, capability: str | None = None) -> dic
         env.pop("ATEN_CPU_CAPABILITY", None)
     elif capability is not None:
         env["ATEN_CPU_CAPABILITY"] = capability
-    result = subprocess.run([sys.executable, str(HERE / "calculator_relax.py"), str(checkpoint), settings],
-                            capture_output=True, text=True, env=env, timeout=900)
+    result = subprocess.run(
+        [sys.executable, str(HERE / "calculator_relax.py"), str(checkpoint), settings],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     assert result.returncode == 0 and lines, result.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def agree(a: dict, b: dict) -> bool:
@@ -61,12 +67,37 @@ def bulk_recipe_checkpoint(tmp_path_factory) -> Path:
     """bulk_direct.yml trained for one epoch by `fairchem -c` on EMT bulk cells, as its header says."""
     folder = tmp_path_factory.mktemp("bulk_recipe")
     cli = [sys.executable, "-m", "fairchem_dens.cli"]
-    subprocess.run([*cli, "make-emt-data", "--bulk", "--layout", "aselmdb", "--families", "1", "--md-frames", "1",
-                    str(folder / "data")], check=True, capture_output=True, timeout=300)
-    fitted = subprocess.run([*cli, "fit-normalizers", str(folder / "data" / "aselmdb" / "train")], check=True,
-                            capture_output=True, text=True, timeout=300).stdout.split()
-    overrides = [f"data_root={folder / 'data' / 'aselmdb'}", *(item.strip("'") for item in fitted), "max_epochs=1",
-                 f"+job.run_dir={folder}", "+job.timestamp_id=bulk"]
+    subprocess.run(
+        [
+            *cli,
+            "make-emt-data",
+            "--bulk",
+            "--layout",
+            "aselmdb",
+            "--families",
+            "1",
+            "--md-frames",
+            "1",
+            str(folder / "data"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    fitted = subprocess.run(
+        [*cli, "fit-normalizers", str(folder / "data" / "aselmdb" / "train")],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout.split()
+    overrides = [
+        f"data_root={folder / 'data' / 'aselmdb'}",
+        *(item.strip("'") for item in fitted),
+        "max_epochs=1",
+        f"+job.run_dir={folder}",
+        "+job.timestamp_id=bulk",
+    ]
     log = run_fairchem(BULK_RECIPE, overrides, folder / "fairchem.log", timeout=600)
     # the export says how to load it on a CPU
     assert "On a CPU load it with load_predict_unit(path, inference_settings='batch')" in log
@@ -78,10 +109,32 @@ def finetuned_checkpoint(direct_run, emt_root, tmp_path_factory) -> Path:
     """A conservative fine-tuning config written by `fairchem-dens finetune-config`, trained by `fairchem -c`."""
     folder = tmp_path_factory.mktemp("finetuned")
     pretrained = direct_run["dir"] / "checkpoints" / "final" / "inference_ckpt.pt"
-    subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "finetune-config", "--checkpoint", str(pretrained),
-                    "--train", str(emt_root / "train"), "--val", str(emt_root / "val"), "--head", "conservative",
-                    "--epochs", "1", "--out", str(folder)], check=True, capture_output=True, timeout=300)
-    run_fairchem(folder / "finetune.yml", [f"+job.run_dir={folder}/run", "+job.timestamp_id=ft"], folder / "fairchem.log")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fairchem_dens.cli",
+            "finetune-config",
+            "--checkpoint",
+            str(pretrained),
+            "--train",
+            str(emt_root / "train"),
+            "--val",
+            str(emt_root / "val"),
+            "--head",
+            "conservative",
+            "--epochs",
+            "1",
+            "--out",
+            str(folder),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    run_fairchem(
+        folder / "finetune.yml", [f"+job.run_dir={folder}/run", "+job.timestamp_id=ft"], folder / "fairchem.log"
+    )
     return folder / "run" / "ft" / "checkpoints" / "final" / "inference_ckpt.pt"
 
 
@@ -107,8 +160,9 @@ print(float((torch.compile(f, dynamic=True)(x, w) - f(x, w)).abs().max()), float
 def test_torch_compiles_three_operators_wrongly_for_avx2_kernels():
     """Pinned upstream bug (torch 2.13 inductor, CPU): fails the day it is fixed."""
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", COMPILED_MATMULS], capture_output=True, text=True, env=env,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", COMPILED_MATMULS], capture_output=True, text=True, env=env, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     difference, scale = map(float, result.stdout.split()[-2:])
     assert difference > 0.1 * scale  # the eager result is the reference; round-off would be ~1e-5 of it

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fairchem_dens.testing.tolerances import LOSS_REL
+
 from fc2_helpers import DIRECT_CONFIG, FINETUNE_CONFIG, fairchem_env, run_fairchem
 
 LOG_DICT = re.compile(r"^INFO:root:(\{.*\})$", re.MULTILINE)
@@ -75,12 +76,15 @@ print('OK', energy)
 """
 
 
-@pytest.mark.parametrize("run, heads", [
-    ("direct_run", {"energy": PLAIN + "MLP_Energy_Head", "forces": PLAIN + "Linear_Force_Head"}),
-    ("finetune_run", {"energy": PLAIN + "MLP_EFS_Head"}),
-    ("uma_run", {"efs": PLAIN + "MLP_EFS_Head"}),
-    ("md17_run", {"energy": PLAIN + "MLP_EFS_Head"}),
-])
+@pytest.mark.parametrize(
+    "run, heads",
+    [
+        ("direct_run", {"energy": PLAIN + "MLP_Energy_Head", "forces": PLAIN + "Linear_Force_Head"}),
+        ("finetune_run", {"energy": PLAIN + "MLP_EFS_Head"}),
+        ("uma_run", {"efs": PLAIN + "MLP_EFS_Head"}),
+        ("md17_run", {"energy": PLAIN + "MLP_EFS_Head"}),
+    ],
+)
 def test_inference_checkpoint_is_plain_fairchem_and_runs_without_the_plugin(run, heads, request, tmp_path):
     path = request.getfixturevalue(run)["dir"] / "checkpoints" / "final" / "inference_ckpt.pt"
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
@@ -92,8 +96,13 @@ def test_inference_checkpoint_is_plain_fairchem_and_runs_without_the_plugin(run,
     assert all("noise_head" not in head for head in checkpoint.model_config["heads"].values())
     script = tmp_path / "predict.py"
     script.write_text(PREDICT)
-    result = subprocess.run([sys.executable, str(script), str(path), {"direct_run": "-", "md17_run": "molecule"}.get(run, "stress")],
-                            capture_output=True, text=True, env=fairchem_env(), timeout=180)
+    result = subprocess.run(
+        [sys.executable, str(script), str(path), {"direct_run": "-", "md17_run": "molecule"}.get(run, "stress")],
+        capture_output=True,
+        text=True,
+        env=fairchem_env(),
+        timeout=180,
+    )
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
 
 
@@ -111,8 +120,12 @@ def test_conservative_finetuning_from_the_direct_checkpoint_trains_with_dens(fin
 
 def test_two_ranks_take_the_same_batch_decisions(emt_root, tmp_path):
     overrides = [
-        f"data_root={emt_root}", f"+job.run_dir={tmp_path}", "+job.timestamp_id=t2",
-        "+job.scheduler.ranks_per_node=2", "max_epochs=1", "checkpoint_every=null",
+        f"data_root={emt_root}",
+        f"+job.run_dir={tmp_path}",
+        "+job.timestamp_id=t2",
+        "+job.scheduler.ranks_per_node=2",
+        "max_epochs=1",
+        "checkpoint_every=null",
         "max_atoms=12",  # 2 validation batches for 2 ranks
         "runner.train_eval_unit._target_=recording_unit.RecordingUnit",
         f"+runner.train_eval_unit.record_dir={tmp_path}/records",
@@ -134,7 +147,9 @@ def test_a_run_resumed_from_its_step_0_checkpoint_repeats_the_same_losses(finetu
     resume.write_text(resume.read_text().replace(str(finetune_run["dir"]), str(copy)))
     log = run_fairchem(resume, [], tmp_path / "resumed.log")
     assert f"Done loading checkpoint from {copy}/checkpoints/step_0" in log
-    losses = [[d["train/loss"] for d in _logged_dicts(text) if "train/loss" in d] for text in (finetune_run["log"], log)]
+    losses = [
+        [d["train/loss"] for d in _logged_dicts(text) if "train/loss" in d] for text in (finetune_run["log"], log)
+    ]
     assert len(losses[1]) == 4 and losses[1] == losses[0]
 
 
@@ -164,7 +179,6 @@ def test_predictions_of_a_fairchem2_model_become_a_checked_submission(direct_run
     """predict-s2ef (fairchem 2's predict unit) -> make-submission: the archive of the 1.10 side."""
     import numpy as np
     from ase.constraints import FixAtoms
-
     from fairchem.core.calculate.ase_calculator import FAIRChemCalculator
     from fairchem.core.units.mlip_unit import load_predict_unit
 
@@ -172,9 +186,26 @@ def test_predictions_of_a_fairchem2_model_become_a_checked_submission(direct_run
 
     checkpoint = direct_run["dir"] / "checkpoints" / "final" / "inference_ckpt.pt"
     predictions = tmp_path / "s2ef_predictions.npz"
-    result = subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "predict-s2ef", str(checkpoint),
-                             str(emt_root / "val"), "--out", str(predictions), "--task-name", "emt", "--batch-size", "3"],
-                            capture_output=True, text=True, env=fairchem_env(), timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fairchem_dens.cli",
+            "predict-s2ef",
+            str(checkpoint),
+            str(emt_root / "val"),
+            "--out",
+            str(predictions),
+            "--task-name",
+            "emt",
+            "--batch-size",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        env=fairchem_env(),
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     structures = list(read_structures(emt_root / "val"))
     with np.load(predictions) as npz:
@@ -198,16 +229,50 @@ def test_predictions_of_a_fairchem2_model_become_a_checked_submission(direct_run
     # the submission builder takes it like a fairchem-1 prediction file
     out = tmp_path / "submission.npz"
     args = [f"--{split}={predictions}" for split in ("id", "ood-ads", "ood-cat", "ood-both")]
-    result = subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "make-submission", "s2ef", "--dataset", "oc20", *args,
-                             "--out", str(out)], capture_output=True, text=True, env=fairchem_env(), timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fairchem_dens.cli",
+            "make-submission",
+            "s2ef",
+            "--dataset",
+            "oc20",
+            *args,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=fairchem_env(),
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     with np.load(out) as archive:
-        assert sorted(archive.files) == sorted(f"{split}_{key}" for split in ("id", "ood_ads", "ood_cat", "ood_both")
-                                               for key in ("ids", "energy", "forces", "chunk_idx"))
+        assert sorted(archive.files) == sorted(
+            f"{split}_{key}"
+            for split in ("id", "ood_ads", "ood_cat", "ood_both")
+            for key in ("ids", "energy", "forces", "chunk_idx")
+        )
     # a second run refuses to overwrite, naming the file
-    again = subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "predict-s2ef", str(checkpoint),
-                            str(emt_root / "val"), "--out", str(predictions), "--task-name", "emt"],
-                           capture_output=True, text=True, env=fairchem_env(), timeout=300)
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fairchem_dens.cli",
+            "predict-s2ef",
+            str(checkpoint),
+            str(emt_root / "val"),
+            "--out",
+            str(predictions),
+            "--task-name",
+            "emt",
+        ],
+        capture_output=True,
+        text=True,
+        env=fairchem_env(),
+        timeout=300,
+    )
     assert again.returncode != 0 and f"{predictions} exists" in again.stderr
 
 
@@ -216,8 +281,13 @@ def test_a_run_resumed_mid_epoch_repeats_the_rest_of_the_epoch(finetune_run, emt
     DeNS draws come from (seed, step, rank), so steps 3 and 4 see the original run's batches and noise.
     Their losses agree to float32 round-off, not bit for bit as from step 0 (measured: 1e-11
     relative, the reloaded optimizer state's last digits); another batch or draw moves them by %."""
-    overrides = [f"data_root={emt_root}", f"checkpoint={finetune_run['checkpoint']}", "checkpoint_every=2",
-                 f"+job.run_dir={tmp_path}", "+job.timestamp_id=mid"]
+    overrides = [
+        f"data_root={emt_root}",
+        f"checkpoint={finetune_run['checkpoint']}",
+        "checkpoint_every=2",
+        f"+job.run_dir={tmp_path}",
+        "+job.timestamp_id=mid",
+    ]
     original = run_fairchem(FINETUNE_CONFIG, overrides, tmp_path / "original.log")
     resume = tmp_path / "mid" / "checkpoints" / "step_2" / "resume.yaml"
     assert resume.is_file(), sorted(p.name for p in (tmp_path / "mid" / "checkpoints").iterdir())
@@ -234,10 +304,16 @@ def test_a_decaying_denoising_weight_and_early_epochs_in_a_real_run(emt_root, tm
     """coefficient_schedule linear_decay: lambda_D(t) = 5 (1 - t), t the fraction of the run done at
     the step; early_epochs 1: no DeNS batch in the second of the two epochs."""
     params = "runner.train_eval_unit.dens.denoising_pos_params"
-    overrides = [f"data_root={emt_root}", f"+job.run_dir={tmp_path}", "+job.timestamp_id=t1",
-                 "runner.train_eval_unit._target_=recording_unit.RecordingUnit",
-                 f"+runner.train_eval_unit.record_dir={tmp_path}/records", f"{params}.prob=1.0",
-                 f"+{params}.coefficient_schedule=linear_decay", f"+{params}.early_epochs=1"]
+    overrides = [
+        f"data_root={emt_root}",
+        f"+job.run_dir={tmp_path}",
+        "+job.timestamp_id=t1",
+        "runner.train_eval_unit._target_=recording_unit.RecordingUnit",
+        f"+runner.train_eval_unit.record_dir={tmp_path}/records",
+        f"{params}.prob=1.0",
+        f"+{params}.coefficient_schedule=linear_decay",
+        f"+{params}.early_epochs=1",
+    ]
     run_fairchem(DIRECT_CONFIG, overrides, tmp_path / "fairchem.log")
     records = json.loads((tmp_path / "records" / "rank0.json").read_text())["train"]
     first = [r for r in records if r["epoch"] == 0]
@@ -251,10 +327,15 @@ def test_a_decaying_denoising_weight_and_early_epochs_in_a_real_run(emt_root, tm
 def test_a_skip_filter_in_a_real_run_keeps_high_force_structures_clean(emt_root, tmp_path):
     params = "runner.train_eval_unit.dens.denoising_pos_params"
     limit = 2.0  # eV/Å: the rattled EMT cells hold |F_i| on both sides of it
-    overrides = [f"data_root={emt_root}", f"+job.run_dir={tmp_path}", "+job.timestamp_id=t1",
-                 "runner.train_eval_unit._target_=recording_unit.RecordingUnit",
-                 f"+runner.train_eval_unit.record_dir={tmp_path}/records", f"{params}.prob=1.0",
-                 f"+{params}.max_force_norm={limit}"]
+    overrides = [
+        f"data_root={emt_root}",
+        f"+job.run_dir={tmp_path}",
+        "+job.timestamp_id=t1",
+        "runner.train_eval_unit._target_=recording_unit.RecordingUnit",
+        f"+runner.train_eval_unit.record_dir={tmp_path}/records",
+        f"{params}.prob=1.0",
+        f"+{params}.max_force_norm={limit}",
+    ]
     run_fairchem(DIRECT_CONFIG, overrides, tmp_path / "fairchem.log")
     records = json.loads((tmp_path / "records" / "rank0.json").read_text())["train"]
     structures = [(force, corrupted) for r in records for force, corrupted in zip(r["max_force"], r["corrupted"])]
@@ -264,23 +345,42 @@ def test_a_skip_filter_in_a_real_run_keeps_high_force_structures_clean(emt_root,
     assert all(r["pos_equal"] and r["dens"] == r["expected_dens"] for r in records)
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    # a misspelt key inside the unit's own `dens:` block would otherwise train with the recipe's values
-    ("+runner.train_eval_unit.dens.denoising_pos_parmas.prob=0.5",
-     "unknown DeNS key runner.train_eval_unit.dens.denoising_pos_parmas (nearest known key: "
-     "runner.train_eval_unit.dens.denoising_pos_params)"),
-    ("+runner.train_eval_unit.dens.denoising_pos_params.corupt_ratio=0.5",
-     "unknown DeNS key runner.train_eval_unit.dens.denoising_pos_params.corupt_ratio (nearest known key: "
-     "runner.train_eval_unit.dens.denoising_pos_params.corrupt_ratio)"),
-    # values are named where the user wrote them, not where fairchem 1 keeps them
-    ("runner.train_eval_unit.dens.denoising_pos_params.prob=1.5",
-     "runner.train_eval_unit.dens.denoising_pos_params.prob must be a probability in [0, 1], got 1.5"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        # a misspelt key inside the unit's own `dens:` block would otherwise train with the recipe's values
+        (
+            "+runner.train_eval_unit.dens.denoising_pos_parmas.prob=0.5",
+            "unknown DeNS key runner.train_eval_unit.dens.denoising_pos_parmas (nearest known key: "
+            "runner.train_eval_unit.dens.denoising_pos_params)",
+        ),
+        (
+            "+runner.train_eval_unit.dens.denoising_pos_params.corupt_ratio=0.5",
+            "unknown DeNS key runner.train_eval_unit.dens.denoising_pos_params.corupt_ratio (nearest known key: "
+            "runner.train_eval_unit.dens.denoising_pos_params.corrupt_ratio)",
+        ),
+        # values are named where the user wrote them, not where fairchem 1 keeps them
+        (
+            "runner.train_eval_unit.dens.denoising_pos_params.prob=1.5",
+            "runner.train_eval_unit.dens.denoising_pos_params.prob must be a probability in [0, 1], got 1.5",
+        ),
+    ],
+)
 def test_a_misspelt_or_bad_dens_key_is_refused_before_anything_is_written(emt_root, tmp_path, override, message):
     result = subprocess.run(
-        [str(Path(sys.executable).with_name("fairchem")), "-c", str(DIRECT_CONFIG), f"data_root={emt_root}",
-         f"+job.run_dir={tmp_path}/run", "+job.timestamp_id=t1", override],
-        capture_output=True, text=True, env=fairchem_env(), timeout=240,
+        [
+            str(Path(sys.executable).with_name("fairchem")),
+            "-c",
+            str(DIRECT_CONFIG),
+            f"data_root={emt_root}",
+            f"+job.run_dir={tmp_path}/run",
+            "+job.timestamp_id=t1",
+            override,
+        ],
+        capture_output=True,
+        text=True,
+        env=fairchem_env(),
+        timeout=240,
     )
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
@@ -289,10 +389,16 @@ def test_a_misspelt_or_bad_dens_key_is_refused_before_anything_is_written(emt_ro
 
 def test_relaxation_only_reads_the_md_flag_of_each_row_and_never_corrupts_md_frames(emt_root, tmp_path):
     params = "runner.train_eval_unit.dens.denoising_pos_params"
-    overrides = [f"data_root={emt_root}", f"+job.run_dir={tmp_path}", "+job.timestamp_id=t1",
-                 "runner.train_eval_unit._target_=recording_unit.RecordingUnit",
-                 f"+runner.train_eval_unit.record_dir={tmp_path}/records", f"{params}.prob=1.0",
-                 f"+{params}.relaxation_only=True", "dataset.format=fairchem_dens.fairchem2.datasets.DeNSAseDBDataset"]
+    overrides = [
+        f"data_root={emt_root}",
+        f"+job.run_dir={tmp_path}",
+        "+job.timestamp_id=t1",
+        "runner.train_eval_unit._target_=recording_unit.RecordingUnit",
+        f"+runner.train_eval_unit.record_dir={tmp_path}/records",
+        f"{params}.prob=1.0",
+        f"+{params}.relaxation_only=True",
+        "dataset.format=fairchem_dens.fairchem2.datasets.DeNSAseDBDataset",
+    ]
     run_fairchem(DIRECT_CONFIG, overrides, tmp_path / "fairchem.log")
     records = json.loads((tmp_path / "records" / "rank0.json").read_text())["train"]
     structures = [(md, corrupted) for r in records for md, corrupted in zip(r["md"], r["corrupted"])]
@@ -304,14 +410,25 @@ def test_relaxation_only_reads_the_md_flag_of_each_row_and_never_corrupts_md_fra
 
 def test_relaxation_only_on_a_dataset_without_md_flags_is_refused_before_the_first_step(emt_root, tmp_path):
     result = subprocess.run(
-        [str(Path(sys.executable).with_name("fairchem")), "-c", str(DIRECT_CONFIG), f"data_root={emt_root}",
-         f"+job.run_dir={tmp_path}", "+job.timestamp_id=t1",
-         "+runner.train_eval_unit.dens.denoising_pos_params.relaxation_only=True"],
-        capture_output=True, text=True, env=fairchem_env(), timeout=240,
+        [
+            str(Path(sys.executable).with_name("fairchem")),
+            "-c",
+            str(DIRECT_CONFIG),
+            f"data_root={emt_root}",
+            f"+job.run_dir={tmp_path}",
+            "+job.timestamp_id=t1",
+            "+runner.train_eval_unit.dens.denoising_pos_params.relaxation_only=True",
+        ],
+        capture_output=True,
+        text=True,
+        env=fairchem_env(),
+        timeout=240,
     )
     assert result.returncode != 0
-    assert ("runner.train_eval_unit.dens.denoising_pos_params.relaxation_only is set but the training dataset "
-            "gives no `md` flag") in result.stdout + result.stderr
+    assert (
+        "runner.train_eval_unit.dens.denoising_pos_params.relaxation_only is set but the training dataset "
+        "gives no `md` flag"
+    ) in result.stdout + result.stderr
     assert "fairchem_dens.fairchem2.datasets.DeNSAseDBDataset" in result.stdout + result.stderr
     assert not list(tmp_path.glob("t1/checkpoints/*/inference_ckpt.pt"))
 
@@ -320,16 +437,32 @@ def _validation_lines(log: str) -> list[str]:
     return re.findall(r"^\s+val/emt\.val,\w+,\w+: .*$", log, re.MULTILINE)
 
 
-def test_validate_denoising_reports_denoising_metrics_and_leaves_fairchems_validation_alone(direct_run, emt_root,
-                                                                                          tmp_path):
+def test_validate_denoising_reports_denoising_metrics_and_leaves_fairchems_validation_alone(
+    direct_run, emt_root, tmp_path
+):
     params = "runner.train_eval_unit.dens.denoising_pos_params"
-    base = [f"data_root={emt_root}", "runner.train_eval_unit._target_=recording_unit.RecordingUnit",
-            f"+{params}.validate_denoising=True"]
-    logs = [run_fairchem(DIRECT_CONFIG, [*base, f"+job.run_dir={tmp_path}/{name}", "+job.timestamp_id=t1",
-                                         f"+runner.train_eval_unit.record_dir={tmp_path}/{name}/records"],
-                         tmp_path / f"{name}.log") for name in ("a", "b")]
-    denoising = [[ast.literal_eval(m) for m in re.findall(r"^INFO:root:(\{'val/denoising.*\})$", log, re.MULTILINE)]
-                 for log in logs]
+    base = [
+        f"data_root={emt_root}",
+        "runner.train_eval_unit._target_=recording_unit.RecordingUnit",
+        f"+{params}.validate_denoising=True",
+    ]
+    logs = [
+        run_fairchem(
+            DIRECT_CONFIG,
+            [
+                *base,
+                f"+job.run_dir={tmp_path}/{name}",
+                "+job.timestamp_id=t1",
+                f"+runner.train_eval_unit.record_dir={tmp_path}/{name}/records",
+            ],
+            tmp_path / f"{name}.log",
+        )
+        for name in ("a", "b")
+    ]
+    denoising = [
+        [ast.literal_eval(m) for m in re.findall(r"^INFO:root:(\{'val/denoising.*\})$", log, re.MULTILINE)]
+        for log in logs
+    ]
     assert len(denoising[0]) == 2  # one line per validation (2 epochs)
     for line in denoising[0]:
         assert set(line) == {"val/denoising_pos_mae", "val/denoising_energy_mae", "val/denoising_force_mae"}
@@ -343,12 +476,25 @@ def test_validate_denoising_reports_denoising_metrics_and_leaves_fairchems_valid
 
 def test_graph_parallelism_is_refused_in_a_real_two_rank_run_saying_why(emt_root, tmp_path):
     result = subprocess.run(
-        [str(Path(sys.executable).with_name("fairchem")), "-c", str(DIRECT_CONFIG), f"data_root={emt_root}",
-         f"+job.run_dir={tmp_path}", "+job.timestamp_id=t1", "+job.scheduler.ranks_per_node=2",
-         "+job.graph_parallel_group_size=2", "+loader.batch_sampler_fn.min_atoms=2"],
-        capture_output=True, text=True, env=fairchem_env(), timeout=240,
+        [
+            str(Path(sys.executable).with_name("fairchem")),
+            "-c",
+            str(DIRECT_CONFIG),
+            f"data_root={emt_root}",
+            f"+job.run_dir={tmp_path}",
+            "+job.timestamp_id=t1",
+            "+job.scheduler.ranks_per_node=2",
+            "+job.graph_parallel_group_size=2",
+            "+loader.batch_sampler_fn.min_atoms=2",
+        ],
+        capture_output=True,
+        text=True,
+        env=fairchem_env(),
+        timeout=240,
     )
     assert result.returncode != 0
-    assert ("DeNS on fairchem 2 does not support graph parallelism: there each rank embeds only its share of a "
-            "structure's atoms") in result.stdout + result.stderr
+    assert (
+        "DeNS on fairchem 2 does not support graph parallelism: there each rank embeds only its share of a "
+        "structure's atoms"
+    ) in result.stdout + result.stderr
     assert not list(tmp_path.glob("t1/checkpoints/*/inference_ckpt.pt"))

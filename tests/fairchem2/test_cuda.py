@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fairchem_dens.testing.tolerances import REORDERED_ULPS, assert_ulps
+
 from fc2_helpers import build, dens_batch, outputs, run
 
 pytestmark = pytest.mark.cuda

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fairchem.core.units.mlip_unit.api.inference import MLIPInferenceCheckpoint
 
-from fc2_helpers import DENS_FORCE_HEAD, DENS_MOE, batch, build, model_config, run, uma_shaped, write_checkpoint
 from fairchem_dens.core.errors import DeNSSetupError
 from fairchem_dens.fairchem2.finetune import dens_finetuning_model
+
+from fc2_helpers import DENS_FORCE_HEAD, DENS_MOE, batch, build, model_config, run, uma_shaped, write_checkpoint
+
 
 def test_a_uma_checkpoint_becomes_a_dens_model_that_predicts_what_it_predicted(tmp_path):
     plain, path = uma_shaped(tmp_path)
@@ -28,9 +29,11 @@ def test_a_backbone_of_another_size_is_refused(tmp_path):
     plain = build(dens=False)
     path = write_checkpoint(plain, model_config(dens=False), tmp_path / "esen.pt")
     with pytest.raises(DeNSSetupError, match="does not hold these backbone weights"):
-        dens_finetuning_model(path, heads={"forces": DENS_FORCE_HEAD},
-                              backbone={"model": "fairchem_dens.fairchem2.models.DeNSeSCNMDBackbone",
-                                        "sphere_channels": 32})
+        dens_finetuning_model(
+            path,
+            heads={"forces": DENS_FORCE_HEAD},
+            backbone={"model": "fairchem_dens.fairchem2.models.DeNSeSCNMDBackbone", "sphere_channels": 32},
+        )
 
 
 def test_uma_conservative_heads_inside_fairchems_dataset_wrapper_and_their_plain_export(tmp_path):
@@ -39,12 +42,18 @@ def test_uma_conservative_heads_inside_fairchems_dataset_wrapper_and_their_plain
     from fairchem.core.units.mlip_unit.utils import load_inference_model
 
     from fairchem_dens.fairchem2.export import plain_inference_checkpoint
+
     from fc2_helpers import dens_batch
 
     plain, path = uma_shaped(tmp_path)
-    heads = {"efs": {"module": "fairchem.core.models.uma.escn_moe.DatasetSpecificMoEWrapper",
-                     "head_cls": "fairchem_dens.fairchem2.models.DeNSMLPEFSHead",
-                     "head_kwargs": {"wrap_property": False}, "dataset_names": ["emt"]}}
+    heads = {
+        "efs": {
+            "module": "fairchem.core.models.uma.escn_moe.DatasetSpecificMoEWrapper",
+            "head_cls": "fairchem_dens.fairchem2.models.DeNSMLPEFSHead",
+            "head_kwargs": {"wrap_property": False},
+            "dataset_names": ["emt"],
+        }
+    }
     backbone = {"model": DENS_MOE, "otf_graph": True, "direct_forces": False, "regress_stress": True}
     dens = dens_finetuning_model(path, heads=heads, backbone=backbone, pass_through_head_outputs=True).train()
     out = dens(dens_batch())
@@ -54,8 +63,11 @@ def test_uma_conservative_heads_inside_fairchems_dataset_wrapper_and_their_plain
 
     dens.eval()
     config = dict(dens.finetune_model_full_config)
-    checkpoint = plain_inference_checkpoint(MLIPInferenceCheckpoint(
-        model_config=config, model_state_dict=dens.state_dict(), ema_state_dict=None, tasks_config=[]))
+    checkpoint = plain_inference_checkpoint(
+        MLIPInferenceCheckpoint(
+            model_config=config, model_state_dict=dens.state_dict(), ema_state_dict=None, tasks_config=[]
+        )
+    )
     assert checkpoint.model_config["heads"]["efs"]["head_cls"] == "fairchem.core.models.uma.escn_md.MLP_EFS_Head"
     exported, _ = load_inference_model(None, use_ema=False, preloaded_checkpoint=checkpoint)
     exported = exported.eval()

@@ -5,13 +5,11 @@ from __future__ import annotations
 import hydra
 import pytest
 import torch
-from omegaconf import OmegaConf
-
 from fairchem.core.modules.loss import DDPMTLoss, MAELoss
 from fairchem.core.modules.normalization.normalizer import Normalizer
 from fairchem.core.units.mlip_unit.mlip_unit import OutputSpec, Task, compute_loss
+from omegaconf import OmegaConf
 
-from fc2_helpers import DIRECT_CONFIG, batch, build
 from fairchem_dens.core.batch import corrupt_batch, corrupted_atoms, corrupted_structures
 from fairchem_dens.core.errors import DeNSConfigError, DeNSSetupError
 from fairchem_dens.core.roles import EXCLUDED, ORIGINAL, REPLACED
@@ -20,16 +18,27 @@ from fairchem_dens.fairchem2.loss import DeNSStep, DeNSTaskLoss
 from fairchem_dens.fairchem2.unit import DeNSTrainEvalUnit
 from fairchem_dens.testing.tolerances import LOSS_REL
 
-DENS = {"use_denoising_pos": True, "denoising_pos_coefficient": 5,
-        "denoising_pos_params": {"prob": 0.5, "fixed_noise_std": True, "std": 0.05, "selection": "structure"}}
+from fc2_helpers import DIRECT_CONFIG, batch, build
+
+DENS = {
+    "use_denoising_pos": True,
+    "denoising_pos_coefficient": 5,
+    "denoising_pos_params": {"prob": 0.5, "fixed_noise_std": True, "std": 0.05, "selection": "structure"},
+}
 
 
 def config_tasks() -> list[Task]:
     """The shipped config's energy and forces tasks plus a stress task (role excluded)."""
     tasks = [hydra.utils.instantiate(t) for t in OmegaConf.load(DIRECT_CONFIG)["tasks"]]
-    stress = Task(name="stress", level="system", property="stress", out_spec=OutputSpec([1, 9], "float32"),
-                  normalizer=Normalizer(mean=0.0, rmsd=1.0), datasets=["emt"],
-                  loss_fn=DDPMTLoss(MAELoss(), reduction="mean", coefficient=2.0))
+    stress = Task(
+        name="stress",
+        level="system",
+        property="stress",
+        out_spec=OutputSpec([1, 9], "float32"),
+        normalizer=Normalizer(mean=0.0, rmsd=1.0),
+        datasets=["emt"],
+        loss_fn=DDPMTLoss(MAELoss(), reduction="mean", coefficient=2.0),
+    )
     return [*tasks, stress]
 
 
@@ -47,9 +56,11 @@ def mixed_dens_batch(config: DeNSConfig):
 def predictions(data, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     n, b = data.pos.shape[0], data.natoms.numel()
-    return {"energy": {"energy": torch.randn(b, generator=g, requires_grad=True)},
-            "forces": {"forces": torch.randn(n, 3, generator=g, requires_grad=True)},
-            "stress": {"stress": torch.randn(b, 9, generator=g, requires_grad=True)}}
+    return {
+        "energy": {"energy": torch.randn(b, generator=g, requires_grad=True)},
+        "forces": {"forces": torch.randn(n, 3, generator=g, requires_grad=True)},
+        "stress": {"stress": torch.randn(b, 9, generator=g, requires_grad=True)},
+    }
 
 
 def test_dens_batch_losses_follow_the_roles_and_other_batches_are_fairchems():
@@ -82,9 +93,15 @@ def test_dens_batch_losses_follow_the_roles_and_other_batches_are_fairchems():
     expected = 2.0 * (pred["stress"]["stress"][clean] - data.stress.view(-1, 9)[clean]).abs().mean()
     assert abs(float((losses["stress"] - expected).detach())) <= LOSS_REL * float(expected.detach())
     # energy (original): fairchem's loss on the original labels
-    assert torch.equal(losses["energy"], fairchem_losses["energy"](
-        pred["energy"]["energy"].view(-1, 1), data.energy.view(-1, 1), mult_mask=torch.isfinite(data.energy),
-        natoms=data.natoms))
+    assert torch.equal(
+        losses["energy"],
+        fairchem_losses["energy"](
+            pred["energy"]["energy"].view(-1, 1),
+            data.energy.view(-1, 1),
+            mult_mask=torch.isfinite(data.energy),
+            natoms=data.natoms,
+        ),
+    )
     assert set(step.metrics) == {"denoising_energy_mae", "denoising_pos_mae", "denoising_force_mae"}
     assert step.metrics["denoising_energy_mae"]["numel"] == data.natoms.numel()
     assert step.metrics["denoising_pos_mae"]["numel"] == 3 * int((corrupted & free).sum())
@@ -96,8 +113,9 @@ def test_a_per_structure_force_reduction_is_fairchems_on_the_dens_targets(loss_f
     """In a DeNS batch the per_structure loss is fairchem's own per_structure reduction of the per-atom
     terms (noise on corrupted atoms, forces on the others, each with its weight); separate_means takes it
     over the corrupted and over the clean atoms apart."""
-    config = DeNSConfig.from_optim({**DENS, "denoising_pos_params": {**DENS["denoising_pos_params"],
-                                                                     "loss_form": loss_form}})
+    config = DeNSConfig.from_optim(
+        {**DENS, "denoising_pos_params": {**DENS["denoising_pos_params"], "loss_form": loss_form}}
+    )
     task = config_tasks()[1]
     task.loss_fn.reduction = "per_structure"
     fairchem_loss = task.loss_fn
@@ -106,25 +124,32 @@ def test_a_per_structure_force_reduction_is_fairchems_on_the_dens_targets(loss_f
     data = mixed_dens_batch(config)
     step.batch = data
     prediction = predictions(data)["forces"]["forces"]
-    loss = task.loss_fn(prediction, data.forces, mult_mask=torch.isfinite(data.forces).all(dim=-1),
-                        natoms=data.natoms)
+    loss = task.loss_fn(prediction, data.forces, mult_mask=torch.isfinite(data.forces).all(dim=-1), natoms=data.natoms)
     corrupted, free = corrupted_atoms(data), data.fixed == 0
     target = torch.where(corrupted.view(-1, 1), data.noise_vec / 0.05, data.forces)
     # fairchem's L2 norm loss times lambda_D / lambda_F; the coefficient is applied per atom above
     weights = torch.where(corrupted, 5.0, 10.0).view(-1, 1) / fairchem_loss.coefficient
     groups = [corrupted & free, ~corrupted & free] if loss_form == "separate_means" else [free]
-    expected = sum(fairchem_loss(weights * prediction, weights * target, mult_mask=group,
-                                 natoms=data.natoms) for group in groups)
+    expected = sum(
+        fairchem_loss(weights * prediction, weights * target, mult_mask=group, natoms=data.natoms) for group in groups
+    )
     assert abs(float((loss - expected).detach())) <= LOSS_REL * float(expected.detach())
     # negative control: the plain mean over atoms is another number here
-    mean_over_atoms = (weights.view(-1) * fairchem_loss.coefficient
-                       * (prediction - target).norm(dim=-1))[free].sum() / free.sum()
+    mean_over_atoms = (weights.view(-1) * fairchem_loss.coefficient * (prediction - target).norm(dim=-1))[
+        free
+    ].sum() / free.sum()
     assert abs(float((loss - mean_over_atoms).detach())) > 100 * LOSS_REL * float(expected.detach())
 
 
 def _unit_arguments(**overrides):
-    arguments = {"job_config": None, "model": build(True), "optimizer_fn": None, "cosine_lr_scheduler_fn": None,
-                 "tasks": config_tasks(), "dens": DENS}
+    arguments = {
+        "job_config": None,
+        "model": build(True),
+        "optimizer_fn": None,
+        "cosine_lr_scheduler_fn": None,
+        "tasks": config_tasks(),
+        "dens": DENS,
+    }
     arguments.update(overrides)
     return arguments
 

@@ -7,20 +7,26 @@ import copy
 
 import pytest
 import torch
-
 from fairchem.core.datasets.atomic_data import AtomicData
 from fairchem.core.models.base import HydraModel
 from fairchem.core.units.mlip_unit.api.inference import MLIPInferenceCheckpoint
 from fairchem.core.units.mlip_unit.utils import load_inference_model
 
 from fairchem_dens.core.batch import corrupted_atoms
-from fairchem_dens.fairchem2.export import plain_inference_checkpoint
-from fairchem_dens.fairchem2.models import ENCODED_FORCES
 from fairchem_dens.core.encoding import KCAL_PER_MOL_PER_EV
 from fairchem_dens.core.errors import DeNSSetupError
+from fairchem_dens.fairchem2.export import plain_inference_checkpoint
+from fairchem_dens.fairchem2.models import ENCODED_FORCES
 from fairchem_dens.testing.original_encoding import original_force_encoding
-from fairchem_dens.testing.tolerances import (ELEMENTWISE_ULPS, ESEN_ROTATION_REL, MUST_DIFFER_ULPS, REORDERED_ULPS,
-                                              assert_ulps, f32_tol)
+from fairchem_dens.testing.tolerances import (
+    ELEMENTWISE_ULPS,
+    ESEN_ROTATION_REL,
+    MUST_DIFFER_ULPS,
+    REORDERED_ULPS,
+    assert_ulps,
+    f32_tol,
+)
+
 from fc2_helpers import batch, build, dens_batch, model_config, outputs, run
 
 
@@ -31,7 +37,9 @@ def models():
     result = dens.load_state_dict(plain.state_dict(), strict=False)
     assert not result.unexpected_keys
     assert sorted({k.split(".")[1] if k.startswith("backbone") else k.split(".")[2] for k in result.missing_keys}) == [
-        "force_embedding", "noise_linear"]
+        "force_embedding",
+        "noise_linear",
+    ]
     return plain, dens
 
 
@@ -85,7 +93,8 @@ def test_clean_atoms_get_the_encodings_bias_alone_and_corrupted_ones_their_force
     corrupted = corrupted_atoms(data)
     added = {}
     dens.backbone.edge_degree_embedding.register_forward_pre_hook(
-        lambda m, args: added.__setitem__("x", args[0].detach().clone()))
+        lambda m, args: added.__setitem__("x", args[0].detach().clone())
+    )
     dens(copy.deepcopy(data))
     with_encoding = added["x"]
     data[ENCODED_FORCES] = torch.zeros_like(data.pos)  # zero forces: zero harmonics, the bias alone
@@ -132,8 +141,9 @@ def test_plain_inference_checkpoint_gives_the_dens_models_predictions(use_ema):
     ema = torch.optim.swa_utils.AveragedModel(dens)
     config = model_config(True)
     config["backbone"]["force_encoding_scale"] = KCAL_PER_MOL_PER_EV  # a DeNS keyword plain fairchem refuses
-    checkpoint = MLIPInferenceCheckpoint(model_config=config, model_state_dict=dens.state_dict(),
-                                         ema_state_dict=ema.state_dict(), tasks_config=[])
+    checkpoint = MLIPInferenceCheckpoint(
+        model_config=config, model_state_dict=dens.state_dict(), ema_state_dict=ema.state_dict(), tasks_config=[]
+    )
     plain_checkpoint = plain_inference_checkpoint(checkpoint)
     plain, _ = load_inference_model(None, use_ema=use_ema, preloaded_checkpoint=plain_checkpoint)
     plain = (plain.module if use_ema else plain).eval()
@@ -193,8 +203,11 @@ def test_the_scaled_encoding_equals_the_originals_encoding_of_the_forces_in_its_
 def test_conservative_dens_model_outside_dens_batches_is_exactly_fairchems(training):
     plain, dens = build(False, conservative=True), build(True, seed=1, conservative=True)
     assert sorted(dens.load_state_dict(plain.state_dict(), strict=False).missing_keys) == [
-        "backbone.force_embedding.bias", "backbone.force_embedding.weight",
-        "output_heads.energy.noise_linear.bias", "output_heads.energy.noise_linear.weight"]
+        "backbone.force_embedding.bias",
+        "backbone.force_embedding.weight",
+        "output_heads.energy.noise_linear.bias",
+        "output_heads.energy.noise_linear.weight",
+    ]
     plain.train(training), dens.train(training)
     expected, actual = outputs(run(plain, batch())), outputs(run(dens, batch()))
     assert set(actual) == {"energy", "forces", "stress"}
@@ -211,10 +224,17 @@ def test_conservative_dens_terms_each_carry_gradient():
     corrupted = corrupted_atoms(data)
     out = outputs(dens(data))
     assert calls[head.noise_linear] == int(corrupted.sum())
-    parameters = {"backbone": dens.backbone.sphere_embedding.weight, "energy_block": head.energy_block[0].weight,
-                  "noise": head.noise_linear.weight, "encoding": dens.backbone.force_embedding.weight}
-    terms = {"energy": out["energy"].sum(), "clean forces": out["forces"][~corrupted].square().sum(),
-             "noise": out["forces"][corrupted].square().sum()}
+    parameters = {
+        "backbone": dens.backbone.sphere_embedding.weight,
+        "energy_block": head.energy_block[0].weight,
+        "noise": head.noise_linear.weight,
+        "encoding": dens.backbone.force_embedding.weight,
+    }
+    terms = {
+        "energy": out["energy"].sum(),
+        "clean forces": out["forces"][~corrupted].square().sum(),
+        "noise": out["forces"][corrupted].square().sum(),
+    }
     reaches = {}
     for term, value in terms.items():
         grads = torch.autograd.grad(value, list(parameters.values()), retain_graph=True, allow_unused=True)
@@ -227,19 +247,26 @@ def test_conservative_dens_terms_each_carry_gradient():
 def test_uma_mixture_of_experts_backbone_takes_the_same_hook():
     """eSCNMDMoeBackbone does not override forward: the DeNS twin is plain outside DeNS batches
     and trains every parameter (experts included) in a DeNS batch."""
+
     def moe(dens: bool, seed: int) -> HydraModel:
         config = model_config(dens)
         config.pop("_target_")
-        config["backbone"]["model"] = ("fairchem_dens.fairchem2.models.DeNSeSCNMDMoeBackbone" if dens
-                                       else "fairchem.core.models.uma.escn_moe.eSCNMDMoeBackbone")
+        config["backbone"]["model"] = (
+            "fairchem_dens.fairchem2.models.DeNSeSCNMDMoeBackbone"
+            if dens
+            else "fairchem.core.models.uma.escn_moe.eSCNMDMoeBackbone"
+        )
         config["backbone"].update(num_experts=2, use_composition_embedding=True)
         torch.manual_seed(seed)
         return HydraModel(**config)
 
     plain, dens = moe(False, 0), moe(True, 1)
     assert sorted(dens.load_state_dict(plain.state_dict(), strict=False).missing_keys) == [
-        "backbone.force_embedding.bias", "backbone.force_embedding.weight",
-        "output_heads.forces.noise_linear.bias", "output_heads.forces.noise_linear.weight"]
+        "backbone.force_embedding.bias",
+        "backbone.force_embedding.weight",
+        "output_heads.forces.noise_linear.bias",
+        "output_heads.forces.noise_linear.weight",
+    ]
     plain.eval(), dens.eval()
     expected, actual = run(plain, batch()), run(dens, batch())
     assert torch.equal(actual["energy"]["energy"], expected["energy"]["energy"])

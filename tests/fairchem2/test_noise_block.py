@@ -9,16 +9,16 @@ import copy
 
 import pytest
 import torch
-
 from fairchem.core.units.mlip_unit.api.inference import MLIPInferenceCheckpoint
 from fairchem.core.units.mlip_unit.utils import load_inference_model
 
 from fairchem_dens.core.batch import corrupted_atoms
 from fairchem_dens.core.errors import DeNSSetupError
+from fairchem_dens.core.modules import EDGE_INPUTS, l1_vectors
 from fairchem_dens.fairchem2.export import plain_inference_checkpoint
 from fairchem_dens.fairchem2.models import ENCODED_FORCES
-from fairchem_dens.core.modules import EDGE_INPUTS, l1_vectors
 from fairchem_dens.testing.tolerances import ESEN_ROTATION_REL
+
 from fc2_helpers import batch, build, dens_batch, model_config, outputs, run
 
 HEAD = {False: "forces", True: "energy"}  # the DeNS head of the direct and the conservative model
@@ -30,7 +30,10 @@ def _noise_block(model, conservative: bool):
 
 @pytest.mark.parametrize("conservative", [False, True])
 def test_outside_dens_batches_the_block_model_is_exactly_the_plain_one_and_the_block_never_runs(conservative):
-    plain, dens = build(False, conservative=conservative), build(True, seed=1, conservative=conservative, noise_head="block")
+    plain, dens = (
+        build(False, conservative=conservative),
+        build(True, seed=1, conservative=conservative, noise_head="block"),
+    )
     missing = dens.load_state_dict(plain.state_dict(), strict=False).missing_keys
     assert {k.split(".")[2] for k in missing if k.startswith("output_heads")} == {"noise_block"}
     calls = []
@@ -59,8 +62,9 @@ def test_the_block_runs_on_the_corrupted_atoms_subgraph_and_equals_the_whole_gra
     incoming = corrupted[edge_index[1]]
     assert seen["edges"] == int(incoming.sum()) < edge_index.shape[1]
     # its nodes: the corrupted atoms and the sources of their edges (in these dense cells, often all)
-    assert seen["nodes"] == int(torch.unique(torch.cat((corrupted.nonzero().view(-1),
-                                                        edge_index[0, incoming]))).numel())
+    assert seen["nodes"] == int(
+        torch.unique(torch.cat((corrupted.nonzero().view(-1), edge_index[0, incoming]))).numel()
+    )
     # the same block on the whole graph, read on the corrupted atoms
     everything = torch.ones_like(corrupted)
     whole = block(emb["node_embedding"], emb[EDGE_INPUTS], everything).detach()
@@ -101,16 +105,19 @@ def test_the_block_noise_prediction_is_equivariant():
     scale = float(reference.detach().abs().max())
     assert float((rotated - reference).detach().abs().max()) / scale <= ESEN_ROTATION_REL
     # negative control: the unrotated prediction is far from the rotated one
-    assert float((dens(copy.deepcopy(data))["forces"]["forces"][corrupted] - reference).detach().abs().max()) / scale \
+    assert (
+        float((dens(copy.deepcopy(data))["forces"]["forces"][corrupted] - reference).detach().abs().max()) / scale
         > 100 * ESEN_ROTATION_REL
+    )
 
 
 @pytest.mark.parametrize("conservative", [False, True])
 def test_the_plain_inference_checkpoint_drops_the_block_and_its_keyword(conservative):
     dens = build(True, conservative=conservative, noise_head="block").eval()
     config = model_config(True, conservative, "block")
-    checkpoint = MLIPInferenceCheckpoint(model_config=config, model_state_dict=dens.state_dict(),
-                                         ema_state_dict=None, tasks_config=[])
+    checkpoint = MLIPInferenceCheckpoint(
+        model_config=config, model_state_dict=dens.state_dict(), ema_state_dict=None, tasks_config=[]
+    )
     plain_checkpoint = plain_inference_checkpoint(checkpoint)
     assert not [k for k in plain_checkpoint.model_state_dict if "noise_block" in k or "force_embedding" in k]
     assert all("noise_head" not in head for head in plain_checkpoint.model_config["heads"].values())
@@ -142,8 +149,9 @@ def test_the_block_trains_under_bf16_autocast_as_fairchems_amp_runs_it(conservat
     noise = out["forces"][corrupted_atoms(data)]
     assert noise.dtype == torch.float32 and bool(torch.isfinite(noise).all())
     (out["energy"].float().sum() + out["forces"].square().sum()).backward()
-    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all())
-               for p in _noise_block(dens, conservative).parameters())
+    assert all(
+        p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in _noise_block(dens, conservative).parameters()
+    )
 
 
 def test_no_tensor_of_a_batch_stays_on_the_model_so_it_deep_copies_after_a_forward():

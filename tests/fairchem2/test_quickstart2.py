@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from fairchem.core.scripts.create_finetune_dataset import compute_normalizer_and_linear_reference
 
 from fairchem_dens.fairchem2.normalizers import fit_normalizers, overrides
@@ -36,8 +35,23 @@ def test_fit_normalizers_gives_exact_zeros_for_elements_the_data_lacks(emt_root)
 
 
 def test_the_lmdb_layout_needs_fairchem_1_and_says_so(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "make-emt-data", "--bulk", "--families", "1",
-                             "--md-frames", "1", str(tmp_path / "data")], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fairchem_dens.cli",
+            "make-emt-data",
+            "--bulk",
+            "--families",
+            "1",
+            "--md-frames",
+            "1",
+            str(tmp_path / "data"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "the lmdb layout needs fairchem-core 1.x" in result.stderr and "--layout aselmdb" in result.stderr
     assert not (tmp_path / "data" / "aselmdb").exists()
@@ -46,9 +60,23 @@ def test_the_lmdb_layout_needs_fairchem_1_and_says_so(tmp_path):
 def test_quickstart2_command_at_one_epoch(tmp_path):
     """`fairchem-dens quickstart2` as users run it: its data, both variants through `fairchem -c`, the table."""
     result = subprocess.run(
-        [sys.executable, "-m", "fairchem_dens.cli", "quickstart2", "--workdir", str(tmp_path / "qs"), "--epochs", "1",
-         "--seeds", "0", "--jobs", "2"],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "fairchem_dens.cli",
+            "quickstart2",
+            "--workdir",
+            str(tmp_path / "qs"),
+            "--epochs",
+            "1",
+            "--seeds",
+            "0",
+            "--jobs",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]

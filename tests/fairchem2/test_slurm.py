@@ -16,7 +16,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from fairchem_dens.testing.slurm_cluster import describe, job_logs, local_cluster, push_requeued, wait_for_end, wait_until
+from fairchem_dens.testing.slurm_cluster import (
+    describe,
+    job_logs,
+    local_cluster,
+    push_requeued,
+    wait_for_end,
+    wait_until,
+)
+
 from fc2_helpers import DIRECT_CONFIG, FAIRCHEM, fairchem_env
 
 pytestmark = pytest.mark.slurm
@@ -34,12 +42,26 @@ def partition():
 
 def submit(tmp: Path, emt_root: Path, partition: str, name: str) -> SimpleNamespace:
     """`fairchem -c` of the shipped direct DeNS config in SLURM mode, a checkpoint every epoch."""
-    overrides = [f"data_root={emt_root}", "job.scheduler.mode=SLURM", f"+job.scheduler.slurm.partition={partition}",
-                 "+job.scheduler.slurm.mem_gb=2", "+job.scheduler.slurm.cpus_per_task=1",
-                 "+job.scheduler.slurm.timeout_hr=1", f"max_epochs={EPOCHS}", "checkpoint_every=4",
-                 f"+job.run_dir={tmp}", f"+job.timestamp_id={name}"]
-    result = subprocess.run([str(FAIRCHEM), "-c", str(DIRECT_CONFIG), *overrides], capture_output=True, text=True,
-                            env=fairchem_env(), cwd=tmp, timeout=300)
+    overrides = [
+        f"data_root={emt_root}",
+        "job.scheduler.mode=SLURM",
+        f"+job.scheduler.slurm.partition={partition}",
+        "+job.scheduler.slurm.mem_gb=2",
+        "+job.scheduler.slurm.cpus_per_task=1",
+        "+job.scheduler.slurm.timeout_hr=1",
+        f"max_epochs={EPOCHS}",
+        "checkpoint_every=4",
+        f"+job.run_dir={tmp}",
+        f"+job.timestamp_id={name}",
+    ]
+    result = subprocess.run(
+        [str(FAIRCHEM), "-c", str(DIRECT_CONFIG), *overrides],
+        capture_output=True,
+        text=True,
+        env=fairchem_env(),
+        cwd=tmp,
+        timeout=300,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     match = re.search(r"slurm id: (\d+)", output)
@@ -68,15 +90,16 @@ def test_a_dens_run_trains_through_fairchems_slurm_launch(uninterrupted):
 
 def test_a_preempted_run_is_requeued_and_resumes_with_the_same_draws(uninterrupted, partition, emt_root, tmp_path):
     job = submit(tmp_path, emt_root, partition, "preempted")
-    wait_until("epoch 3's tally in the log", lambda: 3 in tallies(job_logs(job.folder, job.id)), job, timeout=300,
-               every=0.2)
+    wait_until(
+        "epoch 3's tally in the log", lambda: 3 in tallies(job_logs(job.folder, job.id)), job, timeout=300, every=0.2
+    )
     subprocess.run(["scancel", "--signal=USR2", job.id], check=True, timeout=30)
     push_requeued(job)
     wait_for_end(job)
     log = job_logs(job.folder, job.id)
     assert "Submitit checkpointing callback is completed" in log, describe(job)
     # the requeued job: epochs since the last checkpoint redone, every epoch's draws as uninterrupted
-    resumed = log[log.index("Submitit checkpointing callback is completed"):]
+    resumed = log[log.index("Submitit checkpointing callback is completed") :]
     assert tallies(resumed), describe(job)
     assert tallies(log) == tallies(uninterrupted.log), describe(job)
     assert max(tallies(resumed)) == EPOCHS and min(tallies(resumed)) > 1, describe(job)

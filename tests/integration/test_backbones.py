@@ -14,9 +14,13 @@ from fairchem_dens.testing import (
     escn_dens_model_config,
     esen_dens_model_config,
 )
-
 from fairchem_dens.testing.backbone_suite import BackboneSuite, BlockNoiseHeadSuite
-from fairchem_dens.testing.tolerances import ESCN_ROTATION_REL, ESEN_CONSERVATIVE_ROTATION_REL, ESEN_ROTATION_REL, EQV2_ROTATION_REL
+from fairchem_dens.testing.tolerances import (
+    EQV2_ROTATION_REL,
+    ESCN_ROTATION_REL,
+    ESEN_CONSERVATIVE_ROTATION_REL,
+    ESEN_ROTATION_REL,
+)
 
 from helpers import QUICKSTART, data_overrides
 
@@ -48,8 +52,13 @@ class TestEquiformerV2(BackboneSuite):
         return {**TINY_EQV2_BACKBONE, "max_neighbors": 1000}
 
     def plain_state_dict(self, ours):
-        return _fold_encoding_bias(ours, (("output_heads.energy.scalar_block", "output_heads.energy.energy_block"),
-                                          ("output_heads.forces.vector_block", "output_heads.forces.force_block")))
+        return _fold_encoding_bias(
+            ours,
+            (
+                ("output_heads.energy.scalar_block", "output_heads.energy.energy_block"),
+                ("output_heads.forces.vector_block", "output_heads.forces.force_block"),
+            ),
+        )
 
     def cli_data(self, request):
         return data_overrides(request.getfixturevalue("emt_data"))

@@ -30,17 +30,36 @@ def truncated_copy(path, folder):
 
 
 def convert(source, target, *flags):
-    return subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "convert-checkpoint", str(source), str(target),
-                           *flags], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fairchem_dens.cli", "convert-checkpoint", str(source), str(target), *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_truncated_checkpoint_is_called_damaged_by_fairchem_train(emt_data, tmp_path):
     trunc = truncated_copy(ORIGINAL_CHECKPOINT, tmp_path)
     result = subprocess.run(
-        [*fairchem_command(), "--mode", "train", "--config-yml", str(QUICKSTART / "eqv2_dens_tiny.yml"), "--cpu",
-         "--run-dir", str(tmp_path), "--timestamp-id", "trunc", *data_overrides(emt_data),
-         "--checkpoint", str(trunc)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        [
+            *fairchem_command(),
+            "--mode",
+            "train",
+            "--config-yml",
+            str(QUICKSTART / "eqv2_dens_tiny.yml"),
+            "--cpu",
+            "--run-dir",
+            str(tmp_path),
+            "--timestamp-id",
+            "trunc",
+            *data_overrides(emt_data),
+            "--checkpoint",
+            str(trunc),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
     )
     out = result.stdout + result.stderr
     assert result.returncode != 0

@@ -54,9 +54,10 @@ main()
 @pytest.mark.parametrize(("config", "final_checkpoint"), [("eqv2_dens_tiny.yml", True), ("eqv2_tiny.yml", False)])
 def test_a_final_checkpoint_is_always_written(emt_data, tmp_path, caplog, config, final_checkpoint):
     # eval_every/checkpoint_every longer than the run: fairchem's own trainer saves nothing (fairchem#1073)
-    with caplog.at_level(logging.INFO), fairchem_trainer(
-        QUICKSTART / config, tmp_path, *data_overrides(emt_data), *NO_CHECKPOINTS
-    ) as ctx:
+    with (
+        caplog.at_level(logging.INFO),
+        fairchem_trainer(QUICKSTART / config, tmp_path, *data_overrides(emt_data), *NO_CHECKPOINTS) as ctx,
+    ):
         ctx.task.setup(ctx.trainer)
         ctx.task.run()
         steps = ctx.trainer.step
@@ -73,10 +74,28 @@ def run_until_hanging_save(tmp_path, config, emt_data, hang_at):
     script.write_text(HANGING_SAVE)
     env = {**os.environ, "HANG_AT_SAVE": str(hang_at), "HANG_FLAG": str(flag)}
     process = subprocess.Popen(
-        [sys.executable, str(script), "--mode", "train", "--config-yml", str(QUICKSTART / config), "--cpu",
-         "--run-dir", str(tmp_path), "--timestamp-id", "run", *data_overrides(emt_data), "--optim.max_epochs=1",
-         "--optim.eval_every=100000", "--optim.checkpoint_every=1"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            str(script),
+            "--mode",
+            "train",
+            "--config-yml",
+            str(QUICKSTART / config),
+            "--cpu",
+            "--run-dir",
+            str(tmp_path),
+            "--timestamp-id",
+            "run",
+            *data_overrides(emt_data),
+            "--optim.max_epochs=1",
+            "--optim.eval_every=100000",
+            "--optim.checkpoint_every=1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     deadline = time.time() + 300
     while not flag.exists():
@@ -93,10 +112,27 @@ def test_a_save_killed_half_way_leaves_the_last_checkpoint_and_the_run_resumes(e
     checkpoint = run_until_hanging_save(tmp_path, "eqv2_dens_tiny.yml", emt_data, hang_at=3)
     assert read_checkpoint(checkpoint)["step"] == 2  # the save of step 3 was killed; step 2's is intact
     result = subprocess.run(
-        [*fairchem_command(), "--mode", "train", "--config-yml", str(QUICKSTART / "eqv2_dens_tiny.yml"), "--cpu",
-         "--run-dir", str(tmp_path), "--timestamp-id", "resumed", *data_overrides(emt_data),
-         "--optim.max_epochs=1", "--optim.eval_every=100000", "--checkpoint", str(checkpoint)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        [
+            *fairchem_command(),
+            "--mode",
+            "train",
+            "--config-yml",
+            str(QUICKSTART / "eqv2_dens_tiny.yml"),
+            "--cpu",
+            "--run-dir",
+            str(tmp_path),
+            "--timestamp-id",
+            "resumed",
+            *data_overrides(emt_data),
+            "--optim.max_epochs=1",
+            "--optim.eval_every=100000",
+            "--checkpoint",
+            str(checkpoint),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert f"Loading checkpoint from: {checkpoint}" in result.stdout + result.stderr

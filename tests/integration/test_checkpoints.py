@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from fairchem_dens.models.checkpoints import CheckpointMismatchError, checkpoint_family, explain_mismatch
-from fairchem_dens.testing import batch_from_tensors, build_model, eqv2_dens_model_config, fairchem_trainer, forward_seeded
+from fairchem_dens.testing import (
+    batch_from_tensors,
+    build_model,
+    eqv2_dens_model_config,
+    fairchem_trainer,
+    forward_seeded,
+)
 from fairchem_dens.testing.tolerances import (
     EQV2_OTHER_SEED_ATOL_EV,
     F32_STORAGE_REL,
@@ -23,14 +29,24 @@ from fairchem_dens.testing.tolerances import (
 )
 
 from helpers import (
-    DATA, MODELS, MODES, ORIGINAL, QUICKSTART, converted_model, data_overrides, fixture_case, reference,
+    DATA,
+    MODELS,
+    MODES,
+    ORIGINAL,
+    QUICKSTART,
+    converted_model,
+    data_overrides,
+    fixture_case,
+    reference,
     sphere_sample_scale,
 )
 
 # The weight the negative control scales by 1 + 1e-4: one of the force head's (~190 ulps of
 # max |F|, 3x the parity tolerance; most single weights move the forces by ~1 ulp).
-SENSITIVE_WEIGHT = {"eqv2_dens": "output_heads.forces.vector_block.so2_conv_1.rad_func.net.1.weight",
-                    "escn_dens": "output_heads.forces.force_block.fc3.weight"}
+SENSITIVE_WEIGHT = {
+    "eqv2_dens": "output_heads.forces.vector_block.so2_conv_1.rad_func.net.1.weight",
+    "escn_dens": "output_heads.forces.force_block.fc3.weight",
+}
 
 
 def assert_equals_original(model, ref, mode, case=None, force_scale=None):
@@ -97,20 +113,37 @@ def test_conversion_rewrites_config_and_normalizers():
 def test_every_adapter_recognises_its_checkpoints_and_others_are_named():
     from fairchem_dens.testing import escn_dens_model_config, esen_dens_model_config
 
-    for family, config in (("equiformer_v2", eqv2_dens_model_config("ours")), ("escn", escn_dens_model_config("ours")),
-                           ("esen", esen_dens_model_config("ours")), ("esen", esen_dens_model_config("fairchem"))):
+    for family, config in (
+        ("equiformer_v2", eqv2_dens_model_config("ours")),
+        ("escn", escn_dens_model_config("ours")),
+        ("esen", esen_dens_model_config("ours")),
+        ("esen", esen_dens_model_config("fairchem")),
+    ):
         state = {f"module.{k}": v for k, v in build_model(config).state_dict().items()}  # as DDP saves them
         assert checkpoint_family({"state_dict": state}) == ("hydra", family)
-    painn = build_model({"name": "hydra", "backbone": {"model": "fairchem.core.models.painn.painn.PaiNNBackbone", "hidden_channels": 8,
-                                                       "num_layers": 1, "num_rbf": 8, "otf_graph": True},
-                         "heads": {"energy": {"module": "fairchem.core.models.painn.painn.PaiNNEnergyHead"}}})
-    with pytest.raises(CheckpointMismatchError, match=r"none of the architectures fairchem-dens has a DeNS adapter "
-                                                      r"for \(EquiformerV2, eSCN, eSEN\).*docs/backbones.md#adding-a-backbone"):
+    painn = build_model(
+        {
+            "name": "hydra",
+            "backbone": {
+                "model": "fairchem.core.models.painn.painn.PaiNNBackbone",
+                "hidden_channels": 8,
+                "num_layers": 1,
+                "num_rbf": 8,
+                "otf_graph": True,
+            },
+            "heads": {"energy": {"module": "fairchem.core.models.painn.painn.PaiNNEnergyHead"}},
+        }
+    )
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"none of the architectures fairchem-dens has a DeNS adapter "
+        r"for \(EquiformerV2, eSCN, eSEN\).*docs/backbones.md#adding-a-backbone",
+    ):
         checkpoint_family({"state_dict": painn.state_dict()})
     esen = build_model(esen_dens_model_config("ours")).state_dict()
     eqv2 = build_model(eqv2_dens_model_config("ours")).state_dict()
     assert "holds an eSEN model but the config builds an EquiformerV2" in explain_mismatch(eqv2, esen)
-    monolithic = {k[len("backbone."):]: v for k, v in esen.items() if k.startswith("backbone.")}
+    monolithic = {k[len("backbone.") :]: v for k, v in esen.items() if k.startswith("backbone.")}
     with pytest.raises(CheckpointMismatchError, match="monolithic eSEN model"):
         checkpoint_family({"state_dict": monolithic})
 
@@ -122,13 +155,19 @@ def test_first_release_head_names_still_build_and_load(fixture_batch):
     assert equiformer_v2.DeNSEnergyHead is equiformer_v2.DeNSEquiformerV2EnergyHead
     assert equiformer_v2.DeNSForceHead is equiformer_v2.DeNSEquiformerV2ForceHead
     old = eqv2_dens_model_config("ours")
-    old["heads"] = {"energy": {"module": "fairchem_dens.models.equiformer_v2.DeNSEnergyHead"},
-                    "forces": {"module": "fairchem_dens.models.equiformer_v2.DeNSForceHead"}}
+    old["heads"] = {
+        "energy": {"module": "fairchem_dens.models.equiformer_v2.DeNSEnergyHead"},
+        "forces": {"module": "fairchem_dens.models.equiformer_v2.DeNSForceHead"},
+    }
     old_model, new_model = build_model(old, seed=0).eval(), build_model(eqv2_dens_model_config("ours"), seed=1).eval()
     new_model.load_state_dict(old_model.state_dict(), strict=True)
     with torch.no_grad():
-        torch.testing.assert_close(forward_seeded(old_model, fixture_batch)["forces"],
-                                   forward_seeded(new_model, fixture_batch)["forces"], atol=0, rtol=0)
+        torch.testing.assert_close(
+            forward_seeded(old_model, fixture_batch)["forces"],
+            forward_seeded(new_model, fixture_batch)["forces"],
+            atol=0,
+            rtol=0,
+        )
 
 
 def test_mismatches_are_explained():
@@ -141,8 +180,11 @@ def test_mismatches_are_explained():
     assert "missing from the checkpoint" in message and "plain" in message
     sigma = build_model(eqv2_dens_model_config("ours", use_noise_schedule_sigma_encoding=True)).state_dict()
     assert "use_noise_schedule_sigma_encoding" in explain_mismatch(sigma, eqv2)
-    bigger = build_model(eqv2_dens_model_config("ours", backbone={
-        **eqv2_dens_model_config("ours")["backbone"], "lmax_list": [3], "model": None})).state_dict()
+    bigger = build_model(
+        eqv2_dens_model_config(
+            "ours", backbone={**eqv2_dens_model_config("ours")["backbone"], "lmax_list": [3], "model": None}
+        )
+    ).state_dict()
     message = explain_mismatch(bigger, eqv2)
     assert "- backbone.force_embedding: 2 tensors differ in shape" in message
     assert "checkpoint shape (3, 16, 1), model shape (4, 16, 1)" in explain_mismatch(
@@ -166,14 +208,23 @@ def test_convert_checkpoint_command(tmp_path):
 
 def test_ase_calculator_uses_a_converted_checkpoint(tmp_path):
     from ase.io import read
-
     from fairchem.core.common.relaxation.ase_utils import OCPCalculator
 
     ref = reference("eqv2_dens")
     target = tmp_path / "eqv2.pt"
     # best_checkpoint.pt holds the EMA weights, which the original predict() used
-    subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "convert-checkpoint",
-                    str(ORIGINAL / "eqv2_dens" / "best_checkpoint.pt"), str(target)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fairchem_dens.cli",
+            "convert-checkpoint",
+            str(ORIGINAL / "eqv2_dens" / "best_checkpoint.pt"),
+            str(target),
+        ],
+        check=True,
+        capture_output=True,
+    )
     calculator = OCPCalculator(checkpoint_path=str(target), cpu=True, seed=0)
     atoms = read(DATA / "inputs.extxyz", index=0)
     atoms.calc = calculator
@@ -190,14 +241,16 @@ def test_ase_calculator_uses_a_converted_checkpoint(tmp_path):
         out = forward_seeded(model, batch_from_tensors(single))
     rmsd = converted["normalizers"]["forces"]["rmsd"].item()
     # the calculator seeds 0 once, forward_seeded 7: other random edge frames
-    np.testing.assert_allclose(atoms.get_forces(apply_constraint=False), out["forces"].numpy() * rmsd,
-                               atol=EQV2_OTHER_SEED_ATOL_EV)
+    np.testing.assert_allclose(
+        atoms.get_forces(apply_constraint=False), out["forces"].numpy() * rmsd, atol=EQV2_OTHER_SEED_ATOL_EV
+    )
 
 
 def test_fairchem_port_checkpoints_load_both_ways(emt_data, tmp_path):
     port_yml = DATA / "fairchem_port_dens.yml"
-    with fairchem_trainer(port_yml, tmp_path / "port", *data_overrides(emt_data),
-                          "--optim.max_epochs=1", "--optim.batch_size=8") as ctx:
+    with fairchem_trainer(
+        port_yml, tmp_path / "port", *data_overrides(emt_data), "--optim.max_epochs=1", "--optim.batch_size=8"
+    ) as ctx:
         ctx.task.setup(ctx.trainer)
         ctx.task.run()  # one real epoch of fairchem's own DeNS trainer
         port_model = ctx.trainer._unwrapped_model

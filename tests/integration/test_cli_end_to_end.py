@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from fairchem.core.datasets import LmdbDataset
 
 from fairchem_dens.quickstart import fairchem_command
@@ -24,11 +23,29 @@ def run(args: list[str], cwd: Path) -> str:
 
 
 def test_train_then_predict(emt_data, tmp_path):
-    common = ["--config-yml", str(QUICKSTART / "eqv2_dens_tiny.yml"), "--cpu", "--run-dir", str(tmp_path),
-              *data_overrides(emt_data)]
-    log = run(["--mode", "train", "--timestamp-id", "e2e", "--print-every", "1",
-               "--optim.max_epochs=1", "--optim.eval_every=1000",
-               "--optim.denoising_pos_params.prob=0.5", *common], tmp_path)
+    common = [
+        "--config-yml",
+        str(QUICKSTART / "eqv2_dens_tiny.yml"),
+        "--cpu",
+        "--run-dir",
+        str(tmp_path),
+        *data_overrides(emt_data),
+    ]
+    log = run(
+        [
+            "--mode",
+            "train",
+            "--timestamp-id",
+            "e2e",
+            "--print-every",
+            "1",
+            "--optim.max_epochs=1",
+            "--optim.eval_every=1000",
+            "--optim.denoising_pos_params.prob=0.5",
+            *common,
+        ],
+        tmp_path,
+    )
     # DeNS and plain steps both happened and were logged with fairchem's metrics
     assert "denoising_pos_mae" in log and "forces_mae" in log
     checkpoint = tmp_path / "checkpoints" / "e2e" / "checkpoint.pt"
@@ -36,7 +53,9 @@ def test_train_then_predict(emt_data, tmp_path):
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
     assert saved["config"]["trainer"] == "forces"
     assert "denoising_pos_target" in saved["normalizers"]
-    assert any(k.endswith("denoising_pos_block.proj.fc.weight") or "denoising_pos_block" in k for k in saved["state_dict"])
+    assert any(
+        k.endswith("denoising_pos_block.proj.fc.weight") or "denoising_pos_block" in k for k in saved["state_dict"]
+    )
 
     run(["--mode", "predict", "--timestamp-id", "pred", "--checkpoint", str(checkpoint), *common], tmp_path)
     predictions = tmp_path / "results" / "pred" / "s2ef_predictions.npz"
@@ -58,8 +77,20 @@ def test_train_then_predict(emt_data, tmp_path):
     submission = tmp_path / "submission.npz"
     splits = [arg for split in ("id", "ood-ads", "ood-cat", "ood-both") for arg in (f"--{split}", str(predictions))]
     result = subprocess.run(
-        [sys.executable, "-m", "fairchem_dens.cli", "make-submission", "s2ef", *splits, "--out", str(submission),
-         "--checkpoint", str(checkpoint)], capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "fairchem_dens.cli",
+            "make-submission",
+            "s2ef",
+            *splits,
+            "--out",
+            str(submission),
+            "--checkpoint",
+            str(checkpoint),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     with np.load(submission, allow_pickle=False) as npz:
@@ -68,20 +99,45 @@ def test_train_then_predict(emt_data, tmp_path):
     assert (tmp_path / "submission.npz.json").exists()
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("--optim.denoising_pos_params.prob=1.5", "optim.denoising_pos_params.prob must be a probability in [0, 1], got 1.5"),
-    # a misspelt DeNS key would otherwise train to the end with the recipe's values
-    ("--optim.denoising_pos_parmas.prob=0.5",
-     "unknown DeNS key optim.denoising_pos_parmas (nearest known key: optim.denoising_pos_params)"),
-    ("--optim.denoising_pos_params.corupt_ratio=0.5",
-     "unknown DeNS key optim.denoising_pos_params.corupt_ratio (nearest known key: "
-     "optim.denoising_pos_params.corrupt_ratio)"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "--optim.denoising_pos_params.prob=1.5",
+            "optim.denoising_pos_params.prob must be a probability in [0, 1], got 1.5",
+        ),
+        # a misspelt DeNS key would otherwise train to the end with the recipe's values
+        (
+            "--optim.denoising_pos_parmas.prob=0.5",
+            "unknown DeNS key optim.denoising_pos_parmas (nearest known key: optim.denoising_pos_params)",
+        ),
+        (
+            "--optim.denoising_pos_params.corupt_ratio=0.5",
+            "unknown DeNS key optim.denoising_pos_params.corupt_ratio (nearest known key: "
+            "optim.denoising_pos_params.corrupt_ratio)",
+        ),
+    ],
+)
 def test_bad_dens_config_fails_before_training(emt_data, tmp_path, override, message):
     result = subprocess.run(
-        [*fairchem_command(), "--mode", "train", "--config-yml", str(QUICKSTART / "eqv2_dens_tiny.yml"),
-         "--cpu", "--run-dir", str(tmp_path), "--timestamp-id", "bad", *data_overrides(emt_data), override],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        [
+            *fairchem_command(),
+            "--mode",
+            "train",
+            "--config-yml",
+            str(QUICKSTART / "eqv2_dens_tiny.yml"),
+            "--cpu",
+            "--run-dir",
+            str(tmp_path),
+            "--timestamp-id",
+            "bad",
+            *data_overrides(emt_data),
+            override,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
@@ -99,9 +155,26 @@ def test_quickstart_command_at_tiny_size(tmp_path):
     import re
 
     result = subprocess.run(
-        [sys.executable, "-m", "fairchem_dens.cli", "quickstart", "--workdir", str(tmp_path / "qs"),
-         "--epochs", "5", "--frames", "8", "--seeds", "0", "--jobs", "2"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "fairchem_dens.cli",
+            "quickstart",
+            "--workdir",
+            str(tmp_path / "qs"),
+            "--epochs",
+            "5",
+            "--frames",
+            "8",
+            "--seeds",
+            "0",
+            "--jobs",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=900,
     )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
@@ -125,11 +198,17 @@ def test_quickstart_command_at_tiny_size(tmp_path):
 
 
 def test_quickstart_refuses_sizes_the_example_does_not_hold(tmp_path):
-    for args, message in ((["--frames", "951"], "--frames must be at least 1 and at most 950, got 951"),
-                          (["--epochs", "0"], "--epochs must be at least 1, got 0"),
-                          (["--seeds", "0", "0"], "--seeds must name one or more different seeds")):
-        result = subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "quickstart", "--workdir",
-                                 str(tmp_path / "qs"), *args], capture_output=True, text=True, timeout=300)
+    for args, message in (
+        (["--frames", "951"], "--frames must be at least 1 and at most 950, got 951"),
+        (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+        (["--seeds", "0", "0"], "--seeds must name one or more different seeds"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "fairchem_dens.cli", "quickstart", "--workdir", str(tmp_path / "qs"), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
         assert not (tmp_path / "qs").exists()  # refused before anything was written
 
@@ -138,12 +217,15 @@ def test_quickstart_refuses_a_data_folder_that_is_not_its_own(tmp_path):
     """The EMT example written into the quickstart's folder is kept, and the refusal says what to do."""
     cli = [sys.executable, "-m", "fairchem_dens.cli"]
     data = tmp_path / "qs" / "data"
-    made = subprocess.run([*cli, "make-emt-data", str(data)], capture_output=True, text=True,
-                          timeout=300)
+    made = subprocess.run([*cli, "make-emt-data", str(data)], capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr[-2000:]
     before = sorted(p.relative_to(data) for p in data.rglob("*"))
-    result = subprocess.run([*cli, "quickstart", "--workdir", str(tmp_path / "qs"), "--epochs", "1", "--frames", "8"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [*cli, "quickstart", "--workdir", str(tmp_path / "qs"), "--epochs", "1", "--frames", "8"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [
         f"fairchem-dens quickstart: {data} exists but is not the quickstart's data (no md17_info.json): "
@@ -152,6 +234,10 @@ def test_quickstart_refuses_a_data_folder_that_is_not_its_own(tmp_path):
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
     empty = tmp_path / "qs_empty" / "data"  # an empty folder is refused the same way, not with a traceback
     empty.mkdir(parents=True)
-    result = subprocess.run([*cli, "quickstart", "--workdir", str(empty.parent), "--epochs", "1", "--frames", "8"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [*cli, "quickstart", "--workdir", str(empty.parent), "--epochs", "1", "--frames", "8"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "exists but is not the quickstart's data" in result.stderr, result.stderr[-2000:]

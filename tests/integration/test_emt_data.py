@@ -99,8 +99,9 @@ def test_both_frame_kinds_per_system(splits):
 
 def test_labels_are_emt_energies_and_unconstrained_forces(splits):
     d = splits["train"][-1]  # an MD frame
-    atoms = Atoms(numbers=d.atomic_numbers.numpy(), positions=d.pos.double().numpy(), cell=d.cell[0].double().numpy(),
-                  pbc=True)
+    atoms = Atoms(
+        numbers=d.atomic_numbers.numpy(), positions=d.pos.double().numpy(), cell=d.cell[0].double().numpy(), pbc=True
+    )
     atoms.calc = EMT()
     assert d.energy == pytest.approx(atoms.get_potential_energy(), abs=EMT_ROUNDED_POSITIONS_ENERGY_EV)
     np.testing.assert_allclose(d.forces.numpy(), atoms.get_forces(), atol=EMT_ROUNDED_POSITIONS_FORCES_EV_PER_A)
@@ -137,8 +138,11 @@ def test_deterministic_per_seed(tmp_path):
     for split in a:
         first, second = entries(a[split]), entries(b[split])
         assert len(first) == len(second) > 0
-        assert all(torch.equal(x.pos, y.pos) and x.energy == y.energy and torch.equal(x.forces, y.forces)
-                   for x, y in zip(first, second))
+        assert all(
+            torch.equal(x.pos, y.pos) and x.energy == y.energy and torch.equal(x.forces, y.forces)
+            for x, y in zip(first, second)
+        )
+
     def energies(folders):
         return sorted(d.energy for folder in folders.values() for d in entries(folder))
 

@@ -39,9 +39,14 @@ def recipe_batch(tmp_path_factory):
     """(trainer's backbone, a batch its trainer corrupted, the file's kcal/mol/Å forces of its atoms)."""
     folder = tmp_path_factory.mktemp("encoding")
     splits = convert_md17(example_trajectory(), folder / "data", n_train=64, n_val=8)
-    with fairchem_trainer(RECIPE, folder / "run", f"--dataset.train.src={splits['train']}",
-                          f"--dataset.val.src={splits['val']}", f"--dataset.test.src={splits['test']}",
-                          "--optim.denoising_pos_params.prob=0.5") as context:
+    with fairchem_trainer(
+        RECIPE,
+        folder / "run",
+        f"--dataset.train.src={splits['train']}",
+        f"--dataset.val.src={splits['val']}",
+        f"--dataset.test.src={splits['test']}",
+        "--optim.denoising_pos_params.prob=0.5",
+    ) as context:
         trainer = context.trainer
         batch, _ = mixed_dens_batch(trainer)
         backbone = trainer._unwrapped_model.backbone
@@ -56,11 +61,13 @@ def test_the_recipes_encoding_of_ev_forces_equals_the_originals_of_the_files_kca
     with torch.no_grad():  # random weights and bias of the layer's size: every degree and the bias count
         backbone.force_embedding.weight.normal_()
         backbone.force_embedding.bias.normal_()
-        ours = dens_node_features(batch, backbone.force_embedding, backbone.lmax,
-                                  force_encoding_scale=backbone.force_encoding_scale)
+        ours = dens_node_features(
+            batch, backbone.force_embedding, backbone.lmax, force_encoding_scale=backbone.force_encoding_scale
+        )
         weak = dens_node_features(batch, backbone.force_embedding, backbone.lmax, force_encoding_scale=1.0)
-    expected = original_force_encoding(kcal, batch.noise_mask, backbone.force_embedding.weight,
-                                       backbone.force_embedding.bias)
+    expected = original_force_encoding(
+        kcal, batch.noise_mask, backbone.force_embedding.weight, backbone.force_embedding.bias
+    )
     assert bool(batch.noise_mask.any()) and not bool(batch.noise_mask.all())
     # The stored eV/Å forces are the file's values times 1/23.06 rounded to float32 (1 ulp), the
     # scale gives them back (1 ulp more), then a handful of elementwise ops and one weight times

@@ -7,12 +7,11 @@ import shutil
 import numpy as np
 import pytest
 
-from fairchem_dens.datasets.lmdb_io import write_lmdb
 from fairchem_dens.datasets.lmdb_dataset import DeNSLmdbDataset, LmdbDataError, MDFlagError, is_md_line
+from fairchem_dens.datasets.lmdb_io import write_lmdb
 from fairchem_dens.testing import close_lmdb, fairchem_trainer, lmdb_without, read_lmdb
 
 from helpers import CONFIGS, TINY_EQV2_OVERRIDES, data_overrides
-
 
 read_all = read_lmdb
 
@@ -64,7 +63,7 @@ def test_flags_from_data_logs_folder_and_single_file(emt_data, tmp_path):
         close_lmdb(dataset)
     single = DeNSLmdbDataset({"src": str(folder / "data.0001.lmdb")})
     try:
-        second_half = truth[len(truth) - len(single):]
+        second_half = truth[len(truth) - len(single) :]
         assert [int(single[i].md) for i in range(len(single))] == second_half
     finally:
         close_lmdb(single)
@@ -115,8 +114,13 @@ def test_truncated_lmdb_names_the_file(emt_data, tmp_path):
 def test_all_md_recipe_never_corrupts_md_frames(emt_data, tmp_path):
     (config,) = (CONFIGS / "oc20" / "all-md" / "equiformer_v2").glob("*.yml")
     folder, _ = oc20_like_folder(tmp_path, read_all(emt_data["train"]))
-    overrides = [*data_overrides(emt_data), f"--dataset.train.src={folder}", "--logger=tensorboard",
-                 "--optim.denoising_pos_params.prob=1.0", *TINY_EQV2_OVERRIDES]
+    overrides = [
+        *data_overrides(emt_data),
+        f"--dataset.train.src={folder}",
+        "--logger=tensorboard",
+        "--optim.denoising_pos_params.prob=1.0",
+        *TINY_EQV2_OVERRIDES,
+    ]
     with fairchem_trainer(config, tmp_path / "run", *overrides) as ctx:
         trainer = ctx.trainer
         assert trainer.dens.relaxation_only
@@ -138,8 +142,11 @@ def test_all_md_recipe_never_corrupts_md_frames(emt_data, tmp_path):
 def test_relaxation_only_without_md_information_fails_before_training(emt_data, tmp_path):
     folder = lmdb_without(emt_data["train"], "md", tmp_path / "no_md")
     (config,) = (CONFIGS / "oc20" / "all-md" / "equiformer_v2").glob("*.yml")
-    with pytest.raises(ValueError, match="relaxation_only is set but the training dataset"), fairchem_trainer(
-        config, tmp_path / "run", *data_overrides(emt_data), f"--dataset.train.src={folder}", *TINY_EQV2_OVERRIDES
+    with (
+        pytest.raises(ValueError, match="relaxation_only is set but the training dataset"),
+        fairchem_trainer(
+            config, tmp_path / "run", *data_overrides(emt_data), f"--dataset.train.src={folder}", *TINY_EQV2_OVERRIDES
+        ),
     ):
         pass
     shutil.rmtree(folder)

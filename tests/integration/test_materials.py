@@ -41,8 +41,9 @@ def bulk_overrides(bulk, layout="aselmdb"):
 
 def test_bulk_data_hold_emt_energy_forces_and_stress_in_both_layouts(bulk):
     assert ase.__version__ < "3.25"  # fairchem 1.10's relaxations need it; .aselmdb still reads
-    dataset = DeNSAseDBDataset({"src": str(bulk["aselmdb"]["train"]),
-                                "a2g_args": {"r_energy": True, "r_forces": True, "r_stress": True}})
+    dataset = DeNSAseDBDataset(
+        {"src": str(bulk["aselmdb"]["train"]), "a2g_args": {"r_energy": True, "r_forces": True, "r_stress": True}}
+    )
     entries = read_lmdb(bulk["lmdb"]["train"] / "data.lmdb")
     assert len(dataset) == len(entries) > 10
     natoms = np.load(bulk["aselmdb"]["train"] / "metadata.npz")["natoms"]
@@ -64,8 +65,22 @@ def test_bulk_data_hold_emt_energy_forces_and_stress_in_both_layouts(bulk):
 
 
 def test_make_emt_data_bulk_command(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "make-emt-data", "--bulk", str(tmp_path),
-                             "--families", "1", "--md-frames", "1"], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fairchem_dens.cli",
+            "make-emt-data",
+            "--bulk",
+            str(tmp_path),
+            "--families",
+            "1",
+            "--md-frames",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "aselmdb" / "val" / "data.aselmdb").is_file()
     assert (tmp_path / "lmdb" / "test" / "metadata.npz").is_file()
@@ -80,7 +95,8 @@ def test_stress_of_corrupted_structures_is_excluded_and_clean_ones_train(bulk, t
     with fairchem_trainer(BULK_YML, tmp_path, *overrides, "--optim.batch_size=6") as ctx:
         trainer = ctx.trainer
         assert {n: trainer.output_roles[n] for n in ("stress", *STRESS_TERMS)} == dict.fromkeys(
-            ("stress", *STRESS_TERMS), "excluded")
+            ("stress", *STRESS_TERMS), "excluded"
+        )
         assert "energy" in trainer.elementrefs  # fitted element references, as the MPtrj recipe
         batch, corrupted = mixed_dens_batch(trainer)
         trainer.model.eval()
@@ -104,9 +120,12 @@ def test_stress_of_corrupted_structures_is_excluded_and_clean_ones_train(bulk, t
 
 
 def test_stress_learns_in_dens_training(tmp_path):
-    bulk = generate_bulk_dataset(tmp_path / "bulk", families_per_metal=6, md_frames=4)  # make-emt-data --bulk: 140 training frames
-    with fairchem_trainer(BULK_YML, tmp_path, *bulk_overrides(bulk), "--optim.max_epochs=8",
-                          "--optim.eval_every=100000", f"{P}prob=0.5") as ctx:
+    bulk = generate_bulk_dataset(
+        tmp_path / "bulk", families_per_metal=6, md_frames=4
+    )  # make-emt-data --bulk: 140 training frames
+    with fairchem_trainer(
+        BULK_YML, tmp_path, *bulk_overrides(bulk), "--optim.max_epochs=8", "--optim.eval_every=100000", f"{P}prob=0.5"
+    ) as ctx:
         trainer = ctx.trainer
         before = trainer.validate("val", disable_tqdm=True)["stress_mae"]["metric"]
         ctx.task.setup(trainer)
@@ -122,8 +141,12 @@ def test_ase_read_multi_extxyz_with_stress(bulk, tmp_path):
     folder = tmp_path / "xyz"
     folder.mkdir()
     write(folder / "train.extxyz", frames)
-    multi = ["--dataset.train.format=ase_read_multi", f"--dataset.train.src={folder}",
-             "--dataset.train.pattern=*.extxyz", "--optim.load_balancing_on_error=warn_and_no_balance"]
+    multi = [
+        "--dataset.train.format=ase_read_multi",
+        f"--dataset.train.src={folder}",
+        "--dataset.train.pattern=*.extxyz",
+        "--optim.load_balancing_on_error=warn_and_no_balance",
+    ]
     with fairchem_trainer(BULK_YML, tmp_path / "run", *bulk_overrides(bulk), *multi, f"{P}prob=1.0") as ctx:
         trainer = ctx.trainer
         assert len(trainer.train_dataset) == len(frames)
@@ -146,11 +169,21 @@ def test_fixed_atoms_from_fixatoms_in_an_ase_database(tmp_path, emt_data):
         frames.append(atoms)
     (tmp_path / "slabs").mkdir()
     write_aselmdb(frames, tmp_path / "slabs" / "data.aselmdb")
-    dataset_args = ["--dataset.train.format=fairchem_dens.datasets.ase_db.DeNSAseDBDataset",
-                    f"--dataset.train.src={tmp_path / 'slabs'}", "--dataset.train.a2g_args.r_energy=True",
-                    "--dataset.train.a2g_args.r_forces=True", "--dataset.train.a2g_args.r_fixed=True"]
-    with fairchem_trainer(QUICKSTART / "eqv2_dens_tiny.yml", tmp_path / "run", *data_overrides(emt_data),
-                          *dataset_args, f"{P}prob=1.0", f"{P}corrupt_ratio=None") as ctx:
+    dataset_args = [
+        "--dataset.train.format=fairchem_dens.datasets.ase_db.DeNSAseDBDataset",
+        f"--dataset.train.src={tmp_path / 'slabs'}",
+        "--dataset.train.a2g_args.r_energy=True",
+        "--dataset.train.a2g_args.r_forces=True",
+        "--dataset.train.a2g_args.r_fixed=True",
+    ]
+    with fairchem_trainer(
+        QUICKSTART / "eqv2_dens_tiny.yml",
+        tmp_path / "run",
+        *data_overrides(emt_data),
+        *dataset_args,
+        f"{P}prob=1.0",
+        f"{P}corrupt_ratio=None",
+    ) as ctx:
         batch = next(iter(ctx.trainer.train_loader))
         assert int(batch.fixed.sum()) == 4 * batch.natoms.numel()  # the 2x2 bottom layer of each slab
         clean = batch.pos.clone()
@@ -162,26 +195,34 @@ def test_fixed_atoms_from_fixatoms_in_an_ase_database(tmp_path, emt_data):
 def test_stress_asked_of_data_without_it_is_refused(tmp_path, emt_data):
     # the OC20-like slab LMDBs carry energy and forces only
     with pytest.raises(ValueError, match=r"loss_functions trains `stress_isotropic` but the training dataset"):
-        with fairchem_trainer(BULK_YML, tmp_path, *data_overrides(emt_data),
-                              *[f"--dataset.{s}.format=lmdb" for s in ("train", "val", "test")]):
+        with fairchem_trainer(
+            BULK_YML,
+            tmp_path,
+            *data_overrides(emt_data),
+            *[f"--dataset.{s}.format=lmdb" for s in ("train", "val", "test")],
+        ):
             pass
 
 
 def test_max_stress_norm_without_stress_is_refused(tmp_path, emt_data):
     with pytest.raises(ValueError, match=r"max_stress_norm is set but the training dataset .* has no `stress`"):
-        with fairchem_trainer(QUICKSTART / "eqv2_dens_tiny.yml", tmp_path, *data_overrides(emt_data),
-                              f"{P}max_stress_norm=0.1"):
+        with fairchem_trainer(
+            QUICKSTART / "eqv2_dens_tiny.yml", tmp_path, *data_overrides(emt_data), f"{P}max_stress_norm=0.1"
+        ):
             pass
 
 
 def test_max_stress_norm_skips_stressed_structures(bulk, tmp_path):
-    with fairchem_trainer(BULK_YML, tmp_path, *bulk_overrides(bulk), f"{P}prob=1.0", f"{P}corrupt_ratio=None",
-                          f"{P}max_stress_norm=0.02") as ctx:
+    with fairchem_trainer(
+        BULK_YML, tmp_path, *bulk_overrides(bulk), f"{P}prob=1.0", f"{P}corrupt_ratio=None", f"{P}max_stress_norm=0.02"
+    ) as ctx:
         batch = next(iter(ctx.trainer.train_loader))
         ctx.trainer.corrupt(batch, step=1)
         norms = batch.stress.view(-1, 9).norm(dim=-1)
         corrupted = torch.zeros(batch.natoms.numel(), dtype=torch.bool)
         if hasattr(batch, "noise_mask") or getattr(batch, "denoising_pos_forward", False):
-            corrupted.index_fill_(0, batch.batch[getattr(batch, "noise_mask", torch.ones_like(batch.fixed).bool())], True)
+            corrupted.index_fill_(
+                0, batch.batch[getattr(batch, "noise_mask", torch.ones_like(batch.fixed).bool())], True
+            )
         assert torch.equal(corrupted, norms <= 0.02)
         assert (norms > 0.02).any() and (norms <= 0.02).any()

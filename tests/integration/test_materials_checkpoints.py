@@ -32,9 +32,25 @@ def data_args(bulk):
 
 def train(config, run_dir, bulk, *extra, timestamp="t"):
     result = subprocess.run(
-        [*fairchem_command(), "--mode", "train", "--config-yml", str(config), "--cpu", "--run-dir", str(run_dir),
-         "--timestamp-id", timestamp, *data_args(bulk), "--optim.eval_every=100000", *extra],
-        capture_output=True, text=True, cwd=run_dir, timeout=900,
+        [
+            *fairchem_command(),
+            "--mode",
+            "train",
+            "--config-yml",
+            str(config),
+            "--cpu",
+            "--run-dir",
+            str(run_dir),
+            "--timestamp-id",
+            timestamp,
+            *data_args(bulk),
+            "--optim.eval_every=100000",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=run_dir,
+        timeout=900,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return run_dir / "checkpoints" / timestamp / "checkpoint.pt", result.stdout + result.stderr
@@ -50,10 +66,10 @@ def port_checkpoint(bulk, tmp_path_factory):
 def test_the_released_layout_loads_strictly_and_gives_the_same_outputs(port_checkpoint, bulk):
     import fairchem.core.models.equiformer_v2.equiformer_v2_dens  # noqa: F401  (registers the port's names)
     from fairchem.core.common.utils import load_config
+    from torch_geometric.data import Batch
 
     from fairchem_dens.datasets.ase_db import DeNSAseDBDataset
     from fairchem_dens.datasets.lmdb_io import close_lmdb
-    from torch_geometric.data import Batch
 
     checkpoint = read_checkpoint(port_checkpoint)
     ours = build_model(load_config(str(OURS_YML))[0]["model"])
@@ -61,8 +77,9 @@ def test_the_released_layout_loads_strictly_and_gives_the_same_outputs(port_chec
     ours.load_state_dict(state, strict=True)
     port = build_model(checkpoint["config"]["model"])
     port.load_state_dict(state, strict=True)
-    dataset = DeNSAseDBDataset({"src": str(bulk["aselmdb"]["val"]),
-                                "a2g_args": {"r_energy": True, "r_forces": True, "r_stress": True}})
+    dataset = DeNSAseDBDataset(
+        {"src": str(bulk["aselmdb"]["val"]), "a2g_args": {"r_energy": True, "r_forces": True, "r_stress": True}}
+    )
     batch = Batch.from_data_list([dataset[i] for i in range(4)])
     close_lmdb(dataset)
     for model in (ours, port):
@@ -82,8 +99,16 @@ def test_fine_tune_the_released_layout_with_dens_then_relax_a_cell(port_checkpoi
     from fairchem.core.common.relaxation.ase_utils import OCPCalculator
 
     # --checkpoint resumes the run's state (epoch 1 of the port's run): train one epoch more, with DeNS
-    path, log = train(OURS_YML, tmp_path, bulk, "--optim.max_epochs=2", f"--checkpoint={port_checkpoint}",
-                      "--optim.denoising_pos_params.prob=1.0", "--print-every=1", timestamp="ft")
+    path, log = train(
+        OURS_YML,
+        tmp_path,
+        bulk,
+        "--optim.max_epochs=2",
+        f"--checkpoint={port_checkpoint}",
+        "--optim.denoising_pos_params.prob=1.0",
+        "--print-every=1",
+        timestamp="ft",
+    )
     assert f"Loading checkpoint from: {port_checkpoint}" in log
     assert "denoising_pos_mae" in log and "stress_mae" in log  # DeNS ran; clean structures trained stress
     calculator = OCPCalculator(checkpoint_path=str(path), cpu=True, seed=0)

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from ase import units
-
 from fairchem.core.common.data_parallel import data_list_collater
 
 from fairchem_dens.datasets import md17
@@ -38,11 +37,24 @@ def write_npz(path, frames, n=40, layout="sgdml", drop=(), **changes):
     """An MD17 file of the first ``n`` frames in kcal/mol units; ``changes`` replace arrays by key."""
     E, F = frames["E_eV"][:n] / KCAL, frames["F_eV"][:n] / KCAL
     if layout == "sgdml":
-        arrays = {"z": frames["z"], "R": frames["R"][:n], "E": E[:, None], "F": F,
-                  "name": np.array("methane"), "theory": np.array("EMT")}
+        arrays = {
+            "z": frames["z"],
+            "R": frames["R"][:n],
+            "E": E[:, None],
+            "F": F,
+            "name": np.array("methane"),
+            "theory": np.array("EMT"),
+        }
     else:
-        arrays = {"nuclear_charges": frames["z"], "coords": frames["R"][:n], "energies": E, "forces": F,
-                  "old_indices": np.arange(n) + 7, "old_energies": E + 1.0, "old_forces": F + 1.0}
+        arrays = {
+            "nuclear_charges": frames["z"],
+            "coords": frames["R"][:n],
+            "energies": E,
+            "forces": F,
+            "old_indices": np.arange(n) + 7,
+            "old_energies": E + 1.0,
+            "old_forces": F + 1.0,
+        }
     arrays.update(changes)
     for key in drop:
         del arrays[key]
@@ -94,8 +106,9 @@ def test_sgdml_file_converts_to_ev_entries(tmp_path, frames):
 
 def test_rmd17_layout_gives_the_same_entries(tmp_path, frames):
     sgdml = convert_md17(write_npz(tmp_path / "a.npz", frames), tmp_path / "a", n_train=20, n_val=5)
-    rmd17 = convert_md17(write_npz(tmp_path / "rmd17_methane.npz", frames, layout="rmd17"), tmp_path / "b",
-                         n_train=20, n_val=5)
+    rmd17 = convert_md17(
+        write_npz(tmp_path / "rmd17_methane.npz", frames, layout="rmd17"), tmp_path / "b", n_train=20, n_val=5
+    )
     for split in ("train", "val", "test"):
         for x, y in zip(entries(sgdml[split]), entries(rmd17[split]), strict=True):
             assert int(x.sid) == int(y.sid)  # frame index in the file, not old_indices
@@ -135,8 +148,9 @@ def test_default_split_is_950_50_rest(tmp_path, frames):
     stats = info["train_statistics"]
     assert stats["energy_mean"] == pytest.approx(train_e.mean(), rel=F64_STATISTICS_REL)
     assert stats["energy_std"] == pytest.approx(train_e.std(), rel=F64_STATISTICS_REL)
-    assert stats["forces_rmsd"] == pytest.approx(np.sqrt(np.mean(frames["F_eV"][splits["train"]] ** 2)),
-                                                 rel=F64_STATISTICS_REL)
+    assert stats["forces_rmsd"] == pytest.approx(
+        np.sqrt(np.mean(frames["F_eV"][splits["train"]] ** 2)), rel=F64_STATISTICS_REL
+    )
 
 
 def test_info_records_provenance_and_units(tmp_path, frames):

@@ -15,14 +15,25 @@ from fairchem_dens.quickstart import fairchem_command
 
 from helpers import CONFIGS, emt_md17_frames, write_md17_npz
 
-TINY_EQV2 = ["--model.backbone.num_layers=2", "--model.backbone.sphere_channels=16",
-             "--model.backbone.attn_hidden_channels=16", "--model.backbone.num_heads=2",
-             "--model.backbone.attn_alpha_channels=8", "--model.backbone.attn_value_channels=4",
-             "--model.backbone.ffn_hidden_channels=16", "--model.backbone.grid_resolution=8",
-             "--model.backbone.edge_channels=16", "--model.backbone.num_distance_basis=64"]
-TINY_ESCN = ["--model.backbone.num_layers=2", "--model.backbone.sphere_channels=16",
-             "--model.backbone.hidden_channels=16", "--model.backbone.edge_channels=16",
-             "--model.backbone.num_sphere_samples=16"]
+TINY_EQV2 = [
+    "--model.backbone.num_layers=2",
+    "--model.backbone.sphere_channels=16",
+    "--model.backbone.attn_hidden_channels=16",
+    "--model.backbone.num_heads=2",
+    "--model.backbone.attn_alpha_channels=8",
+    "--model.backbone.attn_value_channels=4",
+    "--model.backbone.ffn_hidden_channels=16",
+    "--model.backbone.grid_resolution=8",
+    "--model.backbone.edge_channels=16",
+    "--model.backbone.num_distance_basis=64",
+]
+TINY_ESCN = [
+    "--model.backbone.num_layers=2",
+    "--model.backbone.sphere_channels=16",
+    "--model.backbone.hidden_channels=16",
+    "--model.backbone.edge_channels=16",
+    "--model.backbone.num_sphere_samples=16",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,27 +41,64 @@ def md17_lmdb(tmp_path_factory):
     """A small MD17-format file (ethanol-like C2H6O... EMT knows H, C, N, O) converted by the CLI."""
     folder = tmp_path_factory.mktemp("md17")
     source = write_md17_npz(folder / "methanol.npz", emt_md17_frames("CH3OH", 60, 0.04))
-    result = subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "md17-to-lmdb", str(source),
-                             str(folder / "lmdb"), "--train", "40", "--val", "8"], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fairchem_dens.cli",
+            "md17-to-lmdb",
+            str(source),
+            str(folder / "lmdb"),
+            "--train",
+            "40",
+            "--val",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     return folder / "lmdb"
 
 
-@pytest.mark.parametrize(("config", "tiny"), [
-    ("equiformer_v2/lmax2/aspirin.yml", TINY_EQV2),
-    ("equiformer_v2/lmax3/toluene.yml", TINY_EQV2),
-    ("escn/uracil.yml", TINY_ESCN),
-    ("esen/xtb_small_data_conservative.yml", []),  # gradient forces + noise head, already tiny
-    ("esen/paper_md17_conservative.yml", []),  # the same with a whole eSEN block as its noise head
-])
+@pytest.mark.parametrize(
+    ("config", "tiny"),
+    [
+        ("equiformer_v2/lmax2/aspirin.yml", TINY_EQV2),
+        ("equiformer_v2/lmax3/toluene.yml", TINY_EQV2),
+        ("escn/uracil.yml", TINY_ESCN),
+        ("esen/xtb_small_data_conservative.yml", []),  # gradient forces + noise head, already tiny
+        ("esen/paper_md17_conservative.yml", []),  # the same with a whole eSEN block as its noise head
+    ],
+)
 def test_md17_recipe_trains(md17_lmdb, tmp_path, config, tiny):
     result = subprocess.run(
-        [*fairchem_command(), "--mode", "train", "--config-yml", str(CONFIGS / "md17" / config), "--cpu",
-         "--run-dir", str(tmp_path), "--timestamp-id", "md17", "--print-every", "2",
-         f"--dataset.train.src={md17_lmdb / 'train'}", f"--dataset.val.src={md17_lmdb / 'val'}",
-         f"--dataset.test.src={md17_lmdb / 'test'}", "--optim.max_epochs=2", "--optim.num_workers=0",
-         "--optim.scheduler_params.warmup_epochs=1", "--optim.denoising_pos_params.prob=0.5", *tiny],
-        capture_output=True, text=True, cwd=tmp_path, timeout=900,
+        [
+            *fairchem_command(),
+            "--mode",
+            "train",
+            "--config-yml",
+            str(CONFIGS / "md17" / config),
+            "--cpu",
+            "--run-dir",
+            str(tmp_path),
+            "--timestamp-id",
+            "md17",
+            "--print-every",
+            "2",
+            f"--dataset.train.src={md17_lmdb / 'train'}",
+            f"--dataset.val.src={md17_lmdb / 'val'}",
+            f"--dataset.test.src={md17_lmdb / 'test'}",
+            "--optim.max_epochs=2",
+            "--optim.num_workers=0",
+            "--optim.scheduler_params.warmup_epochs=1",
+            "--optim.denoising_pos_params.prob=0.5",
+            *tiny,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=900,
     )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
@@ -62,15 +110,37 @@ def test_md17_recipe_trains(md17_lmdb, tmp_path, config, tiny):
 
 def test_md17_two_step_recipe(md17_lmdb, tmp_path):
     """Step 1 (direct eSEN with DeNS) -> to-conservative -> step 2 (conservative, DeNS off), as the headers say."""
-    data = [f"--dataset.train.src={md17_lmdb / 'train'}", f"--dataset.val.src={md17_lmdb / 'val'}",
-            f"--dataset.test.src={md17_lmdb / 'test'}", "--optim.num_workers=0",
-            "--optim.scheduler_params.warmup_epochs=1", "--print-every", "2"]
+    data = [
+        f"--dataset.train.src={md17_lmdb / 'train'}",
+        f"--dataset.val.src={md17_lmdb / 'val'}",
+        f"--dataset.test.src={md17_lmdb / 'test'}",
+        "--optim.num_workers=0",
+        "--optim.scheduler_params.warmup_epochs=1",
+        "--print-every",
+        "2",
+    ]
 
     def train(config, run_id, *more):
         result = subprocess.run(
-            [*fairchem_command(), "--mode", "train", "--config-yml", str(CONFIGS / "md17" / "esen" / config), "--cpu",
-             "--run-dir", str(tmp_path), "--timestamp-id", run_id, *data, *more],
-            capture_output=True, text=True, cwd=tmp_path, timeout=900)
+            [
+                *fairchem_command(),
+                "--mode",
+                "train",
+                "--config-yml",
+                str(CONFIGS / "md17" / "esen" / config),
+                "--cpu",
+                "--run-dir",
+                str(tmp_path),
+                "--timestamp-id",
+                run_id,
+                *data,
+                *more,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=900,
+        )
         log = result.stdout + result.stderr
         assert result.returncode == 0, log[-4000:]
         return log
@@ -78,11 +148,23 @@ def test_md17_two_step_recipe(md17_lmdb, tmp_path):
     step1 = train("xtb_small_data_direct.yml", "step1", "--optim.max_epochs=2", "--optim.denoising_pos_params.prob=0.5")
     assert re.search(r"denoising_pos_mae: \d", step1) and "DeNS epoch 1: corrupted" in step1
     start = tmp_path / "step2_start.pt"
-    converted = subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "to-conservative",
-                                str(tmp_path / "checkpoints" / "step1" / "checkpoint.pt"), str(start)],
-                               capture_output=True, text=True, timeout=300)
+    converted = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fairchem_dens.cli",
+            "to-conservative",
+            str(tmp_path / "checkpoints" / "step1" / "checkpoint.pt"),
+            str(start),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert converted.returncode == 0, converted.stderr[-3000:]
-    step2 = train("xtb_small_data_two_step_conservative.yml", "step2", "--optim.max_epochs=1", "--checkpoint", str(start))
+    step2 = train(
+        "xtb_small_data_two_step_conservative.yml", "step2", "--optim.max_epochs=1", "--checkpoint", str(start)
+    )
     after_load = step2.split("Loading checkpoint")[-1]
     assert "DeNS epoch" not in after_load and "denoising_pos_mae" not in after_load
     assert "val (meV units): energy_mae:" in after_load
@@ -94,11 +176,30 @@ def test_md17_two_step_recipe(md17_lmdb, tmp_path):
 
 def _train(md17_lmdb, run_dir, *overrides):
     return subprocess.run(
-        [*fairchem_command(), "--mode", "train", "--config-yml", str(CONFIGS / "md17" / "esen" / "paper_md17_conservative.yml"),
-         "--cpu", "--run-dir", str(run_dir), "--timestamp-id", "kept", f"--dataset.train.src={md17_lmdb / 'train'}",
-         f"--dataset.val.src={md17_lmdb / 'val'}", f"--dataset.test.src={md17_lmdb / 'test'}", "--optim.max_epochs=3",
-         "--optim.num_workers=0", "--optim.scheduler_params.warmup_epochs=1", "--optim.eval_every=5", *overrides],
-        capture_output=True, text=True, cwd=run_dir, timeout=900,
+        [
+            *fairchem_command(),
+            "--mode",
+            "train",
+            "--config-yml",
+            str(CONFIGS / "md17" / "esen" / "paper_md17_conservative.yml"),
+            "--cpu",
+            "--run-dir",
+            str(run_dir),
+            "--timestamp-id",
+            "kept",
+            f"--dataset.train.src={md17_lmdb / 'train'}",
+            f"--dataset.val.src={md17_lmdb / 'val'}",
+            f"--dataset.test.src={md17_lmdb / 'test'}",
+            "--optim.max_epochs=3",
+            "--optim.num_workers=0",
+            "--optim.scheduler_params.warmup_epochs=1",
+            "--optim.eval_every=5",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=run_dir,
+        timeout=900,
     )
 
 
@@ -118,7 +219,9 @@ def test_keep_checkpoint_epochs_keeps_the_weights_of_those_epochs(md17_lmdb, tmp
 def test_keep_checkpoint_epochs_where_no_checkpoint_is_saved_is_refused_before_training(md17_lmdb, tmp_path):
     result = _train(md17_lmdb, tmp_path, "--optim.checkpoint_every=10", "--optim.keep_checkpoint_epochs=[1,3]")
     assert result.returncode != 0
-    assert "keep_checkpoint_epochs: epoch 1 ends at step 5, where no checkpoint is saved" in result.stderr + result.stdout
+    assert (
+        "keep_checkpoint_epochs: epoch 1 ends at step 5, where no checkpoint is saved" in result.stderr + result.stdout
+    )
     assert not list(tmp_path.rglob("*.pt"))
 
 
@@ -146,5 +249,6 @@ def test_schedule_epochs_shorter_than_the_run_is_refused_before_anything_is_writ
     result = _train(md17_lmdb, tmp_path, "--optim.schedule_epochs=2")
     assert result.returncode != 0
     assert "optim.schedule_epochs (the length of the learning-rate and denoising-weight schedules)" in (
-        result.stdout + result.stderr)
+        result.stdout + result.stderr
+    )
     assert not list(tmp_path.rglob("*.pt"))

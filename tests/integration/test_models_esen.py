@@ -20,7 +20,7 @@ from fairchem_dens.testing import (
     esen_dens_model_config,
     forward_seeded,
 )
-from fairchem_dens.testing.tolerances import GRADIENT_ULPS, EPS32, REORDERED_ULPS, assert_ulps
+from fairchem_dens.testing.tolerances import EPS32, GRADIENT_ULPS, REORDERED_ULPS, assert_ulps
 
 from helpers import QUICKSTART
 
@@ -91,12 +91,19 @@ def test_conservative_dens_trains_energy_clean_forces_and_stress_where_fairchem_
 def _trained_checkpoint(model: torch.nn.Module, with_ema: bool) -> dict:
     from fairchem.core.modules.exponential_moving_average import ExponentialMovingAverage
 
-    checkpoint = {"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
-                  "config": {"model": esen_dens_model_config("ours"), "outputs": {"energy": {}, "forces": {}}},
-                  "normalizers": {"energy": {"mean": torch.tensor(-3.0), "rmsd": torch.tensor(2.5)},
-                                  "forces": {"mean": torch.tensor(0.0), "rmsd": torch.tensor(0.7)},
-                                  "denoising_pos_target": {"mean": torch.tensor(0.0), "rmsd": torch.tensor(0.1)}},
-                  "epoch": 3, "step": 30, "optimizer": {}, "ema": None}
+    checkpoint = {
+        "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+        "config": {"model": esen_dens_model_config("ours"), "outputs": {"energy": {}, "forces": {}}},
+        "normalizers": {
+            "energy": {"mean": torch.tensor(-3.0), "rmsd": torch.tensor(2.5)},
+            "forces": {"mean": torch.tensor(0.0), "rmsd": torch.tensor(0.7)},
+            "denoising_pos_target": {"mean": torch.tensor(0.0), "rmsd": torch.tensor(0.1)},
+        },
+        "epoch": 3,
+        "step": 30,
+        "optimizer": {},
+        "ema": None,
+    }
     if with_ema:
         ema = ExponentialMovingAverage([p for p in model.parameters() if p.requires_grad], 0.5)
         for shadow in ema.shadow_params:
@@ -149,26 +156,57 @@ def test_to_conservative_refuses_other_backbones():
 
 def test_two_step_recipe_end_to_end(tmp_path, bulk_overrides):
     """Direct DeNS pre-training -> fairchem-dens to-conservative -> fairchem's conservative fine-tuning."""
+
     def fairchem(*args):
-        result = subprocess.run([*fairchem_command(), *args, "--cpu", "--run-dir", str(tmp_path), *bulk_overrides],
-                                capture_output=True, text=True, cwd=tmp_path, timeout=900)
+        result = subprocess.run(
+            [*fairchem_command(), *args, "--cpu", "--run-dir", str(tmp_path), *bulk_overrides],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=900,
+        )
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         return result.stdout + result.stderr
 
-    fairchem("--mode", "train", "--config-yml", str(QUICKSTART / "esen_dens_bulk_tiny.yml"), "--timestamp-id", "direct",
-             "--optim.max_epochs=1")
+    fairchem(
+        "--mode",
+        "train",
+        "--config-yml",
+        str(QUICKSTART / "esen_dens_bulk_tiny.yml"),
+        "--timestamp-id",
+        "direct",
+        "--optim.max_epochs=1",
+    )
     direct = tmp_path / "checkpoints" / "direct" / "checkpoint.pt"
     start = tmp_path / "conservative_start.pt"
-    result = subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "to-conservative", str(direct), str(start)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "fairchem_dens.cli", "to-conservative", str(direct), str(start)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "EMA weights" in result.stdout
-    again = subprocess.run([sys.executable, "-m", "fairchem_dens.cli", "to-conservative", str(direct), str(start)],
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "fairchem_dens.cli", "to-conservative", str(direct), str(start)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode != 0 and "exists; pass --overwrite" in again.stderr
-    log = fairchem("--mode", "train", "--config-yml", str(QUICKSTART / "esen_conservative_bulk_tiny.yml"),
-                   "--timestamp-id", "conservative", "--checkpoint", str(start), "--optim.max_epochs=1",
-                   "--print-every", "1")
+    log = fairchem(
+        "--mode",
+        "train",
+        "--config-yml",
+        str(QUICKSTART / "esen_conservative_bulk_tiny.yml"),
+        "--timestamp-id",
+        "conservative",
+        "--checkpoint",
+        str(start),
+        "--optim.max_epochs=1",
+        "--print-every",
+        "1",
+    )
     assert "stress_mae" in log and "denoising" not in log.split("Loading checkpoint")[-1]
     final = read_checkpoint(tmp_path / "checkpoints" / "conservative" / "checkpoint.pt")
     norms = final["normalizers"]  # the converted checkpoint's, loaded over the config's own fit

@@ -26,7 +26,7 @@ DATA_DOC = ROOT / "docs" / "data.md"
 def doc_blocks(section: str, language: str) -> list[str]:
     """The ```language blocks of one section of docs/data.md (up to the next "## " heading or the end)."""
     text = DATA_DOC.read_text()
-    body = text[text.index(f"\n## {section}\n"):]
+    body = text[text.index(f"\n## {section}\n") :]
     end = body.find("\n## ", 1)
     body = body if end < 0 else body[:end]
     return re.findall(rf"```{language}\n(.*?)```", body, flags=re.S)
@@ -40,8 +40,14 @@ def test_own_data_steps_of_the_docs_train_with_dens(tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     made = subprocess.run([sys.executable, "-c", python_block], cwd=tmp_path, capture_output=True, text=True)
     assert made.returncode == 0, made.stderr[-3000:]
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", bash_block], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=1200)
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", bash_block],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     for split in ("train", "val", "test"):

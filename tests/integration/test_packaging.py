@@ -91,8 +91,9 @@ def test_pyproject_is_the_only_dependency_list():
 def test_a_wheel_install_has_its_configs_and_runs_the_quickstart(tmp_path):
     """A user install: the wheel, installed away from the checkout, finds its configs and example data."""
     source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
-    shutil.copytree(ROOT / "fairchem_dens", source / "fairchem_dens",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(
+        ROOT / "fairchem_dens", source / "fairchem_dens", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
@@ -102,14 +103,16 @@ def test_a_wheel_install_has_its_configs_and_runs_the_quickstart(tmp_path):
         installed = metadata.version(requirement.name)
         assert requirement.specifier.contains(installed), (
             f"{requirement.name} {installed} here; building the wheel needs {requirement} "
-            f"(pip install \"{requirement}\", or ./dens.sh setup, which installs the test extra)")
+            f'(pip install "{requirement}", or ./dens.sh setup, which installs the test extra)'
+        )
     offline = ["--no-deps", "--no-build-isolation", "--no-index"]
     build = subprocess.run([*pip, "wheel", *offline, "-w", tmp_path / "dist", source], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("fairchem_dens-*.whl")
     site = tmp_path / "site"
-    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", site, wheel], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--no-index", "--target", site, wheel], check=True, capture_output=True
+    )
     user = tmp_path / "user"  # an empty folder: no checkout anywhere on the path
     user.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site), "PYTHONNOUSERSITE": "1"}
@@ -126,8 +129,12 @@ def test_a_wheel_install_has_its_configs_and_runs_the_quickstart(tmp_path):
     shipped = sorted(p.relative_to(ROOT / "configs") for p in (ROOT / "configs").rglob("*.yml"))
     assert sorted(p.relative_to(user / "configs") for p in (user / "configs").rglob("*.yml")) == shipped
     # a copied recipe with relative includes still loads
-    run(sys.executable, "-c", "from fairchem.core.common.utils import load_config; "
-        "load_config('configs/oc20/2M/escn/escn_dens_N@12_L@6_M@2_epochs@20.yml')")
+    run(
+        sys.executable,
+        "-c",
+        "from fairchem.core.common.utils import load_config; "
+        "load_config('configs/oc20/2M/escn/escn_dens_N@12_L@6_M@2_epochs@20.yml')",
+    )
     run(*command, "quickstart", "--workdir", "qs", "--epochs", "1", "--frames", "8", "--seeds", "0", "--jobs", "2")
     summary = json.loads((user / "qs" / "quickstart_results.json").read_text())
     assert set(summary) >= {"plain-seed0", "dens-seed0"}

@@ -37,10 +37,17 @@ def test_saved_checkpoint_predicts_as_when_it_was_saved(family, tmp_path):
     config = yaml.safe_load((folder / "config.yml").read_text())
     assert any(path.startswith("fairchem_dens.") for path in dotted_paths(config))
     # fairchem opens all three splits and py-lmdb refuses one file opened twice: three copies
-    splits = [shutil.copytree(SAVED / config["dataset"]["test"]["src"], tmp_path / split)
-              for split in ("train", "val", "test")]
-    with fairchem_trainer(folder / "config.yml", tmp_path, f"--checkpoint={folder / 'checkpoint.pt'}",
-                          *(f"--dataset.{split.name}.src={split}" for split in splits), mode="predict") as ctx:
+    splits = [
+        shutil.copytree(SAVED / config["dataset"]["test"]["src"], tmp_path / split)
+        for split in ("train", "val", "test")
+    ]
+    with fairchem_trainer(
+        folder / "config.yml",
+        tmp_path,
+        f"--checkpoint={folder / 'checkpoint.pt'}",
+        *(f"--dataset.{split.name}.src={split}" for split in splits),
+        mode="predict",
+    ) as ctx:
         ctx.task.setup(ctx.trainer)
         samples = []  # eSCN: max |per-sphere-sample force value|, the scale of its forces' round-off
         if family == "escn_dens":

@@ -22,8 +22,11 @@ print(repr((new, replaced)))
     new, replaced = eval(result.stdout.strip().splitlines()[-1])
     assert replaced == []
     assert new["model_name_mapping"] == [
-        "fairchem_dens_eqv2_backbone", "fairchem_dens_eqv2_energy_head", "fairchem_dens_eqv2_force_head",
-        "fairchem_dens_escn_backbone", "fairchem_dens_escn_force_head",
+        "fairchem_dens_eqv2_backbone",
+        "fairchem_dens_eqv2_energy_head",
+        "fairchem_dens_eqv2_force_head",
+        "fairchem_dens_escn_backbone",
+        "fairchem_dens_escn_force_head",
     ]
     assert new["trainer_name_mapping"] == ["fairchem_dens_trainer"]
     assert new["dataset_name_mapping"] == ["fairchem_dens_ase_db", "fairchem_dens_lmdb"]

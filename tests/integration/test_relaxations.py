@@ -25,10 +25,26 @@ def dens_checkpoint(emt_data, tmp_path_factory):
     """A tiny EquiformerV2 trained with DeNS for one epoch through `fairchem --mode train`."""
     run = tmp_path_factory.mktemp("dens_run")
     result = subprocess.run(
-        [*fairchem_command(), "--mode", "train", "--config-yml", str(QUICKSTART / "eqv2_dens_tiny.yml"), "--cpu",
-         "--run-dir", str(run), "--timestamp-id", "t", *data_overrides(emt_data), "--optim.max_epochs=2",
-         "--optim.eval_every=1000", "--optim.denoising_pos_params.prob=0.5"],
-        capture_output=True, text=True, cwd=run, timeout=900,
+        [
+            *fairchem_command(),
+            "--mode",
+            "train",
+            "--config-yml",
+            str(QUICKSTART / "eqv2_dens_tiny.yml"),
+            "--cpu",
+            "--run-dir",
+            str(run),
+            "--timestamp-id",
+            "t",
+            *data_overrides(emt_data),
+            "--optim.max_epochs=2",
+            "--optim.eval_every=1000",
+            "--optim.denoising_pos_params.prob=0.5",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=run,
+        timeout=900,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return run / "checkpoints" / "t" / "checkpoint.pt"
@@ -60,14 +76,36 @@ def test_run_relaxations_writes_positions_and_trajectories(emt_data, dens_checkp
     entries = is2re_lmdb(tmp_path / "is2re")
     trajs = tmp_path / "trajs"
     result = subprocess.run(
-        [*fairchem_command(), "--mode", "run-relaxations", "--config-yml", str(QUICKSTART / "eqv2_dens_tiny.yml"),
-         "--cpu", "--run-dir", str(tmp_path), "--timestamp-id", "relax", "--checkpoint", str(dens_checkpoint),
-         *data_overrides(emt_data), f"--dataset.relax.src={tmp_path / 'is2re'}", "--dataset.relax.format=lmdb",
-         "--task.write_pos=True", "--task.relaxation_steps=15", "--task.relaxation_fmax=0.0001",
-         "--task.relax_opt.maxstep=0.04", "--task.relax_opt.memory=50",
-         "--task.relax_opt.damping=1.0", "--task.relax_opt.alpha=70.0", f"--task.relax_opt.traj_dir={trajs}",
-         "--optim.eval_batch_size=3"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=900,
+        [
+            *fairchem_command(),
+            "--mode",
+            "run-relaxations",
+            "--config-yml",
+            str(QUICKSTART / "eqv2_dens_tiny.yml"),
+            "--cpu",
+            "--run-dir",
+            str(tmp_path),
+            "--timestamp-id",
+            "relax",
+            "--checkpoint",
+            str(dens_checkpoint),
+            *data_overrides(emt_data),
+            f"--dataset.relax.src={tmp_path / 'is2re'}",
+            "--dataset.relax.format=lmdb",
+            "--task.write_pos=True",
+            "--task.relaxation_steps=15",
+            "--task.relaxation_fmax=0.0001",
+            "--task.relax_opt.maxstep=0.04",
+            "--task.relax_opt.memory=50",
+            "--task.relax_opt.damping=1.0",
+            "--task.relax_opt.alpha=70.0",
+            f"--task.relax_opt.traj_dir={trajs}",
+            "--optim.eval_batch_size=3",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=900,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     with np.load(tmp_path / "results" / "relax" / "relaxed_positions.npz") as npz:
@@ -92,7 +130,9 @@ def test_ase_calculator_relaxes_with_a_dens_checkpoint(dens_checkpoint):
     heads = calculator.trainer._unwrapped_model.output_heads
     heads["forces"].denoising_pos_block.register_forward_hook(lambda *a: noise_calls.append(1))
     atoms = build_system("Cu", "111", "O", "fcc")
-    atoms.positions[atoms.get_tags() > 0] += np.random.default_rng(0).normal(0, 0.05, (int((atoms.get_tags() > 0).sum()), 3))
+    atoms.positions[atoms.get_tags() > 0] += np.random.default_rng(0).normal(
+        0, 0.05, (int((atoms.get_tags() > 0).sum()), 3)
+    )
     start = atoms.positions.copy()
     atoms.calc = calculator
     optimizer = BFGS(atoms, logfile=None, maxstep=0.05)

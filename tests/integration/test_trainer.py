@@ -7,8 +7,14 @@ import torch
 
 from fairchem_dens.models.equiformer_v2 import is_dens_batch
 from fairchem_dens.testing import fairchem_trainer, mixed_dens_batch
+from fairchem_dens.testing.tolerances import (
+    ELEMENTWISE_ULPS,
+    F32_STORAGE_REL,
+    FIT_STATISTICS_REL,
+    LOSS_REL,
+    assert_ulps,
+)
 from fairchem_dens.trainers.dens import DeNSTrainer, NonFiniteLossError
-from fairchem_dens.testing.tolerances import ELEMENTWISE_ULPS, F32_STORAGE_REL, FIT_STATISTICS_REL, LOSS_REL, assert_ulps
 
 from helpers import QUICKSTART, data_overrides
 
@@ -19,8 +25,12 @@ DENS_YML = QUICKSTART / "eqv2_dens_tiny.yml"
 def trainer_ctx(emt_data, tmp_path, request):
     extra = getattr(request, "param", [])
     with fairchem_trainer(
-        DENS_YML, tmp_path, *data_overrides(emt_data), "--optim.denoising_pos_params.prob=1.0",
-        "--optim.batch_size=3", *extra,
+        DENS_YML,
+        tmp_path,
+        *data_overrides(emt_data),
+        "--optim.denoising_pos_params.prob=1.0",
+        "--optim.batch_size=3",
+        *extra,
     ) as ctx:
         yield ctx
 
@@ -169,8 +179,9 @@ def test_another_force_fn_keeps_one_form_in_every_batch_kind(emt_data, tmp_path)
         config["loss_functions"][1]["forces"]["fn"] = "mae"
 
     config = write_variant(DENS_YML, tmp_path / "mae.yml", mae)
-    with fairchem_trainer(config, tmp_path, *data_overrides(emt_data), "--optim.denoising_pos_params.prob=1.0",
-                          "--optim.batch_size=3") as ctx:
+    with fairchem_trainer(
+        config, tmp_path, *data_overrides(emt_data), "--optim.denoising_pos_params.prob=1.0", "--optim.batch_size=3"
+    ) as ctx:
         one_form_with_mae(ctx.trainer)
 
 
@@ -188,8 +199,11 @@ def one_form_with_mae(trainer):
     assert trainer._compute_loss(out, batch).item() == pytest.approx(expected.item(), rel=LOSS_REL)
 
 
-@pytest.mark.parametrize("trainer_ctx", [["--outputs.forces.train_on_free_atoms=False",
-                                          "--outputs.forces.eval_on_free_atoms=False"]], indirect=True)
+@pytest.mark.parametrize(
+    "trainer_ctx",
+    [["--outputs.forces.train_on_free_atoms=False", "--outputs.forces.eval_on_free_atoms=False"]],
+    indirect=True,
+)
 def test_all_atoms_count_without_free_atom_training(trainer_ctx):
     trainer = trainer_ctx.trainer
     batch, out = corrupted_forward(trainer)
@@ -205,10 +219,18 @@ def test_all_atoms_count_without_free_atom_training(trainer_ctx):
     assert metrics["denoising_force_mae"]["numel"] == 3 * int(clean.sum())
 
 
-@pytest.mark.parametrize("trainer_ctx", [["--optim.denoising_pos_params.output_policy.energy=excluded",
-                                          "--optim.denoising_pos_params.selection=structure",
-                                          "--optim.denoising_pos_params.prob=0.5",
-                                          "--optim.denoising_pos_params.corrupt_ratio=None"]], indirect=True)
+@pytest.mark.parametrize(
+    "trainer_ctx",
+    [
+        [
+            "--optim.denoising_pos_params.output_policy.energy=excluded",
+            "--optim.denoising_pos_params.selection=structure",
+            "--optim.denoising_pos_params.prob=0.5",
+            "--optim.denoising_pos_params.corrupt_ratio=None",
+        ]
+    ],
+    indirect=True,
+)
 def test_excluded_outputs_leave_out_corrupted_structures_only(trainer_ctx):
     trainer = trainer_ctx.trainer
     assert trainer.output_roles == {"energy": "excluded", "forces": "replaced"}
@@ -233,8 +255,11 @@ def test_excluded_outputs_leave_out_corrupted_structures_only(trainer_ctx):
     assert free.any()
 
 
-@pytest.mark.parametrize("trainer_ctx", [["--optim.denoising_pos_params.selection=structure",
-                                          "--optim.denoising_pos_params.prob=0.5"]], indirect=True)
+@pytest.mark.parametrize(
+    "trainer_ctx",
+    [["--optim.denoising_pos_params.selection=structure", "--optim.denoising_pos_params.prob=0.5"]],
+    indirect=True,
+)
 def test_per_structure_selection_differs_between_ranks(trainer_ctx):
     trainer = trainer_ctx.trainer
     differ = 0
@@ -289,9 +314,15 @@ def test_dataset_without_forces_is_refused(emt_data, tmp_path):
     from fairchem_dens.testing import lmdb_without
 
     folder = lmdb_without(emt_data["val"], "forces", tmp_path / "no_forces")
-    with pytest.raises(ValueError, match=r"has no `forces`"), fairchem_trainer(
-        DENS_YML, tmp_path / "run", f"--dataset.train.src={folder}", f"--dataset.val.src={emt_data['val']}",
-        f"--dataset.test.src={emt_data['test']}",
+    with (
+        pytest.raises(ValueError, match=r"has no `forces`"),
+        fairchem_trainer(
+            DENS_YML,
+            tmp_path / "run",
+            f"--dataset.train.src={folder}",
+            f"--dataset.val.src={emt_data['val']}",
+            f"--dataset.test.src={emt_data['test']}",
+        ),
     ):
         pass
 
@@ -326,11 +357,14 @@ def test_separate_means_loss_form_of_the_md17_recipe(trainer_ctx):
 
 
 def _train_labels(trainer, name):
-    return torch.cat([torch.as_tensor(trainer.train_dataset[i][name]).reshape(-1) for i in range(len(trainer.train_dataset))]).double()
+    return torch.cat(
+        [torch.as_tensor(trainer.train_dataset[i][name]).reshape(-1) for i in range(len(trainer.train_dataset))]
+    ).double()
 
 
-@pytest.mark.parametrize("trainer_ctx", [["--dataset.train.transforms.normalizer.fit.targets.forces.rmsd=energy"]],
-                         indirect=True)
+@pytest.mark.parametrize(
+    "trainer_ctx", [["--dataset.train.transforms.normalizer.fit.targets.forces.rmsd=energy"]], indirect=True
+)
 def test_force_normalizer_can_take_the_energy_std(trainer_ctx):
     # docs/algorithm.md#md17-recipe: the MD17 code divides forces by the training-set energy std.
     trainer = trainer_ctx.trainer
@@ -353,13 +387,19 @@ def test_force_normalizer_can_take_the_energy_std(trainer_ctx):
 
 def test_an_included_tie_can_be_undone_from_the_command_line(emt_data, tmp_path):
     tied = tmp_path / "tied.yml"
-    tied.write_text(f"includes:\n  - {DENS_YML}\ndataset:\n  train:\n    transforms:\n      normalizer:\n"
-                    "        fit:\n          targets:\n            forces: {mean: 0.0, rmsd: energy}\n")
+    tied.write_text(
+        f"includes:\n  - {DENS_YML}\ndataset:\n  train:\n    transforms:\n      normalizer:\n"
+        "        fit:\n          targets:\n            forces: {mean: 0.0, rmsd: energy}\n"
+    )
     with fairchem_trainer(tied, tmp_path / "a", *data_overrides(emt_data)) as ctx:
         normalizers = ctx.trainer.normalizers
         assert normalizers["forces"].rmsd.item() == normalizers["energy"].rmsd.item()
-    with fairchem_trainer(tied, tmp_path / "b", *data_overrides(emt_data),
-                          "--dataset.train.transforms.normalizer.fit.targets.forces.rmsd=None") as ctx:
+    with fairchem_trainer(
+        tied,
+        tmp_path / "b",
+        *data_overrides(emt_data),
+        "--dataset.train.transforms.normalizer.fit.targets.forces.rmsd=None",
+    ) as ctx:
         squares = _train_labels(ctx.trainer, "forces").pow(2).sum().item()
         atoms = sum(len(ctx.trainer.train_dataset[i].forces) for i in range(len(ctx.trainer.train_dataset)))
         # fairchem's own fit: rms of the per-atom force vector, with its n - 1 quirk
@@ -370,6 +410,10 @@ def test_an_included_tie_can_be_undone_from_the_command_line(emt_data, tmp_path)
 @pytest.mark.parametrize("source", ["stress", "forces"])
 def test_force_normalizer_tie_to_an_unfitted_target_is_refused(emt_data, tmp_path, source):
     with pytest.raises(ValueError, match=rf"normalizer\.fit\.targets\.forces\.rmsd is '{source}'.*energy"):
-        with fairchem_trainer(DENS_YML, tmp_path, *data_overrides(emt_data),
-                              f"--dataset.train.transforms.normalizer.fit.targets.forces.rmsd={source}"):
+        with fairchem_trainer(
+            DENS_YML,
+            tmp_path,
+            *data_overrides(emt_data),
+            f"--dataset.train.transforms.normalizer.fit.targets.forces.rmsd={source}",
+        ):
             pass

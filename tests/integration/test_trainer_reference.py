@@ -29,10 +29,16 @@ def reference_trainer_config(name, tmp_path):
     path = config_for(name, folder, tmp_path / "config.yml")
     config = yaml.safe_load(path.read_text())
     train_config = yaml.safe_load((ORIGINAL / name / "train_config.yml").read_text())
-    config["dataset"]["train"] = {"format": "lmdb", "src": str(folder / "val"), "transforms": {"normalizer": {
-        "energy": {"mean": -0.7554450631141663, "rmsd": 2.887317180633545},
-        "forces": {"mean": 0.0, "rmsd": 2.887317180633545},
-    }}}
+    config["dataset"]["train"] = {
+        "format": "lmdb",
+        "src": str(folder / "val"),
+        "transforms": {
+            "normalizer": {
+                "energy": {"mean": -0.7554450631141663, "rmsd": 2.887317180633545},
+                "forces": {"mean": 0.0, "rmsd": 2.887317180633545},
+            }
+        },
+    }
     config["dataset"]["val"]["src"] = str(folder / "test")
     del config["dataset"]["test"]
     config["evaluation_metrics"] = train_config["evaluation_metrics"]

@@ -66,8 +66,14 @@ def test_setting_trains(emt_data, tmp_path, model, setting):
 
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_one_real_epoch(emt_data, tmp_path, model):
-    with fairchem_trainer(MODELS[model], tmp_path, *data_overrides(emt_data), "--optim.max_epochs=1",
-                          "--optim.batch_size=8", "--optim.eval_every=2") as ctx:
+    with fairchem_trainer(
+        MODELS[model],
+        tmp_path,
+        *data_overrides(emt_data),
+        "--optim.max_epochs=1",
+        "--optim.batch_size=8",
+        "--optim.eval_every=2",
+    ) as ctx:
         ctx.task.setup(ctx.trainer)
         ctx.task.run()
         assert ctx.trainer.step == len(ctx.trainer.train_loader)

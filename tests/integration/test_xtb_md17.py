@@ -23,10 +23,18 @@ from fairchem_dens.datasets.md17 import KCAL_PER_MOL_IN_EV
 from fairchem_dens.quickstart import fairchem_command
 from fairchem_dens.resources import configs_dir
 from fairchem_dens.testing import read_lmdb
-from fairchem_dens.testing.tolerances import F32_STORAGE_ULPS, F64_REL, XTB_SCF_ENERGY_EV, XTB_SCF_FORCES_EV_PER_A, assert_ulps
+from fairchem_dens.testing.tolerances import (
+    F32_STORAGE_ULPS,
+    F64_REL,
+    XTB_SCF_ENERGY_EV,
+    XTB_SCF_FORCES_EV_PER_A,
+    assert_ulps,
+)
 
 # find_spec, not importorskip: importing tblite after torch clashes over libgomp.
-pytestmark = pytest.mark.skipif(find_spec("tblite") is None, reason="make-xtb-md17 needs tblite (./dens.sh installs it)")
+pytestmark = pytest.mark.skipif(
+    find_spec("tblite") is None, reason="make-xtb-md17 needs tblite (./dens.sh installs it)"
+)
 
 FRAMES, STRIDE = 14, 2
 CLI = Path(sys.executable).parent / "fairchem-dens"
@@ -42,8 +50,23 @@ def _run(command: list, cwd: Path) -> subprocess.CompletedProcess:
 def trajectory(tmp_path_factory) -> Path:
     """A 14-frame GFN2-xTB ethanol trajectory written by the real command."""
     folder = tmp_path_factory.mktemp("xtb")
-    result = _run([CLI, "make-xtb-md17", "ethanol", folder / "ethanol.npz", "--frames", FRAMES, "--stride", STRIDE,
-                   "--equilibration", 20, "--seed", 3], folder)
+    result = _run(
+        [
+            CLI,
+            "make-xtb-md17",
+            "ethanol",
+            folder / "ethanol.npz",
+            "--frames",
+            FRAMES,
+            "--stride",
+            STRIDE,
+            "--equilibration",
+            20,
+            "--seed",
+            3,
+        ],
+        folder,
+    )
     (folder / "stderr.txt").write_text(result.stderr)
     return folder / "ethanol.npz"
 
@@ -71,8 +94,13 @@ def _single_point_ev(numbers: np.ndarray, positions: np.ndarray) -> tuple[float,
         "atoms.calc = TBLite(method='GFN2-xTB', verbosity=0)\n"
         "print(json.dumps([atoms.get_potential_energy(), atoms.get_forces().tolist()]))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], input=json.dumps([numbers.tolist(), positions.tolist()]),
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        input=json.dumps([numbers.tolist(), positions.tolist()]),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     energy, forces = json.loads(result.stdout.strip().splitlines()[-1])
     return energy, np.asarray(forces)
 
@@ -122,11 +150,30 @@ def test_small_data_recipe_trains_on_it(trajectory, tmp_path):
     _run([CLI, "md17-to-lmdb", trajectory, data, "--train", 8, "--val", 3], tmp_path)
     run_dir = tmp_path / "run"
     # prob 1: the one step of the epoch is a DeNS step, so the denoising path is exercised.
-    _run([*fairchem_command(), "--mode", "train", "--cpu", "--seed", 0, "--run-dir", run_dir, "--timestamp-id", "t",
-          "--config-yml", configs_dir() / "md17/xtb_small_data.yml",
-          f"--dataset.train.src={data / 'train'}", f"--dataset.val.src={data / 'val'}",
-          f"--dataset.test.src={data / 'test'}", "--optim.max_epochs=1", "--optim.batch_size=8",
-          "--optim.scheduler_params.warmup_epochs=1", "--optim.denoising_pos_params.prob=1.0"], tmp_path)
+    _run(
+        [
+            *fairchem_command(),
+            "--mode",
+            "train",
+            "--cpu",
+            "--seed",
+            0,
+            "--run-dir",
+            run_dir,
+            "--timestamp-id",
+            "t",
+            "--config-yml",
+            configs_dir() / "md17/xtb_small_data.yml",
+            f"--dataset.train.src={data / 'train'}",
+            f"--dataset.val.src={data / 'val'}",
+            f"--dataset.test.src={data / 'test'}",
+            "--optim.max_epochs=1",
+            "--optim.batch_size=8",
+            "--optim.scheduler_params.warmup_epochs=1",
+            "--optim.denoising_pos_params.prob=1.0",
+        ],
+        tmp_path,
+    )
     assert (run_dir / "checkpoints" / "t" / "best_checkpoint.pt").exists()
     with np.load(run_dir / "results" / "t" / "s2ef_predictions.npz") as npz:
         assert len(npz["ids"]) == FRAMES - 11

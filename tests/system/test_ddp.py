@@ -54,11 +54,11 @@ def corrupted_global_batch(trainer, case):
 
 
 def _worker(rank, world, port, case, emt_data, run_dir, result_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
+    )
     torch.set_num_threads(1)
-    overrides = [*data_overrides(emt_data), f"{P}prob=1.0", "--num-gpus", str(world),
-                 *CASES[case]]
+    overrides = [*data_overrides(emt_data), f"{P}prob=1.0", "--num-gpus", str(world), *CASES[case]]
     with fairchem_trainer(QUICKSTART / "eqv2_dens_tiny.yml", run_dir, *overrides) as ctx:
         trainer = ctx.trainer
         assert torch.distributed.get_world_size() == world
@@ -86,8 +86,9 @@ def loss_and_grads_eval(trainer, batch):
     out = trainer._forward(batch)
     loss = trainer._compute_loss(out, batch)
     loss.backward()  # DDP all-reduces (averages) the gradients here
-    return loss.detach(), {n: p.grad.detach().clone() for n, p in trainer._unwrapped_model.named_parameters()
-                           if p.grad is not None}
+    return loss.detach(), {
+        n: p.grad.detach().clone() for n, p in trainer._unwrapped_model.named_parameters() if p.grad is not None
+    }
 
 
 def free_port() -> int:
@@ -101,15 +102,17 @@ def free_port() -> int:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_two_ranks_equal_one_rank(emt_data, tmp_path, case):
     result_path = tmp_path / "ranks.pt"
-    mp.start_processes(_worker, args=(2, free_port(), case, emt_data, tmp_path / "ddp", result_path),
-                       nprocs=2, start_method="spawn")
+    mp.start_processes(
+        _worker, args=(2, free_port(), case, emt_data, tmp_path / "ddp", result_path), nprocs=2, start_method="spawn"
+    )
     ranks = torch.load(result_path, weights_only=False)
     assert ranks["decisions"][0] == ranks["decisions"][1]
     assert any(ranks["decisions"][0]) and not all(ranks["decisions"][0])
 
     # the same global batch on one rank
-    with fairchem_trainer(QUICKSTART / "eqv2_dens_tiny.yml", tmp_path / "single", *data_overrides(emt_data),
-                          f"{P}prob=1.0", *CASES[case]) as ctx:
+    with fairchem_trainer(
+        QUICKSTART / "eqv2_dens_tiny.yml", tmp_path / "single", *data_overrides(emt_data), f"{P}prob=1.0", *CASES[case]
+    ) as ctx:
         trainer = ctx.trainer
         batch = corrupted_global_batch(trainer, case)
         if case == "relaxation_only":
@@ -127,11 +130,32 @@ def test_two_ranks_equal_one_rank(emt_data, tmp_path, case):
 
 def test_fairchem_local_launcher_with_two_cpu_ranks(emt_data, tmp_path):
     result = subprocess.run(
-        [*fairchem_command(), "--mode", "train", "--config-yml", str(QUICKSTART / "eqv2_dens_tiny.yml"), "--cpu",
-         "--num-gpus", "2", "--run-dir", str(tmp_path), "--timestamp-id", "ddp",
-         "--print-every", "1", *data_overrides(emt_data), "--optim.max_epochs=1", "--optim.eval_every=1000",
-         "--optim.checkpoint_every=-1", "--optim.batch_size=3", f"{P}prob=1.0"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        [
+            *fairchem_command(),
+            "--mode",
+            "train",
+            "--config-yml",
+            str(QUICKSTART / "eqv2_dens_tiny.yml"),
+            "--cpu",
+            "--num-gpus",
+            "2",
+            "--run-dir",
+            str(tmp_path),
+            "--timestamp-id",
+            "ddp",
+            "--print-every",
+            "1",
+            *data_overrides(emt_data),
+            "--optim.max_epochs=1",
+            "--optim.eval_every=1000",
+            "--optim.checkpoint_every=-1",
+            "--optim.batch_size=3",
+            f"{P}prob=1.0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
     )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
@@ -148,11 +172,13 @@ def test_fairchem_local_launcher_with_two_cpu_ranks(emt_data, tmp_path):
 def _metrics_worker(rank, world, port, emt_data, run_dir, result_path):
     import dataclasses
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
+    )
     torch.set_num_threads(1)
-    with fairchem_trainer(QUICKSTART / "eqv2_dens_tiny.yml", run_dir, *data_overrides(emt_data),
-                          "--num-gpus", str(world), f"{P}prob=1.0") as ctx:
+    with fairchem_trainer(
+        QUICKSTART / "eqv2_dens_tiny.yml", run_dir, *data_overrides(emt_data), "--num-gpus", str(world), f"{P}prob=1.0"
+    ) as ctx:
         trainer = ctx.trainer
         # rank 0: every free atom corrupted (no clean atom counts); rank 1: partial corruption
         trainer.dens = dataclasses.replace(trainer.dens, corrupt_ratio=None if rank == 0 else 0.5)
@@ -171,8 +197,9 @@ def _metrics_worker(rank, world, port, emt_data, run_dir, result_path):
 
 def test_every_rank_reports_the_same_denoising_metrics(emt_data, tmp_path):
     result_path = tmp_path / "metrics.pt"
-    mp.start_processes(_metrics_worker, args=(2, free_port(), emt_data, tmp_path / "ddp", result_path),
-                       nprocs=2, start_method="spawn")
+    mp.start_processes(
+        _metrics_worker, args=(2, free_port(), emt_data, tmp_path / "ddp", result_path), nprocs=2, start_method="spawn"
+    )
     ranks = torch.load(result_path, weights_only=False)
     assert "denoising_force_mae" not in ranks[0]["local"] and "denoising_force_mae" in ranks[1]["local"]
     keys = [list(r["aggregated"]) for r in ranks]

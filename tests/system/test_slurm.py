@@ -24,8 +24,15 @@ import torch
 
 from fairchem_dens import cli
 from fairchem_dens import slurm as dens_slurm
-from fairchem_dens.testing.slurm_cluster import (PARTITION, describe, job_logs, local_cluster, push_requeued,
-                                                 wait_for_end, wait_until)
+from fairchem_dens.testing.slurm_cluster import (
+    PARTITION,
+    describe,
+    job_logs,
+    local_cluster,
+    push_requeued,
+    wait_for_end,
+    wait_until,
+)
 from fairchem_dens.testing.tolerances import F64_REL, RESUMED_RUN_LOSS_REL
 
 from helpers import QUICKSTART, data_overrides
@@ -46,17 +53,44 @@ def slurm_cluster():
         yield partition
 
 
-def submit_training(tmp: Path, emt_data, name: str, *extra: str, ranks: int = 1,
-                    epochs: int = EPOCHS, batch: int = BATCH) -> SimpleNamespace:
+def submit_training(
+    tmp: Path, emt_data, name: str, *extra: str, ranks: int = 1, epochs: int = EPOCHS, batch: int = BATCH
+) -> SimpleNamespace:
     """`python -m fairchem_dens.slurm` (= `fairchem-dens submit`) of a tiny DeNS training."""
     logdir, run_dir = tmp / "logs", tmp / "run"
     command = [
-        sys.executable, "-m", "fairchem_dens.slurm", "--mode", "train",
-        "--config-yml", str(QUICKSTART / "eqv2_dens_tiny.yml"), "--cpu", "--num-gpus", str(ranks),
-        "--slurm-timeout", "1", "--slurm-partition", PARTITION, "--slurm-mem", "2",
-        "--logdir", str(logdir), "--run-dir", str(run_dir), "--timestamp-id", name, "--identifier", name,
-        "--print-every", "1", f"--optim.max_epochs={epochs}", f"--optim.batch_size={batch}",
-        "--optim.eval_every=100000", "--optim.checkpoint_every=-1", *data_overrides(emt_data), *extra,
+        sys.executable,
+        "-m",
+        "fairchem_dens.slurm",
+        "--mode",
+        "train",
+        "--config-yml",
+        str(QUICKSTART / "eqv2_dens_tiny.yml"),
+        "--cpu",
+        "--num-gpus",
+        str(ranks),
+        "--slurm-timeout",
+        "1",
+        "--slurm-partition",
+        PARTITION,
+        "--slurm-mem",
+        "2",
+        "--logdir",
+        str(logdir),
+        "--run-dir",
+        str(run_dir),
+        "--timestamp-id",
+        name,
+        "--identifier",
+        name,
+        "--print-every",
+        "1",
+        f"--optim.max_epochs={epochs}",
+        f"--optim.batch_size={batch}",
+        "--optim.eval_every=100000",
+        "--optim.checkpoint_every=-1",
+        *data_overrides(emt_data),
+        *extra,
     ]
     result = subprocess.run(command, check=False, cwd=tmp, capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr
@@ -64,15 +98,22 @@ def submit_training(tmp: Path, emt_data, name: str, *extra: str, ranks: int = 1,
     match = re.search(r"Submitted jobs: (\S+)", output)
     assert match, output[-4000:]
     job_id = match.group(1)
-    return SimpleNamespace(id=job_id, folder=logdir / job_id, run_dir=run_dir, name=name, output=output,
-                           checkpoint=run_dir / "checkpoints" / name / "checkpoint.pt")
+    return SimpleNamespace(
+        id=job_id,
+        folder=logdir / job_id,
+        run_dir=run_dir,
+        name=name,
+        output=output,
+        checkpoint=run_dir / "checkpoints" / name / "checkpoint.pt",
+    )
 
 
 def run_submit(cwd: Path, *args: str, path: str | None = None) -> subprocess.CompletedProcess:
     """The installed `fairchem-dens submit ARGS`, run in ``cwd`` (with ``path`` as PATH if given)."""
     env = {**os.environ, "PATH": path or os.environ["PATH"]}
-    return subprocess.run([str(CLI), "submit", *args], check=False, cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(CLI), "submit", *args], check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def processes_naming(text: str) -> list[str]:
@@ -94,8 +135,14 @@ def training_lines(log: str) -> list[dict]:
     for line in log.splitlines():
         match = TRAIN_LINE.search(line.strip())
         if match:
-            lines.append({"step": round(float(match["step"])), "epoch": match["epoch"],
-                          "lr": match["lr"], "loss": float(match["loss"])})
+            lines.append(
+                {
+                    "step": round(float(match["step"])),
+                    "epoch": match["epoch"],
+                    "lr": match["lr"],
+                    "loss": float(match["loss"]),
+                }
+            )
     return lines
 
 
@@ -148,8 +195,13 @@ def test_preempted_job_resumes_without_losing_or_repeating_steps(uninterrupted, 
     job = submit_training(tmp_path, emt_data, "preempted")
 
     # Preempt it while it trains, as submitit's job._interrupt() does (SIGTERM, then USR2).
-    wait_until("3 training steps in the log", lambda: len(training_lines(job_logs(job.folder, job.id))) >= 3,
-               job, timeout=240, every=0.2)
+    wait_until(
+        "3 training steps in the log",
+        lambda: len(training_lines(job_logs(job.folder, job.id))) >= 3,
+        job,
+        timeout=240,
+        every=0.2,
+    )
     for sig in ("TERM", "USR2"):
         subprocess.run(["scancel", f"--signal={sig}", job.id], check=True, timeout=30)
     push_requeued(job)  # submitit requeues it; SLURM would hold it ~2 min
@@ -163,11 +215,11 @@ def test_preempted_job_resumes_without_losing_or_repeating_steps(uninterrupted, 
     assert 0 < saved_step < total, f"preempted at step {saved_step} of {total}\n{describe(job)}"
     assert float(marker["epoch"]) == pytest.approx(saved_step / (total / EPOCHS), rel=F64_REL)
     before = training_lines(log[: marker.start()])
-    after = training_lines(log[marker.end():])
+    after = training_lines(log[marker.end() :])
     # nothing repeated, nothing lost: the first job trained 1..S, the requeued one S+1..N
     assert [line["step"] for line in before] == list(range(1, saved_step + 1)), describe(job)
     assert [line["step"] for line in after] == list(range(saved_step + 1, total + 1)), describe(job)
-    assert "load user specified checkpoint" in log[marker.end():], describe(job)
+    assert "load user specified checkpoint" in log[marker.end() :], describe(job)
     final = load(job.checkpoint)
     assert final["step"] == total and final["epoch"] == EPOCHS
 
@@ -178,7 +230,7 @@ def test_preempted_job_resumes_without_losing_or_repeating_steps(uninterrupted, 
     reference = training_lines(uninterrupted.log)
     resumed = before + after
     assert [(r["step"], r["epoch"], r["lr"]) for r in resumed] == [(r["step"], r["epoch"], r["lr"]) for r in reference]
-    for ours, theirs in zip(after[:3], reference[saved_step:saved_step + 3], strict=True):
+    for ours, theirs in zip(after[:3], reference[saved_step : saved_step + 3], strict=True):
         assert ours["loss"] == pytest.approx(theirs["loss"], rel=RESUMED_RUN_LOSS_REL), (ours, theirs)
     assert load(uninterrupted.checkpoint)["step"] == final["step"]
 
@@ -200,9 +252,22 @@ def test_failed_sbatch_is_one_line_and_leaves_nothing(slurm_cluster, tmp_path):
     logdir = tmp_path / "logs"
     logdir.mkdir()
     (logdir / "earlier.log").write_text("an earlier run's")
-    result = run_submit(tmp_path, "--mode", "train", "--config-yml", str(QUICKSTART / "eqv2_dens_tiny.yml"),
-                        "--cpu", "--slurm-partition", "no_such_partition", "--slurm-mem", "2",
-                        "--slurm-timeout", "1", "--logdir", str(logdir))
+    result = run_submit(
+        tmp_path,
+        "--mode",
+        "train",
+        "--config-yml",
+        str(QUICKSTART / "eqv2_dens_tiny.yml"),
+        "--cpu",
+        "--slurm-partition",
+        "no_such_partition",
+        "--slurm-mem",
+        "2",
+        "--slurm-timeout",
+        "1",
+        "--logdir",
+        str(logdir),
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     (line,) = result.stderr.splitlines()  # sbatch's own error, once
     assert line.startswith("fairchem-dens submit: sbatch failed, nothing was submitted: sbatch: error: "), line
@@ -213,9 +278,27 @@ def test_failed_sbatch_is_one_line_and_leaves_nothing(slurm_cluster, tmp_path):
 
 
 SUBMIT_ARGS = [
-    "--mode", "train", "--config-yml", str(QUICKSTART / "eqv2_dens_tiny.yml"), "--num-gpus", "2",
-    "--num-nodes", "3", "--slurm-partition", "p", "--slurm-qos", "q", "--slurm-account", "a",
-    "--slurm-mem", "7", "--slurm-timeout", "5", "--identifier", "x", "--optim.num_workers=3",
+    "--mode",
+    "train",
+    "--config-yml",
+    str(QUICKSTART / "eqv2_dens_tiny.yml"),
+    "--num-gpus",
+    "2",
+    "--num-nodes",
+    "3",
+    "--slurm-partition",
+    "p",
+    "--slurm-qos",
+    "q",
+    "--slurm-account",
+    "a",
+    "--slurm-mem",
+    "7",
+    "--slurm-timeout",
+    "5",
+    "--identifier",
+    "x",
+    "--optim.num_workers=3",
     "--slurm.constraint=volta",  # the `slurm:` pass-through, from the command line
 ]
 
@@ -251,8 +334,9 @@ def test_gpu_request_is_fairchems(slurm_cluster, monkeypatch):
     from fairchem.core.common.utils import build_config
 
     parser = flags.get_parser()
-    theirs = _requests(monkeypatch, fairchem_cli,
-                       lambda: fairchem_cli.main(*parser.parse_known_args([*SUBMIT_ARGS, "--submit"])))
+    theirs = _requests(
+        monkeypatch, fairchem_cli, lambda: fairchem_cli.main(*parser.parse_known_args([*SUBMIT_ARGS, "--submit"]))
+    )
     ours = _requests(monkeypatch, dens_slurm, lambda: dens_slurm.main(SUBMIT_ARGS))
     assert ours["parameters"] == theirs["parameters"]
     assert theirs["executor"] == {"slurm_max_num_timeout": 3}
@@ -276,9 +360,25 @@ def path_without_slurm() -> str:
 
 def test_submit_without_slurm_refuses_and_starts_nothing(tmp_path):
     """No fallback to training here (submitit's AutoExecutor would start local processes)."""
-    result = run_submit(tmp_path, "--mode", "train", "--config-yml", str(QUICKSTART / "eqv2_dens_tiny.yml"),
-                        "--cpu", "--num-gpus", "2", "--slurm-partition", "cpu", "--slurm-mem", "8",
-                        "--slurm-timeout", "4", "--logdir", str(tmp_path / "logs"), path=path_without_slurm())
+    result = run_submit(
+        tmp_path,
+        "--mode",
+        "train",
+        "--config-yml",
+        str(QUICKSTART / "eqv2_dens_tiny.yml"),
+        "--cpu",
+        "--num-gpus",
+        "2",
+        "--slurm-partition",
+        "cpu",
+        "--slurm-mem",
+        "8",
+        "--slurm-timeout",
+        "4",
+        "--logdir",
+        str(tmp_path / "logs"),
+        path=path_without_slurm(),
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stderr.splitlines() == [
         "fairchem-dens submit: SLURM not found: no sbatch or srun on PATH; nothing was submitted or run. "
@@ -301,11 +401,14 @@ def test_submit_help_is_ours(capsys):
         assert f"\n  {option} " in shown, option  # fairchem's options, listed
 
 
-@pytest.mark.parametrize("config, message", [
-    ("missing.yml", "--config-yml missing.yml: no such file"),
-    ("broken.yml", "--config-yml broken.yml: while parsing a flow sequence"),
-    ("includes.yml", "--config-yml includes.yml: Cannot find include YML missing_base.yml"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("missing.yml", "--config-yml missing.yml: no such file"),
+        ("broken.yml", "--config-yml broken.yml: while parsing a flow sequence"),
+        ("includes.yml", "--config-yml includes.yml: Cannot find include YML missing_base.yml"),
+    ],
+)
 def test_submit_bad_config_is_one_line(tmp_path, monkeypatch, capsys, config, message):
     (tmp_path / "broken.yml").write_text("optim: [1,\n  trainer: forces\n")
     (tmp_path / "includes.yml").write_text("includes:\n  - missing_base.yml\n")
@@ -374,12 +477,15 @@ def _fake_cpu_job(chkpt_path: str = "/c/checkpoint.pt"):
     model = torch.nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
-    trainer = SimpleNamespace(step=0, epoch=0.0, train_loader=[None] * 5, optimizer=optimizer,
-                              timestamp_id="T", logger=None)
-    job = SimpleNamespace(model=model, optimizer=optimizer, scheduler=scheduler, trainer=trainer,
-                          saves=[], after_step={}, requeued=[])
-    trainer.save = lambda **kw: job.saves.append((trainer.step, trainer.epoch, model.weight.detach().clone(),
-                                                  scheduler.last_epoch))
+    trainer = SimpleNamespace(
+        step=0, epoch=0.0, train_loader=[None] * 5, optimizer=optimizer, timestamp_id="T", logger=None
+    )
+    job = SimpleNamespace(
+        model=model, optimizer=optimizer, scheduler=scheduler, trainer=trainer, saves=[], after_step={}, requeued=[]
+    )
+    trainer.save = lambda **kw: job.saves.append(
+        (trainer.step, trainer.epoch, model.weight.detach().clone(), scheduler.last_epoch)
+    )
     runner = dens_slurm.DeNSRunner()
     runner._cpu, runner.trainer = True, trainer
     runner.config = {"cpu": True, "checkpoint": "/start.pt", "timestamp_id": None}

@@ -41,7 +41,8 @@ def test_the_direct_force_head_has_a_noise_block_its_adapter_declares(family):
     head = model.output_heads["forces"]
     assert type(head) is _class(candidate.force_head)
     assert any(hasattr(head, name) for name in candidate.noise_blocks), (
-        f"{candidate.force_head} has none of {candidate.noise_blocks}")
+        f"{candidate.force_head} has none of {candidate.noise_blocks}"
+    )
     assert not is_dens_conservative(head)
     check_model(model)  # the check reads the same declarations and lets the model through
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from fairchem.core.common.utils import load_config
 
 from fairchem_dens.core.encoding import KCAL_PER_MOL_PER_EV
@@ -22,20 +21,78 @@ SHIPPED = sorted(p for p in CONFIGS.rglob("*.yml") if not p.name.startswith("_")
 # Published settings (docs/algorithm.md#oc20-and-oc22-recipes):
 # lr, epochs, warmup, lambda_E, lambda_F, prob, std, corrupt, lambda_D, layers, lmax, mmax.
 PUBLISHED = {
-    "equiformer_dens_v2_N@12_L@6_M@2_lr@2e-4_epochs@12_std@0.1_gpus@16.yml":
-        (2e-4, 12, 0.1, 2, 100, 0.5, 0.1, 0.5, 10, 12, 6, 2),
-    "equiformer_dens_v2_N@12_L@6_M@2_lr@4e-4_epochs@30_std@0.1_gpus@32.yml":
-        (4e-4, 30, 0.1, 2, 100, 0.5, 0.1, 0.5, 10, 12, 6, 2),
-    "equiformer_v2_dens_N@20_L@6_M@3_lr@4e-4_epochs@2_std@0.1_dens-relax-data-only.yml":
-        (4e-4, 2, 0.01, 4, 100, 0.125, 0.1, 0.25, 15, 20, 6, 3),
+    "equiformer_dens_v2_N@12_L@6_M@2_lr@2e-4_epochs@12_std@0.1_gpus@16.yml": (
+        2e-4,
+        12,
+        0.1,
+        2,
+        100,
+        0.5,
+        0.1,
+        0.5,
+        10,
+        12,
+        6,
+        2,
+    ),
+    "equiformer_dens_v2_N@12_L@6_M@2_lr@4e-4_epochs@30_std@0.1_gpus@32.yml": (
+        4e-4,
+        30,
+        0.1,
+        2,
+        100,
+        0.5,
+        0.1,
+        0.5,
+        10,
+        12,
+        6,
+        2,
+    ),
+    "equiformer_v2_dens_N@20_L@6_M@3_lr@4e-4_epochs@2_std@0.1_dens-relax-data-only.yml": (
+        4e-4,
+        2,
+        0.01,
+        4,
+        100,
+        0.125,
+        0.1,
+        0.25,
+        15,
+        20,
+        6,
+        3,
+    ),
 }
-SIZE_KEYS = ("num_layers", "sphere_channels", "attn_hidden_channels", "num_heads", "attn_alpha_channels",
-             "attn_value_channels", "ffn_hidden_channels", "lmax_list", "mmax_list", "grid_resolution",
-             "edge_channels", "num_distance_basis", "max_neighbors", "max_radius")
+SIZE_KEYS = (
+    "num_layers",
+    "sphere_channels",
+    "attn_hidden_channels",
+    "num_heads",
+    "attn_alpha_channels",
+    "attn_value_channels",
+    "ffn_hidden_channels",
+    "lmax_list",
+    "mmax_list",
+    "grid_resolution",
+    "edge_channels",
+    "num_distance_basis",
+    "max_neighbors",
+    "max_radius",
+)
 
 
-ESCN_SIZE_KEYS = ("num_layers", "sphere_channels", "hidden_channels", "edge_channels", "lmax_list",
-                  "mmax_list", "num_sphere_samples", "max_neighbors", "cutoff")
+ESCN_SIZE_KEYS = (
+    "num_layers",
+    "sphere_channels",
+    "hidden_channels",
+    "edge_channels",
+    "lmax_list",
+    "mmax_list",
+    "num_sphere_samples",
+    "max_neighbors",
+    "cutoff",
+)
 
 
 def full_config(path: Path) -> dict:
@@ -61,7 +118,9 @@ def test_config_validates_and_builds_at_tiny_size(path):
         DeNSConfig.from_optim(optim)  # raises on any bad key
         # dotted paths, so a fresh `fairchem` process (or a SLURM job) finds our classes
         assert config["trainer"].startswith("fairchem_dens.")
-        if optim["use_denoising_pos"]:  # a config with DeNS off (a two-step recipe's step 2) may train fairchem's own model
+        if optim[
+            "use_denoising_pos"
+        ]:  # a config with DeNS off (a two-step recipe's step 2) may train fairchem's own model
             assert config["model"]["backbone"]["model"].startswith("fairchem_dens.")
         assert config["evaluation_metrics"]["primary_metric"]
     model_config = copy.deepcopy(config["model"])
@@ -140,19 +199,34 @@ def test_published_oc22_recipe():
 
 
 MD17_TABLE = {  # docs/algorithm.md#md17-recipe: lr, epochs, batch, w_E, w_F for L_max 2 and 3
-    2: {"aspirin": (5e-4, 1500, 8, 1, 80), "benzene": (1e-4, 1500, 8, 1, 80), "ethanol": (5e-4, 1500, 8, 1, 80),
-        "malonaldehyde": (5e-4, 1500, 8, 1, 100), "naphthalene": (5e-4, 1500, 8, 2, 20),
-        "salicylic_acid": (5e-4, 1500, 8, 1, 80), "toluene": (5e-4, 1500, 8, 1, 80), "uracil": (5e-4, 1500, 8, 1, 20)},
-    3: {"aspirin": (2e-4, 2000, 5, 1, 80), "benzene": (1e-4, 1500, 8, 1, 80), "ethanol": (2e-4, 2000, 5, 1, 80),
-        "malonaldehyde": (2e-4, 2000, 5, 1, 100), "naphthalene": (2e-4, 2000, 5, 2, 20),
-        "salicylic_acid": (2e-4, 2000, 5, 1, 80), "toluene": (2e-4, 2000, 5, 1, 80), "uracil": (2e-4, 2000, 5, 1, 20)},
+    2: {
+        "aspirin": (5e-4, 1500, 8, 1, 80),
+        "benzene": (1e-4, 1500, 8, 1, 80),
+        "ethanol": (5e-4, 1500, 8, 1, 80),
+        "malonaldehyde": (5e-4, 1500, 8, 1, 100),
+        "naphthalene": (5e-4, 1500, 8, 2, 20),
+        "salicylic_acid": (5e-4, 1500, 8, 1, 80),
+        "toluene": (5e-4, 1500, 8, 1, 80),
+        "uracil": (5e-4, 1500, 8, 1, 20),
+    },
+    3: {
+        "aspirin": (2e-4, 2000, 5, 1, 80),
+        "benzene": (1e-4, 1500, 8, 1, 80),
+        "ethanol": (2e-4, 2000, 5, 1, 80),
+        "malonaldehyde": (2e-4, 2000, 5, 1, 100),
+        "naphthalene": (2e-4, 2000, 5, 2, 20),
+        "salicylic_acid": (2e-4, 2000, 5, 1, 80),
+        "toluene": (2e-4, 2000, 5, 1, 80),
+        "uracil": (2e-4, 2000, 5, 1, 20),
+    },
 }
 
 
 # the published per-molecule recipes (the xtb_* small-data recipes and paper_md17_conservative, sized
 # for a CPU, are ours: tested in test_md17_recipe and below)
-MD17_RECIPES = sorted(p for p in CONFIGS.glob("md17/*/**/*.yml")
-                      if "model" not in p.stem and not p.stem.startswith(("xtb_", "paper_")))
+MD17_RECIPES = sorted(
+    p for p in CONFIGS.glob("md17/*/**/*.yml") if "model" not in p.stem and not p.stem.startswith(("xtb_", "paper_"))
+)
 
 
 def test_every_md17_recipe_is_checked():
@@ -183,14 +257,25 @@ def test_md17_recipes(path):
     assert backbone.get("drop_path_rate", 0.0) == 0.0 and backbone.get("alpha_drop", 0.0) == 0.0
     assert config["dataset"]["train"]["src"].endswith(f"{molecule}/train")
     # forces divided by the training-set energy std, as the MD17 code does
-    assert config["dataset"]["train"]["transforms"]["normalizer"]["fit"]["targets"]["forces"] == {"mean": 0.0, "rmsd": "energy"}
+    assert config["dataset"]["train"]["transforms"]["normalizer"]["fit"]["targets"]["forces"] == {
+        "mean": 0.0,
+        "rmsd": "energy",
+    }
     # forces encoded in kcal/mol/Å, the unit of the MD17 files the original code encodes
     assert backbone["force_encoding_scale"] == KCAL_PER_MOL_PER_EV
 
 
-@pytest.mark.parametrize("path", sorted({*CONFIGS.glob("md17/esen/*.yml"), CONFIGS / "md17" / "xtb_small_data.yml",
-                                         CONFIGS / "fairchem2" / "dens_md17_conservative.yml"}),
-                         ids=lambda p: str(p.relative_to(CONFIGS)))
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        {
+            *CONFIGS.glob("md17/esen/*.yml"),
+            CONFIGS / "md17" / "xtb_small_data.yml",
+            CONFIGS / "fairchem2" / "dens_md17_conservative.yml",
+        }
+    ),
+    ids=lambda p: str(p.relative_to(CONFIGS)),
+)
 def test_every_md17_recipe_with_a_force_encoding_encodes_kcal_per_mol(path):
     config = full_config(path) if "fairchem2" not in str(path) else yaml.safe_load(path.read_text())
     model = config["model"] if "fairchem2" not in str(path) else config["runner"]["train_eval_unit"]["model"]
@@ -207,10 +292,22 @@ def test_paper_md17_conservative_recipe_has_the_md17_dens_settings_on_a_conserva
     dens = DeNSConfig.from_optim(optim)
     # the ethanol row of the published MD17 table (docs/algorithm.md#md17-recipe), L_max 2
     lr, _epochs, batch, w_e, w_f = MD17_TABLE[2]["ethanol"]
-    assert (dens.selection, dens.coefficient_schedule, dens.loss_form) == ("structure", "linear_decay", "separate_means")
-    assert (dens.prob, dens.std, dens.corrupt_ratio, dens.coefficient, dens.fixed_noise_std) == (0.25, 0.05, 0.25, 5.0, True)
+    assert (dens.selection, dens.coefficient_schedule, dens.loss_form) == (
+        "structure",
+        "linear_decay",
+        "separate_means",
+    )
+    assert (dens.prob, dens.std, dens.corrupt_ratio, dens.coefficient, dens.fixed_noise_std) == (
+        0.25,
+        0.05,
+        0.25,
+        5.0,
+        True,
+    )
     assert (optim["lr_initial"], optim["batch_size"], optim["optimizer"]) == (lr, batch, "AdamW")
-    assert optim["optimizer_params"]["weight_decay"] == 1e-6 and "ema_decay" not in optim and "clip_grad_norm" not in optim
+    assert (
+        optim["optimizer_params"]["weight_decay"] == 1e-6 and "ema_decay" not in optim and "clip_grad_norm" not in optim
+    )
     assert optim["scheduler_params"]["warmup_epochs"] == 10
     assert optim["scheduler_params"]["lr_min_factor"] * lr == pytest.approx(1e-6, rel=F64_REL)
     losses = {list(entry)[0]: list(entry.values())[0] for entry in config["loss_functions"]}
@@ -218,13 +315,19 @@ def test_paper_md17_conservative_recipe_has_the_md17_dens_settings_on_a_conserva
     # conservative, with a whole block as the noise head and the force encoding on
     assert model["heads"]["energy"]["module"].endswith("DeNSeSENConservativeHead")
     assert model["heads"]["energy"]["noise_head"] == "block" and model["backbone"]["use_force_encoding"] is True
-    assert config["dataset"]["train"]["transforms"]["normalizer"]["fit"]["targets"]["forces"] == {"mean": 0.0, "rmsd": "energy"}
+    assert config["dataset"]["train"]["transforms"]["normalizer"]["fit"]["targets"]["forces"] == {
+        "mean": 0.0,
+        "rmsd": "energy",
+    }
 
 
 # fairchem 1.10's configs/omat24/mptrj/eqV2_*_dens_mptrj.yml (docs/algorithm.md#mptrj-recipes):
 # layers, lmax, mmax, lambda_E, batch
-MPTRJ = {"eqV2_31M_dens_mptrj.yml": (8, 4, 2, 5, 4), "eqV2_86M_dens_mptrj.yml": (10, 6, 4, 2.5, 8),
-         "eqV2_153M_dens_mptrj.yml": (20, 6, 3, 2.5, 8)}
+MPTRJ = {
+    "eqV2_31M_dens_mptrj.yml": (8, 4, 2, 5, 4),
+    "eqV2_86M_dens_mptrj.yml": (10, 6, 4, 2.5, 8),
+    "eqV2_153M_dens_mptrj.yml": (20, 6, 3, 2.5, 8),
+}
 
 
 @pytest.mark.parametrize("name", sorted(MPTRJ))
@@ -235,12 +338,24 @@ def test_mptrj_recipes_really_denoise_with_the_published_values(name):
     assert config["trainer"] == "fairchem_dens.trainers.dens.DeNSTrainer"  # not equiformerv2_forces
     assert (backbone["num_layers"], backbone["lmax_list"], backbone["mmax_list"]) == (layers, [lmax], [mmax])
     assert (backbone["max_radius"], backbone["max_neighbors"], backbone["use_pbc_single"]) == (12.0, 20, True)
-    assert (backbone["sphere_channels"], backbone["attn_hidden_channels"], backbone["ffn_hidden_channels"]) == (128, 64, 128)
+    assert (backbone["sphere_channels"], backbone["attn_hidden_channels"], backbone["ffn_hidden_channels"]) == (
+        128,
+        64,
+        128,
+    )
     losses = {next(iter(e)): next(iter(e.values())) for e in config["loss_functions"]}
     assert {k: (v["fn"], v["coefficient"]) for k, v in losses.items()} == {
-        "energy": ("per_atom_mae", lambda_e), "forces": ("l2mae", 20),
-        "stress_isotropic": ("mae", 5), "stress_anisotropic": ("mae", 5)}
-    assert (optim["lr_initial"], optim["max_epochs"], optim["batch_size"], optim["ema_decay"]) == (2e-4, 150, batch, 0.999)
+        "energy": ("per_atom_mae", lambda_e),
+        "forces": ("l2mae", 20),
+        "stress_isotropic": ("mae", 5),
+        "stress_anisotropic": ("mae", 5),
+    }
+    assert (optim["lr_initial"], optim["max_epochs"], optim["batch_size"], optim["ema_decay"]) == (
+        2e-4,
+        150,
+        batch,
+        0.999,
+    )
     dens = DeNSConfig.from_optim(optim)
     assert (dens.prob, dens.std, dens.corrupt_ratio, dens.coefficient) == (0.5, 0.1, None, 10)
     assert config["model"]["heads"]["stress"]["module"] == "rank2_symmetric_head"  # zeroes nothing
@@ -261,7 +376,12 @@ def test_omat24_variant_has_equiformer_v3s_dens_settings():
     config = full_config(CONFIGS / "mptrj" / "equiformer_v2" / "eqV2_31M_dens_omat24_eqv3_settings.yml")
     dens = DeNSConfig.from_optim(config["optim"])
     assert (dens.std, dens.corrupt_ratio, dens.strict_max_ratio, dens.max_force_norm, dens.coefficient) == (
-        0.025, 0.5, 0.75, 2.5, 1)
+        0.025,
+        0.5,
+        0.75,
+        2.5,
+        1,
+    )
 
 
 def test_esen_30m_has_the_published_size():
@@ -279,5 +399,6 @@ def test_esen_two_step_recipe():
     assert (dens.prob, dens.std, dens.corrupt_ratio, dens.coefficient) == (0.5, 0.1, None, 10)
     assert "use_denoising_pos" not in conservative["optim"] and conservative["trainer"] == "mlip_trainer"
     sizes = {k: v for k, v in direct["model"]["backbone"].items() if k not in ("model", "use_force_encoding")}
-    assert sizes == {k: v for k, v in conservative["model"]["backbone"].items()
-                     if k not in ("model", "regress_stress")}  # one backbone, two stages
+    assert sizes == {
+        k: v for k, v in conservative["model"]["backbone"].items() if k not in ("model", "regress_stress")
+    }  # one backbone, two stages

@@ -20,6 +20,7 @@ from fairchem_dens.core import metrics as dens_metrics
 from fairchem_dens.core.roles import EXCLUDED, ORIGINAL, REPLACED
 from fairchem_dens.testing import batch_from_tensors
 from fairchem_dens.testing.tolerances import LOSS_ULPS, TRAINER_REFERENCE_ULPS, assert_ulps
+
 from helpers import DATA
 
 ORIGINAL_DENS = DATA / "original_dens"
@@ -65,10 +66,18 @@ NOISE = -torch.ones(5, 3) / 2
 
 def forces_loss(form: str, corrupted=CORRUPTED):
     return dens_loss.output_loss(
-        l2mae, PRED, FORCES, role=REPLACED, coefficient=100.0,
+        l2mae,
+        PRED,
+        FORCES,
+        role=REPLACED,
+        coefficient=100.0,
         rows=dens_loss.counted_rows(FIXED, corrupted, level="atom", num_structures=2),
-        corrupted=corrupted, corrupted_rows=corrupted, noise_target=NOISE, denoising_coefficient=10.0,
-        loss_form=form)
+        corrupted=corrupted,
+        corrupted_rows=corrupted,
+        noise_target=NOISE,
+        denoising_coefficient=10.0,
+        loss_form=form,
+    )
 
 
 def test_hybrid_loss_is_one_weighted_mean_over_counted_atoms():
@@ -92,9 +101,15 @@ def test_excluded_output_leaves_out_corrupted_structures_exactly():
     stress = torch.zeros(2, 9)
     structures = torch.tensor([True, False])
     term = dens_loss.output_loss(
-        mae, stress_pred, stress, role=EXCLUDED, coefficient=3.0,
+        mae,
+        stress_pred,
+        stress,
+        role=EXCLUDED,
+        coefficient=3.0,
         rows=dens_loss.counted_rows(FIXED, CORRUPTED, level="system", num_structures=2),
-        corrupted=CORRUPTED, corrupted_rows=dens_loss.structure_rows(structures, BATCH, "system"))
+        corrupted=CORRUPTED,
+        corrupted_rows=dens_loss.structure_rows(structures, BATCH, "system"),
+    )
     term.backward()
     assert torch.equal(stress_pred.grad[0], torch.zeros(9))  # no gradient at all, not a small one
     assert_ulps(term, 3.0 * stress_pred[1].abs().mean(), LOSS_ULPS)
@@ -143,29 +158,49 @@ def test_original_trainer_losses_and_metrics_from_tensors_alone(name, case):
     structures = torch.zeros(4, dtype=torch.bool).index_fill_(0, batch.batch[corrupted], True)
     common = dict(corrupted=corrupted, corrupted_rows=structures)
     energy_term = dens_loss.output_loss(
-        mae, energy, (batch.energy.view(-1, 1) - energy_norm["mean"]) / energy_norm["std"], role=ORIGINAL,
+        mae,
+        energy,
+        (batch.energy.view(-1, 1) - energy_norm["mean"]) / energy_norm["std"],
+        role=ORIGINAL,
         coefficient=expected["loss_coefficients"]["energy"],
-        rows=dens_loss.counted_rows(batch.fixed, corrupted, level="system", num_structures=4), **common)
+        rows=dens_loss.counted_rows(batch.fixed, corrupted, level="system", num_structures=4),
+        **common,
+    )
     counted = dens_loss.counted_rows(batch.fixed, corrupted, level="atom", num_structures=4)
     forces_term = dens_loss.output_loss(
-        l2mae, forces, batch.forces / force_rmsd, role=REPLACED, coefficient=expected["loss_coefficients"]["forces"],
-        rows=counted, noise_target=noise / STD[name], denoising_coefficient=expected["denoising_pos_coefficient"],
-        **common)
+        l2mae,
+        forces,
+        batch.forces / force_rmsd,
+        role=REPLACED,
+        coefficient=expected["loss_coefficients"]["forces"],
+        rows=counted,
+        noise_target=noise / STD[name],
+        denoising_coefficient=expected["denoising_pos_coefficient"],
+        **common,
+    )
     assert_ulps(energy_term + forces_term, expected["loss"][case], TRAINER_REFERENCE_ULPS, what=f"{case} loss")
     if case == "dens_full":  # negative control: lambda_D off by 1e-4 relative must fail the same check
         off = dens_loss.output_loss(
-            l2mae, forces, batch.forces / force_rmsd, role=REPLACED, rows=counted, noise_target=noise / STD[name],
+            l2mae,
+            forces,
+            batch.forces / force_rmsd,
+            role=REPLACED,
+            rows=counted,
+            noise_target=noise / STD[name],
             coefficient=expected["loss_coefficients"]["forces"],
-            denoising_coefficient=expected["denoising_pos_coefficient"] * (1 + 1e-4), **common)
+            denoising_coefficient=expected["denoising_pos_coefficient"] * (1 + 1e-4),
+            **common,
+        )
         with pytest.raises(AssertionError, match="ulps"):
             assert_ulps(energy_term + off, expected["loss"][case], TRAINER_REFERENCE_ULPS)
     if case == "s2ef":
         return  # fairchem's own metrics there
     metrics = dens_metrics.accumulate(
-        {}, "denoising_energy_mae", (energy.view(-1) * energy_norm["std"] + energy_norm["mean"] - batch.energy).abs())
-    for key, errors in dens_metrics.denoising_errors(forces, noise, STD[name], corrupted, counted,
-                                                     forces_prediction=forces * force_rmsd,
-                                                     forces=batch.forces).items():
+        {}, "denoising_energy_mae", (energy.view(-1) * energy_norm["std"] + energy_norm["mean"] - batch.energy).abs()
+    )
+    for key, errors in dens_metrics.denoising_errors(
+        forces, noise, STD[name], corrupted, counted, forces_prediction=forces * force_rmsd, forces=batch.forces
+    ).items():
         dens_metrics.accumulate(metrics, key, errors)
     assert set(metrics) == set(expected["metrics"][case])
     for key, value in expected["metrics"][case].items():

@@ -21,8 +21,14 @@ def text_files() -> list[Path]:
     found = []
     for folder, dirs, files in os.walk(ROOT):
         here = Path(folder)
-        dirs[:] = [d for d in dirs if d not in SKIPPED_DIRS and not d.endswith(".egg-info")
-                   and here / d != FIXTURES and not (here / d).is_symlink()]
+        dirs[:] = [
+            d
+            for d in dirs
+            if d not in SKIPPED_DIRS
+            and not d.endswith(".egg-info")
+            and here / d != FIXTURES
+            and not (here / d).is_symlink()
+        ]
         found += [here / name for name in files if Path(name).suffix in TEXT_SUFFIXES]
     return found
 
@@ -46,18 +52,30 @@ def anchors(page: Path) -> set[str]:
 def test_no_citation_of_a_file_outside_the_repository():
     """The algorithm is docs/algorithm.md; a "SPEC" citation names a file no reader has."""
     here = Path(__file__).resolve()
-    citing = [f"{path.relative_to(ROOT)}:{number}" for path in text_files() if path != here
-              for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
-              if re.search(r"\bSPEC\b", line)]
+    citing = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in text_files()
+        if path != here
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+        if re.search(r"\bSPEC\b", line)
+    ]
     assert not citing, f"cite docs/algorithm.md#<section> instead of SPEC: {citing}"
 
 
 def test_every_section_citation_resolves():
-    cited = [(path, page, anchor) for path in text_files()
-             for page, anchor in CITATION.findall(path.read_text(errors="replace"))]
+    cited = [
+        (path, page, anchor)
+        for path in text_files()
+        for page, anchor in CITATION.findall(path.read_text(errors="replace"))
+    ]
     assert len(cited) > 40  # code, configs and tests cite the algorithm's sections
-    broken = sorted({f"{path.relative_to(ROOT)}: docs/{page}#{anchor}" for path, page, anchor in cited
-                     if not (ROOT / "docs" / page).is_file() or anchor not in anchors(ROOT / "docs" / page)})
+    broken = sorted(
+        {
+            f"{path.relative_to(ROOT)}: docs/{page}#{anchor}"
+            for path, page, anchor in cited
+            if not (ROOT / "docs" / page).is_file() or anchor not in anchors(ROOT / "docs" / page)
+        }
+    )
     assert not broken, f"citations of missing pages or headings: {broken}"
 
 

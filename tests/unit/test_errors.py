@@ -47,8 +47,13 @@ def _exception_classes() -> dict[str, type]:
     for name in _modules():
         module = importlib.import_module(name)
         for cls in vars(module).values():
-            if (inspect.isclass(cls) and issubclass(cls, BaseException) and not issubclass(cls, Warning)
-                    and cls.__module__ == name and cls is not FairchemDensError):
+            if (
+                inspect.isclass(cls)
+                and issubclass(cls, BaseException)
+                and not issubclass(cls, Warning)
+                and cls.__module__ == name
+                and cls is not FairchemDensError
+            ):
                 found[f"{name}.{cls.__qualname__}"] = cls
     return found
 

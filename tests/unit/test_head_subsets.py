@@ -16,7 +16,6 @@ from fairchem_dens.testing import (
 )
 from fairchem_dens.testing.tolerances import GRADIENT_ULPS, REORDERED_ULPS, assert_ulps, bias_gradient_scales
 
-
 CASES = {  # the trainer's own corruption settings; the fixture batch has fixed bottom layers
     "s2ef": {"enabled": False},
     "full": {"corrupt_ratio": None},

@@ -9,12 +9,19 @@ import torch
 
 from fairchem_dens.core.encoding import force_encoding_coefficients
 from fairchem_dens.testing import (
-    dens_mode_batch,
     build_model,
+    dens_mode_batch,
     eqv2_dens_model_config,
     forward_seeded,
 )
-from fairchem_dens.testing.tolerances import ELEMENTWISE_ULPS, EPS32, MUST_DIFFER_ULPS, REORDERED_ULPS, assert_ulps, f32_tol
+from fairchem_dens.testing.tolerances import (
+    ELEMENTWISE_ULPS,
+    EPS32,
+    MUST_DIFFER_ULPS,
+    REORDERED_ULPS,
+    assert_ulps,
+    f32_tol,
+)
 
 MODES = ("s2ef", "full", "partial")
 
@@ -64,8 +71,9 @@ def test_outputs_equal_fairchems_dens_port(ours_and_fairchem, fixture_batch, mod
     if mode != "s2ef":
         with torch.no_grad():
             s2ef = forward_seeded(ours, as_mode(fixture_batch, "s2ef"))
-        assert not torch.allclose(a["forces"], s2ef["forces"], rtol=0,
-                                  atol=f32_tol(s2ef["forces"].abs().max(), MUST_DIFFER_ULPS))
+        assert not torch.allclose(
+            a["forces"], s2ef["forces"], rtol=0, atol=f32_tol(s2ef["forces"].abs().max(), MUST_DIFFER_ULPS)
+        )
 
 
 def test_force_encoding_matches_spec():
@@ -102,10 +110,12 @@ def test_sigma_encoding_uses_sigmas(fixture_batch):
         a, b = forward_seeded(model, batch), forward_seeded(theirs, batch)
         assert_ulps(a["forces"], b["forces"], REORDERED_ULPS, what="forces")
         batch.sigmas = batch.sigmas * 3
-        assert not torch.allclose(forward_seeded(model, batch)["forces"], a["forces"], rtol=0,
-                                  atol=f32_tol(a["forces"].abs().max(), MUST_DIFFER_ULPS))
+        assert not torch.allclose(
+            forward_seeded(model, batch)["forces"],
+            a["forces"],
+            rtol=0,
+            atol=f32_tol(a["forces"].abs().max(), MUST_DIFFER_ULPS),
+        )
     del batch.sigmas
     with pytest.raises(ValueError, match="sigmas"), torch.no_grad():
         model(batch)
-
-

@@ -24,5 +24,3 @@ def test_force_encoding_switch(fixture_batch):
             a, b = forward_seeded(model, batch), forward_seeded(model, other)
         same = torch.allclose(a["forces"], b["forces"], rtol=0, atol=f32_tol(a["forces"].abs().max(), MUST_DIFFER_ULPS))
         assert (not same) == differs
-
-

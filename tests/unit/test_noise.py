@@ -39,9 +39,13 @@ def big_batch(structures=400, atoms=20, fixed_per_structure=5):
 def draw(cfg, step=0, rank=0, md=None, structures=400, atoms=20):
     batch_index, fixed = big_batch(structures, atoms)
     return sample_corruption(
-        cfg, batch_index, fixed,
-        step_generator(0, step, DECISION_STREAM), step_generator(0, step, NOISE_STREAM, rank),
-        md=md, num_structures=structures,
+        cfg,
+        batch_index,
+        fixed,
+        step_generator(0, step, DECISION_STREAM),
+        step_generator(0, step, NOISE_STREAM, rank),
+        md=md,
+        num_structures=structures,
     ), fixed
 
 
@@ -160,8 +164,11 @@ def test_yaml_capitalised_none_is_null():
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"probability": 0.5}, r"unknown DeNS key optim.denoising_pos_params.probability \(nearest known key: "
-                               r"optim.denoising_pos_params.prob\)"),
+        (
+            {"probability": 0.5},
+            r"unknown DeNS key optim.denoising_pos_params.probability \(nearest known key: "
+            r"optim.denoising_pos_params.prob\)",
+        ),
         ({"prob": 1.5}, r"prob must be a probability in \[0, 1\]"),
         ({"prob": -0.1}, r"prob must be a probability"),
         ({"corrupt_ratio": 2.0}, r"corrupt_ratio must be a probability"),
@@ -170,7 +177,10 @@ def test_yaml_capitalised_none_is_null():
         ({"std": None}, "std is missing"),
         ({"fixed_noise_std": False, "std_low": 0.5, "std_high": 0.1, "num_steps": 5}, "std_low .* must not exceed"),
         ({"fixed_noise_std": False, "std_low": 0.0, "std_high": 0.1, "num_steps": 5}, "std_low must be a positive"),
-        ({"fixed_noise_std": False, "std_low": 0.1, "std_high": 0.5, "num_steps": 0}, "num_steps must be a positive integer"),
+        (
+            {"fixed_noise_std": False, "std_low": 0.1, "std_high": 0.5, "num_steps": 0},
+            "num_steps must be a positive integer",
+        ),
         ({"fixed_noise_std": False, "std_low": 0.1, "num_steps": 5}, "std_high is missing"),
         ({"selection": "atom"}, "selection must be 'batch' or 'structure'"),
         ({"coefficient_schedule": "cosine"}, "coefficient_schedule must be"),
@@ -202,7 +212,9 @@ def test_fairchems_own_optim_keys_pass_and_a_dens_block_holds_only_dens_keys():
 def test_missing_fixed_noise_std_is_an_error():
     params = {"prob": 0.5, "std": 0.1}
     with pytest.raises(DeNSConfigError, match="fixed_noise_std is missing"):
-        DeNSConfig.from_optim({"use_denoising_pos": True, "denoising_pos_params": params, "denoising_pos_coefficient": 1})
+        DeNSConfig.from_optim(
+            {"use_denoising_pos": True, "denoising_pos_params": params, "denoising_pos_coefficient": 1}
+        )
 
 
 def test_missing_coefficient_and_switch_are_errors():
@@ -234,8 +246,12 @@ def test_every_output_gets_a_role():
         "charges": {"level": "atom"},
     }
     assert output_roles(targets, None) == {
-        "energy": "original", "forces": "replaced", "stress": "excluded",
-        "stress_isotropic": "excluded", "stress_anisotropic": "excluded", "charges": "excluded",
+        "energy": "original",
+        "forces": "replaced",
+        "stress": "excluded",
+        "stress_isotropic": "excluded",
+        "stress_anisotropic": "excluded",
+        "charges": "excluded",
     }
     roles = output_roles(targets, {"energy": "excluded", "charges": "original"})
     assert (roles["energy"], roles["charges"]) == ("excluded", "original")
@@ -244,15 +260,22 @@ def test_every_output_gets_a_role():
 # ------------------------------------------------------------------ skip filters (EquiformerV3)
 def filters(**params):
     base = {"prob": 1.0, "fixed_noise_std": True, "std": 0.1}
-    return DeNSConfig.from_optim({"use_denoising_pos": True, "denoising_pos_coefficient": 1.0,
-                                  "denoising_pos_params": {**base, **params}})
+    return DeNSConfig.from_optim(
+        {"use_denoising_pos": True, "denoising_pos_coefficient": 1.0, "denoising_pos_params": {**base, **params}}
+    )
 
 
 def draw_filtered(config, batch_index, step, forces=None, stress=None, fixed=None):
     fixed = torch.zeros(batch_index.numel()) if fixed is None else fixed
-    return sample_corruption(config, batch_index, fixed,
-                             step_generator(0, step, DECISION_STREAM), step_generator(0, step, NOISE_STREAM),
-                             forces=forces, stress=stress)
+    return sample_corruption(
+        config,
+        batch_index,
+        fixed,
+        step_generator(0, step, DECISION_STREAM),
+        step_generator(0, step, NOISE_STREAM),
+        forces=forces,
+        stress=stress,
+    )
 
 
 def test_min_num_atoms_and_force_filters():
@@ -308,16 +331,22 @@ def test_filters_draw_nothing_so_resumed_jobs_draw_the_same():
     assert torch.equal(with_filters.noise[allowed], without.noise[allowed])
 
 
-@pytest.mark.parametrize(("params", "message"), [
-    ({"strict_max_ratio": 0.75}, "strict_max_ratio caps the corrupted fraction of partial corruption"),
-    ({"corrupt_ratio": 0.5, "strict_max_ratio": 1.5}, r"strict_max_ratio must be a probability"),
-    ({"min_num_atoms": 0}, r"min_num_atoms must be a positive integer"),
-    ({"max_force_norm": -1.0}, r"max_force_norm must be a positive number \(eV/Å\)"),
-    ({"max_stress_norm": "big"}, r"max_stress_norm must be a positive number"),
-    ({"early_epochs": 0}, r"early_epochs must be a positive number"),
-    ({"coefficient_min_factor": 0.1}, r"coefficient_min_factor is the floor of the linear decay"),
-    ({"coefficient_min_factor": 2.0, "coefficient_schedule": "linear_decay"}, r"coefficient_min_factor must be a probability"),
-])
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"strict_max_ratio": 0.75}, "strict_max_ratio caps the corrupted fraction of partial corruption"),
+        ({"corrupt_ratio": 0.5, "strict_max_ratio": 1.5}, r"strict_max_ratio must be a probability"),
+        ({"min_num_atoms": 0}, r"min_num_atoms must be a positive integer"),
+        ({"max_force_norm": -1.0}, r"max_force_norm must be a positive number \(eV/Å\)"),
+        ({"max_stress_norm": "big"}, r"max_stress_norm must be a positive number"),
+        ({"early_epochs": 0}, r"early_epochs must be a positive number"),
+        ({"coefficient_min_factor": 0.1}, r"coefficient_min_factor is the floor of the linear decay"),
+        (
+            {"coefficient_min_factor": 2.0, "coefficient_schedule": "linear_decay"},
+            r"coefficient_min_factor must be a probability",
+        ),
+    ],
+)
 def test_filter_settings_are_validated(params, message):
     with pytest.raises(DeNSConfigError, match=message):
         filters(**params)

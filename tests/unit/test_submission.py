@@ -49,7 +49,9 @@ def _fairchem_predictions(n, rng, dtype, energy_offset=0.0, with_forces=True, si
     return out
 
 
-def _write_s2ef(folder: Path, dataset="oc20", dtype=np.float16, n=6, seed=0, energy_offset=0.0, name="s2ef_predictions.npz"):
+def _write_s2ef(
+    folder: Path, dataset="oc20", dtype=np.float16, n=6, seed=0, energy_offset=0.0, name="s2ef_predictions.npz"
+):
     rng = np.random.default_rng(seed)
     files = {}
     for split in SPLITS[dataset]:
@@ -301,7 +303,9 @@ def test_strict_counts_turns_the_count_warning_into_an_error(tmp_path):
 
 def test_oc20_refuses_a_total_energy_config_unless_allowed(tmp_path, quiet):
     files = _write_s2ef(tmp_path / "preds")
-    config = {"dataset": {"train": {"format": "lmdb", "transforms": {"element_references": {"energy": {"file": "x.npz"}}}}}}
+    config = {
+        "dataset": {"train": {"format": "lmdb", "transforms": {"element_references": {"energy": {"file": "x.npz"}}}}}
+    }
     with pytest.raises(SubmissionError, match="element_references"):
         build_submission("s2ef", "oc20", files, tmp_path / "sub.npz", config=config)
     assert not (tmp_path / "sub.npz").exists()
@@ -369,10 +373,21 @@ def test_submission_files_get_the_mode_of_the_users_umask(tmp_path, umask, mode)
 
     files = _write_s2ef(tmp_path / "preds")
     out = tmp_path / "submission.npz"
-    command = [sys.executable, "-m", "fairchem_dens.cli", "make-submission", "s2ef", "--out", str(out),
-               *(arg for split, path in files.items() for arg in (f"--{split.replace('_', '-')}", str(path)))]
-    result = subprocess.run(["bash", "-c", f"umask {umask} && exec {shlex.join(command)}"],
-                            capture_output=True, text=True, timeout=300)
+    command = [
+        sys.executable,
+        "-m",
+        "fairchem_dens.cli",
+        "make-submission",
+        "s2ef",
+        "--out",
+        str(out),
+        *(arg for split, path in files.items() for arg in (f"--{split.replace('_', '-')}", str(path))),
+    ]
+    result = subprocess.run(
+        ["bash", "-c", f"umask {umask} && exec {shlex.join(command)}"], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert {path.name: path.stat().st_mode & 0o777 for path in (out, tmp_path / "submission.npz.json")} == {
-        "submission.npz": mode, "submission.npz.json": mode}
+        "submission.npz": mode,
+        "submission.npz.json": mode,
+    }
