@@ -494,7 +494,7 @@ def _report(runs: list[QuickstartRun], workdir: Path, n_train: int, epochs: int,
     print("\n" + table)
     print(
         f"test: 500 held-out frames of the same trajectory; training on {n_train} frames for {epochs} epochs. "
-        'The learning curves behind it: BENCHMARKS.md, "The paper\'s MD17 regime".'
+        'Where DeNS helps and where it costs: BENCHMARKS.md, "Where DeNS helps on a CPU".'
     )
     if plot:
         print(f"Validation curves: {plot}")
