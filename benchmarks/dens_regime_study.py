@@ -114,6 +114,19 @@ def data_folder(data: Path, npz: Path, molecule: str, spacing: str, frames: int)
     return folder
 
 
+def scoring_copy(data: Path, work: Path) -> Path:
+    """A copy of ``data``'s training split to score the training frames from (made once).
+
+    fairchem's predict mode opens the train split too, and LMDB refuses a second open in one
+    process. Make it before runs go in parallel: two runs copying at once would collide.
+    """
+    copy = work / "train_copies" / data.name
+    if not copy.exists():
+        shutil.copytree(data / "train", copy.with_suffix(".partial"), dirs_exist_ok=True)
+        copy.with_suffix(".partial").rename(copy)
+    return copy
+
+
 def schedule_overrides(group: Group) -> list[str]:
     warmup = max(1, round(group.schedule * PAPER_WARMUP / PAPER_EPOCHS))  # the paper's share of the schedule
     return [
@@ -180,13 +193,7 @@ def train_run(run: Run, data: Path, work: Path) -> dict:
         )
         (folder / "trained").write_text(f"{seconds}\n")
     seconds = float((folder / "trained").read_text())
-    # fairchem's predict mode opens the train split too, and LMDB refuses a second open in one
-    # process: the training frames are scored from a copy
-    train_copy = work / "train_copies" / data.name
-    if not train_copy.exists():
-        shutil.copytree(data / "train", train_copy.with_suffix(".partial"), dirs_exist_ok=True)
-        train_copy.with_suffix(".partial").rename(train_copy)
-    scored = {"test": (data / "test", TEST_FRAMES), "train": (train_copy, group.frames)}
+    scored = {"test": (data / "test", TEST_FRAMES), "train": (scoring_copy(data, work), group.frames)}
     points = []
     for epoch in group.curve:
         point = {"epoch": epoch}
@@ -323,6 +330,8 @@ def main() -> None:
             run: data_folder(data, npz, run.molecule, GROUPS[run.group].spacing, GROUPS[run.group].frames)
             for run in todo
         }
+        for folder in set(folders.values()):
+            scoring_copy(folder, work)
 
         def one(run: Run) -> None:
             print(f"{time.strftime('%H:%M:%S')} running {run.key}", flush=True)

@@ -30,12 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from dens_regime_study import mean_std, scoring_copy  # this folder is on sys.path
 
 from fairchem_dens.quickstart import (
     BATCH_SIZE,
@@ -136,12 +137,8 @@ def train_run(run: Run, data: Path, work: Path, curve: list[int]) -> dict:
         )
     points = []
     splits = ("test", "train") if run.variant == "plain" else ("test",)
-    # fairchem's predict mode opens the train split too, and LMDB refuses a second open in one
-    # process: the training frames are scored from a copy
-    scored = {"test": data / "test", "train": work / "train_copies" / run.molecule}
-    if run.variant == "plain" and not scored["train"].exists():
-        shutil.copytree(data / "train", scored["train"].with_suffix(".partial"), dirs_exist_ok=True)
-        scored["train"].with_suffix(".partial").rename(scored["train"])
+    # the training frames are scored from a copy (dens_regime_study.scoring_copy says why)
+    scored = {"test": data / "test", "train": scoring_copy(data, work) if run.variant == "plain" else None}
     for epoch in kept:
         point = {"epoch": epoch}
         for split in splits:
@@ -170,14 +167,6 @@ def train_run(run: Run, data: Path, work: Path, curve: list[int]) -> dict:
         points.append(point)
     curves = parse_curves(folder / "train.log")
     return {"run": run.__dict__, "train_seconds": seconds, "curve": points, **curves}
-
-
-def mean_std(values: list[float], digits: int = 1) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def epochs_to_reach(val_curve: list[list[float]], target: float) -> float | None:
